@@ -1,0 +1,1 @@
+"""upcfan infra."""

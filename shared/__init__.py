@@ -1,0 +1,1 @@
+"""upcfan core: everything the functions, the CLI and the tools share; knows nothing of Flask."""

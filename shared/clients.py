@@ -1,0 +1,60 @@
+"""Lazily created Google clients, pointed at the local emulators when their env vars are set."""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+
+from shared.config import settings
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def firestore_client():
+    from google.cloud import firestore
+
+    # With FIRESTORE_EMULATOR_HOST set the client talks to the emulator without credentials.
+    return firestore.Client(project=settings().project)
+
+
+@lru_cache(maxsize=1)
+def storage_client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=settings().project, credentials=AnonymousCredentials())
+    return storage.Client(project=settings().project)
+
+
+@lru_cache(maxsize=1)
+def tasks_client():
+    return make_tasks_client(os.environ.get("CLOUD_TASKS_EMULATOR_HOST", ""))
+
+
+def make_tasks_client(emulator_host: str = ""):
+    """The official Cloud Tasks client; against an emulator it uses the REST transport over http."""
+    from google.cloud import tasks_v2
+
+    if emulator_host:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+
+        endpoint = emulator_host if emulator_host.startswith("http") else f"http://{emulator_host}"
+        return tasks_v2.CloudTasksClient(
+            transport="rest",
+            client_options=ClientOptions(api_endpoint=endpoint),
+            credentials=AnonymousCredentials(),
+        )
+    return tasks_v2.CloudTasksClient()
+
+
+def reset_clients() -> None:
+    """Forget cached clients and settings (tests that change the environment call this)."""
+    from shared import config
+
+    for fn in (firestore_client, storage_client, tasks_client, config.settings):
+        fn.cache_clear()

@@ -1,0 +1,58 @@
+"""Deterministic identities: job ids from object generations, Cloud Tasks names from (job, gtin, round)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
+_STEM_MAX = 40
+
+
+def _short_hash(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def job_id_for(bucket: str, object_name: str, generation: int | str) -> str:
+    """The job for one object generation: a readable stem plus a hash of bucket/object#generation.
+
+    The same finalize event twice, or the HTTP trigger for the same generation, gives the same id;
+    a re-upload (new generation) gives a new one.
+    """
+    base = object_name.rsplit("/", 1)[-1]
+    base = base.rsplit(".", 1)[0] if "." in base else base
+    stem = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")[:_STEM_MAX].strip("-") or "file"
+    return f"{stem}-{_short_hash(f'{bucket}/{object_name}#{generation}', 12)}"
+
+
+def task_name_for(job_id: str, gtin: str, round_: int) -> str:
+    """Task id for one item in one round; the hash prefix spreads ids as Cloud Tasks advises."""
+    name = f"{_short_hash(f'{job_id}:{gtin}:{round_}', 4)}-{job_id}-{gtin}-r{round_}"
+    assert _TASK_ID_RE.match(name), name
+    return name
+
+
+def chunk_task_name_for(job_id: str, start_byte: int) -> str:
+    return f"{_short_hash(f'{job_id}:c{start_byte}', 4)}-{job_id}-c{start_byte}"
+
+
+def progress_task_name_for(job_id: str, bucket_index: int) -> str:
+    """One completion check per job per time bucket: task-name dedup throttles the checks."""
+    return f"{_short_hash(f'{job_id}:p{bucket_index}', 4)}-{job_id}-p{bucket_index}"
+
+
+def is_valid_task_id(task_id: str) -> bool:
+    return bool(_TASK_ID_RE.match(task_id))
+
+
+def idempotency_key_for(job_id: str, gtin: str) -> str:
+    """Key sent to the marketplace: one side effect per (job, gtin), across rounds and deliveries."""
+    return f"{job_id}:{gtin}"
+
+
+def chunk_doc_id(start_byte: int) -> str:
+    return f"{start_byte:015d}"
+
+
+def line_doc_id(line_no: int) -> str:
+    return f"{line_no:010d}"

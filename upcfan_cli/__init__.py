@@ -1,0 +1,1 @@
+"""upcfan upcfan_cli."""
