@@ -1,0 +1,66 @@
+"""Ingest function: a GCS finalize CloudEvent or `POST {gcs_path}` becomes a job; `/fanout` runs a chunk."""
+
+import functions_framework
+from cloudevents.http import from_http
+from flask import Request, jsonify
+
+from shared.exceptions import UpcfanError
+from shared.log import log_event, setup_logging
+
+setup_logging()
+
+FINALIZED = "google.cloud.storage.object.v1.finalized"
+
+
+def _error(exc: UpcfanError):
+    return jsonify({"error": exc.to_dict()}), exc.http_status
+
+
+def _is_cloudevent(request: Request) -> bool:
+    return "ce-type" in request.headers or (request.mimetype or "").startswith("application/cloudevents")
+
+
+@functions_framework.http
+def ingest(request: Request):
+    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
+
+    path = request.path.rstrip("/")
+    if request.method != "POST":
+        return jsonify({"error": {"code": "method_not_allowed", "message": "use POST"}}), 405
+    try:
+        if path == "/fanout":
+            payload = request.get_json(silent=True)
+            if not isinstance(payload, dict) or not {"job_id", "start", "end", "first_line"} <= payload.keys():
+                log_event("bad_chunk_payload", severity="ERROR", body=request.get_data(as_text=True)[:200])
+                return jsonify({"error": {"code": "bad_payload", "message": "chunk task body must be JSON with "
+                                          "job_id, bucket, object, generation, start, end, first_line"}}), 200
+            result = core.process_chunk(payload)
+            return jsonify(result.__dict__), 200
+        if path not in ("", "/api/batch/process"):
+            return jsonify({"error": {"code": "not_found", "message": f"no route {request.path}"}}), 404
+        if _is_cloudevent(request):
+            event = from_http(dict(request.headers), request.get_data())
+            if event["type"] != FINALIZED:
+                log_event("event_ignored", event_type=event["type"], event_id=event["id"])
+                return jsonify({"ignored": event["type"]}), 200
+            data = event.data if isinstance(event.data, dict) else {}
+            result = core.handle_finalize_event(data, event_id=event["id"])
+            if result is None:
+                return jsonify({"ignored": "bucket not watched"}), 200
+            # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
+            return jsonify(result.to_dict()), 200 if result.error else 202
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return jsonify({"error": {"code": "bad_json",
+                                      "message": "body must be a JSON object {gcs_path, create_drafts, test_mode}"}}), 400
+        if not isinstance(body.get("gcs_path"), str):
+            return jsonify({"error": {"code": "missing_gcs_path", "message": "gcs_path (gs://bucket/object) is required"}}), 400
+        for key in ("create_drafts", "test_mode"):
+            if key in body and body[key] is not None and not isinstance(body[key], bool):
+                return jsonify({"error": {"code": "bad_option", "message": f"{key} must be true or false"}}), 400
+        result = core.submit_job(body["gcs_path"], create_drafts=body.get("create_drafts"),
+                                 test_mode=body.get("test_mode"), source="http")
+        return jsonify(result.to_dict()), 422 if result.error else 202
+    except UpcfanError as exc:
+        log_event("ingest_error", severity="WARNING", code=exc.code, error=exc.message)
+        return _error(exc)

@@ -1,0 +1,231 @@
+"""Slack alerts for the sweeper: Block Kit messages with a text fallback, delivered via an incoming webhook."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shared.config import settings as _settings
+
+# Slack answers 429 with Retry-After; we wait in-process only for short waits, otherwise the
+# finding stays un-notified and the next sweep retries it (the webhook allows ~1 post/s).
+MAX_RETRY_AFTER_WAIT_S = 3.0
+WEBHOOK_TIMEOUT_S = 5
+
+SEVERITY_EMOJI = {"CRITICAL": ":red_circle:", "WARNING": ":warning:", "INFO": ":white_check_mark:"}
+
+
+def escape(text: Any) -> str:
+    """Escape Slack's control characters (& < >) in any user-derived string."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def format_duration(seconds: float) -> str:
+    """'2h 05m' / '17m' / '45s' — how long a job has been stalled, for humans."""
+    seconds = max(0, int(seconds))
+    hours, rem = divmod(seconds, 3600)
+    minutes, secs = divmod(rem, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"
+
+
+@dataclass(frozen=True)
+class SlackMessage:
+    """A webhook payload: `text` is the notification/fallback, `blocks` the Block Kit body."""
+
+    text: str
+    blocks: list[dict] = field(default_factory=list)
+
+    def to_payload(self) -> dict:
+        return {"text": self.text, "blocks": self.blocks}
+
+
+@dataclass(frozen=True)
+class StallAlert:
+    """What an operator needs about one stalled job; raw values, escaped when rendered."""
+
+    severity: str  # WARNING | CRITICAL
+    job_id: str
+    kind: str
+    reason: str
+    gcs_path: str
+    stalled_for_s: float
+    succeeded: int
+    failed: int
+    open: int
+    never_claimed: int | None
+    detected_at: dt.datetime
+    action: str = "flagged"  # flagged | escalated | reminder
+
+
+def operator_commands(job_id: str) -> list[str]:
+    return [
+        f"upcfan status {job_id}",
+        f"upcfan items {job_id} --status failed",
+        f"upcfan retry-failed {job_id}",
+        f"upcfan cancel {job_id}",
+    ]
+
+
+def api_paths(job_id: str) -> list[str]:
+    return [
+        f"GET /api/batch/status/{job_id}",
+        f"GET /api/batch/jobs/{job_id}/items?status=failed",
+        f"POST /api/batch/jobs/{job_id}/retry-failed",
+        f"POST /api/batch/jobs/{job_id}/cancel",
+    ]
+
+
+def _code_lines(lines: list[str]) -> str:
+    return "```" + "\n".join(escape(line) for line in lines) + "```"
+
+
+def build_stall_message(alert: StallAlert) -> SlackMessage:
+    """Block Kit stall alert: severity, job, file, counts, stalled for, and what the operator can do."""
+    sev = escape(alert.severity)
+    job = escape(alert.job_id)
+    never = "unknown" if alert.never_claimed is None else str(alert.never_claimed)
+    stalled_for = format_duration(alert.stalled_for_s)
+    headline = {"escalated": "escalated to", "reminder": "still"}.get(alert.action, "")
+    title = f"{sev}: upcfan job {job} {headline + ' ' if headline else ''}stalled ({escape(alert.kind)})"
+    counts = (
+        f"succeeded {alert.succeeded} · failed {alert.failed} · open {alert.open} · "
+        f"never claimed {never}"
+    )
+    text = (
+        f"{title} for {stalled_for}. File {escape(alert.gcs_path)}. {escape(alert.reason)}. "
+        f"Counts: {counts}. Next: upcfan status {job}"
+    )
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"{alert.severity}: job stalled"[:150]}},
+        {
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI.get(alert.severity, '')} *{title}*"},
+            "fields": [
+                {"type": "mrkdwn", "text": f"*Severity*\n{sev}"},
+                {"type": "mrkdwn", "text": f"*Job*\n`{job}`"},
+                {"type": "mrkdwn", "text": f"*File*\n{escape(alert.gcs_path) or 'unknown'}"},
+                {"type": "mrkdwn", "text": f"*Stalled for*\n{stalled_for}"},
+                {"type": "mrkdwn", "text": f"*Counts*\n{counts}"},
+                {"type": "mrkdwn", "text": f"*Detected*\n{alert.detected_at.isoformat(timespec='seconds')}"},
+            ],
+        },
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"*Why*: {escape(alert.reason)}"}},
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": "*Operator commands* (the sweeper changes nothing; you decide)\n"
+                + _code_lines(operator_commands(alert.job_id) + api_paths(alert.job_id)),
+            },
+        },
+        {
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": "upcfan sweeper · flags only, never retries or completes"}],
+        },
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+def build_recovered_message(job_id: str, gcs_path: str, kind: str, how: str, stalled_for_s: float) -> SlackMessage:
+    """The 'moved again' note for a job that was flagged."""
+    job = escape(job_id)
+    text = (
+        f"RECOVERED: upcfan job {job} ({escape(kind)}) moved again after {format_duration(stalled_for_s)}: "
+        f"{escape(how)}. File {escape(gcs_path)}."
+    )
+    blocks = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['INFO']} {text}"}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": escape(f"upcfan status {job_id}")}]},
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+def build_systemic_message(stalled_jobs: int, threshold: int, job_ids: list[str], window_minutes: int = 60) -> SlackMessage:
+    """One alert for many stalls: likely a shared cause (workers, queue, marketplace)."""
+    shown = job_ids[:10]
+    more = len(job_ids) - len(shown)
+    listing = "\n".join(f"• `{escape(j)}`" for j in shown) + (f"\n… and {more} more" if more > 0 else "")
+    text = (
+        f"CRITICAL: systemic stall — {stalled_jobs} upcfan jobs stalled in the last {window_minutes} min "
+        f"(threshold {threshold}). Check worker errors, queue state and the marketplace."
+    )
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": "CRITICAL: systemic stall"}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['CRITICAL']} *{escape(text)}*"}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"*Recently stalled jobs*\n{listing or 'none listed'}"}},
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": "*Look at*\n"
+                + _code_lines(["upcfan jobs --status running", "GET /api/batch/jobs?status=running", "GET /health"]),
+            },
+        },
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Outcome of one post: never raises; `error` is a short specific reason without the URL."""
+
+    ok: bool
+    error: str | None = None
+    status: int | None = None
+    retry_after_s: float | None = None
+    transient: bool = True
+
+
+def post_message(
+    message: SlackMessage,
+    *,
+    webhook_url: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Delivery:
+    """Post to the Slack webhook. 429 with a short Retry-After is waited out once; nothing raises."""
+    from slack_sdk.webhook import WebhookClient
+
+    url = webhook_url if webhook_url is not None else _settings().slack_webhook_url
+    if not url:
+        return Delivery(ok=False, error="slack webhook not configured (UPCFAN_SLACK_WEBHOOK_URL)", transient=False)
+    # No library retry handlers: our own bounded 429 wait below, everything else waits for the next sweep.
+    client = WebhookClient(url, timeout=WEBHOOK_TIMEOUT_S, retry_handlers=[])
+    for attempt in range(2):
+        try:
+            resp = client.send_dict(message.to_payload())
+        except Exception as exc:  # connection refused, timeout, DNS: Slack unreachable
+            return Delivery(ok=False, error=f"slack unreachable: {type(exc).__name__}")
+        if 200 <= resp.status_code < 300:
+            return Delivery(ok=True, status=resp.status_code)
+        if resp.status_code == 429:
+            retry_after = _retry_after_s(resp.headers)
+            if attempt == 0 and retry_after is not None and retry_after <= MAX_RETRY_AFTER_WAIT_S:
+                sleep(retry_after)
+                continue
+            return Delivery(
+                ok=False, status=429, retry_after_s=retry_after,
+                error=f"slack rate limited (429, retry-after {retry_after if retry_after is not None else '?'}s)",
+            )
+        body = (resp.body or "")[:80].replace("\n", " ")
+        return Delivery(
+            ok=False, status=resp.status_code, transient=resp.status_code >= 500,
+            error=f"slack answered {resp.status_code}: {body}",
+        )
+    return Delivery(ok=False, error="slack rate limited (429 after retry)", status=429)
+
+
+def _retry_after_s(headers: dict | None) -> float | None:
+    for key, value in (headers or {}).items():
+        if key.lower() == "retry-after":
+            raw = value[0] if isinstance(value, (list, tuple)) else value
+            try:
+                return float(raw)
+            except (TypeError, ValueError):
+                return None
+    return None

@@ -1,0 +1,435 @@
+"""Ingest: an object generation becomes one job, byte-range chunk tasks, and one named task per UPC.
+
+Flow: `submit_job` (event or HTTP) creates `jobs/{job_id}` once (create-if-absent), scans the file
+once in blocks (binary/UTF-8 checks, line count, chunk boundaries at line starts) and creates one
+chunk task per ~`chunk_bytes`. Each chunk task (`process_chunk`) classifies its lines and creates
+the item tasks, then records its totals; the last chunk sums them into the job (`fanout_done`).
+Every step is idempotent, so a re-delivered event, a re-sent request or a retried chunk never
+creates a second job or a second task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from shared.clients import firestore_client
+from shared.config import settings
+from shared.events import record_event
+from shared.exceptions import UnreadableFileError
+from shared.gcs import GcsObject, parse_gcs_path
+from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
+                          iter_raw_lines, sniff_format)
+from shared.log import log_event
+from shared.model import CHUNKS, ITEMS, JOBS, LINES, JobStatus
+from shared.naming import chunk_doc_id, chunk_task_name_for, job_id_for, line_doc_id, task_name_for
+from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
+
+TASK_CREATE_THREADS = 16
+_META_TEST_MODE = "upcfan-test-mode"
+_META_CREATE_DRAFTS = "upcfan-create-drafts"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    created: bool
+    status: str
+    gcs_path: str
+    generation: int
+    error: dict | None = None
+
+    def to_dict(self) -> dict:
+        out = {"job_id": self.job_id, "created": self.created, "status": self.status,
+               "gcs_path": self.gcs_path, "generation": str(self.generation)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    index: int
+    start: int
+    end: int
+    first_line: int
+
+
+@dataclass
+class FilePlan:
+    size: int
+    raw_lines: int
+    format: FileFormat
+    chunks: list[ChunkPlan] = field(default_factory=list)
+
+
+def _meta_bool(metadata: dict, key: str) -> bool | None:
+    raw = (metadata or {}).get(key)
+    if raw is None:
+        return None
+    return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_options(obj: GcsObject, create_drafts: bool | None, test_mode: bool | None) -> dict:
+    """Request values win, then object metadata (`upcfan-test-mode`, …), then configured defaults."""
+    s = settings()
+    test = test_mode if test_mode is not None else _meta_bool(obj.metadata, _META_TEST_MODE)
+    drafts = create_drafts if create_drafts is not None else _meta_bool(obj.metadata, _META_CREATE_DRAFTS)
+    test = s.default_test_mode if test is None else test
+    drafts = s.default_create_drafts if drafts is None else drafts
+    return {"create_drafts": bool(drafts) and not test, "test_mode": bool(test)}
+
+
+def submit_job(gcs_path: str, *, create_drafts: bool | None = None, test_mode: bool | None = None,
+               source: str = "http", generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
+    """Create (or find) the job for one object generation and enqueue its chunk tasks."""
+    bucket, name = parse_gcs_path(gcs_path)
+    obj = GcsObject.stat(bucket, name, generation)
+    job_id = job_id_for(bucket, name, obj.generation)
+    job_ref = firestore_client().collection(JOBS).document(job_id)
+    now = _now()
+    doc = {
+        "job_id": job_id, "gcs_path": obj.gcs_path, "bucket": bucket, "object": name,
+        "generation": str(obj.generation), "size": obj.size, "source": source,
+        "status": JobStatus.INGESTING.value, "options": resolve_options(obj, create_drafts, test_mode),
+        "totals": None, "chunks_total": None, "round": 1, "counts": {},
+        "created_at": now, "updated_at": now, "fanout_done_at": None, "last_progress_at": now,
+        "completed_at": None, "stall": None, "error": None,
+    }
+    try:
+        job_ref.create(doc)
+        created = True
+        record_event(job_ref, "created", actor or source, now,
+                     {"gcs_path": obj.gcs_path, "generation": str(obj.generation), "options": doc["options"]},
+                     event_id="created")
+        log_event("job_created", job_id=job_id, gcs_path=obj.gcs_path, generation=obj.generation, source=source,
+                  options=doc["options"])
+    except gexc.Conflict:
+        created = False
+        snap = job_ref.get()
+        doc = snap.to_dict() or doc
+        log_event("job_exists", job_id=job_id, gcs_path=obj.gcs_path, generation=obj.generation, source=source,
+                  status=doc.get("status"))
+    # A job still ingesting without its chunk plan recorded crashed (or is racing) before fan-out
+    # began: planning again is safe because chunk task names are deterministic.
+    if doc.get("status") == JobStatus.INGESTING.value and not doc.get("planned_at"):
+        doc = _plan_and_enqueue(job_ref, obj)
+    return SubmitResult(job_id=job_id, created=created, status=doc.get("status"), gcs_path=obj.gcs_path,
+                        generation=obj.generation, error=doc.get("error"))
+
+
+def handle_finalize_event(data: dict[str, Any], event_id: str = "") -> SubmitResult | None:
+    """A `google.cloud.storage.object.v1.finalized` event; objects outside the watched bucket are ignored."""
+    bucket, name, generation = data.get("bucket"), data.get("name"), data.get("generation")
+    watched = settings().bucket
+    if not bucket or not name:
+        raise UnreadableFileError("finalize event has no bucket/name in its data", code="bad_event")
+    if watched and bucket != watched:
+        log_event("event_ignored", reason="bucket not watched", bucket=bucket, object=name, event_id=event_id)
+        return None
+    if name.endswith("/"):
+        log_event("event_ignored", reason="folder placeholder", bucket=bucket, object=name, event_id=event_id)
+        return None
+    return submit_job(f"gs://{bucket}/{name}", generation=generation, source="event", actor=f"event:{event_id}")
+
+
+def plan_file(obj: GcsObject, chunk_bytes: int, max_lines: int) -> FilePlan:
+    """One streaming pass: refuse binary/non-UTF-8 files, count lines, cut chunks at line starts."""
+    if obj.size == 0:
+        raise UnreadableFileError(f"{obj.gcs_path} is empty (0 bytes)", code="empty_file")
+    checker = Utf8Checker()
+    chunks: list[ChunkPlan] = []
+    chunk_start, chunk_first_line = 0, 1
+    target = chunk_bytes
+    newlines = 0
+    pos = 0
+    while pos < obj.size:
+        block = obj.read(pos, min(pos + BLOCK_BYTES, obj.size))
+        if not block:
+            break
+        if pos == 0:
+            detect_binary(block)
+        checker.feed(block, final=pos + len(block) >= obj.size)
+        search_from = 0
+        while target < pos + len(block):
+            nl = block.find(b"\n", max(target - pos, search_from))
+            if nl < 0:
+                break
+            boundary = pos + nl + 1
+            lines_before = newlines + block.count(b"\n", 0, nl + 1)
+            if boundary < obj.size:
+                chunks.append(ChunkPlan(len(chunks), chunk_start, boundary, chunk_first_line))
+                chunk_start, chunk_first_line = boundary, lines_before + 1
+            target = boundary + chunk_bytes
+            search_from = nl + 1
+        newlines += block.count(b"\n")
+        pos += len(block)
+        if newlines > max_lines:
+            raise UnreadableFileError(f"{obj.gcs_path} has more than {max_lines:,} lines (the configured maximum); "
+                                      "split it into smaller files", code="too_many_lines")
+    chunks.append(ChunkPlan(len(chunks), chunk_start, obj.size, chunk_first_line))
+    last = obj.read(obj.size - 1, obj.size)
+    raw_lines = newlines + (0 if last == b"\n" else 1)
+    fmt = FileFormat(kind="lines")
+    for raw in iter_raw_lines(obj.read, 0, min(obj.size, BLOCK_BYTES), 1):
+        text = _text_for_sniff(raw)
+        if text is not None:
+            fmt = sniff_format(text, raw.line_no) or fmt
+            break
+    return FilePlan(size=obj.size, raw_lines=raw_lines, format=fmt, chunks=chunks)
+
+
+def _text_for_sniff(raw: RawLine) -> str | None:
+    data = raw.data[3:] if raw.line_no == 1 and raw.data.startswith(b"\xef\xbb\xbf") else raw.data
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return ""
+    return None if (not text or text.startswith("#")) else text
+
+
+def _plan_and_enqueue(job_ref, obj: GcsObject) -> dict:
+    s = settings()
+    job_id = job_ref.id
+    now = _now()
+    try:
+        plan = plan_file(obj, s.chunk_bytes, s.max_lines)
+    except UnreadableFileError as exc:
+        return _fail_job(job_ref, exc.to_dict(), now)
+    job_ref.update({"plan": {"format": plan.format.to_dict(), "raw_lines": plan.raw_lines, "size": plan.size},
+                    "chunks_total": len(plan.chunks), "updated_at": now})
+    created = 0
+    for chunk in plan.chunks:
+        payload = {"job_id": job_id, "bucket": obj.bucket, "object": obj.name, "generation": str(obj.generation),
+                   "start": chunk.start, "end": chunk.end, "first_line": chunk.first_line, "index": chunk.index}
+        created += create_task(s.control_queue_path, TaskSpec(task_id=chunk_task_name_for(job_id, chunk.start),
+                                                              url=f"{s.ingest_url}/fanout", payload=payload))
+    job_ref.update({"planned_at": _now(), "updated_at": _now()})
+    log_event("job_planned", job_id=job_id, chunks=len(plan.chunks), chunk_tasks_created=created,
+              raw_lines=plan.raw_lines, format=plan.format.kind, size=plan.size)
+    snap = job_ref.get()
+    return snap.to_dict() or {}
+
+
+def _fail_job(job_ref, error: dict, now: dt.datetime) -> dict:
+    @firestore.transactional
+    def txn(tx):
+        snap = job_ref.get(transaction=tx)
+        doc = snap.to_dict() or {}
+        if doc.get("status") not in (JobStatus.INGESTING.value, JobStatus.RUNNING.value):
+            return doc
+        tx.update(job_ref, {"status": JobStatus.FAILED.value, "error": error, "completed_at": now, "updated_at": now})
+        record_event(job_ref, "failed", "ingest", now, {"error": error}, tx=tx, event_id="failed")
+        doc.update(status=JobStatus.FAILED.value, error=error)
+        return doc
+
+    doc = txn(firestore_client().transaction())
+    log_event("job_failed", severity="WARNING", job_id=job_ref.id, error_code=error.get("code"),
+              error=error.get("message"))
+    return doc
+
+
+@dataclass
+class ChunkResult:
+    job_id: str
+    start: int
+    lines: int = 0
+    items: int = 0
+    invalid: int = 0
+    duplicate: int = 0
+    skipped: int = 0
+    tasks_created: int = 0
+    skipped_reason: str = ""
+
+    def totals(self) -> dict:
+        return {"lines": self.lines, "items": self.items, "invalid": self.invalid, "duplicate": self.duplicate,
+                "skipped": self.skipped}
+
+
+@dataclass
+class _Candidate:
+    gtin: str
+    upc: str
+    line: int
+
+
+def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = None,
+                  on_task: Callable[[str], None] | None = None) -> ChunkResult:
+    """Classify the lines that start in [start, end) and create one named task per new GTIN.
+
+    A GTIN seen on an earlier line of this chunk is a duplicate. A GTIN whose task already exists
+    was created either by an earlier attempt of this very chunk (same line: still this chunk's
+    item) or by another chunk (other line: a duplicate of that line) — the task's own payload, or
+    the item it became, tells which, so totals stay exact across retries and chunk races.
+    `crash_after_tasks` lets tests kill a chunk midway.
+    """
+    s = settings()
+    db = firestore_client()
+    job_id = payload["job_id"]
+    start, end, first_line = int(payload["start"]), int(payload["end"]), int(payload["first_line"])
+    job_ref = db.collection(JOBS).document(job_id)
+    result = ChunkResult(job_id=job_id, start=start)
+    snap = job_ref.get()
+    if not snap.exists:
+        result.skipped_reason = "job not found"
+        log_event("chunk_skipped", severity="WARNING", job_id=job_id, start=start, reason=result.skipped_reason)
+        return result
+    job = snap.to_dict()
+    chunk_ref = job_ref.collection(CHUNKS).document(chunk_doc_id(start))
+    chunk_snap = chunk_ref.get()
+    if chunk_snap.exists and chunk_snap.get("status") == "done":
+        log_event("chunk_already_done", job_id=job_id, start=start)
+        _maybe_finish_fanout(job_ref)
+        return result
+    if job.get("status") == JobStatus.FAILED.value:
+        result.skipped_reason = "job failed"
+        return result
+    enqueue = job.get("status") != JobStatus.CANCELLED.value
+    fmt = FileFormat.from_dict(job["plan"]["format"])
+    obj = GcsObject(bucket=payload["bucket"], name=payload["object"], generation=int(payload["generation"]), size=end)
+
+    first_seen: dict[str, int] = {}
+    candidates: list[_Candidate] = []
+    line_records: list[dict] = []
+    for raw in iter_raw_lines(obj.read, start, end, first_line):
+        verdict = classify_line(raw, fmt, strip_bom=(raw.start == 0))
+        if verdict.kind == "skip":
+            result.skipped += 1
+            continue
+        result.lines += 1
+        if verdict.kind == "invalid":
+            result.invalid += 1
+            line_records.append({"line": raw.line_no, "raw": verdict.upc, "outcome": "invalid", "code": verdict.code,
+                                 "reason": verdict.reason})
+            continue
+        if verdict.gtin in first_seen:
+            result.duplicate += 1
+            line_records.append(_duplicate_record(raw.line_no, verdict.upc, verdict.gtin, first_seen[verdict.gtin]))
+            continue
+        first_seen[verdict.gtin] = raw.line_no
+        candidates.append(_Candidate(verdict.gtin, verdict.upc, raw.line_no))
+    del first_seen
+
+    round_ = 1
+
+    def enqueue_one(c: _Candidate) -> tuple[_Candidate, str]:
+        task_id = task_name_for(job_id, c.gtin, round_)
+        if on_task:
+            on_task(task_id)
+        spec = TaskSpec(task_id=task_id, url=s.worker_url,
+                        payload={"job_id": job_id, "gtin": c.gtin, "upc": c.upc, "line": c.line, "round": round_})
+        if create_task(item_queue_for(task_id), spec):
+            return c, "created"
+        owner_line = _existing_task_line(job_ref, task_id, c.gtin)
+        return c, "mine" if owner_line in (None, c.line) else f"dup:{owner_line}"
+
+    if enqueue and candidates:
+        todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
+        with ThreadPoolExecutor(max_workers=TASK_CREATE_THREADS) as pool:
+            for c, verdict in pool.map(enqueue_one, todo):
+                if verdict == "created":
+                    result.tasks_created += 1
+                    result.items += 1
+                elif verdict == "mine":
+                    result.items += 1
+                else:
+                    result.duplicate += 1
+                    line_records.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
+        if crash_after_tasks is not None:
+            raise RuntimeError(f"injected crash after {len(todo)} task creations")
+    else:
+        result.items += len(candidates)
+
+    _write_line_records(job_ref, line_records)
+    chunk_ref.set({"start": start, "end": end, "first_line": first_line, "index": payload.get("index"),
+                   "status": "done", "totals": result.totals(), "tasks_created": result.tasks_created,
+                   "done_at": _now()})
+    log_event("chunk_done", job_id=job_id, start=start, end=end, **result.totals(), tasks_created=result.tasks_created,
+              enqueued=enqueue)
+    _maybe_finish_fanout(job_ref)
+    return result
+
+
+def _duplicate_record(line: int, upc: str, gtin: str, of_line: int) -> dict:
+    return {"line": line, "raw": upc, "outcome": "duplicate", "code": "duplicate_in_file", "gtin": gtin,
+            "duplicate_of_line": of_line, "reason": f"GTIN {gtin} already appears on line {of_line:,}"}
+
+
+def _existing_task_line(job_ref, task_id: str, gtin: str) -> int | None:
+    """Line that owns an already existing task name: from the live task, else from the item it became."""
+    body = get_task_payload(item_queue_for(task_id), task_id)
+    if body and body.get("line") is not None:
+        return int(body["line"])
+    item = job_ref.collection(ITEMS).document(gtin).get()
+    if item.exists and item.get("line") is not None:
+        return int(item.get("line"))
+    return None
+
+
+def _write_line_records(job_ref, records: list[dict]) -> None:
+    db = firestore_client()
+    for i in range(0, len(records), 400):
+        batch = db.batch()
+        for rec in records[i:i + 400]:
+            batch.set(job_ref.collection(LINES).document(line_doc_id(rec["line"])), rec)
+        batch.commit()
+
+
+def _maybe_finish_fanout(job_ref) -> bool:
+    """When every chunk is done, sum their totals into the job once and mark fan-out done."""
+    snap = job_ref.get()
+    job = snap.to_dict() or {}
+    if job.get("fanout_done_at") or not job.get("chunks_total"):
+        return False
+    done = job_ref.collection(CHUNKS).where(filter=FieldFilter("status", "==", "done")).count().get()
+    if int(done[0][0].value) < int(job["chunks_total"]):
+        return False
+    now = _now()
+
+    @firestore.transactional
+    def txn(tx) -> dict | None:
+        current = job_ref.get(transaction=tx).to_dict() or {}
+        if current.get("fanout_done_at"):
+            return None
+        totals = {"lines": 0, "items": 0, "invalid": 0, "duplicate": 0, "skipped": 0}
+        for chunk in job_ref.collection(CHUNKS).stream(transaction=tx):
+            for k, v in (chunk.get("totals") or {}).items():
+                totals[k] = totals.get(k, 0) + int(v)
+        update = {"totals": totals, "fanout_done_at": now, "last_progress_at": now, "updated_at": now}
+        if current.get("status") == JobStatus.INGESTING.value:
+            update["status"] = JobStatus.RUNNING.value
+        tx.update(job_ref, update)
+        record_event(job_ref, "fanout_done", "ingest", now, {"totals": totals}, tx=tx, event_id="fanout_done")
+        return {**current, **update}
+
+    finished = txn(firestore_client().transaction())
+    if finished is None:
+        return False
+    totals = finished["totals"]
+    log_event("fanout_done", job_id=job_ref.id, **totals)
+    if totals["lines"] == 0:
+        _fail_job(job_ref, {"code": "no_data_lines",
+                            "message": f"{finished.get('gcs_path')} has no UPC lines "
+                                       f"({totals['skipped']} blank, comment or header lines)"}, now)
+    elif totals["items"] == 0 or finished.get("status") == JobStatus.CANCELLED.value:
+        _request_completion_check(job_ref.id)
+    return True
+
+
+def _request_completion_check(job_id: str) -> None:
+    """A job with nothing to run (all lines invalid) completes without any worker delivery."""
+    try:
+        from shared.progress import check_job_progress
+    except ImportError:  # pragma: no cover - progress lands with the worker
+        return
+    check_job_progress(job_id)
