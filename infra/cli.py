@@ -1,0 +1,54 @@
+"""`python -m infra plan|apply --project P --region R [--bucket B] [--item-queue-shards N]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra import model, runner, stack
+from infra.clients import Clients
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infra", description="Plan or apply upcfan's cloud resources.")
+    p.add_argument("command", choices=["plan", "apply"])
+    p.add_argument("--project", required=True)
+    p.add_argument("--region", required=True)
+    p.add_argument("--bucket", default="", help="watched bucket (default: UPCFAN_BUCKET)")
+    p.add_argument("--item-queue-shards", type=int, default=None,
+                   help="number of item queues (default: UPCFAN_ITEM_QUEUE_SHARDS or 1)")
+    p.add_argument("--sweep-schedule", default="*/5 * * * *")
+    p.add_argument("--url-template", default=model.DEFAULT_URL_TEMPLATE,
+                   help="function URL pattern with {region} {project} {function}")
+    p.add_argument("--before-deploy", action="store_true",
+                   help="skip resources that need the functions deployed (invokers, scheduler, eventarc)")
+    p.add_argument("--only", action="append", default=[],
+                   help="only resource kinds starting with this (e.g. cloudtasks); repeatable")
+    return p.parse_args(argv)
+
+
+def select(args, resources):
+    if args.before_deploy:
+        resources = [r for r in resources if not getattr(r, "after_deploy", False)]
+    if args.only:
+        resources = [r for r in resources if any(r.kind.startswith(k) for k in args.only)]
+    return resources
+
+
+def main(argv=None, clients: Clients | None = None, out=None) -> int:
+    args = parse(argv)
+    out = out or sys.stdout
+    desired = model.from_settings(args.project, args.region, bucket=args.bucket,
+                                  item_queue_shards=args.item_queue_shards,
+                                  sweep_schedule=args.sweep_schedule, url_template=args.url_template)
+    resources = select(args, stack.build(desired))
+    clients = clients or Clients()
+    echo = lambda s: print(s, file=out)  # noqa: E731
+    if args.command == "plan":
+        changes = runner.plan(resources, clients)
+        for c in changes:
+            echo(c.render())
+    else:
+        changes = runner.apply(resources, clients, echo)
+    echo(runner.summary(changes, "Plan" if args.command == "plan" else "Applied"))
+    return 0

@@ -1,0 +1,1 @@
+"""One module per resource kind; all implement `infra.resources.base.Resource`."""
