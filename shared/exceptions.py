@@ -79,3 +79,10 @@ class LeaseLostError(UpcfanError):
 
     code = "lease_lost"
     http_status = 200
+
+
+class StoreUnavailableError(UpcfanError):
+    """Firestore itself could not be reached (network, emulator down, deadline): nothing was decided."""
+
+    code = "store_unavailable"
+    http_status = 500
