@@ -1,0 +1,283 @@
+"""aiohttp app: the Cloud Tasks v2 REST surface (as the official client's REST transport sends it)
+plus the emulator-only inspection API under /_emulator/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import traceback
+
+from aiohttp import web
+
+from devstack.cloudtasks import protojson as pj
+from devstack.cloudtasks.emulator import Emulator
+from devstack.cloudtasks.errors import ApiError, invalid, not_found
+
+log = logging.getLogger("cloudtasks-emulator")
+
+EMU_KEY = web.AppKey("emulator", Emulator)
+
+_Q = r"projects/[^/]+/locations/[^/]+/queues/[^/:]+"
+_T = _Q + r"/tasks/[^/:]+"
+_L = r"projects/[^/]+/locations/[^/:]+"
+
+# (method, regex over the path after /v2/, handler name)
+ROUTES = [
+    ("POST", rf"^(?P<parent>{_L})/queues$", "create_queue"),
+    ("GET", rf"^(?P<parent>{_L})/queues$", "list_queues"),
+    ("GET", rf"^(?P<name>{_Q})$", "get_queue"),
+    ("PATCH", rf"^(?P<name>{_Q})$", "update_queue"),
+    ("DELETE", rf"^(?P<name>{_Q})$", "delete_queue"),
+    ("POST", rf"^(?P<name>{_Q}):pause$", "pause_queue"),
+    ("POST", rf"^(?P<name>{_Q}):resume$", "resume_queue"),
+    ("POST", rf"^(?P<name>{_Q}):purge$", "purge_queue"),
+    ("POST", rf"^(?P<parent>{_Q})/tasks$", "create_task"),
+    ("GET", rf"^(?P<parent>{_Q})/tasks$", "list_tasks"),
+    ("GET", rf"^(?P<name>{_T})$", "get_task"),
+    ("DELETE", rf"^(?P<name>{_T})$", "delete_task"),
+    ("POST", rf"^(?P<name>{_T}):run$", "run_task"),
+    ("GET", rf"^(?P<name>{_L})$", "get_location"),
+    ("GET", r"^(?P<name>projects/[^/:]+)/locations$", "list_locations"),
+]
+_COMPILED = [(m, re.compile(rx), h) for m, rx, h in ROUTES]
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, separators=(",", ":")), status=status, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.body(), exc.http)
+    except web.HTTPException:
+        raise
+    except Exception as exc:  # nothing crashes the server
+        log.error("internal error", extra={"path": request.path, "error": repr(exc), "trace": traceback.format_exc()})
+        return _json({"error": {"code": 500, "message": f"emulator internal error: {type(exc).__name__}: {exc}",
+                                "status": "INTERNAL"}}, 500)
+
+
+async def _body(request: web.Request) -> dict:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"Invalid JSON payload received. {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid("Invalid JSON payload received: expected a JSON object")
+    return data
+
+
+def _enum_int(request: web.Request) -> bool:
+    return "enum-encoding=int" in request.query.get("$alt", "")
+
+
+def _view(request: web.Request, body: dict | None = None) -> int:
+    raw = request.query.get("responseView") or request.query.get("response_view")
+    if raw is None and body:
+        raw = body.get("responseView")
+    if raw in (None, ""):
+        return 1
+    v = pj.parse_enum(int(raw) if isinstance(raw, str) and raw.isdigit() else raw, pj.VIEWS, "response_view")
+    return v or 1
+
+
+class Api:
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    async def dispatch(self, request: web.Request) -> web.Response:
+        path = request.match_info["tail"]
+        method = request.method
+        matched_path = False
+        for m, rx, h in _COMPILED:
+            mm = rx.match(path)
+            if mm:
+                matched_path = True
+                if m == method:
+                    return await getattr(self, h)(request, **mm.groupdict())
+        if matched_path:
+            raise ApiError("UNIMPLEMENTED", f"Method {method} is not supported on /v2/{path}")
+        if re.search(r":(batchCreate|batchDelete|getIamPolicy|setIamPolicy|testIamPermissions|buffer)$", path) \
+                or path.endswith("cmekConfig"):
+            raise ApiError("UNIMPLEMENTED", f"/v2/{path} is not implemented by the Cloud Tasks emulator")
+        raise not_found(f"Unknown resource path /v2/{path}")
+
+    # queues
+    async def create_queue(self, request, parent):
+        q = self.emu.create_queue(parent, await _body(request))
+        return _json(q.to_json(_enum_int(request)))
+
+    async def list_queues(self, request, parent):
+        qs = self.emu.list_queues(parent, request.query.get("filter", ""))
+        size = pj.parse_int(request.query.get("pageSize", "0"), "page_size", 0, 10_000) or 9800
+        token = request.query.get("pageToken", "")
+        start = 0
+        if token:
+            if not token.isdigit():
+                raise invalid("Invalid page_token")
+            start = int(token)
+        page = qs[start:start + size]
+        out = {"queues": [q.to_json(_enum_int(request)) for q in page]}
+        if start + size < len(qs):
+            out["nextPageToken"] = str(start + size)
+        return _json(out)
+
+    async def get_queue(self, request, name):
+        return _json(self.emu.get_queue(name).to_json(_enum_int(request)))
+
+    async def update_queue(self, request, name):
+        body = await _body(request)
+        if body.get("name") not in (None, "", name):
+            raise invalid("queue.name in the body does not match the URL")
+        q = self.emu.update_queue(name, body, request.query.get("updateMask"))
+        return _json(q.to_json(_enum_int(request)))
+
+    async def delete_queue(self, request, name):
+        self.emu.delete_queue(name)
+        return _json({})
+
+    async def pause_queue(self, request, name):
+        await _body(request)
+        return _json(self.emu.set_state(name, 2).to_json(_enum_int(request)))
+
+    async def resume_queue(self, request, name):
+        await _body(request)
+        return _json(self.emu.set_state(name, 1).to_json(_enum_int(request)))
+
+    async def purge_queue(self, request, name):
+        await _body(request)
+        return _json(self.emu.purge_queue(name).to_json(_enum_int(request)))
+
+    # tasks
+    async def create_task(self, request, parent):
+        body = await _body(request)
+        task_json = pj.expect_obj(body.get("task"), "task")
+        if "task" not in body:
+            raise invalid("task is required")
+        view = _view(request, body)
+        t = self.emu.create_task(parent, task_json)
+        return _json(self.emu.task_json(t, view, _enum_int(request)))
+
+    async def list_tasks(self, request, parent):
+        size = pj.parse_int(request.query.get("pageSize", "0"), "page_size", 0, 1_000_000)
+        tasks, nxt = self.emu.list_tasks(parent, size, request.query.get("pageToken", ""))
+        view, ei = _view(request), _enum_int(request)
+        out = {"tasks": [self.emu.task_json(t, view, ei) for t in tasks]}
+        if nxt:
+            out["nextPageToken"] = nxt
+        return _json(out)
+
+    async def get_task(self, request, name):
+        return _json(self.emu.task_json(self.emu.get_task(name), _view(request), _enum_int(request)))
+
+    async def delete_task(self, request, name):
+        self.emu.delete_task(name)
+        return _json({})
+
+    async def run_task(self, request, name):
+        body = await _body(request)
+        view = _view(request, body)
+        t = self.emu.run_task(name)
+        return _json(self.emu.task_json(t, view, _enum_int(request)))
+
+    # locations
+    async def get_location(self, request, name):
+        loc = name.split("/")[-1]
+        return _json({"name": name, "locationId": loc, "displayName": loc})
+
+    async def list_locations(self, request, name):
+        locs = sorted({q.location for q in self.emu.queues.values() if q.project == name.split("/")[1]} or {"us-central1"})
+        return _json({"locations": [{"name": f"{name}/locations/{loc}", "locationId": loc} for loc in locs]})
+
+
+# ---------------------------------------------------------------- inspection API
+async def emu_health(request):
+    emu = request.app[EMU_KEY]
+    return _json({"ok": True, "queues": len(emu.queues), "uptime_s": round(time.time() - emu.started_at, 3)})
+
+
+async def emu_get_config(request):
+    return _json(request.app[EMU_KEY].config)
+
+
+async def emu_set_config(request):
+    emu = request.app[EMU_KEY]
+    body = await _body(request)
+    unknown = set(body) - set(emu.config)
+    if unknown:
+        raise invalid(f"Unknown config keys: {sorted(unknown)}; known: {sorted(emu.config)}")
+    new = dict(emu.config)
+    if "tombstone_seconds" in body:
+        v = pj.parse_float(body["tombstone_seconds"], "tombstone_seconds")
+        if v < 0:
+            raise invalid("tombstone_seconds must be >= 0")
+        new["tombstone_seconds"] = v
+    if "duplicate_deliveries" in body:
+        new["duplicate_deliveries"] = pj.parse_int(body["duplicate_deliveries"], "duplicate_deliveries", 0, 50)
+    if "min_dispatch_deadline_seconds" in body:
+        v = pj.parse_float(body["min_dispatch_deadline_seconds"], "min_dispatch_deadline_seconds")
+        if not 0 < v <= 1800:
+            raise invalid("min_dispatch_deadline_seconds must be in (0, 1800]")
+        new["min_dispatch_deadline_seconds"] = v
+    emu.config.update(new)
+    log.info("config updated", extra={"config": emu.config})
+    return _json(emu.config)
+
+
+async def emu_attempts(request):
+    emu = request.app[EMU_KEY]
+    key = (request.match_info["queue_id"], request.match_info["task_id"])
+    hist = emu.history.get(key)
+    if hist is None:
+        raise not_found(f"No dispatch history for task {key[1]} in queue {key[0]}")
+    live = None
+    for q in emu.queues.values():
+        if q.queue_id == key[0] and key[1] in q.tasks:
+            live = q.tasks[key[1]]
+    return _json({"queue": key[0], "task": key[1], "live": live is not None, "attempts": hist})
+
+
+async def emu_exhausted(request):
+    return _json({"exhausted": list(request.app[EMU_KEY].exhausted_log)})
+
+
+async def emu_stats(request):
+    emu = request.app[EMU_KEY]
+    return _json({"queues": emu.stats, "tombstones": len(emu.tombstones)})
+
+
+async def emu_reset(request):
+    await request.app[EMU_KEY].reset()
+    return _json({"ok": True})
+
+
+def make_app(emu: Emulator) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
+    app[EMU_KEY] = emu
+    api = Api(emu)
+    app.router.add_route("*", "/v2/{tail:.*}", api.dispatch)
+    app.router.add_get("/_emulator/health", emu_health)
+    app.router.add_get("/_emulator/config", emu_get_config)
+    app.router.add_post("/_emulator/config", emu_set_config)
+    app.router.add_get("/_emulator/tasks/{queue_id}/{task_id}/attempts", emu_attempts)
+    app.router.add_get("/_emulator/exhausted", emu_exhausted)
+    app.router.add_get("/_emulator/stats", emu_stats)
+    app.router.add_post("/_emulator/reset", emu_reset)
+
+    async def on_startup(_app):
+        await emu.start()
+
+    async def on_cleanup(_app):
+        await emu.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
