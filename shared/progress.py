@@ -1,0 +1,129 @@
+"""Job progress from count aggregations over items; moves a finished job to its final status once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from shared.log import log_event
+from shared.model import EVENTS, ITEMS, JOBS, TERMINAL_ITEM_STATUSES, ItemStatus, JobStatus
+
+# A job may be completed from these states once fan-out is done (ingest flips to running at fan-out).
+_COMPLETABLE = {JobStatus.RUNNING.value, JobStatus.INGESTING.value}
+
+
+def _db(db):
+    if db is not None:
+        return db
+    from shared.clients import firestore_client
+
+    return firestore_client()
+
+
+def count_items_by_status(db, job_id: str) -> dict[str, int]:
+    """Per-status item counts with `count()` aggregations (one index scan each, no documents read)."""
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    items = db.collection(JOBS).document(job_id).collection(ITEMS)
+    counts: dict[str, int] = {}
+    for status in ItemStatus:
+        query = items.where(filter=FieldFilter("status", "==", status.value)).count(alias="n")
+        result = query.get()
+        counts[status.value] = int(result[0][0].value) if result and result[0] else 0
+    return counts
+
+
+def _terminal(counts: dict[str, int]) -> int:
+    return sum(counts.get(s.value, 0) for s in TERMINAL_ITEM_STATUSES)
+
+
+def job_counts(job_id: str, *, db=None) -> dict[str, Any]:
+    """Counts for the API: per status, items born, items never claimed (`totals.items - born`)."""
+    db = _db(db)
+    snap = db.collection(JOBS).document(job_id).get()
+    job = snap.to_dict() if snap.exists else {}
+    counts = count_items_by_status(db, job_id)
+    born = sum(counts.values())
+    total_items = (job.get("totals") or {}).get("items")
+    return {
+        **counts,
+        "born": born,
+        "terminal": _terminal(counts),
+        "total_items": total_items,
+        "never_claimed": (max(0, int(total_items) - born) if total_items is not None else None),
+    }
+
+
+def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str | None:
+    """Move a running job to completed / completed_with_failures once; None if another check did it."""
+    snap = job_ref.get(transaction=tx)
+    job = snap.to_dict() if snap.exists else None
+    if not job or job.get("status") not in _COMPLETABLE or not job.get("fanout_done_at"):
+        return None
+    final = JobStatus.COMPLETED_WITH_FAILURES if counts.get(ItemStatus.FAILED.value, 0) else JobStatus.COMPLETED
+    tx.update(
+        job_ref,
+        {
+            "status": final.value,
+            "counts": counts,
+            "completed_at": now,
+            "last_progress_at": now,
+            "updated_at": now,
+        },
+    )
+    tx.create(
+        job_ref.collection(EVENTS).document(),
+        {
+            "type": "completed",
+            "at": now,
+            "actor": "progress_check",
+            "details": {"status": final.value, "counts": counts, "total_items": (job.get("totals") or {}).get("items")},
+        },
+    )
+    return final.value
+
+
+def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, db=None) -> dict[str, Any]:
+    """The `/progress` task: refresh the job's counts and complete it when every item is terminal."""
+    from shared.worker import run_transaction
+
+    db = _db(db)
+    if now is None:
+        now = time.time()
+    at = now if isinstance(now, dt.datetime) else dt.datetime.fromtimestamp(now, tz=dt.timezone.utc)
+    job_ref = db.collection(JOBS).document(job_id)
+    snap = job_ref.get()
+    if not snap.exists:
+        log_event("progress_job_missing", severity="WARNING", job_id=job_id)
+        return {"job_id": job_id, "status": "job_missing", "completed": False}
+    job = snap.to_dict() or {}
+    counts = count_items_by_status(db, job_id)
+    terminal = _terminal(counts)
+    total_items = (job.get("totals") or {}).get("items")
+    changed = counts != {k: int(v) for k, v in (job.get("counts") or {}).items()}
+    status = job.get("status")
+    out: dict[str, Any] = {
+        "job_id": job_id,
+        "counts": counts,
+        "terminal": terminal,
+        "total_items": total_items,
+        "fanout_done": bool(job.get("fanout_done_at")),
+        "completed": False,
+    }
+
+    done = bool(job.get("fanout_done_at")) and total_items is not None and terminal >= int(total_items)
+    if done and status in _COMPLETABLE:
+        final = run_transaction(db, "complete_job", complete_job, job_ref, at, counts)
+        if final:
+            log_event("job_completed", job_id=job_id, status=final, counts=counts, total_items=total_items)
+            return {**out, "status": final, "completed": True}
+        # Another check completed it between our read and our transaction.
+        return {**out, "status": "already_final"}
+
+    if changed:
+        job_ref.update({"counts": counts, "last_progress_at": at, "updated_at": at})
+        log_event("job_progress", job_id=job_id, status=status, counts=counts, terminal=terminal, total_items=total_items)
+    if done and terminal > int(total_items):  # more items than planned: the accounting is broken
+        log_event("progress_overcount", severity="ERROR", job_id=job_id, terminal=terminal, total_items=total_items)
+    return {**out, "status": status, "changed": changed}
