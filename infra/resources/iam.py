@@ -42,7 +42,7 @@ class IamBindings(Resource):
                 )
             )
         except gexc.NotFound as exc:
-            raise NotReady(self.missing_hint or f"{self.resource} does not exist yet") from exc
+            raise NotReady(self.missing_hint or f"{self.resource} does not exist yet; apply creates it first") from exc
 
     def read(self, client) -> dict | None:
         policy = self._get(client)

@@ -1,0 +1,287 @@
+"""infra/: desired state, diff, plan/apply idempotence against recording fakes of the official
+clients, and the recorded requests compared with fixtures under tests/unit/fixtures/infra/.
+
+Regenerate fixtures after an intended change with UPCFAN_UPDATE_FIXTURES=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from infra import cli, model, runner, stack
+from infra.clients import Clients
+from infra.fakes import fake_clients
+from infra.resources.base import BLOCKED, CREATE, NOOP, UPDATE
+from infra.sharding import shard_for, shard_queue_name
+from shared.config import ITEM_QUEUE
+
+FIXTURES = Path(__file__).parent / "fixtures" / "infra"
+PROJECT, REGION, BUCKET = "demo-prod", "us-central1", "upcfan-drop"
+
+
+def desired(**kw) -> model.Desired:
+    return model.Desired(project=PROJECT, region=REGION, bucket=BUCKET, **kw)
+
+
+def deployed_fakes():
+    fakes = fake_clients(BUCKET)
+    d = desired()
+    for fn in model.FUNCTIONS:
+        fakes["run"].deploy(d.run_service_path(fn))
+    return fakes
+
+
+def changes_by_action(changes):
+    out = {}
+    for c in changes:
+        out.setdefault(c.action, []).append(c)
+    return out
+
+
+# ---- sharding ---------------------------------------------------------------------------
+
+def test_shard_for_is_stable_in_range_and_spreads():
+    names = [f"{i:04x}-job-0001234567890{i % 10}-r1" for i in range(4000)]
+    counts = [0] * 4
+    for n in names:
+        s = shard_for(n, 4)
+        assert 0 <= s < 4 and s == shard_for(n, 4)
+        counts[s] += 1
+    assert min(counts) > 800  # ~1000 each
+    assert shard_for("anything", 1) == 0
+    with pytest.raises(ValueError):
+        shard_for("x", 0)
+    assert [shard_queue_name("upcfan-items", i) for i in range(3)] == ["upcfan-items", "upcfan-items-1", "upcfan-items-2"]
+
+
+def test_shard_for_agrees_with_the_copy_vendored_into_functions():
+    tasks = pytest.importorskip("shared.tasks")
+    for i in range(500):
+        name = f"{i:04x}-job-{i}-r1"
+        for n in (1, 2, 3, 4, 7):
+            assert shard_for(name, n) == tasks.shard_for(name, n)
+
+
+def test_shard_queue_names_match_settings_paths():
+    from shared.config import load_settings
+
+    s = load_settings()
+    d = desired(item_queue_shards=3)
+    names = [q.name for q in d.queue_specs()]
+    assert names == ["upcfan-items", "upcfan-items-1", "upcfan-items-2", "upcfan-control"]
+    assert [s.item_queue_path(i).rsplit("/", 1)[1] for i in range(3)] == names[:3]
+
+
+# ---- desired state ----------------------------------------------------------------------
+
+def test_queue_desired_state_comes_from_config():
+    qs = stack.queues(desired(item_queue_shards=2))
+    item = qs[0].desired()
+    assert item["retry_config"] == {"max_attempts": ITEM_QUEUE.retry.max_attempts, "min_backoff": 1.0,
+                                    "max_backoff": 60.0, "max_doublings": 4, "max_retry_duration": 0.0}
+    assert item["rate_limits"] == {"max_dispatches_per_second": 500.0, "max_concurrent_dispatches": 1000}
+    assert qs[1].name.endswith("/queues/upcfan-items-1") and qs[2].name.endswith("/queues/upcfan-control")
+
+
+def test_from_settings_reads_shards_and_bucket_from_env(monkeypatch):
+    monkeypatch.setenv("UPCFAN_ITEM_QUEUE_SHARDS", "4")
+    monkeypatch.setenv("UPCFAN_BUCKET", "env-bucket")
+    d = model.from_settings("p", "europe-west1")
+    assert d.item_queue_shards == 4 and d.bucket == "env-bucket"
+    assert model.from_settings("p", "r", bucket="b", item_queue_shards=2).item_queue_shards == 2
+
+
+def test_no_client_is_created_until_used():
+    made = []
+    c = Clients(factories={"tasks": lambda: made.append("tasks") or object()})
+    assert made == []
+    c.get("tasks")
+    c.get("tasks")
+    assert made == ["tasks"]
+
+
+# ---- plan / apply -----------------------------------------------------------------------
+
+def test_apply_then_plan_twice_shows_no_change():
+    clients = Clients(overrides=deployed_fakes())
+    resources = stack.build(desired())
+    first = runner.apply(resources, clients)
+    assert all(c.action in (CREATE, UPDATE) for c in first), [c.render() for c in first if not c.changed]
+    for _ in range(2):
+        again = runner.plan(stack.build(desired()), clients)
+        assert [c.render() for c in again if c.action != NOOP] == []
+
+
+def test_changed_retry_setting_plans_exactly_that_update():
+    fakes = deployed_fakes()
+    clients = Clients(overrides=fakes)
+    runner.apply(stack.build(desired()), clients)
+    n_calls = len(fakes["tasks"].calls)
+    changed_spec = dataclasses.replace(ITEM_QUEUE, retry=dataclasses.replace(ITEM_QUEUE.retry, max_attempts=5))
+    d2 = desired(item_queue=changed_spec)
+    plan = runner.plan(stack.build(d2), clients)
+    moved = [c for c in plan if c.action != NOOP]
+    assert len(moved) == 1
+    (c,) = moved
+    assert c.action == UPDATE and c.resource.name.endswith("/queues/upcfan-items")
+    assert c.fields == {"retry_config.max_attempts": (8, 5)}
+    assert "~ retry_config.max_attempts: 8 -> 5" in c.render()
+    runner.apply(stack.build(d2), clients)
+    method, req = fakes["tasks"].calls[n_calls]
+    assert method == "update_queue" and list(req.update_mask.paths) == ["retry_config.max_attempts"]
+    assert [c for c in runner.plan(stack.build(d2), clients) if c.action != NOOP] == []
+
+
+def test_after_deploy_resources_are_blocked_until_functions_exist():
+    fakes = fake_clients(BUCKET)
+    clients = Clients(overrides=fakes)
+    changes = runner.apply(stack.build(desired()), clients)
+    blocked = [c.resource.name for c in changes if c.action == BLOCKED]
+    assert blocked == [desired().run_service_path(f) for f in ("worker", "ingest", "sweeper")]
+    for fn in model.FUNCTIONS:
+        fakes["run"].deploy(desired().run_service_path(fn))
+    changes = runner.apply(stack.build(desired()), clients)
+    assert {c.resource.name for c in changes if c.changed} == set(blocked)
+
+
+def test_cli_before_deploy_skips_invokers_scheduler_and_eventarc():
+    out = io.StringIO()
+    cli.main(["plan", "--project", PROJECT, "--region", REGION, "--bucket", BUCKET, "--before-deploy"],
+             clients=Clients(overrides=fake_clients(BUCKET)), out=out)
+    text = out.getvalue()
+    assert "cloudscheduler.job" not in text and "eventarc.trigger" not in text and "/services/" not in text
+    assert "cloudtasks.queue" in text
+    # On an empty project, policies of things apply creates first are reported as blocked.
+    for line in text.splitlines():
+        if line.startswith("blocked"):
+            assert "does not exist yet" in line
+
+
+def test_iam_is_additive_and_keeps_foreign_bindings():
+    from google.iam.v1 import iam_policy_pb2, policy_pb2
+
+    fakes = deployed_fakes()
+    pol = policy_pb2.Policy()
+    pol.bindings.add(role="roles/owner", members=["user:alice@example.com"])
+    pol.bindings.add(role="roles/datastore.user", members=["user:bob@example.com"])
+    fakes["projects"].set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=f"projects/{PROJECT}", policy=pol))
+    fakes["projects"].calls.clear()
+    runner.apply(stack.build(desired()), Clients(overrides=fakes))
+    assert fakes["projects"].members(f"projects/{PROJECT}", "roles/owner") == ["user:alice@example.com"]
+    ds = fakes["projects"].members(f"projects/{PROJECT}", "roles/datastore.user")
+    assert "user:bob@example.com" in ds and len(ds) == 5
+
+
+def test_least_privilege_bindings():
+    fakes = deployed_fakes()
+    runner.apply(stack.build(desired(item_queue_shards=2)), Clients(overrides=fakes))
+    d = desired(item_queue_shards=2)
+    sa = lambda r: f"serviceAccount:{d.sa_email(r)}"  # noqa: E731
+    run = fakes["run"]
+    assert run.members(d.run_service_path("worker"), "roles/run.invoker") == [sa("tasks_invoker")]
+    assert run.members(d.run_service_path("ingest"), "roles/run.invoker") == sorted([sa("tasks_invoker"), sa("eventarc_invoker")])
+    assert run.members(d.run_service_path("sweeper"), "roles/run.invoker") == [sa("scheduler_invoker")]
+    assert run.members(d.run_service_path("api"), "roles/run.invoker") == []
+    tasks = fakes["tasks"]
+    for q in ("upcfan-items", "upcfan-items-1"):
+        assert tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.enqueuer") == sorted([sa("ingest"), sa("api")])
+    assert sa("worker") in tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.enqueuer")
+    sec = fakes["secrets"]
+    assert sec.members(d.secret_path(model.SLACK_SECRET), "roles/secretmanager.secretAccessor") == [sa("sweeper")]
+    assert sec.members(d.secret_path(model.MARKETPLACE_SECRET), "roles/secretmanager.secretAccessor") == [sa("worker")]
+    assert fakes["storage_iam"].members(f"projects/_/buckets/{BUCKET}", "roles/storage.objectViewer") == [sa("ingest")]
+    tasks_sa = f"projects/{PROJECT}/serviceAccounts/{d.sa_email('tasks_invoker')}"
+    assert sa("ingest") in fakes["iam"].members(tasks_sa, "roles/iam.serviceAccountUser")
+    roles = {b.role for b in fakes["projects"]._policies[f"projects/{PROJECT}"].bindings}
+    assert roles == {"roles/datastore.user", "roles/eventarc.eventReceiver"}  # nothing broader
+
+
+def test_scheduler_uses_oidc_with_sweeper_url_audience_and_secret_has_no_value():
+    fakes = deployed_fakes()
+    runner.apply(stack.build(desired()), Clients(overrides=fakes))
+    (job,) = fakes["scheduler"].jobs.values()
+    url = desired().function_url("sweeper")
+    assert job.http_target.uri == url and job.http_target.oidc_token.audience == url
+    assert job.http_target.oidc_token.service_account_email == desired().sa_email("scheduler_invoker")
+    assert [m for m, _ in fakes["secrets"].calls if "version" in m] == []
+    (trigger,) = fakes["eventarc"].triggers.values()
+    assert {(f.attribute, f.value) for f in trigger.event_filters} == {
+        ("type", "google.cloud.storage.object.v1.finalized"), ("bucket", BUCKET)}
+    assert trigger.destination.cloud_run.service == "ingest"
+    assert trigger.service_account == desired().sa_email("eventarc_invoker")
+
+
+def test_index_file_has_the_indexes_the_architecture_implies():
+    data = json.loads((stack.REPO_ROOT / "firestore.indexes.json").read_text())
+    got = {(i["collectionGroup"], i["queryScope"], tuple((f["fieldPath"], f["order"]) for f in i["fields"]))
+           for i in data["indexes"]}
+    A, D = "ASCENDING", "DESCENDING"
+    for want in [
+        ("jobs", "COLLECTION", (("status", A), ("last_progress_at", A))),
+        ("jobs", "COLLECTION", (("status", A), ("created_at", A))),
+        ("jobs", "COLLECTION", (("gcs_path", A), ("created_at", D))),
+        ("jobs", "COLLECTION", (("status", A), ("created_at", D))),
+        ("items", "COLLECTION_GROUP", (("status", A), ("lease_expires_at", A))),
+        ("stall_events", "COLLECTION", (("job_id", A), ("detected_at", A))),
+    ]:
+        assert want in got
+    ttl = {(f["collectionGroup"], f["fieldPath"]) for f in data["fieldOverrides"] if f.get("ttl")}
+    assert ttl >= {("events", "expire_at"), ("stall_events", "expire_at")}
+
+
+def test_firestore_rules_deny_all():
+    text = (stack.REPO_ROOT / "firestore.rules").read_text()
+    assert "rules_version = '2'" in text
+    assert "match /{document=**}" in text and "allow read, write: if false;" in text
+    assert "if true" not in text
+
+
+# ---- recorded request fixtures ----------------------------------------------------------
+
+def _recorded_apply() -> dict[str, list]:
+    fakes = deployed_fakes()
+    runner.apply(stack.build(desired(item_queue_shards=2)), Clients(overrides=fakes))
+    return {name: fake.recorded() for name, fake in sorted(fakes.items())}
+
+
+@pytest.mark.parametrize("client_name", ["tasks", "scheduler", "eventarc", "secrets", "firestore_admin",
+                                         "projects", "iam", "run", "storage_iam"])
+def test_apply_requests_match_fixtures(client_name):
+    recorded = _recorded_apply()[client_name]
+    path = FIXTURES / f"apply_{client_name}.json"
+    if os.environ.get("UPCFAN_UPDATE_FIXTURES") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+    assert recorded == json.loads(path.read_text())
+
+
+def test_fixture_requests_parse_back_into_official_request_types():
+    from google.cloud import eventarc_v1, firestore_admin_v1, scheduler_v1, secretmanager_v1, tasks_v2
+    from google.iam.v1 import iam_policy_pb2
+    from google.protobuf import json_format
+
+    types = {
+        "CreateQueueRequest": tasks_v2.CreateQueueRequest,
+        "CreateJobRequest": scheduler_v1.CreateJobRequest,
+        "CreateTriggerRequest": eventarc_v1.CreateTriggerRequest,
+        "CreateSecretRequest": secretmanager_v1.CreateSecretRequest,
+        "CreateIndexRequest": firestore_admin_v1.CreateIndexRequest,
+        "UpdateFieldRequest": firestore_admin_v1.UpdateFieldRequest,
+    }
+    seen = set()
+    for path in sorted(FIXTURES.glob("apply_*.json")):
+        for call in json.loads(path.read_text()):
+            t = call["type"]
+            if t in types:
+                types[t].from_json(json.dumps(call["request"]))
+                seen.add(t)
+            elif t == "SetIamPolicyRequest":
+                json_format.ParseDict(call["request"], iam_policy_pb2.SetIamPolicyRequest())
+                seen.add(t)
+    assert seen == set(types) | {"SetIamPolicyRequest"}
