@@ -88,7 +88,10 @@ def create_task(queue_path: str, spec: TaskSpec) -> bool:
     try:
         _create(queue_path, _build_task(queue_path, spec))
         return True
-    except gexc.AlreadyExists:
+    except gexc.Aborted:
+        raise
+    except gexc.Conflict:
+        # gRPC raises AlreadyExists; the REST transport maps the same 409 ALREADY_EXISTS to Conflict.
         return False
 
 
