@@ -46,8 +46,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _valid_doc_id(value: Any) -> bool:
+    """Firestore rejects '/', '.', '..', '__x__' and very long ids; such input names nothing here."""
+    return (isinstance(value, str) and 0 < len(value) <= 200 and "/" not in value and value not in (".", "..")
+            and not (value.startswith("__") and value.endswith("__")) and "\x00" not in value)
+
+
 def _job_ref(job_id: str):
-    if not isinstance(job_id, str) or not job_id or "/" in job_id or len(job_id) > 200:
+    if not _valid_doc_id(job_id):
         raise NotFoundError(f"job {str(job_id)[:200]!r} not found", code="job_not_found")
     return firestore_client().collection(JOBS).document(job_id)
 
@@ -224,7 +230,7 @@ def list_jobs(limit: int = 20, status: str | None = None, gcs_path: str | None =
 
 
 def _job_ref_or_bad_cursor(cursor: str):
-    if "/" in cursor or len(cursor) > 200:
+    if not _valid_doc_id(cursor):
         raise BadRequestError("cursor is not valid", code="bad_cursor")
     return firestore_client().collection(JOBS).document(cursor)
 
@@ -248,7 +254,7 @@ def list_items(job_id: str, status: str | None = None, limit: int = 100,
     allowed = ITEM_STATUS_VALUES + LINE_OUTCOME_VALUES
     if status is not None and status not in allowed:
         raise BadRequestError(f"status must be one of {', '.join(allowed)}; got {status!r}", code="bad_status")
-    if cursor is not None and ("/" in cursor or not cursor or len(cursor) > 200):
+    if cursor is not None and not _valid_doc_id(cursor):
         raise BadRequestError("cursor is not valid", code="bad_cursor")
     job_ref = _job_ref(job_id)
     if not job_ref.get().exists:

@@ -1,0 +1,156 @@
+"""Operator HTTP API entry point: routes by path, validates with pydantic, maps core results and errors to JSON."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Callable
+
+import functions_framework
+from flask import Request, Response
+from pydantic import ValidationError
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+
+from shared.exceptions import UpcfanError
+from shared.log import log_event, setup_logging
+
+try:  # deployed: this directory is the function's source root
+    import api_schemas as schemas
+except ImportError:  # pragma: no cover - imported as a package (tests, tools)
+    from functions.api import api_schemas as schemas
+
+setup_logging()
+
+_URLS = Map(
+    [
+        Rule("/health", endpoint="health", methods=["GET"]),
+        Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
+        Rule("/api/batch/process", endpoint="process", methods=["POST"]),
+        Rule("/api/batch/status/<job_id>", endpoint="status", methods=["GET"]),
+        Rule("/api/batch/jobs", endpoint="jobs", methods=["GET"]),
+        Rule("/api/batch/jobs/<job_id>/items", endpoint="items", methods=["GET"]),
+        Rule("/api/batch/jobs/<job_id>/cancel", endpoint="cancel", methods=["POST"]),
+        Rule("/api/batch/jobs/<job_id>/retry-failed", endpoint="retry_failed", methods=["POST"]),
+    ],
+    strict_slashes=False,
+    merge_slashes=False,
+)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, default=str), status=status, mimetype="application/json", headers=headers)
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _json({"error": {"code": code, "message": message}}, status, headers)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _actor(request: Request) -> str:
+    """Who asked: an explicit header, else the email in the (platform-verified) ID token, else 'api'."""
+    explicit = (request.headers.get("X-Upcfan-Actor") or "").strip()
+    if explicit:
+        return explicit[:200]
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer ") and auth.count(".") == 2:
+        try:
+            payload = auth.split(" ", 1)[1].split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            if isinstance(claims, dict) and isinstance(claims.get("email"), str):
+                return claims["email"][:200]
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return "api"
+
+
+def _ops():
+    from shared import operations
+
+    return operations
+
+
+def health(request: Request) -> Response:
+    ok, parts = _ops().health()
+    if ok:
+        return _json({"status": "ok", "checks": parts})
+    failing = ", ".join(f"{k} {v}" for k, v in parts.items() if v != "ok")
+    return _json({"status": "unavailable", "checks": parts,
+                  "error": {"code": "unhealthy", "message": f"not healthy: {failing}"}}, 503)
+
+
+def openapi(request: Request) -> Response:
+    return _json(schemas.openapi_spec())
+
+
+def process(request: Request) -> Response:
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw or b"")
+    except ValueError:
+        return _error(400, "bad_json", "request body must be a JSON object: {gcs_path, create_drafts, test_mode}")
+    body = schemas.ProcessRequest.model_validate(data)
+    result = _ops().submit(body.gcs_path, create_drafts=body.create_drafts, test_mode=body.test_mode,
+                           source="http")
+    out = result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
+    return _json(out, 202)
+
+
+def status(request: Request, job_id: str) -> Response:
+    return _json(_ops().get_job_status(job_id))
+
+
+def jobs(request: Request) -> Response:
+    q = schemas.ListJobsQuery.model_validate(request.args.to_dict())
+    return _json(_ops().list_jobs(limit=q.limit, status=q.status, gcs_path=q.gcs_path, cursor=q.cursor))
+
+
+def items(request: Request, job_id: str) -> Response:
+    q = schemas.ListItemsQuery.model_validate(request.args.to_dict())
+    return _json(_ops().list_items(job_id, status=q.status, limit=q.limit, cursor=q.cursor))
+
+
+def cancel(request: Request, job_id: str) -> Response:
+    return _json(_ops().cancel_job(job_id, _actor(request)))
+
+
+def retry_failed(request: Request, job_id: str) -> Response:
+    return _json(_ops().retry_failed(job_id, _actor(request)))
+
+
+_HANDLERS: dict[str, Callable[..., Response]] = {
+    "health": health, "openapi": openapi, "process": process, "status": status, "jobs": jobs,
+    "items": items, "cancel": cancel, "retry_failed": retry_failed,
+}
+
+
+@functions_framework.http
+def api(request: Request) -> Response:
+    adapter = _URLS.bind("api", path_info=request.path or "/")
+    try:
+        endpoint, args = adapter.match(method=request.method)
+    except MethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.valid_methods or []))
+        return _error(405, "method_not_allowed", f"{request.method} {request.path} is not allowed; use {allowed}",
+                      {"Allow": allowed})
+    except NotFound:
+        return _error(404, "not_found", f"no route {request.method} {request.path}")
+    try:
+        return _HANDLERS[endpoint](request, **args)
+    except ValidationError as exc:
+        return _error(400, "bad_request", _validation_message(exc))
+    except UpcfanError as exc:
+        status_code = exc.http_status if 400 <= exc.http_status < 600 else 500
+        if status_code >= 500:
+            log_event("api_error", severity="ERROR", endpoint=endpoint, error_code=exc.code, error=exc.message)
+        return _json({"error": exc.to_dict()}, status_code)
+    except Exception as exc:  # noqa: BLE001 - one JSON answer for every unexpected fault
+        log_event("api_unexpected_error", severity="ERROR", endpoint=endpoint, error=f"{type(exc).__name__}: {exc}")
+        return _error(500, "internal", f"unexpected error in {endpoint}: {type(exc).__name__}")

@@ -1,0 +1,210 @@
+"""Operator API entry point: routing, pydantic validation and error mapping, with a fake core."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+import functions_framework
+import pytest
+
+from shared import operations
+from shared.exceptions import BadRequestError, ConflictError, NotFoundError, SourceObjectNotFoundError
+
+
+@dataclass
+class FakeSubmit:
+    job_id: str
+    created: bool
+    status: str
+
+    def to_dict(self):
+        return {"job_id": self.job_id, "created": self.created, "status": self.status}
+
+
+class FakeCore:
+    """Records calls; jobs named 'missing' are unknown, 'busy' refuses with 409."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.healthy = {"firestore": "ok", "item_queue": "ok"}
+
+    def _job(self, job_id):
+        if job_id == "missing":
+            raise NotFoundError("job 'missing' not found", code="job_not_found")
+        if job_id == "busy":
+            raise ConflictError("job 'busy' is still running; retry-failed runs only after the job has finished",
+                                code="job_not_final")
+
+    def get_job_status(self, job_id, now=None):
+        self.calls.append(("status", job_id))
+        self._job(job_id)
+        return {"job_id": job_id, "status": "running"}
+
+    def list_jobs(self, limit, status, gcs_path, cursor):
+        self.calls.append(("jobs", limit, status, gcs_path, cursor))
+        return {"jobs": [], "next_cursor": None}
+
+    def list_items(self, job_id, status, limit, cursor):
+        self.calls.append(("items", job_id, status, limit, cursor))
+        self._job(job_id)
+        return {"job_id": job_id, "items": [], "next_cursor": None}
+
+    def cancel_job(self, job_id, actor):
+        self.calls.append(("cancel", job_id, actor))
+        self._job(job_id)
+        return {"job_id": job_id, "status": "cancelled", "already_cancelled": False}
+
+    def retry_failed(self, job_id, actor):
+        self.calls.append(("retry", job_id, actor))
+        self._job(job_id)
+        return {"job_id": job_id, "round": 2}
+
+    def submit(self, gcs_path, create_drafts=None, test_mode=None, source="http"):
+        self.calls.append(("submit", gcs_path, create_drafts, test_mode, source))
+        if gcs_path.endswith("/gone.txt"):
+            raise SourceObjectNotFoundError(f"{gcs_path} does not exist")
+        if gcs_path.endswith("/boom.txt"):
+            raise RuntimeError("store down")
+        return FakeSubmit("f-123", True, "ingesting")
+
+    def health(self):
+        return all(v == "ok" for v in self.healthy.values()), dict(self.healthy)
+
+
+@pytest.fixture
+def core(monkeypatch):
+    fake = FakeCore()
+    for name in ("get_job_status", "list_jobs", "list_items", "cancel_job", "retry_failed", "submit", "health"):
+        monkeypatch.setattr(operations, name, getattr(fake, name))
+    return fake
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = functions_framework.create_app(target="api", source="functions/api/main.py")
+    return app.test_client()
+
+
+def _err(resp):
+    body = resp.get_json()
+    assert set(body) == {"error"} and {"code", "message"} <= set(body["error"]), body
+    return body["error"]
+
+
+def test_process_returns_202_with_job(client, core):
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/f.txt", "create_drafts": True,
+                                                   "test_mode": False})
+    assert resp.status_code == 202
+    assert resp.get_json() == {"job_id": "f-123", "created": True, "status": "ingesting"}
+    assert core.calls == [("submit", "gs://b/f.txt", True, False, "http")]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"create_drafts": True}, "gcs_path"),
+    ({"gcs_path": "/local/file.txt"}, "gcs_path"),
+    ({"gcs_path": "gs://b/f.txt", "test_mode": "maybe"}, "test_mode"),
+    ([1, 2], "body"),
+])
+def test_process_validates_body(client, core, body, needle):
+    resp = client.post("/api/batch/process", json=body)
+    assert resp.status_code == 400
+    assert needle in _err(resp)["message"]
+    assert core.calls == []
+
+
+def test_process_malformed_json_is_400(client, core):
+    resp = client.post("/api/batch/process", data=b"{not json", content_type="application/json")
+    assert resp.status_code == 400 and _err(resp)["code"] == "bad_json"
+
+
+def test_process_missing_object_is_404_and_unexpected_fault_is_json_500(client, core):
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/gone.txt"})
+    assert resp.status_code == 404 and _err(resp)["code"] == "object_not_found"
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/boom.txt"})
+    assert resp.status_code == 500 and _err(resp)["code"] == "internal"
+
+
+def test_status_and_unknown_job(client, core):
+    assert client.get("/api/batch/status/j1").get_json() == {"job_id": "j1", "status": "running"}
+    resp = client.get("/api/batch/status/missing")
+    assert resp.status_code == 404 and "missing" in _err(resp)["message"]
+
+
+def test_jobs_query_is_validated_and_passed(client, core):
+    resp = client.get("/api/batch/jobs?limit=5&status=running&gcs_path=gs://b/f.txt&cursor=abc")
+    assert resp.status_code == 200
+    assert core.calls[-1] == ("jobs", 5, "running", "gs://b/f.txt", "abc")
+    client.get("/api/batch/jobs")
+    assert core.calls[-1] == ("jobs", 20, None, None, None)
+    for bad in ("limit=0", "limit=101", "limit=x", "status=weird"):
+        resp = client.get(f"/api/batch/jobs?{bad}")
+        assert resp.status_code == 400, bad
+        assert _err(resp)["code"] == "bad_request"
+
+
+def test_items_route(client, core):
+    resp = client.get("/api/batch/jobs/j1/items?status=failed&limit=10")
+    assert resp.status_code == 200
+    assert core.calls[-1] == ("items", "j1", "failed", 10, None)
+    assert client.get("/api/batch/jobs/j1/items?status=invalid").status_code == 200
+    assert client.get("/api/batch/jobs/j1/items?status=bogus").status_code == 400
+    assert client.get("/api/batch/jobs/missing/items").status_code == 404
+
+
+def test_cancel_and_retry_map_conflicts_to_409(client, core):
+    assert client.post("/api/batch/jobs/j1/cancel").status_code == 200
+    resp = client.post("/api/batch/jobs/busy/retry-failed")
+    assert resp.status_code == 409
+    err = _err(resp)
+    assert err["code"] == "job_not_final" and "still running" in err["message"]
+    assert client.post("/api/batch/jobs/missing/cancel").status_code == 404
+
+
+def test_actor_from_header_or_id_token(client, core):
+    client.post("/api/batch/jobs/j1/cancel", headers={"X-Upcfan-Actor": "alice"})
+    assert core.calls[-1] == ("cancel", "j1", "alice")
+    claims = base64.urlsafe_b64encode(json.dumps({"email": "ops@example.com"}).encode()).decode().rstrip("=")
+    client.post("/api/batch/jobs/j1/retry-failed", headers={"Authorization": f"Bearer h.{claims}.s"})
+    assert core.calls[-1] == ("retry", "j1", "ops@example.com")
+    client.post("/api/batch/jobs/j1/cancel")
+    assert core.calls[-1] == ("cancel", "j1", "api")
+
+
+def test_unknown_route_and_wrong_method(client, core):
+    resp = client.get("/api/batch/recover/j1")  # deliberately absent
+    assert resp.status_code == 404 and _err(resp)["code"] == "not_found"
+    assert client.post("/api/batch/recover/j1").status_code == 404
+    resp = client.get("/api/batch/jobs/j1/cancel")
+    assert resp.status_code == 405 and "POST" in _err(resp)["message"]
+    assert client.delete("/api/batch/status/j1").status_code == 405
+
+
+def test_health_200_and_503_names_failing_part(client, core):
+    assert client.get("/health").status_code == 200
+    core.healthy["item_queue"] = "unreachable: ServiceUnavailable: connection refused"
+    resp = client.get("/health")
+    assert resp.status_code == 503
+    assert "item_queue" in resp.get_json()["error"]["message"]
+
+
+def test_openapi_is_served_and_has_no_recover_route(client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    assert set(spec["paths"]) == {
+        "/health", "/openapi.json", "/api/batch/process", "/api/batch/status/{job_id}", "/api/batch/jobs",
+        "/api/batch/jobs/{job_id}/items", "/api/batch/jobs/{job_id}/cancel", "/api/batch/jobs/{job_id}/retry-failed"}
+    params = {p["name"]: p for p in spec["paths"]["/api/batch/jobs"]["get"]["parameters"]}
+    assert params["limit"]["schema"]["maximum"] == 100
+    assert "running" in params["status"]["schema"]["enum"]
+    assert not any("recover" in p for p in spec["paths"])
+
+
+def test_core_bad_request_maps_to_400(client, core, monkeypatch):
+    def bad(**kw):
+        raise BadRequestError("cursor 'x' does not name a job", code="bad_cursor")
+
+    monkeypatch.setattr(operations, "list_jobs", bad)
+    resp = client.get("/api/batch/jobs?cursor=x")
+    assert resp.status_code == 400 and _err(resp)["code"] == "bad_cursor"
