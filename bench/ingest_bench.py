@@ -1,0 +1,210 @@
+"""Ingest benchmark on the running local stack (`scripts/dev up`).
+
+1. Fan-out speed: an N-UPC file (default 100k) dropped in the bucket → time until all N item
+   tasks exist in the (paused) item queue, against a bare concurrent CreateTask loop with the
+   official client on the same emulator in the same run. Goal: ratio ≥ 0.8.
+2. Memory: peak RSS of a process running the real ingest code (plan + every chunk) on 1M
+   lines vs 10k lines. Goal: ≤ 1.2×. Creating 1M tasks would take ~15 min on this machine, so
+   the RSS runs classify every line against a cancelled job (no task creates); the 100k
+   fan-out above measures the task-creating path, and chunk size bounds its memory.
+
+Prints a table and one JSON line (`BENCH_RESULT {...}`). Bounded: ~3 min at the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def load_stack_env() -> dict:
+    env_file = ROOT / ".local" / "stack.env"
+    if not env_file.exists():
+        sys.exit("the local stack is not running: scripts/dev up")
+    env = {}
+    for line in env_file.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            env[k.strip()] = v.strip()
+    os.environ.update(env)
+    return env
+
+
+def make_upcs(n: int, seed: int) -> bytes:
+    from stdnum import ean
+
+    rng = random.Random(seed)
+    seen, out = set(), []
+    while len(out) < n:
+        body = f"{rng.randrange(10**11):011d}"
+        if body in seen:
+            continue
+        seen.add(body)
+        out.append(body + ean.calc_check_digit(body))
+    return ("\n".join(out) + "\n").encode()
+
+
+def emulator_stats(host: str) -> dict:
+    with urllib.request.urlopen(f"http://{host}/_emulator/stats", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def queue_task_count(host: str, queue_path: str) -> int:
+    stats = emulator_stats(host)
+    queues = stats.get("queues", stats)
+    q = queues.get(queue_path) or queues.get(queue_path.rsplit("/", 1)[-1]) or {}
+    return int(q.get("tasks", 0))
+
+
+def baseline_create_loop(n: int, threads: int, queue_path: str) -> float:
+    """Bare concurrent CreateTask loop with the official client: the ceiling for fan-out."""
+    from shared.tasks import TaskSpec, create_task
+
+    specs = [TaskSpec(task_id=f"base-{os.getpid()}-{i}", url="http://127.0.0.1:9/none",
+                      payload={"job_id": "baseline", "gtin": f"{i:014d}", "upc": "x", "line": i, "round": 1})
+             for i in range(n)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        created = sum(pool.map(lambda s: create_task(queue_path, s), specs))
+    elapsed = time.perf_counter() - t0
+    assert created == n, f"baseline created {created} of {n}"
+    return elapsed
+
+
+def fanout_through_stack(n: int, deadline_s: float) -> tuple[float, str]:
+    """Upload → finalize event → ingest → chunk tasks → item tasks, timed until all N exist."""
+    from google.cloud import tasks_v2
+
+    from shared.clients import firestore_client, storage_client, tasks_client
+    from shared.config import settings
+    from shared.naming import job_id_for
+
+    s = settings()
+    host = os.environ["CLOUD_TASKS_EMULATOR_HOST"]
+    item_queue = s.item_queue_path()
+    tasks_client().pause_queue(name=item_queue)  # keep tasks in the queue so they can be counted
+    try:
+        before = queue_task_count(host, item_queue)
+        data = make_upcs(n, seed=int(time.time()))
+        blob = storage_client().bucket(os.environ["UPCFAN_BUCKET"]).blob(f"bench/ingest-{n}-{time.time_ns()}.txt")
+        t0 = time.perf_counter()
+        blob.upload_from_string(data, content_type="text/plain")
+        job_id = job_id_for(blob.bucket.name, blob.name, blob.generation)
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if queue_task_count(host, item_queue) - before >= n:
+                break
+            time.sleep(0.05)  # polling interval of a measurement loop, not synchronisation
+        else:
+            raise SystemExit(f"fan-out of {n} did not finish in {deadline_s}s")
+        elapsed = time.perf_counter() - t0
+        job = firestore_client().collection("jobs").document(job_id).get().to_dict() or {}
+        return elapsed, f"{job_id} totals={job.get('totals')}"
+    finally:
+        tasks_client().purge_queue(name=item_queue)
+        tasks_client().resume_queue(name=item_queue)
+        _ = tasks_v2
+
+
+def rss_child(lines: int) -> None:
+    """Run plan + all chunks in this process for a cancelled job; print peak RSS in KiB."""
+    load_stack_env()
+    from shared import ingest
+    from shared.clients import firestore_client, storage_client
+    from shared.config import settings
+    from shared.gcs import GcsObject
+    from shared.model import JOBS
+    from shared.naming import job_id_for
+
+    data = make_upcs(lines, seed=lines)
+    name = f"bench/rss-{lines}-{time.time_ns()}.txt"
+    blob = storage_client().bucket(os.environ["UPCFAN_BUCKET"] + "-bench").blob(name)
+    blob.upload_from_string(data)
+    del data
+    obj = GcsObject.stat(blob.bucket.name, name)
+    plan = ingest.plan_file(obj, settings().chunk_bytes, 5_000_000)
+    job_id = job_id_for(obj.bucket, name, obj.generation)
+    firestore_client().collection(JOBS).document(job_id).set(
+        {"job_id": job_id, "status": "cancelled", "plan": {"format": plan.format.to_dict()}})
+    for c in plan.chunks:
+        ingest.process_chunk({"job_id": job_id, "bucket": obj.bucket, "object": name,
+                              "generation": str(obj.generation), "start": c.start, "end": c.end,
+                              "first_line": c.first_line, "index": c.index})
+    print(json.dumps({"lines": lines, "chunks": len(plan.chunks),
+                      "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def measure_rss(lines: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(lines)], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "UPCFAN_LOG_LEVEL": "WARNING"})
+    if out.returncode != 0:
+        raise SystemExit(f"rss child failed: {out.stderr[-2000:]}")
+    return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{\"lines\"")][-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--upcs", type=int, default=100_000)
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--rss-small", type=int, default=10_000)
+    ap.add_argument("--rss-large", type=int, default=1_000_000)
+    ap.add_argument("--rss-child", type=int, default=0)
+    args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(args.rss_child)
+
+    load_stack_env()
+    from google.cloud import tasks_v2
+
+    from shared.clients import storage_client, tasks_client
+    from shared.config import settings
+
+    s = settings()
+    parent = f"projects/{s.project}/locations/{s.location}"
+    base_queue = f"{parent}/queues/bench-baseline-{os.getpid()}"
+    tasks_client().create_queue(parent=parent, queue=tasks_v2.Queue(name=base_queue))
+    tasks_client().pause_queue(name=base_queue)
+    try:
+        storage_client().create_bucket(os.environ["UPCFAN_BUCKET"] + "-bench")
+    except Exception:  # noqa: BLE001 - exists from an earlier run
+        pass
+
+    base_s = baseline_create_loop(args.upcs, args.threads, base_queue)
+    tasks_client().delete_queue(name=base_queue)
+    fan_s, detail = fanout_through_stack(args.upcs, deadline_s=600)
+    small = measure_rss(args.rss_small)
+    large = measure_rss(args.rss_large)
+
+    ratio = base_s / fan_s
+    rss_ratio = large["maxrss_kib"] / small["maxrss_kib"]
+    rows = [
+        ("bare CreateTask loop", f"{args.upcs:,} tasks", f"{base_s:.1f} s", f"{args.upcs / base_s:,.0f}/s"),
+        ("ingest fan-out (upload→all tasks)", f"{args.upcs:,} tasks", f"{fan_s:.1f} s", f"{args.upcs / fan_s:,.0f}/s"),
+        ("ratio (goal ≥ 0.8)", "", f"{ratio:.2f}", ""),
+        (f"ingest peak RSS {args.rss_small:,} lines", f"{small['chunks']} chunks", f"{small['maxrss_kib'] / 1024:.0f} MiB", ""),
+        (f"ingest peak RSS {args.rss_large:,} lines", f"{large['chunks']} chunks", f"{large['maxrss_kib'] / 1024:.0f} MiB", ""),
+        ("RSS ratio (goal ≤ 1.2)", "", f"{rss_ratio:.2f}", ""),
+    ]
+    for r in rows:
+        print(f"{r[0]:<40} {r[1]:>16} {r[2]:>10} {r[3]:>10}")
+    print(f"job: {detail}")
+    print("BENCH_RESULT " + json.dumps({
+        "bench": "ingest", "upcs": args.upcs, "baseline_s": round(base_s, 2), "fanout_s": round(fan_s, 2),
+        "ratio": round(ratio, 3), "goal_ratio": 0.8, "rss_small_kib": small["maxrss_kib"],
+        "rss_large_kib": large["maxrss_kib"], "rss_ratio": round(rss_ratio, 3), "goal_rss_ratio": 1.2}))
+
+
+if __name__ == "__main__":
+    main()
