@@ -28,6 +28,7 @@ from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classif
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
 from shared.model import CHUNKS, ITEMS, JOBS, LINES, JobStatus
+from shared.progress import check_job_progress
 from shared.naming import chunk_doc_id, chunk_task_name_for, job_id_for, line_doc_id, task_name_for
 from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 
@@ -421,15 +422,8 @@ def _maybe_finish_fanout(job_ref) -> bool:
         _fail_job(job_ref, {"code": "no_data_lines",
                             "message": f"{finished.get('gcs_path')} has no UPC lines "
                                        f"({totals['skipped']} blank, comment or header lines)"}, now)
-    elif totals["items"] == 0 or finished.get("status") == JobStatus.CANCELLED.value:
-        _request_completion_check(job_ref.id)
+    else:
+        # Items may all have finished before the last chunk was recorded (or there are none, all
+        # lines invalid): no later completion would ask for a check, so check now.
+        check_job_progress(job_ref.id)
     return True
-
-
-def _request_completion_check(job_id: str) -> None:
-    """A job with nothing to run (all lines invalid) completes without any worker delivery."""
-    try:
-        from shared.progress import check_job_progress
-    except ImportError:  # pragma: no cover - progress lands with the worker
-        return
-    check_job_progress(job_id)
