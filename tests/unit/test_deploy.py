@@ -1,0 +1,172 @@
+"""scripts/deploy --dry-run: builds locally, prints every command, runs none; the printed
+gcloud commands keep invokers authenticated, name service accounts, size timeouts to the
+queues' dispatch deadlines and pass the Slack URL only as a secret reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra import deploy, model
+from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "deploy"
+
+MAIN = '''import functions_framework
+from flask import jsonify
+
+from shared.config import settings
+
+
+@functions_framework.http
+def {fn}(request):
+    return jsonify({{"fn": "{fn}", "project": settings().project}})
+'''
+
+
+@pytest.fixture()
+def source_root(tmp_path):
+    root = tmp_path / "src"
+    (root / "functions").mkdir(parents=True)
+    shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    for fn in model.FUNCTIONS:
+        (root / "functions" / fn).mkdir()
+        (root / "functions" / fn / "main.py").write_text(MAIN.format(fn=fn))
+    return root
+
+
+def run_dry(source_root: Path, tmp_path: Path, *extra: str) -> tuple[str, Path]:
+    # A gcloud on PATH that leaves a marker if anything ever runs it.
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    marker = tmp_path / "gcloud-was-run"
+    fake = bindir / "gcloud"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "UPCFAN_PYTHON": sys.executable}
+    env.pop("UPCFAN_ITEM_QUEUE_SHARDS", None)
+    proc = subprocess.run(
+        [str(SCRIPT), "--project", "demo-prod", "--region", "us-central1", "--bucket", "upcfan-drop",
+         "--source-root", str(source_root), "--build-dir", str(tmp_path / "build"), "--dry-run", *extra],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists(), "dry run executed gcloud"
+    return proc.stdout, tmp_path / "build"
+
+
+def deploy_commands(out: str) -> dict[str, dict[str, str]]:
+    cmds = {}
+    for line in out.splitlines():
+        if line.startswith("DRY-RUN gcloud functions deploy"):
+            argv = shlex.split(line.removeprefix("DRY-RUN "))
+            flags = {}
+            for a in argv[4:]:
+                k, _, v = a.partition("=")
+                flags[k] = v
+            cmds[argv[3]] = flags
+    return cmds
+
+
+def test_script_is_executable():
+    assert os.access(SCRIPT, os.X_OK)
+
+
+def test_dry_run_prints_every_command_and_runs_none(source_root, tmp_path):
+    out, build = run_dry(source_root, tmp_path, "--item-queue-shards", "4")
+    lines = [l for l in out.splitlines() if l.startswith("DRY-RUN ")]
+    assert len(lines) == 6  # infra apply (before), 4 deploys, infra apply (after)
+    assert "-m infra apply" in lines[0] and "--before-deploy" in lines[0]
+    assert "-m infra apply" in lines[-1] and "--before-deploy" not in lines[-1]
+    assert set(deploy_commands(out)) == set(model.FUNCTIONS)
+
+
+def test_deploys_are_authenticated_with_dedicated_service_accounts(source_root, tmp_path):
+    out, _ = run_dry(source_root, tmp_path)
+    assert "--allow-unauthenticated" not in out.replace("--no-allow-unauthenticated", "")
+    d = model.Desired(project="demo-prod", region="us-central1")
+    for fn, flags in deploy_commands(out).items():
+        assert "--no-allow-unauthenticated" in flags
+        assert "--gen2" in flags and flags["--runtime"] == "python311" and "--trigger-http" in flags
+        assert flags["--entry-point"] == fn
+        assert flags["--service-account"] == d.sa_email(fn)
+
+
+def test_timeouts_cover_dispatch_deadlines_and_capacity_covers_queues(source_root, tmp_path):
+    for shards in (1, 4):
+        out, _ = run_dry(source_root, tmp_path, "--item-queue-shards", str(shards))
+        cmds = deploy_commands(out)
+        t = {fn: int(f["--timeout"].rstrip("s")) for fn, f in cmds.items()}
+        assert t["worker"] >= ITEM_QUEUE.dispatch_deadline_s
+        assert t["ingest"] >= CONTROL_QUEUE.dispatch_deadline_s
+        w = cmds["worker"]
+        capacity = int(w["--max-instances"]) * int(w["--concurrency"])
+        assert capacity >= shards * ITEM_QUEUE.rate.max_concurrent_dispatches + CONTROL_QUEUE.rate.max_concurrent_dispatches
+        i = cmds["ingest"]
+        assert int(i["--max-instances"]) * int(i["--concurrency"]) >= CONTROL_QUEUE.rate.max_concurrent_dispatches
+        assert f"UPCFAN_ITEM_QUEUE_SHARDS={shards}" in w["--set-env-vars"]
+        assert cmds["sweeper"]["--max-instances"] == "1"
+
+
+def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("UPCFAN_SLACK_WEBHOOK_URL", "https://example.invalid/services/T000/B000/SECRETVALUE")
+    out, _ = run_dry(source_root, tmp_path)
+    assert "SECRETVALUE" not in out and "example.invalid" not in out
+    cmds = deploy_commands(out)
+    assert cmds["sweeper"]["--set-secrets"] == f"UPCFAN_SLACK_WEBHOOK_URL={model.SLACK_SECRET}:latest"
+    for fn, flags in cmds.items():
+        assert "SLACK" not in flags["--set-env-vars"]
+        if fn != "sweeper":
+            assert model.SLACK_SECRET not in flags.get("--set-secrets", "")
+
+
+def test_build_dir_vendors_shared_pins_requirements_and_hash_labels_it(source_root, tmp_path):
+    out, build = run_dry(source_root, tmp_path, "--functions", "worker")
+    w = build / "worker"
+    assert (w / "main.py").read_text() == (source_root / "functions/worker/main.py").read_text()
+    assert (w / "shared" / "config.py").exists() and not list(w.rglob("__pycache__"))
+    reqs = (w / "requirements.txt").read_text().split()
+    pins = deploy.pinned_deps(source_root / "pyproject.toml")
+    assert "functions-framework==" + pins["functions-framework"] in reqs
+    assert all("==" in r for r in reqs)
+    assert not any(r.startswith(("typer", "rich", "pytest")) for r in reqs)  # CLI/dev deps stay out
+    digest = deploy.content_hash(w)
+    assert f"build worker: {w} sha256:{digest}" in out
+    assert f"upcfan-build={digest}" in deploy_commands(out)["worker"]["--update-labels"]
+    # same tree, same hash; a source change, a new hash
+    out2, _ = run_dry(source_root, tmp_path, "--functions", "worker")
+    assert f"sha256:{digest}" in out2
+    (source_root / "functions/worker/main.py").write_text(MAIN.format(fn="worker") + "# changed\n")
+    out3, _ = run_dry(source_root, tmp_path, "--functions", "worker")
+    assert f"sha256:{digest}" not in out3
+
+
+def test_unknown_third_party_import_fails_the_build(source_root, tmp_path):
+    (source_root / "functions/api/main.py").write_text("import leftpad_nonexistent\n")
+    with pytest.raises(SystemExit, match="leftpad_nonexistent"):
+        deploy.build("api", source_root, tmp_path / "b")
+
+
+def test_sizing_arithmetic_matches_docs():
+    specs = {s.name: s for s in deploy.function_specs(4)}
+    assert specs["worker"].max_instances == math.ceil((4 * 1000 + 20) / 80) == 51
+    assert specs["ingest"].max_instances == math.ceil(20 / 4) + 2 == 7
+    assert {s.name for s in deploy.function_specs(1)} == set(model.FUNCTIONS)
+
+
+def test_real_tree_builds_for_functions_that_exist(tmp_path):
+    present = [fn for fn in model.FUNCTIONS if (REPO / "functions" / fn / "main.py").exists()]
+    if not present:
+        pytest.skip("no functions/<fn>/main.py in this checkout yet")
+    for fn in present:
+        out, digest = deploy.build(fn, REPO, tmp_path / "build")
+        assert (out / "requirements.txt").read_text().startswith(("cloudevents", "functions-framework"))
