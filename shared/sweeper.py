@@ -1,0 +1,626 @@
+"""The sweeper: finds stalled jobs and items with indexed queries, flags them and alerts — never "fixes".
+
+Guarantee 4 ("stalls are seen, not fixed"): the only writes this module makes are the
+`_write_*` functions at the bottom of the file. They touch `jobs/{id}.stall` (one field, with
+`update()` and an update-time precondition, so a job that moved since we read it is left
+alone), `jobs/{id}/events`, `stall_events` and `alert_state`. Nothing here writes an item,
+creates or deletes a task, or changes a job's status, counts or totals
+(tests/unit/test_sweeper_rules.py checks this on the source).
+
+Queries, each one costing reads in proportion to *stalled* things, not to all jobs:
+
+| finding | query | index |
+|---|---|---|
+| running, no progress (`no_progress`) and queued items not moving (`queued_stall`) | jobs `status == running AND last_progress_at < now - min(stall, queued_stall)`; classified in memory | jobs (status, last_progress_at) |
+| item lease overrun (`lease_overrun`) | group `items` `status == processing AND lease_expires_at < now - overrun` | items CG (status, lease_expires_at) |
+| ingesting too long (`ingesting_stall`) | jobs `status == ingesting AND created_at < now - ingesting_stall` | jobs (status, created_at) |
+| flagged jobs (recovery check) | jobs `stall.flagged_at > epoch` | automatic single-field index |
+| per-job cooldowns in force | alert_state `last_alert_at >= now - cooldown` | automatic single-field index |
+| jobs that stalled in the last hour (systemic) | count(alert_state `episode_at >= now - 1h`) | automatic single-field index |
+| un-notified alerts to retry | stall_events `notify_state in (pending, failed) AND detected_at >= now - 24h` | stall_events (notify_state, detected_at) |
+
+`queued_stall` formulation: a running job is `queued_stall` when its `fanout_done_at` and
+`last_progress_at` are both older than `queued_stall_minutes` and its counts snapshot still
+shows queued items or items never born (`totals.items > sum(counts)`). Firestore cannot
+compare two fields, so the query is the `no_progress` one with the smaller of the two
+cutoffs, and the classification happens on the (already stalled) documents it returns.
+`last_progress_at` is set at job creation and at fan-out, so a running job always has it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from google.api_core import exceptions as gexc
+from google.api_core import retry as api_retry
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from shared import alerts
+from shared.config import Settings
+from shared.config import settings as _settings
+from shared.exceptions import StoreUnavailableError
+from shared.log import log_event
+from shared.model import ALERT_STATE, EVENTS, ITEMS, JOBS, STALL_EVENTS, ItemStatus, JobStatus
+
+UTC = dt.timezone.utc
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+
+SYSTEMIC_WINDOW = dt.timedelta(minutes=60)
+SYSTEMIC_KEY = "systemic"
+RETRY_WINDOW = dt.timedelta(hours=24)
+STALL_EVENT_TTL = dt.timedelta(days=30)
+# Slack incoming webhooks take ~1 message/s; a sweep posts at most this many, the rest wait.
+MAX_POSTS_PER_SWEEP = 20
+MAX_RETRIES_PER_SWEEP = 50
+# Bounds the lease-overrun scan: a pathological backlog costs at most this many reads a sweep.
+LEASE_OVERRUN_LIMIT = 1000
+QUERY_TIMEOUT_S = 10.0
+WRITE_WORKERS = 16
+
+SEVERITY_RANK = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
+
+# Kinds of stall
+NO_PROGRESS = "no_progress"
+QUEUED_STALL = "queued_stall"
+LEASE_OVERRUN = "lease_overrun"
+INGESTING_STALL = "ingesting_stall"
+
+# notify_state of a stall_events record
+PENDING, SENT, FAILED, SUPPRESSED, NOT_CONFIGURED = "pending", "sent", "failed", "suppressed", "not_configured"
+
+_UNAVAILABLE = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.RetryError,
+    gexc.Unauthenticated,
+    gexc.PermissionDenied,
+)
+
+
+def _retry() -> api_retry.Retry:
+    return api_retry.Retry(initial=0.1, maximum=1.0, multiplier=2.0, timeout=QUERY_TIMEOUT_S)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class SweepReport:
+    checked: int = 0  # documents examined (candidates from all queries)
+    flagged: int = 0  # new stall flags and escalations written
+    alerted: int = 0  # Slack posts delivered (stall, reminder, recovered, systemic, retries)
+    recovered: int = 0  # flags cleared because the job moved again or finished
+    suppressed: int = 0  # alerts held back by cooldown
+    notify_failed: int = 0  # posts that failed or were deferred (retried next sweep)
+    retried: int = 0  # earlier un-notified alerts delivered now
+    systemic: bool = False
+    skipped_moved: int = 0  # findings whose job changed between read and write (left alone)
+    ms: float = 0.0
+    documents_read: int = 0
+    findings: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ReadMeter:
+    """Counts billed reads honestly: docs returned (≥ 1 per query) and 1 per 1000 index entries counted."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def _add(self, n: int) -> None:
+        with self._lock:  # count aggregations run on the write pool's threads
+            self.reads += n
+
+    def query(self, returned: int) -> None:
+        self._add(max(1, returned))
+
+    def gets(self, n: int) -> None:
+        self._add(n)
+
+    def aggregation(self, counted: int) -> None:
+        self._add(max(1, math.ceil(counted / 1000)))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure decision logic (fake clock friendly: every function takes `now`)
+
+
+@dataclass
+class Finding:
+    job_id: str
+    kind: str
+    severity: str
+    reason: str
+    since: dt.datetime  # when the job (or its oldest stuck item) last moved
+    job: dict
+    update_time: Any = None
+    stuck_items: int = 0
+
+
+def as_utc(value: Any) -> dt.datetime | None:
+    if not isinstance(value, dt.datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def severity_for(stalled_for: dt.timedelta, cfg: Settings) -> str:
+    """WARNING once stalled; CRITICAL when stalled longer than `stall_critical_minutes`."""
+    return "CRITICAL" if stalled_for >= dt.timedelta(minutes=cfg.stall_critical_minutes) else "WARNING"
+
+
+def _minutes(delta: dt.timedelta) -> int:
+    return int(delta.total_seconds() // 60)
+
+
+def _open_in_snapshot(job: dict) -> tuple[int, int]:
+    """(queued + processing, items never born) from the job's counts snapshot."""
+    counts = job.get("counts") or {}
+    born = sum(int(counts.get(k) or 0) for k in ("queued", "processing", "succeeded", "failed", "cancelled"))
+    total = int((job.get("totals") or {}).get("items") or 0)
+    return int(counts.get("queued") or 0) + int(counts.get("processing") or 0), max(0, total - born)
+
+
+def classify_running(job: dict, now: dt.datetime, cfg: Settings) -> tuple[str, dt.datetime, str] | None:
+    """(kind, since, reason) for a running job that stopped moving, else None."""
+    last = as_utc(job.get("last_progress_at"))
+    if last is None:
+        return None
+    fanout = as_utc(job.get("fanout_done_at"))
+    queued_cutoff = now - dt.timedelta(minutes=cfg.queued_stall_minutes)
+    counts = job.get("counts") or {}
+    queued = int(counts.get("queued") or 0)
+    _, unborn = _open_in_snapshot(job)
+    if fanout is not None and fanout <= queued_cutoff and last <= queued_cutoff and (queued or unborn):
+        return QUEUED_STALL, last, (
+            f"{queued} queued and {unborn} never-claimed items have not moved for {_minutes(now - last)} min "
+            f"(fan-out done {_minutes(now - fanout)} min ago)"
+        )
+    if last <= now - dt.timedelta(minutes=cfg.stall_minutes):
+        return NO_PROGRESS, last, f"running with no progress for {_minutes(now - last)} min"
+    return None
+
+
+def decide_alert(severity: str, prior: dict | None, now: dt.datetime, cooldown_minutes: float) -> str | None:
+    """Why to alert ('first', 'escalated', 'cooldown_elapsed'), or None to stay quiet."""
+    if not prior or as_utc(prior.get("last_alert_at")) is None:
+        return "first"
+    if SEVERITY_RANK.get(severity, 0) > SEVERITY_RANK.get(prior.get("last_severity") or "INFO", 0):
+        return "escalated"
+    if now - as_utc(prior["last_alert_at"]) >= dt.timedelta(minutes=cooldown_minutes):
+        return "cooldown_elapsed"
+    return None
+
+
+def decide_systemic(stalled_in_window: int, threshold: int, prior: dict | None, now: dt.datetime,
+                    cooldown_minutes: float) -> bool:
+    """One systemic alert when ≥ threshold jobs stalled within the window, itself cooled down."""
+    if threshold <= 0 or stalled_in_window < threshold:
+        return False
+    last = as_utc((prior or {}).get("last_alert_at"))
+    return last is None or now - last >= dt.timedelta(minutes=cooldown_minutes)
+
+
+def moved_since_flag(job: dict, stall: dict) -> str | None:
+    """How a flagged job moved again (final status, progress after the flag, left ingesting), else None."""
+    status = job.get("status")
+    if status in {s.value for s in JobStatus if s.is_final}:
+        return f"job is now {status}"
+    flagged_at = as_utc(stall.get("flagged_at"))
+    last = as_utc(job.get("last_progress_at"))
+    if flagged_at and last and last > flagged_at:
+        return f"progress at {last.isoformat(timespec='seconds')}"
+    if stall.get("kind") == INGESTING_STALL and status != JobStatus.INGESTING.value:
+        return f"job is now {status}"
+    return None
+
+
+def merge_findings(findings: Iterable[Finding]) -> dict[str, Finding]:
+    """One finding per job: the most severe (then first) kind, with every reason kept."""
+    merged: dict[str, Finding] = {}
+    for f in findings:
+        cur = merged.get(f.job_id)
+        if cur is None:
+            merged[f.job_id] = f
+            continue
+        best, other = (f, cur) if SEVERITY_RANK[f.severity] > SEVERITY_RANK[cur.severity] else (cur, f)
+        best.reason = f"{best.reason}; {other.reason}"
+        best.stuck_items = max(best.stuck_items, other.stuck_items)
+        best.since = min(best.since, other.since)
+        best.update_time = best.update_time or other.update_time
+        merged[f.job_id] = best
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+
+
+def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, *, db=None,
+              webhook_url: str | None = None) -> SweepReport:
+    """One sweep: find stalls, flag them, alert with cooldown, note recoveries. Never fixes anything."""
+    started = time.monotonic()
+    now = as_utc(now) or dt.datetime.now(UTC)
+    cfg = settings or _settings()
+    db = db if db is not None else _client_for(cfg)
+    url = webhook_url if webhook_url is not None else cfg.slack_webhook_url
+    report = SweepReport()
+    meter = ReadMeter()
+    try:
+        scan = _scan(db, now, cfg, meter)
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailableError(
+            f"Firestore unreachable during sweep ({type(exc).__name__}); nothing was flagged",
+            details={"project": cfg.project},
+        ) from exc
+    report.checked = scan.checked
+
+    outbox: list[tuple[Any, alerts.SlackMessage]] = []  # (stall_event ref, message)
+    with ThreadPoolExecutor(max_workers=WRITE_WORKERS) as pool:
+        results = list(pool.map(lambda f: _handle_finding(db, f, scan, now, cfg, meter), scan.findings.values()))
+        for res in results:
+            report.findings.append(res["summary"])
+            report.flagged += res["flagged"]
+            report.suppressed += res["suppressed"]
+            report.skipped_moved += res["moved"]
+            if res["outbox"]:
+                outbox.append(res["outbox"])
+        recov = list(pool.map(lambda j: _handle_recovery(db, j, now), [
+            j for j in scan.flagged if j["job_id"] not in scan.findings
+        ]))
+        for res in recov:
+            report.skipped_moved += res["moved"]
+            if res["outbox"]:
+                report.recovered += 1
+                outbox.append(res["outbox"])
+
+    systemic = _systemic(db, now, cfg, scan, meter)
+    if systemic:
+        report.systemic = True
+        outbox.append(systemic)
+
+    _deliver(db, scan.pending, outbox, url, now, report)
+    report.documents_read = meter.reads
+    report.ms = round((time.monotonic() - started) * 1000, 1)
+    report.findings = report.findings[:50]
+    return report
+
+
+def _client_for(cfg: Settings):
+    from shared.clients import firestore_client
+
+    if cfg.project == _settings().project:
+        return firestore_client()
+    from google.cloud import firestore
+
+    return firestore.Client(project=cfg.project)
+
+
+@dataclass
+class _Scan:
+    findings: dict[str, Finding]
+    flagged: list[dict]  # jobs carrying a stall flag, with "_update_time"
+    cooldowns: dict[str, dict]  # alert_state docs with a cooldown in force
+    pending: list[tuple[Any, dict]]  # un-notified stall_events (ref, data)
+    checked: int
+
+
+def _stream(query, meter: ReadMeter) -> list:
+    docs = list(query.stream(retry=_retry(), timeout=QUERY_TIMEOUT_S))
+    meter.query(len(docs))
+    return docs
+
+
+def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
+    jobs = db.collection(JOBS)
+    found: list[Finding] = []
+    checked = 0
+
+    # Running jobs that stopped moving (no_progress / queued_stall).
+    cutoff = now - dt.timedelta(minutes=min(cfg.stall_minutes, cfg.queued_stall_minutes))
+    running = _stream(jobs.where(filter=FieldFilter("status", "==", JobStatus.RUNNING.value))
+                      .where(filter=FieldFilter("last_progress_at", "<", cutoff)), meter)
+    job_docs: dict[str, Any] = {}
+    for snap in running:
+        checked += 1
+        job_docs[snap.id] = snap
+        data = snap.to_dict()
+        verdict = classify_running(data, now, cfg)
+        if verdict:
+            kind, since, reason = verdict
+            found.append(Finding(snap.id, kind, severity_for(now - since, cfg), reason, since, data, snap.update_time))
+
+    # Jobs stuck ingesting (planning / chunk fan-out never finished).
+    ingesting = _stream(jobs.where(filter=FieldFilter("status", "==", JobStatus.INGESTING.value))
+                        .where(filter=FieldFilter("created_at", "<",
+                                                  now - dt.timedelta(minutes=cfg.ingesting_stall_minutes))), meter)
+    for snap in ingesting:
+        checked += 1
+        job_docs[snap.id] = snap
+        data = snap.to_dict()
+        created = as_utc(data.get("created_at")) or now
+        found.append(Finding(snap.id, INGESTING_STALL, severity_for(now - created, cfg),
+                             f"still ingesting {_minutes(now - created)} min after creation "
+                             f"(chunks_total {data.get('chunks_total', '?')})", created, data, snap.update_time))
+
+    # Items processing far past their lease: the delivery holding them is gone and no retry came.
+    overrun_cutoff = now - dt.timedelta(minutes=cfg.lease_overrun_minutes)
+    items = _stream(db.collection_group(ITEMS)
+                    .where(filter=FieldFilter("status", "==", ItemStatus.PROCESSING.value))
+                    .where(filter=FieldFilter("lease_expires_at", "<", overrun_cutoff))
+                    .limit(LEASE_OVERRUN_LIMIT), meter)
+    by_job: dict[str, list[dict]] = {}
+    for snap in items:
+        checked += 1
+        job_ref = snap.reference.parent.parent
+        if job_ref is not None:
+            by_job.setdefault(job_ref.id, []).append(snap.to_dict())
+    missing = [jid for jid in by_job if jid not in job_docs]
+    if missing:
+        snaps = list(db.get_all([jobs.document(j) for j in missing], retry=_retry(), timeout=QUERY_TIMEOUT_S))
+        meter.gets(len(missing))
+        for snap in snaps:
+            if snap.exists:
+                job_docs[snap.id] = snap
+    for jid, stuck in by_job.items():
+        snap = job_docs.get(jid)
+        if snap is None:
+            continue
+        data = snap.to_dict()
+        if JobStatus(data.get("status", "failed")).is_final:
+            continue  # completed jobs are never touched
+        oldest = min(as_utc(i.get("lease_expires_at")) or now for i in stuck)
+        sample = ", ".join(str(i.get("gtin", "?")) for i in stuck[:3])
+        found.append(Finding(jid, LEASE_OVERRUN, severity_for(now - oldest, cfg),
+                             f"{len(stuck)} item(s) processing with a lease expired {_minutes(now - oldest)} min ago "
+                             f"(e.g. {sample})", oldest, data, snap.update_time, stuck_items=len(stuck)))
+
+    # Flagged jobs (to find the ones that moved again).
+    flagged_snaps = _stream(jobs.where(filter=FieldFilter("stall.flagged_at", ">", EPOCH)), meter)
+    flagged = []
+    for snap in flagged_snaps:
+        checked += 1
+        flagged.append({**snap.to_dict(), "job_id": snap.id, "_update_time": snap.update_time})
+
+    cooldown_snaps = _stream(db.collection(ALERT_STATE).where(filter=FieldFilter(
+        "last_alert_at", ">=", now - dt.timedelta(minutes=cfg.alert_cooldown_minutes))), meter)
+    cooldowns = {s.id: s.to_dict() for s in cooldown_snaps}
+
+    pending_snaps = _stream(db.collection(STALL_EVENTS)
+                            .where(filter=FieldFilter("notify_state", "in", [PENDING, FAILED]))
+                            .where(filter=FieldFilter("detected_at", ">=", now - RETRY_WINDOW))
+                            .limit(MAX_RETRIES_PER_SWEEP), meter)
+    pending = [(s.reference, s.to_dict()) for s in pending_snaps]
+
+    return _Scan(merge_findings(found), flagged, cooldowns, pending, checked)
+
+
+def _never_claimed(db, job_id: str, job: dict, meter: ReadMeter) -> int | None:
+    """totals.items - count(items): items whose task never reached a worker (items are born at claim)."""
+    total = (job.get("totals") or {}).get("items")
+    if total is None or not job.get("fanout_done_at"):
+        return None
+    agg = db.collection(JOBS).document(job_id).collection(ITEMS).count(alias="n")
+    born = int(agg.get(retry=_retry(), timeout=QUERY_TIMEOUT_S)[0][0].value)
+    meter.aggregation(born)
+    return max(0, int(total) - born)
+
+
+def _handle_finding(db, f: Finding, scan: _Scan, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> dict:
+    existing = f.job.get("stall") or None
+    same_episode = bool(existing) and moved_since_flag(f.job, existing) is None
+    if not same_episode:
+        action = "flagged"
+        stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason, "flagged_at": now}
+    elif SEVERITY_RANK[f.severity] > SEVERITY_RANK.get(existing.get("severity"), 0) or f.kind != existing.get("kind"):
+        action = "escalated"
+        stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason,
+                 "flagged_at": existing.get("flagged_at") or now}
+    else:
+        action = "unchanged"
+        stall = None
+    why = decide_alert(f.severity, scan.cooldowns.get(f.job_id), now, cfg.alert_cooldown_minutes)
+    summary = {"job_id": f.job_id, "kind": f.kind, "severity": f.severity, "action": action,
+               "alert": why or "suppressed"}
+    out = {"summary": summary, "flagged": 0, "suppressed": 0, "moved": 0, "outbox": None}
+    if stall is None and why is None:
+        out["suppressed"] = 1
+        return out
+
+    message = None
+    never = None
+    if why:
+        if f.kind in (NO_PROGRESS, QUEUED_STALL, LEASE_OVERRUN):
+            never = _never_claimed(db, f.job_id, f.job, meter)
+        counts = f.job.get("counts") or {}
+        open_, unborn = _open_in_snapshot(f.job)
+        message = alerts.build_stall_message(alerts.StallAlert(
+            severity=f.severity, job_id=f.job_id, kind=f.kind, reason=f.reason,
+            gcs_path=f.job.get("gcs_path") or "", stalled_for_s=(now - f.since).total_seconds(),
+            succeeded=int(counts.get("succeeded") or 0), failed=int(counts.get("failed") or 0),
+            open=open_, never_claimed=never if never is not None else None, detected_at=now,
+            action="reminder" if action == "unchanged" else action,
+        ))
+        summary["never_claimed"] = never
+    record = _stall_event_record(f.job_id, f.kind, f.severity, f.reason, now, action, message,
+                                 notify_state=PENDING if why else SUPPRESSED,
+                                 notify_error=None if why else "suppressed by cooldown")
+    batch = db.batch()
+    if stall is not None:
+        _write_job_stall(db, batch, f.job_id, stall, f.update_time)
+        _write_job_event(db, batch, f.job_id, "stall_flagged", now, {
+            "kind": f.kind, "severity": f.severity, "reason": f.reason, "action": action,
+            "never_claimed": never,
+        })
+    ref = _write_stall_event(db, batch, record)
+    state: dict[str, Any] = {"job_id": f.job_id, "updated_at": now, "last_kind": f.kind}
+    if action == "flagged":
+        state["episode_at"] = now
+    if why:
+        state.update({"last_alert_at": now, "last_severity": f.severity})
+    _write_alert_state(db, batch, f.job_id, state)
+    try:
+        batch.commit()
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        # The job changed between our read and this write: it moved, so it is not ours to flag now.
+        out["moved"] = 1
+        summary["action"] = "skipped_moved"
+        return out
+    if stall is not None:
+        out["flagged"] = 1
+        log_event("stall_flagged", severity="WARNING", logger="upcfan.sweeper", job_id=f.job_id,
+                  kind=f.kind, stall_severity=f.severity, action=action, alert=why or "suppressed")
+    if why:
+        out["outbox"] = (ref, message)
+    else:
+        out["suppressed"] = 1
+    return out
+
+
+def _handle_recovery(db, job: dict, now: dt.datetime) -> dict:
+    stall = job.get("stall") or {}
+    how = moved_since_flag(job, stall) or "no longer matches a stall condition"
+    flagged_at = as_utc(stall.get("flagged_at")) or now
+    job_id = job["job_id"]
+    message = alerts.build_recovered_message(job_id, job.get("gcs_path") or "", stall.get("kind", "?"), how,
+                                             (now - flagged_at).total_seconds())
+    record = _stall_event_record(job_id, stall.get("kind", "?"), "INFO", how, now, "recovered", message,
+                                 notify_state=PENDING, notify_error=None)
+    batch = db.batch()
+    _write_job_stall(db, batch, job_id, None, job.get("_update_time"))
+    _write_job_event(db, batch, job_id, "stall_recovered", now, {"kind": stall.get("kind"), "how": how,
+                                                                 "flagged_at": stall.get("flagged_at")})
+    ref = _write_stall_event(db, batch, record)
+    _write_alert_state(db, batch, job_id, {"job_id": job_id, "updated_at": now, "last_alert_at": now,
+                                           "last_severity": "INFO"})
+    try:
+        batch.commit()
+    except (gexc.FailedPrecondition, gexc.NotFound):
+        return {"moved": 1, "outbox": None}  # changed again since we read it; next sweep looks again
+    log_event("stall_recovered", logger="upcfan.sweeper", job_id=job_id, kind=stall.get("kind"), how=how)
+    return {"moved": 0, "outbox": (ref, message)}
+
+
+def _systemic(db, now: dt.datetime, cfg: Settings, scan: _Scan, meter: ReadMeter):
+    """Counts jobs whose current stall episode began within the hour (alert_state: one doc per job)."""
+    if cfg.systemic_threshold <= 0:
+        return None
+    since = now - SYSTEMIC_WINDOW
+    base = db.collection(ALERT_STATE).where(filter=FieldFilter("episode_at", ">=", since))
+    n = int(base.count(alias="n").get(retry=_retry(), timeout=QUERY_TIMEOUT_S)[0][0].value)
+    meter.aggregation(n)
+    if not decide_systemic(n, cfg.systemic_threshold, scan.cooldowns.get(SYSTEMIC_KEY), now,
+                           cfg.alert_cooldown_minutes):
+        return None
+    ids = [s.id for s in _stream(base.limit(10), meter)]
+    message = alerts.build_systemic_message(n, cfg.systemic_threshold, ids, int(SYSTEMIC_WINDOW.total_seconds() // 60))
+    record = _stall_event_record(SYSTEMIC_KEY, "systemic", "CRITICAL", f"{n} jobs stalled within an hour", now,
+                                 "systemic", message, notify_state=PENDING, notify_error=None)
+    batch = db.batch()
+    ref = _write_stall_event(db, batch, record)
+    _write_alert_state(db, batch, SYSTEMIC_KEY, {"job_id": None, "updated_at": now, "last_alert_at": now,
+                                                 "last_severity": "CRITICAL", "last_count": n})
+    batch.commit()
+    log_event("systemic_stall", severity="CRITICAL", logger="upcfan.sweeper", stalled_jobs=n)
+    return (ref, message)
+
+
+def _deliver(db, pending: list[tuple[Any, dict]], outbox: list, url: str, now: dt.datetime,
+             report: SweepReport) -> None:
+    """Posts earlier un-notified alerts first, then this sweep's; bounded, and stops at the first outage."""
+    queue: list[tuple[Any, alerts.SlackMessage, bool, int]] = []
+    for ref, data in pending:
+        try:
+            raw = json.loads(data.get("message_json") or "{}")
+            msg = alerts.SlackMessage(text=raw.get("text", ""), blocks=raw.get("blocks", []))
+        except ValueError:
+            continue
+        if msg.text:
+            queue.append((ref, msg, True, int(data.get("attempts") or 0)))
+    queue += [(ref, msg, False, 0) for ref, msg in outbox]
+    outage: str | None = None
+    posts = 0
+    for ref, msg, is_retry, attempts in queue:
+        if not url:
+            _write_mark_stall_event(ref, {"notified": False, "notify_state": NOT_CONFIGURED,
+                                          "notify_error": "slack webhook not configured"})
+            continue
+        if outage or posts >= MAX_POSTS_PER_SWEEP:
+            error = f"deferred: {outage}" if outage else "deferred: per-sweep post budget reached"
+            _write_mark_stall_event(ref, {"notified": False, "notify_state": FAILED, "notify_error": error})
+            report.notify_failed += 1
+            continue
+        posts += 1
+        result = alerts.post_message(msg, webhook_url=url)
+        if result.ok:
+            _write_mark_stall_event(ref, {"notified": True, "notify_state": SENT, "notify_error": None,
+                                          "notified_at": now, "attempts": attempts + 1})
+            report.alerted += 1
+            report.retried += 1 if is_retry else 0
+        else:
+            _write_mark_stall_event(ref, {"notified": False, "notify_state": FAILED,
+                                          "notify_error": result.error, "attempts": attempts + 1})
+            report.notify_failed += 1
+            log_event("alert_failed", severity="WARNING", logger="upcfan.sweeper", error=result.error,
+                      status=result.status)
+            if result.transient:
+                outage = result.error
+
+
+def _stall_event_record(job_id: str, kind: str, severity: str, reason: str, now: dt.datetime, action: str,
+                        message: alerts.SlackMessage | None, *, notify_state: str, notify_error: str | None) -> dict:
+    return {
+        "job_id": job_id, "kind": kind, "severity": severity, "reason": reason, "action": action,
+        "detected_at": now, "notified": False, "notify_state": notify_state, "notify_error": notify_error,
+        "attempts": 0, "cooldown_key": job_id,
+        "message_json": json.dumps(message.to_payload()) if message else None,
+        "expire_at": now + STALL_EVENT_TTL,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The only writes the sweeper makes. Keep this list short; tests/unit/test_sweeper_rules.py
+# fails if any other function in this module calls set/update/create/delete/commit... on a
+# document other than through these.
+
+
+def _write_job_stall(db, batch, job_id: str, stall: dict | None, update_time) -> None:
+    """jobs/{id}.stall only (never status, counts or totals), only if the job is unchanged since read."""
+    ref = db.collection(JOBS).document(job_id)
+    option = db.write_option(last_update_time=update_time) if update_time is not None else None
+    batch.update(ref, {"stall": stall}, option=option)
+
+
+def _write_job_event(db, batch, job_id: str, event_type: str, now: dt.datetime, details: dict) -> None:
+    assert event_type in ("stall_flagged", "stall_recovered")
+    ref = db.collection(JOBS).document(job_id).collection(EVENTS).document()
+    batch.set(ref, {"type": event_type, "at": now, "actor": "sweeper", "details": details,
+                    "expire_at": now + STALL_EVENT_TTL})
+
+
+def _write_stall_event(db, batch, record: dict):
+    ref = db.collection(STALL_EVENTS).document()
+    batch.set(ref, record)
+    return ref
+
+
+def _write_mark_stall_event(ref, fields: dict) -> None:
+    assert ref.parent.id == STALL_EVENTS
+    try:
+        ref.update(fields)
+    except gexc.GoogleAPICallError as exc:  # a lost mark means one extra retry post, never a crash
+        log_event("stall_event_mark_failed", severity="WARNING", logger="upcfan.sweeper", error=type(exc).__name__)
+
+
+def _write_alert_state(db, batch, key: str, fields: dict) -> None:
+    batch.set(db.collection(ALERT_STATE).document(key), fields, merge=True)
