@@ -229,6 +229,9 @@ def test_index_file_has_the_indexes_the_architecture_implies():
         ("jobs", "COLLECTION", (("status", A), ("created_at", D))),
         ("items", "COLLECTION_GROUP", (("status", A), ("lease_expires_at", A))),
         ("stall_events", "COLLECTION", (("job_id", A), ("detected_at", A))),
+        # queries in the code: api job list with both filters, sweeper's un-notified alert retry
+        ("jobs", "COLLECTION", (("status", A), ("gcs_path", A), ("created_at", D))),
+        ("stall_events", "COLLECTION", (("notify_state", A), ("detected_at", A))),
     ]:
         assert want in got
     ttl = {(f["collectionGroup"], f["fieldPath"]) for f in data["fieldOverrides"] if f.get("ttl")}
