@@ -588,13 +588,8 @@ def submit(gcs_path: str, create_drafts: bool | None = None, test_mode: bool | N
     """Start (or find) the job for a gs:// object; the ingest core owns identity and validation."""
     from shared import ingest
 
-    s = settings()
-    return ingest.submit_job(
-        gcs_path,
-        create_drafts=s.default_create_drafts if create_drafts is None else create_drafts,
-        test_mode=s.default_test_mode if test_mode is None else test_mode,
-        source=source,
-    )
+    # None lets ingest apply object metadata, then the configured defaults.
+    return ingest.submit_job(gcs_path, create_drafts=create_drafts, test_mode=test_mode, source=source)
 
 
 def health(timeout_s: float = 5.0) -> tuple[bool, dict[str, str]]:

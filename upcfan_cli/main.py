@@ -1,0 +1,488 @@
+"""The `upcfan` operator CLI: submit files, watch jobs, list items, cancel, retry failed items, sweep."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+from typer._click.exceptions import UsageError  # typer bundles its own click
+from typer.core import TyperGroup
+
+from shared.exceptions import ConflictError, NotFoundError, UpcfanError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NOT_FOUND = 2
+EXIT_CONFLICT = 3
+EXIT_FAILURES = 4
+EXIT_FAILED_OR_CANCELLED = 5
+
+EXIT_CODES_HELP = """\
+Exit codes (stable, for scripts):
+
+  0  ok; for status/--watch: job completed (or still running without --watch)
+
+  1  usage error or unexpected error
+
+  2  job (or source file) not found
+
+  3  refused: conflict (e.g. retry while the job runs, cancel of a finished job)
+
+  4  job finished with failed items (completed_with_failures)
+
+  5  job failed or was cancelled
+"""
+
+DEFAULT_ENV_FILE = Path(".local/stack.env")
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+console = Console()
+err_console = Console(stderr=True)
+_sleep: Callable[[float], None] = time.sleep
+_monotonic: Callable[[], float] = time.monotonic
+
+
+class _ExitCodeGroup(TyperGroup):
+    """Usage errors exit 1 (click's default 2 means "job not found" here)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+
+
+app = typer.Typer(
+    cls=_ExitCodeGroup,
+    help="Operate upcfan jobs: submit, status, jobs, items, cancel, retry-failed, sweep.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _ops():
+    from shared import operations
+
+    return operations
+
+
+# ---------------------------------------------------------------- environment
+
+
+def load_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines (comments, blanks and `export ` prefixes allowed) into os.environ."""
+    loaded: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        loaded[key.strip()] = value
+    os.environ.update(loaded)
+    return loaded
+
+
+def _default_env_file() -> Path | None:
+    for candidate in (Path.cwd() / DEFAULT_ENV_FILE, _REPO_ROOT / DEFAULT_ENV_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@app.callback()
+def _configure(
+    env_file: Optional[Path] = typer.Option(
+        None, "--env-file", envvar="UPCFAN_ENV_FILE",
+        help="KEY=value settings to use (default: .local/stack.env of the local stack, unless --project)."),
+    project: Optional[str] = typer.Option(
+        None, "--project", help="Production project id: use real services (env/ADC), not the local stack."),
+) -> None:
+    if env_file is not None:
+        if not env_file.is_file():
+            raise typer.BadParameter(f"{env_file} does not exist", param_hint="--env-file")
+        load_env_file(env_file)
+    elif project is None:
+        found = _default_env_file()
+        if found is not None:
+            load_env_file(found)
+    if project:
+        os.environ["GOOGLE_CLOUD_PROJECT"] = project
+    from shared.clients import reset_clients
+
+    reset_clients()
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _call(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run a core call; map its errors to the documented exit codes."""
+    try:
+        return fn(*args, **kwargs)
+    except NotFoundError as exc:
+        raise _fail(EXIT_NOT_FOUND, exc.message) from None
+    except ConflictError as exc:
+        raise _fail(EXIT_CONFLICT, exc.message) from None
+    except UpcfanError as exc:
+        raise _fail(EXIT_ERROR, exc.message) from None
+    except Exception as exc:  # noqa: BLE001 - any other fault is "unexpected", exit 1
+        raise _fail(EXIT_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no login name in some containers
+        return "cli"
+
+
+def _print_json(obj: Any) -> None:
+    console.print_json(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------- status rendering
+
+
+def exit_code_for(status: str | None) -> int:
+    return {
+        "completed_with_failures": EXIT_FAILURES,
+        "failed": EXIT_FAILED_OR_CANCELLED,
+        "cancelled": EXIT_FAILED_OR_CANCELLED,
+    }.get(status or "", EXIT_OK)
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+_STATUS_STYLE = {"completed": "green", "completed_with_failures": "yellow", "failed": "red", "cancelled": "magenta",
+                 "running": "cyan", "ingesting": "blue"}
+
+
+def render_status(view: dict[str, Any]) -> Group:
+    """One job as a renderable: header, progress bar, item counts, rate, ETA and the stall flag."""
+    counts = view.get("counts") or {}
+    totals = view.get("totals") or {}
+    status = view.get("status") or "?"
+    total = totals.get("items") if view.get("fanout_done_at") else None
+    finished = sum(int(counts.get(k) or 0) for k in ("succeeded", "failed", "cancelled"))
+    header = Text.assemble(
+        (f"job {view.get('job_id')}", "bold"), "  ",
+        (status, _STATUS_STYLE.get(status, "white")), f"  round {view.get('round', 1)}",
+        ("  STALLED: " + str((view.get("stall") or {}).get("reason", "")), "bold red") if view.get("stalled") else "",
+    )
+    bar = ProgressBar(total=float(total or 1), completed=float(finished if total else 0), width=40,
+                      pulse=total is None and not view.get("final"))
+    pct = view.get("percent")
+    progress_row = Table.grid(padding=(0, 1))
+    progress_row.add_row(bar, Text(f"{pct:.1f}%" if pct is not None else "planning…"),
+                         Text(f"{finished}/{total if total is not None else '?'} items"))
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("queued", "processing", "succeeded", "failed", "cancelled", "never_claimed", "invalid", "duplicate"):
+        table.add_column(col, justify="right")
+    table.add_row(*(str(counts.get(k, 0) or 0) for k in ("queued", "processing", "succeeded", "failed",
+                                                          "cancelled", "never_claimed")),
+                  str(totals.get("invalid", 0)), str(totals.get("duplicate", 0)))
+    rate = view.get("rate_items_per_s")
+    footer = Text(
+        f"rate {rate:.1f} items/s" if rate is not None else "rate –",
+    )
+    footer.append(f"   ETA {_fmt_duration(view.get('eta_s'))}")
+    footer.append("   stall: ")
+    footer.append("YES" if view.get("stalled") else "no", style="bold red" if view.get("stalled") else "green")
+    return Group(header, progress_row, table, footer)
+
+
+def render_summary(view: dict[str, Any]) -> Table:
+    """What became of every line of the file."""
+    outcome = view.get("outcome") or {}
+    table = Table(title=f"summary of {view.get('job_id')} ({view.get('status')})", show_lines=False)
+    cols = ("lines", "succeeded", "failed", "invalid", "duplicate", "cancelled")
+    for col in cols:
+        table.add_column(col, justify="right")
+    if outcome.get("pending"):
+        table.add_column("pending", justify="right")
+    table.add_row(*(str(outcome.get(c, 0)) for c in cols), *([str(outcome["pending"])] if outcome.get("pending") else []))
+    return table
+
+
+def watch_job(job_id: str, interval: float, timeout_s: float | None = None) -> dict[str, Any]:
+    """Redraw the job's progress until it is final (or `timeout_s` passes); return the last view."""
+    view = _call(_ops().get_job_status, job_id)
+    deadline = _monotonic() + timeout_s if timeout_s else None
+    with Live(render_status(view), console=console, refresh_per_second=4, transient=False) as live:
+        while not view.get("final"):
+            if deadline is not None and _monotonic() > deadline:
+                break
+            _sleep(interval)
+            view = _call(_ops().get_job_status, job_id)
+            live.update(render_status(view))
+    return view
+
+
+def _finish(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(view)
+    else:
+        console.print(render_summary(view))
+    raise typer.Exit(exit_code_for(view.get("status")))
+
+
+# ---------------------------------------------------------------- commands
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., help="job id"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="redraw a live progress bar until the job is final"),
+    as_json: bool = typer.Option(False, "--json", help="print the status document as JSON"),
+    interval: float = typer.Option(2.0, "--interval", min=0.1, help="seconds between polls with --watch"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="stop watching after this many seconds"),
+) -> None:
+    """Show a job's progress; exit code follows the job (0 completed/running, 4 failures, 5 failed/cancelled)."""
+    if watch and not as_json:
+        view = watch_job(job_id, interval, timeout)
+    elif watch:
+        view = _call(_ops().get_job_status, job_id)
+        deadline = _monotonic() + timeout if timeout else None
+        while not view.get("final") and (deadline is None or _monotonic() < deadline):
+            _sleep(interval)
+            view = _call(_ops().get_job_status, job_id)
+    else:
+        view = _call(_ops().get_job_status, job_id)
+        if not as_json:
+            console.print(render_status(view))
+    _finish(view, as_json)
+
+
+@app.command()
+def jobs(
+    status_filter: Optional[str] = typer.Option(None, "--status", help="only jobs in this status"),
+    limit: int = typer.Option(20, "--limit", min=1, max=100),
+    gcs_path: Optional[str] = typer.Option(None, "--gcs-path", help="only jobs of this gs:// object"),
+    cursor: Optional[str] = typer.Option(None, "--cursor", help="next_cursor of a previous page"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first."""
+    page = _call(_ops().list_jobs, limit=limit, status=status_filter, gcs_path=gcs_path, cursor=cursor)
+    if as_json:
+        _print_json(page)
+        return
+    table = Table(title="jobs (newest first)")
+    table.add_column("job_id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for col in ("round", "lines", "items", "failed", "stall"):
+        table.add_column(col, justify="right")
+    table.add_column("created_at", no_wrap=True)
+    table.add_column("gcs_path", overflow="fold")
+    for job in page["jobs"]:
+        totals = job.get("totals") or {}
+        counts = job.get("counts") or {}
+        table.add_row(job["job_id"], Text(job.get("status") or "", _STATUS_STYLE.get(job.get("status") or "", "")),
+                      str(job.get("round") or 1), str(totals.get("lines", "")), str(totals.get("items", "")),
+                      str(counts.get("failed", "")), "yes" if job.get("stall") else "",
+                      str(job.get("created_at") or "")[:19], job.get("gcs_path") or "")
+    console.print(table)
+    if page.get("next_cursor"):
+        console.print(f"more: --cursor {page['next_cursor']}")
+
+
+_ITEM_COLUMNS = ("gtin", "upc", "line", "status", "round", "attempt", "error_code", "error_message")
+_LINE_COLUMNS = ("line", "raw", "outcome", "code", "reason", "gtin", "duplicate_of_line")
+
+
+def _item_row(item: dict[str, Any]) -> list[str]:
+    error = item.get("error") or {}
+    values = {**item, "error_code": error.get("code"), "error_message": error.get("message")}
+    return ["" if values.get(c) is None else str(values.get(c)) for c in _ITEM_COLUMNS]
+
+
+@app.command()
+def items(
+    job_id: str = typer.Argument(...),
+    status_filter: Optional[str] = typer.Option(
+        None, "--status", help="queued|processing|succeeded|failed|cancelled, or invalid|duplicate for line records"),
+    limit: int = typer.Option(1000, "--limit", min=1, help="at most this many rows (pages are followed)"),
+    as_csv: bool = typer.Option(False, "--csv", help="CSV on stdout"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List a job's items (failed ones with their errors) or its invalid/duplicate lines."""
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    kind = "items"
+    while len(rows) < limit:
+        page = _call(_ops().list_items, job_id, status=status_filter, limit=min(1000, limit - len(rows)),
+                     cursor=cursor)
+        kind = page.get("kind", "items")
+        rows += page["items"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    if as_json:
+        _print_json({"job_id": job_id, "status": status_filter, "kind": kind, "items": rows})
+        return
+    columns = _LINE_COLUMNS if kind == "lines" else _ITEM_COLUMNS
+    table_rows = ([["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows] if kind == "lines"
+                  else [_item_row(r) for r in rows])
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(table_rows)
+        return
+    table = Table(title=f"{job_id}: {status_filter or 'all'} {kind} ({len(rows)})")
+    for col in columns:
+        table.add_column(col)
+    for r in table_rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Cancel a running job (idempotent). Remaining tasks drain as no-ops; refused (3) for finished jobs."""
+    out = _call(_ops().cancel_job, job_id, _actor())
+    if as_json:
+        _print_json(out)
+    elif out.get("already_cancelled"):
+        console.print(f"job {job_id} was already cancelled")
+    else:
+        console.print(f"job {job_id} cancelled; {out.get('items_cancelled', 0)} queued items cancelled")
+
+
+@app.command("retry-failed")
+def retry_failed(
+    job_id: str = typer.Argument(...),
+    watch: bool = typer.Option(False, "--watch", "-w"),
+    interval: float = typer.Option(2.0, "--interval", min=0.1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-run only the failed items of a finished job in a new round (bounded; refused with 3 otherwise)."""
+    out = _call(_ops().retry_failed, job_id, _actor())
+    if as_json and not watch:
+        _print_json(out)
+        return
+    verb = "resumed" if out.get("resumed") else "started"
+    console.print(f"retry round {out['round']} {verb} for {job_id}: {out.get('items_requeued', 0)} failed items "
+                  f"queued, {out.get('tasks_created', 0)} tasks created")
+    if watch:
+        _finish(watch_job(job_id, interval), as_json)
+
+
+@app.command()
+def submit(
+    path: str = typer.Argument(..., help="local file (uploaded to UPCFAN_BUCKET) or gs://bucket/object"),
+    create_drafts: Optional[bool] = typer.Option(None, "--create-drafts/--no-create-drafts"),
+    test_mode: Optional[bool] = typer.Option(None, "--test-mode/--no-test-mode"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="follow the job until it is final"),
+    interval: float = typer.Option(1.0, "--interval", min=0.1),
+    wait: float = typer.Option(120.0, "--wait", help="seconds to wait for the upload's job to appear"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Start a job: a local file is uploaded (the bucket's finalize event starts it); gs:// is submitted."""
+    if path.startswith("gs://"):
+        result = _call(_ops().submit, path, create_drafts=create_drafts, test_mode=test_mode, source="cli")
+        job_id = result.job_id
+        console.print(f"job {job_id} ({'created' if result.created else 'already existed'}, {result.status}) "
+                      f"for {path}")
+    else:
+        job_id = _upload_and_wait(Path(path), create_drafts, test_mode, wait)
+    if watch:
+        _finish(watch_job(job_id, interval), as_json)
+    if as_json:
+        _print_json({"job_id": job_id})
+
+
+def _upload_and_wait(path: Path, create_drafts: bool | None, test_mode: bool | None, wait_s: float) -> str:
+    from shared.clients import storage_client
+    from shared.config import settings
+    from shared.naming import job_id_for
+
+    if not path.is_file():
+        raise _fail(EXIT_ERROR, f"{path} is not a file (give a local file or gs://bucket/object)")
+    bucket_name = settings().bucket
+    if not bucket_name:
+        raise _fail(EXIT_ERROR, "UPCFAN_BUCKET is not set (start the local stack with scripts/dev up, or pass "
+                                "--env-file)")
+    metadata = {}
+    if create_drafts is not None:
+        metadata["upcfan-create-drafts"] = "true" if create_drafts else "false"
+    if test_mode is not None:
+        metadata["upcfan-test-mode"] = "true" if test_mode else "false"
+    blob = storage_client().bucket(bucket_name).blob(path.name)
+    if metadata:
+        blob.metadata = metadata
+    _call(blob.upload_from_filename, str(path), content_type="text/plain")
+    job_id = job_id_for(bucket_name, path.name, blob.generation)
+    console.print(f"uploaded gs://{bucket_name}/{path.name} (generation {blob.generation}); job {job_id}")
+    deadline = _monotonic() + wait_s
+    while True:
+        try:
+            view = _ops().get_job_status(job_id)
+            console.print(f"job {job_id} is {view.get('status')}")
+            return job_id
+        except NotFoundError:
+            if _monotonic() > deadline:
+                raise _fail(EXIT_NOT_FOUND, f"no job {job_id} appeared within {wait_s:.0f}s; is the bucket's "
+                                            "finalize trigger running (scripts/dev up)?") from None
+            _sleep(0.5)
+
+
+@app.command()
+def sweep(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Run one sweep now: flag and alert stalls (it never fixes or re-runs anything) and print the report."""
+    from shared.sweeper import run_sweep
+
+    report = _call(run_sweep)
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title=f"sweep at {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%SZ}")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in data.items():
+        if key != "findings":
+            table.add_row(key, str(value))
+    console.print(table)
+    for finding in data.get("findings") or []:
+        console.print(finding)
+
+
+def main() -> None:  # pragma: no cover - `python -m upcfan_cli.main`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
