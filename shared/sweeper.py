@@ -467,7 +467,7 @@ def _handle_finding(db, f: Finding, scan: _Scan, now: dt.datetime, cfg: Settings
     if action == "flagged":
         state["episode_at"] = now
     if why:
-        state.update({"last_alert_at": now, "last_severity": f.severity})
+        state |= {"last_alert_at": now, "last_severity": f.severity}
     _write_alert_state(db, batch, f.job_id, state)
     try:
         batch.commit()

@@ -353,3 +353,20 @@ def test_alert_state_and_reads_scale_with_stalls(env, sink):
     assert r.documents_read <= 12  # 1 stalled job, its count, and ≤ 1 per empty query
     state = db.collection(ALERT_STATE).document(jid).get().to_dict()
     assert state["last_severity"] == "WARNING" and state["last_alert_at"] == T0
+
+
+def test_firestore_unreachable_raises_store_unavailable(firestore_emulator, monkeypatch):
+    import socket
+
+    from shared.exceptions import StoreUnavailableError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
+    monkeypatch.setattr(sweeper, "QUERY_TIMEOUT_S", 1.0)
+    db = firestore.Client(project=f"demo-sweep-{uuid.uuid4().hex[:10]}")
+    cfg = dataclasses.replace(load_settings(), project=db.project)
+    with pytest.raises(StoreUnavailableError) as err:
+        sweeper.run_sweep(now=T0, settings=cfg, db=db, webhook_url="")
+    assert "Firestore unreachable" in err.value.message

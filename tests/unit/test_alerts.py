@@ -1,0 +1,98 @@
+"""Slack message building: escaping, fields, Block Kit shape; delivery outcomes without a network."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from shared import alerts
+
+NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def _alert(**kw):
+    base = dict(severity="WARNING", job_id="up-<1>&x", kind="no_progress", reason="no progress <for> 20 min & more",
+                gcs_path="gs://b/a<b>&c.txt", stalled_for_s=20 * 60 + 5, succeeded=4, failed=1, open=3,
+                never_claimed=7, detected_at=NOW)
+    base.update(kw)
+    return alerts.StallAlert(**base)
+
+
+def _all_text(msg: alerts.SlackMessage) -> str:
+    return msg.text + json.dumps(msg.blocks)
+
+
+def test_escape():
+    assert alerts.escape("a&b<c>d") == "a&amp;b&lt;c&gt;d"
+    assert alerts.escape(5) == "5"
+
+
+@pytest.mark.parametrize("secs,expected", [(45, "45s"), (20 * 60 + 5, "20m"), (2 * 3600 + 5 * 60, "2h 05m"), (-3, "0s")])
+def test_format_duration(secs, expected):
+    assert alerts.format_duration(secs) == expected
+
+
+def test_stall_message_escapes_every_user_string():
+    msg = alerts.build_stall_message(_alert())
+    text = _all_text(msg)
+    for raw in ("<1>", "a<b>", "<for>", "&c.txt", "& more"):
+        assert raw not in text, raw
+    assert "up-&lt;1&gt;&amp;x" in msg.text and "gs://b/a&lt;b&gt;&amp;c.txt" in msg.text
+
+
+def test_stall_message_fields_and_commands():
+    msg = alerts.build_stall_message(_alert(job_id="job-1", gcs_path="gs://b/f.txt", reason="r"))
+    text = _all_text(msg)
+    for needle in ("WARNING", "job-1", "gs://b/f.txt", "20m", "succeeded 4", "failed 1", "open 3",
+                   "never claimed 7", "upcfan status job-1", "upcfan items job-1 --status failed",
+                   "upcfan retry-failed job-1", "upcfan cancel job-1", "GET /api/batch/status/job-1",
+                   "GET /api/batch/jobs/job-1/items?status=failed", "POST /api/batch/jobs/job-1/retry-failed",
+                   "POST /api/batch/jobs/job-1/cancel"):
+        assert needle in text, needle
+
+
+def test_block_kit_shape():
+    msg = alerts.build_stall_message(_alert(severity="CRITICAL", never_claimed=None))
+    payload = msg.to_payload()
+    assert set(payload) == {"text", "blocks"} and payload["text"]
+    types = [b["type"] for b in payload["blocks"]]
+    assert types[0] == "header" and "section" in types and types[-1] == "context"
+    assert payload["blocks"][0]["text"]["type"] == "plain_text"
+    assert len(payload["blocks"][0]["text"]["text"]) <= 150
+    section = payload["blocks"][1]
+    assert len(section["fields"]) <= 10 and all(f["type"] == "mrkdwn" for f in section["fields"])
+    assert all(len(f["text"]) <= 2000 for f in section["fields"])
+    assert "never claimed unknown" in msg.text and "CRITICAL" in msg.text
+    json.dumps(payload)  # serialisable as-is
+
+
+def test_actions_change_headline():
+    assert "escalated to" in alerts.build_stall_message(_alert(action="escalated")).text
+    assert "still stalled" in alerts.build_stall_message(_alert(action="reminder")).text
+
+
+def test_systemic_and_recovered_messages_escape():
+    sysmsg = alerts.build_systemic_message(12, 3, [f"j<{i}>" for i in range(12)])
+    text = _all_text(sysmsg)
+    assert "12 upcfan jobs" in sysmsg.text and "threshold 3" in sysmsg.text
+    assert "j<1>" not in text and "j&lt;1&gt;" in text and "2 more" in text
+    rec = alerts.build_recovered_message("j&1", "gs://b/<x>", "no_progress", "progress at <t>", 600)
+    assert "RECOVERED" in rec.text and "j&amp;1" in rec.text and "<x>" not in _all_text(rec)
+
+
+def test_post_without_url_is_not_configured():
+    d = alerts.post_message(alerts.SlackMessage(text="x"), webhook_url="")
+    assert not d.ok and not d.transient and "not configured" in d.error
+
+
+def test_post_unreachable_never_raises_nor_leaks_url():
+    d = alerts.post_message(alerts.SlackMessage(text="x"), webhook_url="http://127.0.0.1:9/secret-path")
+    assert not d.ok and d.transient and "secret-path" not in d.error and "127.0.0.1" not in d.error
+
+
+def test_retry_after_parsing():
+    assert alerts._retry_after_s({"Retry-After": ["2"]}) == 2.0
+    assert alerts._retry_after_s({"retry-after": "x"}) is None
+    assert alerts._retry_after_s(None) is None

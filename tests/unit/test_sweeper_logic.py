@@ -1,0 +1,99 @@
+"""Sweeper decisions with a fake clock: severity, cooldown, escalation, systemic, classification, recovery."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from shared import sweeper
+from shared.config import load_settings
+
+T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+MIN = dt.timedelta(minutes=1)
+CFG = dataclasses.replace(load_settings(), stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
+                          alert_cooldown_minutes=60, systemic_threshold=3)
+
+
+def test_severity_for():
+    assert sweeper.severity_for(16 * MIN, CFG) == "WARNING"
+    assert sweeper.severity_for(59 * MIN, CFG) == "WARNING"
+    assert sweeper.severity_for(60 * MIN, CFG) == "CRITICAL"
+
+
+def test_decide_alert_first_cooldown_escalation():
+    assert sweeper.decide_alert("WARNING", None, T0, 60) == "first"
+    prior = {"last_alert_at": T0, "last_severity": "WARNING"}
+    assert sweeper.decide_alert("WARNING", prior, T0 + 59 * MIN, 60) is None
+    assert sweeper.decide_alert("WARNING", prior, T0 + 60 * MIN, 60) == "cooldown_elapsed"
+    assert sweeper.decide_alert("CRITICAL", prior, T0 + 1 * MIN, 60) == "escalated"
+    crit = {"last_alert_at": T0, "last_severity": "CRITICAL"}
+    assert sweeper.decide_alert("WARNING", crit, T0 + 1 * MIN, 60) is None
+    assert sweeper.decide_alert("CRITICAL", crit, T0 + 1 * MIN, 60) is None
+    # after a recovered note (INFO) a new stall is news again
+    rec = {"last_alert_at": T0, "last_severity": "INFO"}
+    assert sweeper.decide_alert("WARNING", rec, T0 + 1 * MIN, 60) == "escalated"
+    # naive datetimes from callers are read as UTC
+    naive = {"last_alert_at": T0.replace(tzinfo=None), "last_severity": "WARNING"}
+    assert sweeper.decide_alert("WARNING", naive, T0 + MIN, 60) is None
+
+
+def test_decide_systemic():
+    assert not sweeper.decide_systemic(2, 3, None, T0, 60)
+    assert sweeper.decide_systemic(3, 3, None, T0, 60)
+    assert not sweeper.decide_systemic(5, 3, {"last_alert_at": T0}, T0 + 30 * MIN, 60)
+    assert sweeper.decide_systemic(5, 3, {"last_alert_at": T0}, T0 + 60 * MIN, 60)
+    assert not sweeper.decide_systemic(10, 0, None, T0, 60)
+
+
+def _job(**kw):
+    base = {"status": "running", "last_progress_at": T0 - 20 * MIN, "fanout_done_at": T0 - 100 * MIN,
+            "totals": {"items": 10}, "counts": {"queued": 0, "processing": 0, "succeeded": 10}}
+    base.update(kw)
+    return base
+
+
+def test_classify_running():
+    assert sweeper.classify_running(_job(last_progress_at=T0 - 5 * MIN), T0, CFG) is None
+    kind, since, reason = sweeper.classify_running(_job(), T0, CFG)
+    assert kind == "no_progress" and since == T0 - 20 * MIN and "20 min" in reason
+    # queued items not moving for ≥ 30 min after fan-out
+    kind, _, reason = sweeper.classify_running(_job(last_progress_at=T0 - 40 * MIN,
+                                                    counts={"queued": 2, "succeeded": 8}), T0, CFG)
+    assert kind == "queued_stall" and "2 queued" in reason
+    # never-born items count as not moving too
+    kind, _, reason = sweeper.classify_running(_job(last_progress_at=T0 - 40 * MIN,
+                                                    counts={"succeeded": 6}), T0, CFG)
+    assert kind == "queued_stall" and "4 never-claimed" in reason
+    # fan-out recent: not a queued stall, just no progress
+    assert sweeper.classify_running(_job(last_progress_at=T0 - 40 * MIN, fanout_done_at=T0 - 20 * MIN,
+                                         counts={"queued": 2}), T0, CFG)[0] == "no_progress"
+    assert sweeper.classify_running(_job(last_progress_at=None), T0, CFG) is None
+
+
+def test_moved_since_flag():
+    stall = {"kind": "no_progress", "flagged_at": T0}
+    assert sweeper.moved_since_flag(_job(last_progress_at=T0 - MIN), stall) is None
+    assert "progress at" in sweeper.moved_since_flag(_job(last_progress_at=T0 + MIN), stall)
+    assert sweeper.moved_since_flag(_job(status="completed"), stall) == "job is now completed"
+    ing = {"kind": "ingesting_stall", "flagged_at": T0}
+    assert sweeper.moved_since_flag(_job(status="ingesting", last_progress_at=T0 - MIN), ing) is None
+    assert sweeper.moved_since_flag(_job(status="running", last_progress_at=T0 - MIN), ing) == "job is now running"
+
+
+def test_merge_findings_keeps_most_severe_and_all_reasons():
+    a = sweeper.Finding("j", "no_progress", "WARNING", "r1", T0 - 20 * MIN, {})
+    b = sweeper.Finding("j", "lease_overrun", "CRITICAL", "r2", T0 - 70 * MIN, {}, stuck_items=3)
+    c = sweeper.Finding("k", "no_progress", "WARNING", "r3", T0, {})
+    merged = sweeper.merge_findings([a, b, c])
+    assert merged["j"].kind == "lease_overrun" and merged["j"].reason == "r2; r1" and merged["j"].stuck_items == 3
+    assert merged["k"].reason == "r3"
+
+
+def test_read_meter_bills_like_firestore():
+    m = sweeper.ReadMeter()
+    m.query(0)  # an empty query still costs one read
+    m.query(5)
+    m.aggregation(0)
+    m.aggregation(2500)  # 1 per 1000 index entries, rounded up
+    m.gets(2)
+    assert m.reads == 1 + 5 + 1 + 3 + 2
