@@ -248,7 +248,7 @@ def watch_job(job_id: str, interval: float, timeout_s: float | None = None) -> d
                 break
             _sleep(interval)
             view = _call(_ops().get_job_status, job_id)
-            live.update(render_status(view))
+            live.update(render_status(view), refresh=True)
     return view
 
 

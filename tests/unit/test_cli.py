@@ -1,0 +1,208 @@
+"""`upcfan` CLI: exit codes, env loading, output formats and the live --watch view, over a fake core."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from shared import operations
+from shared.exceptions import ConflictError, NotFoundError
+from upcfan_cli import main as cli
+
+runner = CliRunner()
+
+
+def _view(status="running", succeeded=0, failed=0, queued=0, items=10, final=False, stall=None):
+    counts = {"queued": queued, "processing": 0, "succeeded": succeeded, "failed": failed, "cancelled": 0,
+              "never_claimed": max(0, items - succeeded - failed - queued)}
+    done = succeeded + failed
+    return {"job_id": "j1", "status": status, "final": final, "round": 1,
+            "totals": {"lines": items + 2, "items": items, "invalid": 1, "duplicate": 1},
+            "counts": counts, "percent": 100.0 * done / items, "rate_items_per_s": 2.5,
+            "eta_s": (items - done) / 2.5, "stalled": bool(stall), "stall": stall,
+            "fanout_done_at": "2026-01-01T00:00:00Z",
+            "outcome": {"lines": items + 2, "succeeded": succeeded, "failed": failed, "invalid": 1, "duplicate": 1,
+                        "cancelled": 0, "pending": items - done}}
+
+
+class FakeCore:
+    def __init__(self, views=None):
+        self.views = list(views or [])
+        self.calls = []
+
+    def get_job_status(self, job_id, now=None):
+        self.calls.append(("status", job_id))
+        if job_id == "missing":
+            raise NotFoundError("job 'missing' not found")
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
+
+    def cancel_job(self, job_id, actor):
+        self.calls.append(("cancel", job_id, actor))
+        if job_id == "done":
+            raise ConflictError("job 'done' is already completed; a finished job cannot be cancelled")
+        return {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 3}
+
+    def retry_failed(self, job_id, actor):
+        self.calls.append(("retry", job_id, actor))
+        if job_id == "busy":
+            raise ConflictError("job 'busy' is still running; retry-failed runs only after the job has finished")
+        return {"job_id": job_id, "round": 2, "resumed": False, "items_requeued": 4, "tasks_created": 4}
+
+    def list_jobs(self, limit, status, gcs_path, cursor):
+        self.calls.append(("jobs", limit, status, gcs_path, cursor))
+        return {"jobs": [{"job_id": "j1", "status": "running", "round": 1, "totals": {"lines": 3, "items": 2},
+                          "counts": {}, "created_at": "2026-01-01T00:00:00Z", "gcs_path": "gs://b/f.txt"}],
+                "next_cursor": None}
+
+    def list_items(self, job_id, status, limit, cursor):
+        self.calls.append(("items", job_id, status, limit, cursor))
+        if status == "invalid":
+            return {"kind": "lines", "items": [{"line": 4, "raw": "123", "outcome": "invalid", "code": "bad_length",
+                                                "reason": "3 digits"}], "next_cursor": None}
+        page = [{"gtin": f"0000000000000{i}", "upc": "x", "line": i, "status": "failed", "round": 1, "attempt": 8,
+                 "error": {"code": "marketplace_rejected", "message": "rejected, with a comma"}}
+                for i in ((1, 2) if cursor is None else (3,))]
+        return {"kind": "items", "items": page, "next_cursor": "c1" if cursor is None else None}
+
+    def submit(self, gcs_path, create_drafts=None, test_mode=None, source="http"):
+        self.calls.append(("submit", gcs_path, create_drafts, test_mode, source))
+        if gcs_path.endswith("gone.txt"):
+            from shared.exceptions import SourceObjectNotFoundError
+
+            raise SourceObjectNotFoundError(f"{gcs_path} does not exist")
+        return type("R", (), {"job_id": "f-1", "created": True, "status": "ingesting"})()
+
+
+@pytest.fixture
+def core(monkeypatch, tmp_path):
+    fake = FakeCore([_view()])
+    for name in ("get_job_status", "cancel_job", "retry_failed", "list_jobs", "list_items", "submit"):
+        monkeypatch.setattr(operations, name, getattr(fake, name))
+    monkeypatch.setattr(cli, "_sleep", lambda s: None)
+    env = tmp_path / "stack.env"
+    env.write_text("GOOGLE_CLOUD_PROJECT=demo-cli-test\n")
+    monkeypatch.setenv("UPCFAN_ENV_FILE", str(env))
+    return fake
+
+
+@pytest.mark.parametrize("status,code", [("running", 0), ("completed", 0), ("completed_with_failures", 4),
+                                         ("failed", 5), ("cancelled", 5)])
+def test_status_exit_code_follows_job(core, status, code):
+    core.views = [_view(status, succeeded=5, final=status != "running")]
+    result = runner.invoke(cli.app, ["status", "j1", "--json"])
+    assert result.exit_code == code, result.output
+    assert json.loads(result.output)["status"] == status
+
+
+def test_not_found_conflict_and_usage_exit_codes(core):
+    assert runner.invoke(cli.app, ["status", "missing"]).exit_code == 2
+    result = runner.invoke(cli.app, ["retry-failed", "busy"])
+    assert result.exit_code == 3 and "still running" in result.output
+    assert runner.invoke(cli.app, ["cancel", "done"]).exit_code == 3
+    assert runner.invoke(cli.app, ["status"]).exit_code == 1  # missing argument
+    assert runner.invoke(cli.app, ["no-such-command"]).exit_code == 1
+    assert runner.invoke(cli.app, ["jobs", "--limit", "0"]).exit_code == 1
+    assert runner.invoke(cli.app, ["submit", "gs://b/gone.txt"]).exit_code == 2
+
+
+def test_unexpected_error_exits_1(core, monkeypatch):
+    def boom(job_id, now=None):
+        raise RuntimeError("firestore down")
+
+    monkeypatch.setattr(operations, "get_job_status", boom)
+    result = runner.invoke(cli.app, ["status", "j1"])
+    assert result.exit_code == 1 and "firestore down" in result.output
+
+
+def test_help_documents_exit_codes():
+    result = runner.invoke(cli.app, ["--help"])
+    assert result.exit_code == 0
+    for line in ("job (or source file) not found", "refused: conflict", "completed_with_failures", "cancelled"):
+        assert line in result.output
+
+
+def test_env_file_is_loaded(core, monkeypatch, tmp_path):
+    env = tmp_path / "other.env"
+    env.write_text("# local stack\nexport UPCFAN_TEST_MARKER='from-file'\n\nGOOGLE_CLOUD_PROJECT=demo-x\n")
+    monkeypatch.delenv("UPCFAN_TEST_MARKER", raising=False)
+    result = runner.invoke(cli.app, ["--env-file", str(env), "jobs", "--json"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["UPCFAN_TEST_MARKER"] == "from-file"
+    assert runner.invoke(cli.app, ["--env-file", str(tmp_path / "nope.env"), "jobs"]).exit_code == 1
+
+
+def test_project_flag_selects_production_project(core, monkeypatch):
+    monkeypatch.delenv("UPCFAN_ENV_FILE")
+    result = runner.invoke(cli.app, ["--project", "prod-123", "jobs", "--json"])
+    assert result.exit_code == 0
+    assert os.environ["GOOGLE_CLOUD_PROJECT"] == "prod-123"
+
+
+def test_cancel_and_retry_report_actor_and_result(core):
+    result = runner.invoke(cli.app, ["cancel", "j1"])
+    assert result.exit_code == 0 and "3 queued items cancelled" in result.output
+    assert core.calls[-1][2].startswith("cli")
+    result = runner.invoke(cli.app, ["retry-failed", "j1"])
+    assert result.exit_code == 0 and "retry round 2 started" in result.output
+
+
+def test_items_csv_follows_cursor_and_quotes(core):
+    result = runner.invoke(cli.app, ["items", "j1", "--status", "failed", "--csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.reader(io.StringIO(result.output)))
+    assert rows[0] == ["gtin", "upc", "line", "status", "round", "attempt", "error_code", "error_message"]
+    assert len(rows) == 4 and rows[1][-1] == "rejected, with a comma"
+    assert [c[4] for c in core.calls if c[0] == "items"] == [None, "c1"]
+
+
+def test_items_invalid_lines_csv(core):
+    result = runner.invoke(cli.app, ["items", "j1", "--status", "invalid", "--csv"])
+    rows = list(csv.reader(io.StringIO(result.output)))
+    assert rows[0][:3] == ["line", "raw", "outcome"] and rows[1][4] == "3 digits"
+
+
+def test_jobs_table(core):
+    result = runner.invoke(cli.app, ["jobs", "--status", "running", "--limit", "5"])
+    assert result.exit_code == 0 and "j1" in result.output
+    assert core.calls[-1] == ("jobs", 5, "running", None, None)
+
+
+def test_submit_gs_path_uses_core(core):
+    result = runner.invoke(cli.app, ["submit", "gs://b/f.txt", "--test-mode"])
+    assert result.exit_code == 0 and "f-1" in result.output
+    assert core.calls[-1] == ("submit", "gs://b/f.txt", None, True, "cli")
+
+
+def test_status_watch_records_bar_and_counts(core, monkeypatch):
+    """The live view, recorded: a progress bar, the per-status counts, rate, ETA, and the final summary."""
+    core.views = [_view(succeeded=2, queued=3), _view(succeeded=6, failed=1, queued=1, stall={"reason": "no progress"}),
+                  _view("completed_with_failures", succeeded=9, failed=1, final=True)]
+    recorder = Console(record=True, width=100, force_terminal=True, color_system=None)
+    monkeypatch.setattr(cli, "console", recorder)
+
+    result = runner.invoke(cli.app, ["status", "j1", "--watch", "--interval", "0.1"])
+
+    assert result.exit_code == 4
+    text = recorder.export_text()
+    assert "━" in text  # the bar
+    assert "succeeded" in text and "never_claimed" in text
+    assert "rate 2.5 items/s" in text and "ETA" in text
+    assert "100.0%" in text and "10/10 items" in text
+    assert "STALLED: no progress" in text
+    assert "summary of j1 (completed_with_failures)" in text
+    assert len([c for c in core.calls if c[0] == "status"]) == 3
+
+
+def test_render_status_before_fanout_shows_planning():
+    view = _view("ingesting")
+    view["fanout_done_at"] = None
+    view["percent"] = None
+    console = Console(record=True, width=100)
+    console.print(cli.render_status(view))
+    assert "planning" in console.export_text()
