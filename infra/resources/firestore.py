@@ -148,6 +148,11 @@ def load_index_file(path: Path, project: str) -> tuple[list[CompositeIndex], lis
         )
         for ix in data.get("indexes", [])
     ]
+    seen: set[str] = set()
+    for ix in indexes:
+        if ix.name in seen:
+            raise ValueError(f"{path}: index {ix.name} is declared twice")
+        seen.add(ix.name)
     ttls = [
         TtlPolicy(project, fo["collectionGroup"], fo["fieldPath"])
         for fo in data.get("fieldOverrides", [])

@@ -238,6 +238,28 @@ def test_index_file_has_the_indexes_the_architecture_implies():
     assert ttl >= {("events", "expire_at"), ("stall_events", "expire_at")}
 
 
+def test_index_file_has_no_duplicates_and_duplicates_are_rejected(tmp_path):
+    from infra.resources.firestore import load_index_file
+
+    indexes, ttls = load_index_file(stack.INDEX_FILE, PROJECT)
+    assert len({i.name for i in indexes}) == len(indexes) and len(ttls) == 2
+    data = json.loads(stack.INDEX_FILE.read_text())
+    data["indexes"].append(data["indexes"][0])
+    dup = tmp_path / "firestore.indexes.json"
+    dup.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="declared twice"):
+        load_index_file(dup, PROJECT)
+
+
+def test_operations_doc_states_the_shard_arithmetic():
+    text = (stack.REPO_ROOT / "docs" / "operations.md").read_text()
+    per_queue = int(ITEM_QUEUE.rate.max_dispatches_per_second)
+    needed = -(-1_000_000 // 600)
+    assert per_queue == 500 and needed == 1667 and -(-needed // per_queue) == 4
+    for phrase in ("500 tasks/s per queue", "1,667 dispatches/s", "4 item queues", "computed from the code's operation counts"):
+        assert phrase in text
+
+
 def test_firestore_rules_deny_all():
     text = (stack.REPO_ROOT / "firestore.rules").read_text()
     assert "rules_version = '2'" in text
