@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 import time
 from typing import Any
+
+from google.api_core import exceptions as gexc
 
 from shared.log import log_event
 from shared.model import EVENTS, ITEMS, JOBS, TERMINAL_ITEM_STATUSES, ItemStatus, JobStatus
@@ -84,10 +87,26 @@ def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str |
     return final.value
 
 
-def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, db=None) -> dict[str, Any]:
-    """The `/progress` task: refresh the job's counts and complete it when every item is terminal."""
+def _complete_with_backoff(db, job_ref, at: dt.datetime, counts: dict[str, int], tries: int = 4) -> str | None:
+    """Run `complete_job`; checks racing on one job abort each other, so back off with jitter and
+    stop as soon as another check has made the job final."""
     from shared.worker import run_transaction
 
+    for i in range(tries):
+        try:
+            return run_transaction(db, "complete_job", complete_job, job_ref, at, counts)
+        except (ValueError, gexc.Aborted):  # ValueError: the client's "failed to commit in N attempts"
+            current = (job_ref.get().to_dict() or {}).get("status")
+            if current not in _COMPLETABLE:
+                return None
+            if i == tries - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.2) * (2**i))
+    return None
+
+
+def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, db=None) -> dict[str, Any]:
+    """The `/progress` task: refresh the job's counts and complete it when every item is terminal."""
     db = _db(db)
     if now is None:
         now = time.time()
@@ -114,7 +133,7 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, d
 
     done = bool(job.get("fanout_done_at")) and total_items is not None and terminal >= int(total_items)
     if done and status in _COMPLETABLE:
-        final = run_transaction(db, "complete_job", complete_job, job_ref, at, counts)
+        final = _complete_with_backoff(db, job_ref, at, counts)
         if final:
             log_event("job_completed", job_id=job_id, status=final, counts=counts, total_items=total_items)
             return {**out, "status": final, "completed": True}

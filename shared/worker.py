@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import enum
+import random
 import threading
 import time
 import uuid
@@ -22,8 +23,9 @@ from shared.model import ITEM_HISTORY_LIMIT, ITEMS, JOBS, ItemStatus, JobStatus
 from shared.naming import progress_task_name_for
 
 JOB_CACHE_TTL_S = 2.0
-# Transactions retry on contention (ABORTED); two deliveries racing for one item need a few rounds.
-TXN_MAX_ATTEMPTS = 10
+# Transactions retry on contention (ABORTED): a few fast attempts, then jittered fresh starts.
+TXN_FAST_ATTEMPTS = 1
+TXN_TRIES = 5
 _TRANSIENT_STORE_ERRORS = (
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
@@ -116,8 +118,13 @@ class TransactionCounter:
 TXN_COUNTER = TransactionCounter()
 
 
-def run_transaction(db, name: str, fn: Callable, *args: Any) -> Any:
-    """Run `fn(tx, *args)` in a Firestore transaction, counted under `name`."""
+def run_transaction(db, name: str, fn: Callable, *args: Any, tries: int = TXN_TRIES) -> Any:
+    """Run `fn(tx, *args)` in a Firestore transaction, counted under `name`.
+
+    The client retries an aborted commit at once, keeping its place in line; transactions that
+    deadlock on a lock (the emulator breaks that only by a lock timeout) all retry in step, so
+    after a few fast attempts we start over with a fresh transaction after a jittered pause.
+    """
     from google.cloud import firestore
 
     @firestore.transactional
@@ -125,7 +132,15 @@ def run_transaction(db, name: str, fn: Callable, *args: Any) -> Any:
         TXN_COUNTER.add(name)
         return fn(tx, *args)
 
-    return body(db.transaction(max_attempts=TXN_MAX_ATTEMPTS))
+    for i in range(tries):
+        try:
+            return body(db.transaction(max_attempts=TXN_FAST_ATTEMPTS))
+        except (ValueError, gexc.Aborted) as exc:
+            if isinstance(exc, ValueError) and not isinstance(exc.__cause__, gexc.Aborted):
+                raise
+            if i == tries - 1:
+                raise
+            time.sleep(random.uniform(0.02, 0.2) * (2**i))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +587,12 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
             request_progress_check(task.job_id, now)
         return WorkerOutcome(200, {"status": "cancelled" if result == "cancelled" else result, **_ids(task)})
 
-    claim = run_transaction(db, "claim", claim_item, item_ref, delivery.owner, clock(), lease_s, task, delivery.task_name)
+    try:
+        claim = run_transaction(db, "claim", claim_item, item_ref, delivery.owner, clock(), lease_s, task, delivery.task_name)
+    except (ValueError, gexc.Aborted) as exc:  # ValueError: the client's "failed to commit in N attempts"
+        # Other deliveries of this item hold its lock right now; one of them will own it.
+        log_event("claim_contended", severity="WARNING", error=f"{type(exc).__name__}: {exc}", **fields)
+        return WorkerOutcome(409, {"status": "busy", "reason": "contended", **_ids(task)})
     fields = {**fields, "attempt": claim.attempt}
     if claim.kind is ClaimKind.BUSY:
         log_event(

@@ -14,6 +14,7 @@ from shared.handlers.errors import classify_exception, classify_response
 from shared.naming import idempotency_key_for
 
 MARKETPLACE_ID = "EBAY_US"
+OFFER_EXISTS_ERROR_ID = "25002"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 20.0
 
@@ -72,8 +73,9 @@ class MarketplaceDraftHandler(ItemHandler):
         try:
             created = self._call("offer create", "POST", "/sell/inventory/v1/offer", json=body, headers=headers, ok=(200, 201))
         except PermanentItemError as exc:
-            # A conflict means an offer for the SKU appeared meanwhile: that offer is our result.
-            if exc.code != "marketplace_conflict":
+            # "Offer entity already exists" (409, or 400 with errorId 25002): an offer for the SKU
+            # appeared since our lookup, so that offer is our result.
+            if exc.code != "marketplace_conflict" and exc.details.get("error_id") != OFFER_EXISTS_ERROR_ID:
                 raise
             existing = self._existing_offer(sku)
             if existing is None:

@@ -1,0 +1,346 @@
+"""Worker state machine and progress checks against a real Firestore emulator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from shared import worker
+from shared.config import settings
+from shared.exceptions import PermanentItemError, RetryableItemError
+from shared.handlers import ItemContext, ItemHandler
+from shared.model import EVENTS, ITEMS, JOBS
+from shared.progress import check_job_progress, job_counts
+from shared.worker import ItemTask, claim_item, process_item_delivery, run_transaction
+
+T0 = 1_900_000_000.0  # fake clock start for lease arithmetic
+LEASE_S = 30.0
+
+
+def _gtin(n: int) -> str:
+    """A valid GTIN-14 for index n (UPC-A with check digit, zero-padded)."""
+    body = f"{n:011d}"
+    total = sum(int(d) * (3 if i % 2 == 0 else 1) for i, d in enumerate(body))
+    upc = body + str((10 - total % 10) % 10)
+    return upc.zfill(14)
+
+
+def _payload(job_id: str, n: int = 1, round_: int = 1) -> dict:
+    gtin = _gtin(n)
+    return {"job_id": job_id, "gtin": gtin, "upc": gtin[2:], "line": n, "round": round_}
+
+
+def _headers(retry: int = 0, name: str = "task") -> dict:
+    return {"X-CloudTasks-TaskName": name, "X-CloudTasks-TaskRetryCount": str(retry), "X-CloudTasks-TaskExecutionCount": str(retry)}
+
+
+class RecordingHandler(ItemHandler):
+    name = "recording"
+
+    def __init__(self, fn=None):
+        self.calls: list[ItemContext] = []
+        self._lock = threading.Lock()
+        self._fn = fn
+
+    def handle(self, item: ItemContext) -> dict:
+        with self._lock:
+            self.calls.append(item)
+        if self._fn:
+            return self._fn(item)
+        return {"offer_id": f"o-{item.gtin}", "sku": item.gtin, "created": True}
+
+
+def _wait_until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)  # polling with a deadline, not synchronising by sleep
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def db(firestore_emulator):
+    return firestore_emulator
+
+
+@pytest.fixture
+def job(db):
+    """A running job with 3 planned items; returns its id."""
+    return _make_job(db, items=3)
+
+
+def _make_job(db, items: int, status: str = "running", fanout_done: bool = True, options=None) -> str:
+    job_id = f"job-{uuid.uuid4().hex[:10]}"
+    db.collection(JOBS).document(job_id).set(
+        {
+            "job_id": job_id,
+            "status": status,
+            "options": options or {"test_mode": True},
+            "totals": {"lines": items, "items": items, "invalid": 0, "duplicate": 0, "skipped": 0},
+            "round": 1,
+            "fanout_done_at": dt.datetime.now(dt.timezone.utc) if fanout_done else None,
+        }
+    )
+    return job_id
+
+
+def _item(db, job_id: str, n: int = 1) -> dict | None:
+    snap = db.collection(JOBS).document(job_id).collection(ITEMS).document(_gtin(n)).get()
+    return snap.to_dict() if snap.exists else None
+
+
+def _deliver(db, job_id, n=1, handler=None, retry=0, now=T0, **kw):
+    return process_item_delivery(_payload(job_id, n), _headers(retry), now=now, handler=handler, db=db, lease_s=LEASE_S, **kw)
+
+
+def test_happy_path_two_transactions_and_item_born_at_claim(db, job):
+    handler = RecordingHandler()
+    assert _item(db, job) is None
+    worker.TXN_COUNTER.reset()
+    outcomes = [_deliver(db, job, n, handler) for n in (1, 2, 3)]
+    assert [o.http_status for o in outcomes] == [200, 200, 200]
+    assert worker.TXN_COUNTER.snapshot() == {"claim": 3, "complete": 3}
+    item = _item(db, job, 1)
+    assert item["status"] == "succeeded" and item["attempt"] == 1 and item["round"] == 1
+    assert item["result"]["offer_id"] == f"o-{_gtin(1)}"
+    assert item["upc"] == _gtin(1)[2:] and item["line"] == 1
+    assert [h["status"] for h in item["history"]] == ["processing", "succeeded"]
+    assert item["lease_expires_at"] is None and item["finished_at"] is not None
+
+
+def test_concurrent_deliveries_run_handler_once(db, job):
+    n_threads = 6
+    finished = []
+    lock = threading.Lock()
+
+    def slow(item):
+        # Hold the lease until every other delivery has answered.
+        _wait_until(lambda: len(finished) >= n_threads - 1, what="other deliveries to answer")
+        return {"ok": True}
+
+    handler = RecordingHandler(slow)
+    barrier = threading.Barrier(n_threads)
+
+    def one(i):
+        barrier.wait()
+        out = process_item_delivery(_payload(job), _headers(name=f"t{i}"), db=db, handler=handler, lease_s=LEASE_S)
+        with lock:
+            finished.append(out.http_status)
+        return out
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        outcomes = list(pool.map(one, range(n_threads)))
+    assert len(handler.calls) == 1
+    statuses = sorted(o.http_status for o in outcomes)
+    assert statuses == [200] + [409] * (n_threads - 1)
+    assert _item(db, job)["status"] == "succeeded"
+    assert _item(db, job)["attempt"] == 1
+
+
+def test_done_item_redelivered_is_noop(db, job):
+    handler = RecordingHandler()
+    assert _deliver(db, job, handler=handler).body["status"] == "succeeded"
+    again = _deliver(db, job, handler=handler, retry=1, now=T0 + 1000)
+    assert again.http_status == 200 and again.body["status"] == "noop" and again.body["item_status"] == "succeeded"
+    assert len(handler.calls) == 1
+
+
+def test_live_lease_answers_409(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+    run_transaction(db, "claim", claim_item, item_ref, "other:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
+    handler = RecordingHandler()
+    out = _deliver(db, job, handler=handler, now=T0 + LEASE_S - 1)
+    assert out.http_status == 409 and out.body["holder"] == "other:0:x"
+    assert handler.calls == []
+
+
+def test_expired_lease_is_reclaimed_as_attempt_2(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+    run_transaction(db, "claim", claim_item, item_ref, "crashed:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
+    handler = RecordingHandler()
+    out = _deliver(db, job, handler=handler, retry=1, now=T0 + LEASE_S + 1)
+    assert out.http_status == 200 and out.body["status"] == "succeeded" and out.body["attempt"] == 2
+    assert handler.calls[0].attempt == 2
+    item = _item(db, job)
+    assert item["attempt"] == 2
+    assert [h["owner"] for h in item["history"]][0] == "crashed:0:x"
+
+
+def test_lost_lease_discards_result_at_complete(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+
+    def steal_then_return(item):
+        # Another delivery takes over after our lease ran out (fake clock far ahead).
+        run_transaction(db, "claim", claim_item, item_ref, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
+        return {"offer_id": "mine"}
+
+    out = _deliver(db, job, handler=RecordingHandler(steal_then_return), heartbeat_s=3600)
+    assert out.http_status == 200 and out.body["status"] == "lease_lost"
+    item = _item(db, job)
+    assert item["status"] == "processing" and item["lease_owner"] == "thief:1:y" and item["result"] is None
+
+
+def test_lost_lease_seen_by_heartbeat_skips_complete(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+
+    def steal_and_wait_for_heartbeat(item):
+        run_transaction(db, "claim", claim_item, item_ref, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
+        _wait_until(lambda: not item.heartbeat(), what="heartbeat to notice the lost lease")
+        return {"offer_id": "mine"}
+
+    worker.TXN_COUNTER.reset()
+    out = _deliver(db, job, handler=RecordingHandler(steal_and_wait_for_heartbeat), heartbeat_s=0.05)
+    assert out.body["status"] == "lease_lost"
+    assert "complete" not in worker.TXN_COUNTER.snapshot()
+    assert _item(db, job)["lease_owner"] == "thief:1:y"
+
+
+def test_heartbeat_extends_lease_while_handler_runs(db, job):
+    def wait_for_beats(item):
+        ref = db.collection(JOBS).document(job).collection(ITEMS).document(item.gtin)
+        first = ref.get().to_dict()["lease_expires_at"]
+        _wait_until(lambda: ref.get().to_dict()["lease_expires_at"] > first, what="a heartbeat")
+        return {}
+
+    out = _deliver(db, job, handler=RecordingHandler(wait_for_beats), heartbeat_s=0.05)
+    assert out.body["status"] == "succeeded"
+
+
+def test_retryable_error_requeues_with_503_then_succeeds(db, job):
+    def flaky(item):
+        if item.attempt == 1:
+            raise RetryableItemError("offer create: POST /offer answered 503: down", code="marketplace_unavailable")
+        return {"offer_id": "o1"}
+
+    handler = RecordingHandler(flaky)
+    first = _deliver(db, job, handler=handler)
+    assert first.http_status == 503 and first.body["status"] == "queued"
+    item = _item(db, job)
+    assert item["status"] == "queued" and item["lease_owner"] is None
+    assert item["error"] == {"code": "marketplace_unavailable", "message": "offer create: POST /offer answered 503: down", "retryable": True}
+    second = _deliver(db, job, handler=handler, retry=1, now=T0 + 5)
+    assert second.http_status == 200 and second.body["status"] == "succeeded"
+    item = _item(db, job)
+    assert item["attempt"] == 2 and item["error"] is None
+    assert [h["status"] for h in item["history"]] == ["processing", "queued", "processing", "succeeded"]
+    assert item["history"][1]["error_code"] == "marketplace_unavailable"
+
+
+def test_permanent_error_fails_with_200(db, job):
+    def reject(item):
+        raise PermanentItemError("offer create: POST /offer answered 400 (errorId 25709): Invalid sku", code="marketplace_rejected")
+
+    out = _deliver(db, job, handler=RecordingHandler(reject))
+    assert out.http_status == 200 and out.body["status"] == "failed"
+    item = _item(db, job)
+    assert item["status"] == "failed" and item["error"]["code"] == "marketplace_rejected" and not item["error"]["retryable"]
+    assert "Invalid sku" in item["error"]["message"]
+
+
+def test_last_attempt_turns_retryable_into_failed(db, job):
+    def down(item):
+        raise RetryableItemError("catalog lookup: GET /catalog answered 503: maintenance", code="marketplace_unavailable")
+
+    last = settings().item_max_attempts - 1
+    out = _deliver(db, job, handler=RecordingHandler(down), retry=last)
+    assert out.http_status == 200 and out.body["status"] == "failed"
+    item = _item(db, job)
+    assert item["status"] == "failed" and item["error"]["code"] == "marketplace_unavailable"
+    assert "maintenance" in item["error"]["message"]
+
+
+def test_cancelled_job_cancels_items(db):
+    job_id = _make_job(db, items=3, status="cancelled")
+    item_refs = db.collection(JOBS).document(job_id).collection(ITEMS)
+    # item 2 was queued by a retryable failure, item 3 already succeeded
+    item_refs.document(_gtin(2)).set({"status": "queued", "attempt": 1, "round": 1, "history": []})
+    item_refs.document(_gtin(3)).set({"status": "succeeded", "attempt": 1, "round": 1, "history": []})
+    handler = RecordingHandler()
+    outs = [_deliver(db, job_id, n, handler) for n in (1, 2, 3)]
+    assert [o.http_status for o in outs] == [200, 200, 200]
+    assert [o.body["status"] for o in outs] == ["cancelled", "cancelled", "terminal"]
+    assert handler.calls == []
+    assert [_item(db, job_id, n)["status"] for n in (1, 2, 3)] == ["cancelled", "cancelled", "succeeded"]
+    result = check_job_progress(job_id, db=db)
+    assert result["status"] == "cancelled" and result["counts"]["cancelled"] == 2
+    job = db.collection(JOBS).document(job_id).get().to_dict()
+    assert job["status"] == "cancelled" and job["counts"]["succeeded"] == 1
+
+
+def test_stale_round_and_missing_job_are_noops(db, job):
+    handler = RecordingHandler()
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+    item_ref.set({"status": "queued", "attempt": 1, "round": 2, "history": []})
+    out = process_item_delivery(_payload(job, round_=1), _headers(), now=T0, db=db, handler=handler)
+    assert out.http_status == 200 and out.body["reason"] == "stale_round"
+    out = process_item_delivery(_payload("no-such-job"), _headers(), now=T0, db=db, handler=handler)
+    assert out.http_status == 200 and out.body["status"] == "job_missing"
+    assert handler.calls == []
+    # the round-2 task does run it
+    out = process_item_delivery(_payload(job, round_=2), _headers(), now=T0, db=db, handler=handler)
+    assert out.body["status"] == "succeeded" and _item(db, job)["attempt"] == 2
+
+
+def test_poison_pill_fails_alone(db):
+    job_id = _make_job(db, items=5)
+
+    def poison(item):
+        if item.gtin == _gtin(3):
+            raise MemoryError("parser blew up on this product")
+        return {"ok": True}
+
+    with ThreadPoolExecutor(5) as pool:
+        outs = list(pool.map(lambda n: _deliver(db, job_id, n, RecordingHandler(poison)), range(1, 6)))
+    assert all(o.http_status == 200 for o in outs)
+    statuses = [_item(db, job_id, n)["status"] for n in range(1, 6)]
+    assert statuses == ["succeeded", "succeeded", "failed", "succeeded", "succeeded"]
+    error = _item(db, job_id, 3)["error"]
+    assert error["code"] == "handler_crashed" and "MemoryError" in error["message"] and "parser blew up" in error["message"]
+
+
+def test_progress_counts_then_completes_exactly_once_under_concurrent_checks(db):
+    job_id = _make_job(db, items=4, fanout_done=False)
+
+    def maybe_fail(item):
+        if item.gtin == _gtin(4):
+            raise PermanentItemError("catalog lookup: GET /catalog/v1/product answered 404: no product", code="product_not_found")
+        return {"ok": True}
+
+    for n in (1, 2):
+        _deliver(db, job_id, n, RecordingHandler(maybe_fail))
+    early = check_job_progress(job_id, db=db)
+    assert early["completed"] is False and early["counts"]["succeeded"] == 2 and early["changed"] is True
+    assert check_job_progress(job_id, db=db)["changed"] is False  # unchanged counts are not rewritten
+    counts = job_counts(job_id, db=db)
+    assert counts["born"] == 2 and counts["never_claimed"] == 2
+
+    for n in (3, 4):
+        _deliver(db, job_id, n, RecordingHandler(maybe_fail))
+    # all items terminal, but fan-out not done: no completion yet
+    assert check_job_progress(job_id, db=db)["completed"] is False
+    db.collection(JOBS).document(job_id).update({"fanout_done_at": dt.datetime.now(dt.timezone.utc)})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: check_job_progress(job_id, db=db), range(8)))
+    assert sum(1 for r in results if r["completed"]) == 1
+    job = db.collection(JOBS).document(job_id).get().to_dict()
+    assert job["status"] == "completed_with_failures" and job["completed_at"] is not None
+    assert job["counts"] == {"queued": 0, "processing": 0, "succeeded": 3, "failed": 1, "cancelled": 0}
+    events = [e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
+    assert [e["type"] for e in events] == ["completed"]
+    # a later check changes nothing
+    assert check_job_progress(job_id, db=db)["completed"] is False
+    assert db.collection(JOBS).document(job_id).get().to_dict()["status"] == "completed_with_failures"
+
+
+def test_progress_all_succeeded_completes(db):
+    job_id = _make_job(db, items=2)
+    for n in (1, 2):
+        _deliver(db, job_id, n, RecordingHandler())
+    assert check_job_progress(job_id, db=db)["status"] == "completed"
