@@ -55,7 +55,27 @@ class IamBindings(Resource):
             change.action = "update"
         return change
 
+    # A just-created service account can take some seconds to be accepted as a member, and a
+    # concurrent edit makes the etag stale: both are retried (fresh read each time) until this.
+    retry_deadline_s = 120.0
+    sleep = staticmethod(__import__("time").sleep)  # injectable backoff (tests pass a no-op)
+
     def apply(self, client, change: Change) -> None:
+        import time
+
+        deadline = time.monotonic() + self.retry_deadline_s
+        delay = 1.0
+        while True:
+            try:
+                return self._apply_once(client)
+            except (gexc.Aborted, gexc.BadRequest) as exc:  # BadRequest covers InvalidArgument
+                if time.monotonic() + delay > deadline or (
+                        isinstance(exc, gexc.BadRequest) and "does not exist" not in str(exc)):
+                    raise
+                self.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _apply_once(self, client) -> None:
         from google.iam.v1 import iam_policy_pb2, policy_pb2
 
         policy = self._get(client)

@@ -310,3 +310,34 @@ def test_fixture_requests_parse_back_into_official_request_types():
                 json_format.ParseDict(call["request"], iam_policy_pb2.SetIamPolicyRequest())
                 seen.add(t)
     assert seen == set(types) | {"SetIamPolicyRequest"}
+
+
+def test_iam_apply_retries_a_member_that_does_not_exist_yet_then_succeeds():
+    from google.api_core import exceptions as gexc
+
+    from infra.fakes import FakeProjects
+    from infra.resources.iam import IamBindings
+
+    class Flaky(FakeProjects):
+        failures = 1
+
+        def set_iam_policy(self, request):
+            if self.failures:
+                self.failures -= 1
+                raise gexc.BadRequest("Service account x does not exist.")
+            return super().set_iam_policy(request)
+
+    fake = Flaky()
+    res = IamBindings("projects/p", "projects", [("roles/datastore.user", "serviceAccount:x@p.iam.gserviceaccount.com")])
+    res.retry_deadline_s = 5.0
+    res.sleep = lambda s: None
+    res.apply(fake, res.plan(fake))
+    assert fake.members("projects/p", "roles/datastore.user") == ["serviceAccount:x@p.iam.gserviceaccount.com"]
+    other = IamBindings("projects/q", "projects", [("roles/x", "user:y@example.com")])
+
+    class Broken(FakeProjects):
+        def set_iam_policy(self, request):
+            raise gexc.BadRequest("Role roles/x is not supported")
+
+    with pytest.raises(gexc.BadRequest):
+        other.apply(Broken(), other.plan(Broken()))
