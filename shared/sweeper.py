@@ -74,6 +74,7 @@ INGESTING_STALL = "ingesting_stall"
 
 # notify_state of a stall_events record
 PENDING, SENT, FAILED, SUPPRESSED, NOT_CONFIGURED = "pending", "sent", "failed", "suppressed", "not_configured"
+ROLLED_UP = "rolled_up"  # over the post budget while a systemic alert covers it: not retried
 
 _UNAVAILABLE = (
     gexc.ServiceUnavailable,
@@ -104,6 +105,7 @@ class SweepReport:
     systemic: bool = False
     skipped_moved: int = 0  # findings whose job changed between read and write (left alone)
     ms: float = 0.0
+    phases_ms: dict = field(default_factory=dict)  # scan / flag / systemic / deliver
     documents_read: int = 0
     findings: list[dict] = field(default_factory=list)
 
@@ -264,6 +266,7 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
             details={"project": cfg.project},
         ) from exc
     report.checked = scan.checked
+    mark = _phase(report, "scan", started)
 
     outbox: list[tuple[Any, alerts.SlackMessage]] = []  # (stall_event ref, message)
     with ThreadPoolExecutor(max_workers=WRITE_WORKERS) as pool:
@@ -284,16 +287,25 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
                 report.recovered += 1
                 outbox.append(res["outbox"])
 
+    mark = _phase(report, "flag", mark)
     systemic = _systemic(db, now, cfg, scan, meter)
+    mark = _phase(report, "systemic", mark)
     if systemic:
         report.systemic = True
         outbox.append(systemic)
 
-    _deliver(db, scan.pending, outbox, url, now, report)
+    _deliver(db, scan.pending, outbox, url, now, report, systemic_posted=bool(systemic))
+    _phase(report, "deliver", mark)
     report.documents_read = meter.reads
     report.ms = round((time.monotonic() - started) * 1000, 1)
     report.findings = report.findings[:50]
     return report
+
+
+def _phase(report: SweepReport, name: str, since: float) -> float:
+    t = time.monotonic()
+    report.phases_ms[name] = round((t - since) * 1000, 1)
+    return t
 
 
 def _client_for(cfg: Settings):
@@ -325,11 +337,34 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
     jobs = db.collection(JOBS)
     found: list[Finding] = []
     checked = 0
-
-    # Running jobs that stopped moving (no_progress / queued_stall).
     cutoff = now - dt.timedelta(minutes=min(cfg.stall_minutes, cfg.queued_stall_minutes))
-    running = _stream(jobs.where(filter=FieldFilter("status", "==", JobStatus.RUNNING.value))
-                      .where(filter=FieldFilter("last_progress_at", "<", cutoff)), meter)
+    queries = {
+        # Running jobs that stopped moving (no_progress / queued_stall).
+        "running": jobs.where(filter=FieldFilter("status", "==", JobStatus.RUNNING.value))
+        .where(filter=FieldFilter("last_progress_at", "<", cutoff)),
+        # Jobs stuck ingesting (planning / chunk fan-out never finished).
+        "ingesting": jobs.where(filter=FieldFilter("status", "==", JobStatus.INGESTING.value))
+        .where(filter=FieldFilter("created_at", "<", now - dt.timedelta(minutes=cfg.ingesting_stall_minutes))),
+        # Items processing far past their lease: the delivery holding them is gone and no retry came.
+        "items": db.collection_group(ITEMS)
+        .where(filter=FieldFilter("status", "==", ItemStatus.PROCESSING.value))
+        .where(filter=FieldFilter("lease_expires_at", "<", now - dt.timedelta(minutes=cfg.lease_overrun_minutes)))
+        .limit(LEASE_OVERRUN_LIMIT),
+        # Flagged jobs (to find the ones that moved again).
+        "flagged": jobs.where(filter=FieldFilter("stall.flagged_at", ">", EPOCH)),
+        "cooldowns": db.collection(ALERT_STATE).where(filter=FieldFilter(
+            "last_alert_at", ">=", now - dt.timedelta(minutes=cfg.alert_cooldown_minutes))),
+        "pending": db.collection(STALL_EVENTS)
+        .where(filter=FieldFilter("notify_state", "in", [PENDING, FAILED]))
+        .where(filter=FieldFilter("detected_at", ">=", now - RETRY_WINDOW))
+        .limit(MAX_RETRIES_PER_SWEEP),
+    }
+    # Independent queries run concurrently: the sweep takes the slowest one, not their sum.
+    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        futures = {name: pool.submit(_stream, q, meter) for name, q in queries.items()}
+        res = {name: fut.result() for name, fut in futures.items()}
+
+    running = res["running"]
     job_docs: dict[str, Any] = {}
     for snap in running:
         checked += 1
@@ -340,11 +375,7 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
             kind, since, reason = verdict
             found.append(Finding(snap.id, kind, severity_for(now - since, cfg), reason, since, data, snap.update_time))
 
-    # Jobs stuck ingesting (planning / chunk fan-out never finished).
-    ingesting = _stream(jobs.where(filter=FieldFilter("status", "==", JobStatus.INGESTING.value))
-                        .where(filter=FieldFilter("created_at", "<",
-                                                  now - dt.timedelta(minutes=cfg.ingesting_stall_minutes))), meter)
-    for snap in ingesting:
+    for snap in res["ingesting"]:
         checked += 1
         job_docs[snap.id] = snap
         data = snap.to_dict()
@@ -353,14 +384,8 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
                              f"still ingesting {_minutes(now - created)} min after creation "
                              f"(chunks_total {data.get('chunks_total', '?')})", created, data, snap.update_time))
 
-    # Items processing far past their lease: the delivery holding them is gone and no retry came.
-    overrun_cutoff = now - dt.timedelta(minutes=cfg.lease_overrun_minutes)
-    items = _stream(db.collection_group(ITEMS)
-                    .where(filter=FieldFilter("status", "==", ItemStatus.PROCESSING.value))
-                    .where(filter=FieldFilter("lease_expires_at", "<", overrun_cutoff))
-                    .limit(LEASE_OVERRUN_LIMIT), meter)
     by_job: dict[str, list[dict]] = {}
-    for snap in items:
+    for snap in res["items"]:
         checked += 1
         job_ref = snap.reference.parent.parent
         if job_ref is not None:
@@ -385,22 +410,13 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
                              f"{len(stuck)} item(s) processing with a lease expired {_minutes(now - oldest)} min ago "
                              f"(e.g. {sample})", oldest, data, snap.update_time, stuck_items=len(stuck)))
 
-    # Flagged jobs (to find the ones that moved again).
-    flagged_snaps = _stream(jobs.where(filter=FieldFilter("stall.flagged_at", ">", EPOCH)), meter)
     flagged = []
-    for snap in flagged_snaps:
+    for snap in res["flagged"]:
         checked += 1
         flagged.append({**snap.to_dict(), "job_id": snap.id, "_update_time": snap.update_time})
 
-    cooldown_snaps = _stream(db.collection(ALERT_STATE).where(filter=FieldFilter(
-        "last_alert_at", ">=", now - dt.timedelta(minutes=cfg.alert_cooldown_minutes))), meter)
-    cooldowns = {s.id: s.to_dict() for s in cooldown_snaps}
-
-    pending_snaps = _stream(db.collection(STALL_EVENTS)
-                            .where(filter=FieldFilter("notify_state", "in", [PENDING, FAILED]))
-                            .where(filter=FieldFilter("detected_at", ">=", now - RETRY_WINDOW))
-                            .limit(MAX_RETRIES_PER_SWEEP), meter)
-    pending = [(s.reference, s.to_dict()) for s in pending_snaps]
+    cooldowns = {s.id: s.to_dict() for s in res["cooldowns"]}
+    pending = [(s.reference, s.to_dict()) for s in res["pending"]]
 
     return _Scan(merge_findings(found), flagged, cooldowns, pending, checked)
 
@@ -536,8 +552,11 @@ def _systemic(db, now: dt.datetime, cfg: Settings, scan: _Scan, meter: ReadMeter
 
 
 def _deliver(db, pending: list[tuple[Any, dict]], outbox: list, url: str, now: dt.datetime,
-             report: SweepReport) -> None:
-    """Posts earlier un-notified alerts first, then this sweep's; bounded, and stops at the first outage."""
+             report: SweepReport, *, systemic_posted: bool = False) -> None:
+    """Posts the systemic alert and earlier un-notified alerts first, then this sweep's; bounded, and
+    stops at the first outage. Outcomes are written back in one batch."""
+    if systemic_posted and outbox:
+        outbox = [outbox[-1]] + outbox[:-1]  # the systemic alert (last in) goes first
     queue: list[tuple[Any, alerts.SlackMessage, bool, int]] = []
     for ref, data in pending:
         try:
@@ -550,31 +569,37 @@ def _deliver(db, pending: list[tuple[Any, dict]], outbox: list, url: str, now: d
     queue += [(ref, msg, False, 0) for ref, msg in outbox]
     outage: str | None = None
     posts = 0
+    marks: list[tuple[Any, dict]] = []
     for ref, msg, is_retry, attempts in queue:
         if not url:
-            _write_mark_stall_event(ref, {"notified": False, "notify_state": NOT_CONFIGURED,
-                                          "notify_error": "slack webhook not configured"})
+            marks.append((ref, {"notified": False, "notify_state": NOT_CONFIGURED,
+                                "notify_error": "slack webhook not configured"}))
             continue
         if outage or posts >= MAX_POSTS_PER_SWEEP:
-            error = f"deferred: {outage}" if outage else "deferred: per-sweep post budget reached"
-            _write_mark_stall_event(ref, {"notified": False, "notify_state": FAILED, "notify_error": error})
+            if systemic_posted and not outage and not is_retry:
+                marks.append((ref, {"notified": False, "notify_state": ROLLED_UP,
+                                    "notify_error": "over the per-sweep post budget; counted in the systemic alert"}))
+            else:
+                error = f"deferred: {outage}" if outage else "deferred: per-sweep post budget reached"
+                marks.append((ref, {"notified": False, "notify_state": FAILED, "notify_error": error}))
             report.notify_failed += 1
             continue
         posts += 1
         result = alerts.post_message(msg, webhook_url=url)
         if result.ok:
-            _write_mark_stall_event(ref, {"notified": True, "notify_state": SENT, "notify_error": None,
-                                          "notified_at": now, "attempts": attempts + 1})
+            marks.append((ref, {"notified": True, "notify_state": SENT, "notify_error": None,
+                                "notified_at": now, "attempts": attempts + 1}))
             report.alerted += 1
             report.retried += 1 if is_retry else 0
         else:
-            _write_mark_stall_event(ref, {"notified": False, "notify_state": FAILED,
-                                          "notify_error": result.error, "attempts": attempts + 1})
+            marks.append((ref, {"notified": False, "notify_state": FAILED,
+                                "notify_error": result.error, "attempts": attempts + 1}))
             report.notify_failed += 1
             log_event("alert_failed", severity="WARNING", logger="upcfan.sweeper", error=result.error,
                       status=result.status)
             if result.transient:
                 outage = result.error
+    _write_mark_stall_events(db, marks)
 
 
 def _stall_event_record(job_id: str, kind: str, severity: str, reason: str, now: dt.datetime, action: str,
@@ -614,12 +639,18 @@ def _write_stall_event(db, batch, record: dict):
     return ref
 
 
-def _write_mark_stall_event(ref, fields: dict) -> None:
-    assert ref.parent.id == STALL_EVENTS
-    try:
-        ref.update(fields)
-    except gexc.GoogleAPICallError as exc:  # a lost mark means one extra retry post, never a crash
-        log_event("stall_event_mark_failed", severity="WARNING", logger="upcfan.sweeper", error=type(exc).__name__)
+def _write_mark_stall_events(db, marks: list[tuple[Any, dict]]) -> None:
+    """Delivery outcomes onto stall_events records, ≤ 500 per batch."""
+    for i in range(0, len(marks), 500):
+        batch = db.batch()
+        for ref, fields in marks[i:i + 500]:
+            assert ref.parent.id == STALL_EVENTS
+            batch.update(ref, fields)
+        try:
+            batch.commit()
+        except gexc.GoogleAPICallError as exc:  # a lost mark means one extra retry post, never a crash
+            log_event("stall_event_mark_failed", severity="WARNING", logger="upcfan.sweeper",
+                      error=type(exc).__name__)
 
 
 def _write_alert_state(db, batch, key: str, fields: dict) -> None:

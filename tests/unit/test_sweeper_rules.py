@@ -10,7 +10,7 @@ from shared import sweeper
 
 WRITE_METHODS = {"set", "update", "create", "delete", "commit", "add", "transaction", "bulk_writer",
                  "recursive_delete"}
-ALLOWED_WRITERS = {"_write_job_stall", "_write_job_event", "_write_stall_event", "_write_mark_stall_event",
+ALLOWED_WRITERS = {"_write_job_stall", "_write_job_event", "_write_stall_event", "_write_mark_stall_events",
                    "_write_alert_state"}
 
 
@@ -42,7 +42,7 @@ def test_writers_are_narrow():
     src = {name: inspect.getsource(getattr(sweeper, name)) for name in ALLOWED_WRITERS}
     assert '{"stall": stall}' in src["_write_job_stall"] and "last_update_time" in src["_write_job_stall"]
     assert "ITEMS" not in "".join(src.values())
-    for name in ("_write_stall_event", "_write_mark_stall_event"):
+    for name in ("_write_stall_event", "_write_mark_stall_events"):
         assert "STALL_EVENTS" in src[name]
     assert "ALERT_STATE" in src["_write_alert_state"] and "EVENTS" in src["_write_job_event"]
 
