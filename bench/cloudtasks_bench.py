@@ -131,8 +131,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--raw-tasks", type=int, default=5_000)
-    ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--mode", choices=["threads", "processes"], default="processes")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--mode", choices=["threads", "processes"], default="threads")
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--concurrency", type=int, default=1000)
     ap.add_argument("--client-seconds", type=float, default=25.0,
