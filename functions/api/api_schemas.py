@@ -14,7 +14,9 @@ class ProcessRequest(BaseModel):
     """Start (or find) the job for one gs:// object generation."""
 
     model_config = ConfigDict(extra="ignore")
-    gcs_path: str = Field(pattern=r"^gs://[^/]+/.+", max_length=1100, description="gs://bucket/object")
+    # Bucket naming rules (lowercase, digits, - _ ., alphanumeric at both ends); object names without CR/LF.
+    gcs_path: str = Field(pattern=r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[^\r\n]{1,1024}$", max_length=1260,
+                          description="gs://bucket/object")
     create_drafts: Optional[bool] = Field(default=None, description="create marketplace drafts (default: configured)")
     test_mode: Optional[bool] = Field(default=None, description="run handlers in test mode (default: configured)")
 

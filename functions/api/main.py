@@ -7,6 +7,7 @@ import json
 from typing import Any, Callable
 
 import functions_framework
+from google.api_core import exceptions as gexc
 from flask import Request, Response
 from pydantic import ValidationError
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -146,6 +147,13 @@ def api(request: Request) -> Response:
         return _HANDLERS[endpoint](request, **args)
     except ValidationError as exc:
         return _error(400, "bad_request", _validation_message(exc))
+    except gexc.GoogleAPICallError as exc:
+        # A 4xx from a Google API names a problem with the caller's input (e.g. an impossible bucket name).
+        code = int(exc.code or 500) if isinstance(exc.code, int) else 500
+        if 400 <= code < 500:
+            return _error(code, "bad_request" if code != 404 else "not_found", f"{exc.message}"[:500])
+        log_event("api_backend_error", severity="ERROR", endpoint=endpoint, error=f"{type(exc).__name__}: {exc}")
+        return _error(503, "backend_unavailable", f"{endpoint}: backend error {type(exc).__name__}")
     except UpcfanError as exc:
         status_code = exc.http_status if 400 <= exc.http_status < 600 else 500
         if status_code >= 500:
