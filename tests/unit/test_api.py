@@ -94,17 +94,17 @@ def _err(resp):
 
 
 def test_process_returns_202_with_job(client, core):
-    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/f.txt", "create_drafts": True,
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/f.txt", "create_drafts": True,
                                                    "test_mode": False})
     assert resp.status_code == 202
     assert resp.get_json() == {"job_id": "f-123", "created": True, "status": "ingesting"}
-    assert core.calls == [("submit", "gs://b/f.txt", True, False, "http")]
+    assert core.calls == [("submit", "gs://bkt/f.txt", True, False, "http")]
 
 
 @pytest.mark.parametrize("body,needle", [
     ({"create_drafts": True}, "gcs_path"),
     ({"gcs_path": "/local/file.txt"}, "gcs_path"),
-    ({"gcs_path": "gs://b/f.txt", "test_mode": "maybe"}, "test_mode"),
+    ({"gcs_path": "gs://bkt/f.txt", "test_mode": "maybe"}, "test_mode"),
     ([1, 2], "body"),
 ])
 def test_process_validates_body(client, core, body, needle):
@@ -120,9 +120,9 @@ def test_process_malformed_json_is_400(client, core):
 
 
 def test_process_missing_object_is_404_and_unexpected_fault_is_json_500(client, core):
-    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/gone.txt"})
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/gone.txt"})
     assert resp.status_code == 404 and _err(resp)["code"] == "object_not_found"
-    resp = client.post("/api/batch/process", json={"gcs_path": "gs://b/boom.txt"})
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/boom.txt"})
     assert resp.status_code == 500 and _err(resp)["code"] == "internal"
 
 
@@ -133,9 +133,9 @@ def test_status_and_unknown_job(client, core):
 
 
 def test_jobs_query_is_validated_and_passed(client, core):
-    resp = client.get("/api/batch/jobs?limit=5&status=running&gcs_path=gs://b/f.txt&cursor=abc")
+    resp = client.get("/api/batch/jobs?limit=5&status=running&gcs_path=gs://bkt/f.txt&cursor=abc")
     assert resp.status_code == 200
-    assert core.calls[-1] == ("jobs", 5, "running", "gs://b/f.txt", "abc")
+    assert core.calls[-1] == ("jobs", 5, "running", "gs://bkt/f.txt", "abc")
     client.get("/api/batch/jobs")
     assert core.calls[-1] == ("jobs", 20, None, None, None)
     for bad in ("limit=0", "limit=101", "limit=x", "status=weird"):
