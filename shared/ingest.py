@@ -33,6 +33,9 @@ from shared.naming import chunk_doc_id, chunk_task_name_for, job_id_for, line_do
 from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 
 TASK_CREATE_THREADS = 16
+# Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
+# writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
+LINE_RECORDS_PER_CHUNK = 2000
 _META_TEST_MODE = "upcfan-test-mode"
 _META_CREATE_DRAFTS = "upcfan-create-drafts"
 
@@ -351,9 +354,11 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
     else:
         result.items += len(candidates)
 
-    _write_line_records(job_ref, line_records)
+    line_records.sort(key=lambda r: r["line"])
+    _write_line_records(job_ref, line_records[:LINE_RECORDS_PER_CHUNK])
     chunk_ref.set({"start": start, "end": end, "first_line": first_line, "index": payload.get("index"),
                    "status": "done", "totals": result.totals(), "tasks_created": result.tasks_created,
+                   "line_records_omitted": max(0, len(line_records) - LINE_RECORDS_PER_CHUNK),
                    "done_at": _now()})
     log_event("chunk_done", job_id=job_id, start=start, end=end, **result.totals(), tasks_created=result.tasks_created,
               enqueued=enqueue)
