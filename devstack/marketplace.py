@@ -1,0 +1,364 @@
+"""Sandbox marketplace shaped like eBay's Inventory API, with counters that expose duplicate listings.
+
+Routes the worker's handler calls (keep them exactly so):
+  GET  /catalog/v1/product/{gtin}                -> 200 {"gtin", "title", "brand"}
+  PUT  /sell/inventory/v1/inventory_item/{sku}   -> 204 (upsert)
+  GET  /sell/inventory/v1/offer?sku={sku}        -> 200 {"offers": [...], "total": n}
+  POST /sell/inventory/v1/offer  (Idempotency-Key) -> 201 {"offerId"}; a seen key replays the first answer
+
+Control routes: GET /_stats, GET|POST /_faults, GET|POST /_config, GET /_listings, POST /_reset, GET /_health.
+It is deliberately naive: a second offer for the same SKU is accepted (unless `enforce_unique_sku`)
+so tests can count duplicates with `skus_with_duplicates`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+DOMAIN = "API_INVENTORY"
+_BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Soylent", "Hooli", "Stark", "Wayne")
+_NOUNS = ("Widget", "Gadget", "Sprocket", "Gizmo", "Doohickey", "Thingamajig", "Contraption", "Device")
+_ADJECTIVES = ("Deluxe", "Compact", "Premium", "Classic", "Portable", "Heavy-Duty", "Eco", "Smart")
+
+
+def normalize_key(value: str) -> str:
+    """GTIN/SKU as a GTIN-14 when it is all digits (fault keys and SKUs are GTIN-14)."""
+    value = (value or "").strip()
+    return value.zfill(14) if value.isdigit() and len(value) <= 14 else value
+
+
+def fake_product(gtin: str) -> dict:
+    """Deterministic catalog data for a GTIN."""
+    digest = hashlib.sha256(gtin.encode()).digest()
+    brand = _BRANDS[digest[0] % len(_BRANDS)]
+    title = f"{brand} {_ADJECTIVES[digest[1] % len(_ADJECTIVES)]} {_NOUNS[digest[2] % len(_NOUNS)]} {digest[3]:03d}"
+    return {"gtin": gtin, "title": title, "brand": brand}
+
+
+def error_body(error_id: int, message: str, *, category: str = "REQUEST", **extra) -> dict:
+    err = {"errorId": error_id, "domain": DOMAIN, "category": category, "message": message}
+    err.update(extra)
+    return {"errors": [err]}
+
+
+# eBay-style error ids for injected statuses.
+_ERROR_IDS = {400: 25709, 404: 25710, 409: 25002, 429: 2001, 500: 25001, 502: 25001, 503: 25001, 504: 25001}
+
+
+@dataclass
+class Faults:
+    error_rate: float = 0.0
+    latency_ms: float = 0.0
+    status: int = 503
+    error_after_effect_rate: float = 0.0
+    fail_gtins: dict = field(default_factory=dict)
+    latency_gtins: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "error_rate": self.error_rate,
+            "latency_ms": self.latency_ms,
+            "status": self.status,
+            "error_after_effect_rate": self.error_after_effect_rate,
+            "fail_gtins": dict(self.fail_gtins),
+            "latency_gtins": dict(self.latency_gtins),
+        }
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "Faults":
+        status = int(spec.get("status", 503))
+        return cls(
+            error_rate=float(spec.get("error_rate", 0.0)),
+            latency_ms=float(spec.get("latency_ms", 0.0)),
+            status=status,
+            error_after_effect_rate=float(spec.get("error_after_effect_rate", 0.0)),
+            fail_gtins={normalize_key(k): int(v) for k, v in (spec.get("fail_gtins") or {}).items()},
+            latency_gtins={normalize_key(k): float(v) for k, v in (spec.get("latency_gtins") or {}).items()},
+        )
+
+
+class Marketplace:
+    """All state of the sandbox; one instance per app, touched only from the event loop."""
+
+    def __init__(self, seed: int | None = None, enforce_unique_sku: bool = False) -> None:
+        self._seed = seed
+        self._default_enforce = enforce_unique_sku
+        self.reset()
+
+    def reset(self) -> None:
+        self.rng = random.Random(self._seed)
+        self.faults = Faults()
+        self.enforce_unique_sku = self._default_enforce
+        self.inventory: dict[str, dict] = {}
+        self.offers: dict[str, dict] = {}
+        self.offers_by_sku: dict[str, list[str]] = {}
+        self.idempotency: dict[str, tuple[int, dict]] = {}
+        self.next_offer = 1
+        self.counters = {
+            "create_calls": 0,
+            "inventory_puts": 0,
+            "lookups": 0,
+            "offer_queries": 0,
+            "idempotent_replays": 0,
+            "faults_injected": 0,
+            "lost_responses": 0,
+            "rejected_duplicates": 0,
+            "offers_without_inventory_item": 0,
+            "requests": 0,
+        }
+
+    def stats(self) -> dict:
+        dup = sum(1 for ids in self.offers_by_sku.values() if len(ids) > 1)
+        return {
+            "listings": len(self.offers),
+            "skus_with_duplicates": dup,
+            "skus": len(self.offers_by_sku),
+            "inventory_items": len(self.inventory),
+            **self.counters,
+        }
+
+    def create_offer(self, body: dict) -> dict:
+        offer_id = f"{self.next_offer:012d}"
+        self.next_offer += 1
+        sku = normalize_key(str(body.get("sku", "")))
+        offer = {
+            "offerId": offer_id,
+            "sku": sku,
+            "marketplaceId": body.get("marketplaceId", "EBAY_US"),
+            "format": body.get("format", "FIXED_PRICE"),
+            "availableQuantity": body.get("availableQuantity", 0),
+            "status": "UNPUBLISHED",
+            "created_at": time.time(),
+            "request": body,
+        }
+        if sku not in self.inventory:
+            self.counters["offers_without_inventory_item"] += 1
+        self.offers[offer_id] = offer
+        self.offers_by_sku.setdefault(sku, []).append(offer_id)
+        return offer
+
+
+MARKET_KEY = web.AppKey("market", Marketplace)
+
+
+def _public_offer(offer: dict) -> dict:
+    return {
+        "offerId": offer["offerId"],
+        "sku": offer["sku"],
+        "marketplaceId": offer["marketplaceId"],
+        "format": offer["format"],
+        "availableQuantity": offer["availableQuantity"],
+        "status": offer["status"],
+    }
+
+
+def _fault_response(m: Marketplace, status: int, message: str, **extra) -> web.Response:
+    m.counters["faults_injected"] += 1
+    category = "APPLICATION" if status >= 500 else "REQUEST"
+    body = error_body(_ERROR_IDS.get(status, 25001), message, category=category, **extra)
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _apply_faults(m: Marketplace, key: str | None) -> web.Response | None:
+    """Latency, per-GTIN failures and random failures that happen before any effect."""
+    f = m.faults
+    delay_ms = f.latency_ms + (f.latency_gtins.get(key, 0.0) if key else 0.0)
+    if delay_ms > 0:
+        await asyncio.sleep(delay_ms / 1000.0)
+    if key and key in f.fail_gtins:
+        status = f.fail_gtins[key]
+        return _fault_response(
+            m,
+            status,
+            f"Injected failure for GTIN/SKU {key}: the marketplace rejects this product.",
+            parameters=[{"name": "sku", "value": key}],
+        )
+    if f.error_rate > 0 and m.rng.random() < f.error_rate:
+        return _fault_response(m, f.status, "A system error has occurred. Injected before any effect.")
+    return None
+
+
+@web.middleware
+async def _count_requests(request: web.Request, handler):
+    if not request.path.startswith("/_"):
+        request.app[MARKET_KEY].counters["requests"] += 1
+    return await handler(request)
+
+
+async def get_product(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    gtin = request.match_info["gtin"]
+    m.counters["lookups"] += 1
+    fault = await _apply_faults(m, normalize_key(gtin))
+    if fault:
+        return fault
+    if not gtin.isdigit() or len(gtin) > 14:
+        return web.json_response(error_body(25709, f"Invalid GTIN {gtin!r}."), status=400)
+    return web.json_response(fake_product(normalize_key(gtin)))
+
+
+async def put_inventory_item(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    sku = normalize_key(request.match_info["sku"])
+    m.counters["inventory_puts"] += 1
+    try:
+        body = await request.json()
+    except Exception:
+        return web.json_response(error_body(25709, "Invalid JSON body."), status=400)
+    fault = await _apply_faults(m, sku)
+    if fault:
+        return fault
+    m.inventory[sku] = body if isinstance(body, dict) else {"value": body}
+    return web.Response(status=204)
+
+
+async def get_offers(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    raw_sku = request.query.get("sku", "")
+    m.counters["offer_queries"] += 1
+    if not raw_sku:
+        return web.json_response(error_body(25709, "Missing query parameter sku."), status=400)
+    sku = normalize_key(raw_sku)
+    fault = await _apply_faults(m, sku)
+    if fault:
+        return fault
+    offers = [_public_offer(m.offers[i]) for i in m.offers_by_sku.get(sku, [])]
+    return web.json_response({"offers": offers, "total": len(offers)})
+
+
+async def create_offer(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    m.counters["create_calls"] += 1
+    try:
+        body = await request.json()
+    except Exception:
+        return web.json_response(error_body(25709, "Invalid JSON body."), status=400)
+    if not isinstance(body, dict) or not body.get("sku"):
+        return web.json_response(error_body(25709, "Invalid value for sku."), status=400)
+    sku = normalize_key(str(body["sku"]))
+    fault = await _apply_faults(m, sku)
+    if fault:
+        return fault
+    # From here to the answer nothing awaits: check-and-create is atomic on the event loop.
+    key = request.headers.get("Idempotency-Key")
+    if key and key in m.idempotency:
+        m.counters["idempotent_replays"] += 1
+        status, stored = m.idempotency[key]
+        return web.json_response(stored, status=status)
+    if m.enforce_unique_sku and m.offers_by_sku.get(sku):
+        m.counters["rejected_duplicates"] += 1
+        return web.json_response(
+            error_body(
+                25002,
+                "Offer entity already exists",
+                parameters=[{"name": "offerId", "value": m.offers_by_sku[sku][0]}],
+            ),
+            status=400,
+        )
+    offer = m.create_offer(body)
+    answer = {"offerId": offer["offerId"]}
+    if key:
+        m.idempotency[key] = (201, answer)
+    f = m.faults
+    if f.error_after_effect_rate > 0 and m.rng.random() < f.error_after_effect_rate:
+        # The offer exists but the caller never learns it: the realistic lost-response case.
+        m.counters["lost_responses"] += 1
+        return _fault_response(m, f.status, "A system error has occurred. Injected after the offer was created.")
+    return web.json_response(answer, status=201)
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MARKET_KEY].stats())
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MARKET_KEY].faults.as_dict())
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    spec = await request.json() if request.can_read_body else {}
+    try:
+        m.faults = Faults.from_dict(spec or {})
+    except (TypeError, ValueError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    if "enforce_unique_sku" in (spec or {}):
+        m.enforce_unique_sku = bool(spec["enforce_unique_sku"])
+    return web.json_response(m.faults.as_dict())
+
+
+async def get_config(request: web.Request) -> web.Response:
+    return web.json_response({"enforce_unique_sku": request.app[MARKET_KEY].enforce_unique_sku})
+
+
+async def set_config(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    spec = await request.json() if request.can_read_body else {}
+    if "enforce_unique_sku" in spec:
+        m.enforce_unique_sku = bool(spec["enforce_unique_sku"])
+    return web.json_response({"enforce_unique_sku": m.enforce_unique_sku})
+
+
+async def listings(request: web.Request) -> web.Response:
+    m = request.app[MARKET_KEY]
+    sku = request.query.get("sku")
+    ids = m.offers_by_sku.get(normalize_key(sku), []) if sku else list(m.offers)
+    out = [{**_public_offer(m.offers[i]), "created_at": m.offers[i]["created_at"]} for i in ids]
+    return web.json_response({"listings": out, "total": len(out)})
+
+
+async def reset(request: web.Request) -> web.Response:
+    request.app[MARKET_KEY].reset()
+    return web.json_response({"ok": True})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "component": "marketplace"})
+
+
+def make_app(seed: int | None = None, enforce_unique_sku: bool = False) -> web.Application:
+    app = web.Application(middlewares=[_count_requests])
+    app[MARKET_KEY] = Marketplace(seed=seed, enforce_unique_sku=enforce_unique_sku)
+    r = app.router
+    r.add_get("/catalog/v1/product/{gtin}", get_product)
+    r.add_put("/sell/inventory/v1/inventory_item/{sku}", put_inventory_item)
+    r.add_get("/sell/inventory/v1/offer", get_offers)
+    r.add_post("/sell/inventory/v1/offer", create_offer)
+    r.add_get("/_stats", stats)
+    r.add_get("/_faults", get_faults)
+    r.add_post("/_faults", set_faults)
+    r.add_get("/_config", get_config)
+    r.add_post("/_config", set_config)
+    r.add_get("/_listings", listings)
+    r.add_post("/_reset", reset)
+    r.add_get("/_health", health)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Sandbox marketplace (eBay Inventory API shape)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=None, help="seed for injected random faults")
+    parser.add_argument("--enforce-unique-sku", action="store_true")
+    args = parser.parse_args(argv)
+    web.run_app(
+        make_app(seed=args.seed, enforce_unique_sku=args.enforce_unique_sku),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        backlog=1024,
+        print=lambda _msg: print(f"marketplace ready on http://{args.host}:{args.port}", flush=True),
+    )
+
+
+if __name__ == "__main__":
+    main()

