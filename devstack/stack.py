@@ -345,7 +345,7 @@ def create_queues(tasks_port: int, location: str) -> None:
         )
         try:
             client.create_queue(parent=parent, queue=queue)
-        except gexc.AlreadyExists:
+        except gexc.Conflict:  # AlreadyExists over REST
             client.update_queue(queue=queue)
 
 
