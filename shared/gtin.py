@@ -38,6 +38,8 @@ def normalize_gtin(raw: str) -> Gtin:
             f"'{text}' is in scientific notation (a spreadsheet rounded the number); export the column as text",
         )
     compact = text.replace(" ", "").replace("-", "")
+    if not compact:  # only hyphens and spaces: no character to name below
+        raise InvalidUpcError("not_digits", f"'{_clip(text)}' contains no digits")
     if not compact.isdigit():
         bad = next(ch for ch in compact if not ch.isdigit())
         raise InvalidUpcError("not_digits", f"'{_clip(text)}' contains non-digit character {bad!r}")
