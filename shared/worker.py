@@ -16,7 +16,7 @@ from google.api_core import exceptions as gexc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import settings
-from shared.exceptions import ItemError, LeaseLostError, PermanentItemError
+from shared.exceptions import ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
 from shared.log import log_event
 from shared.model import ITEM_HISTORY_LIMIT, ITEMS, JOBS, ItemStatus, JobStatus
@@ -642,8 +642,9 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
         outcome = None
     except ItemError as exc:
         outcome = HandlerOutcome(error=exc, last_attempt=delivery.last_attempt)
-    except Exception as exc:  # a bug or an unclassified fault: fail the item with what actually happened
-        crashed = PermanentItemError(
+    except Exception as exc:  # a bug or an unclassified fault: retried with backoff like any transient
+        # fault (it may be one), failed with what actually happened once its attempts are spent.
+        crashed = RetryableItemError(
             f"handler {getattr(handler, 'name', type(handler).__name__)} crashed: {type(exc).__name__}: {str(exc)[:300]}",
             code="handler_crashed",
         )

@@ -100,7 +100,7 @@ def classify_exception(step: str, method: str, path: str, exc: Exception) -> Ite
             code="marketplace_unavailable",
             details=details,
         )
-    return PermanentItemError(
+    return RetryableItemError(
         f"{step}: {method} {path} raised {type(exc).__name__}: {_short(exc)}",
         code="handler_crashed",
         details=details,

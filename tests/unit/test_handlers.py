@@ -107,7 +107,7 @@ def test_classify_429_honours_retry_after_and_odd_bodies():
         (requests.ReadTimeout("r"), "marketplace_timeout", True),
         (requests.ConnectionError("refused"), "marketplace_unavailable", True),
         (requests.exceptions.ChunkedEncodingError("cut"), "marketplace_unavailable", True),
-        (KeyError("x"), "handler_crashed", False),
+        (KeyError("x"), "handler_crashed", True),
     ],
 )
 def test_classify_exception_table(exc, code, retryable):
