@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from google.api_core import exceptions as gexc
@@ -10,12 +11,18 @@ from shared.clients import storage_client
 from shared.exceptions import BadRequestError, SourceObjectNotFoundError
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
 def parse_gcs_path(path: str) -> tuple[str, str]:
     if not isinstance(path, str) or not path.startswith("gs://"):
         raise BadRequestError(f"gcs_path must look like gs://bucket/object, got {str(path)[:200]!r}",
                               code="bad_gcs_path")
     rest = path[len("gs://"):]
     bucket, _, name = rest.partition("/")
+    if not _BUCKET_RE.match(bucket or ""):
+        raise BadRequestError(f"{bucket!r} is not a valid bucket name (3-222 chars: a-z 0-9 - _ .)",
+                              code="bad_gcs_path")
     if not bucket or not name or name.endswith("/"):
         raise BadRequestError(f"gcs_path must name an object: gs://bucket/object, got {path[:200]!r}",
                               code="bad_gcs_path")

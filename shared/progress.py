@@ -64,6 +64,9 @@ def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str |
     job = snap.to_dict() if snap.exists else None
     if not job or job.get("status") not in _COMPLETABLE or not job.get("fanout_done_at"):
         return None
+    # An operator retry round is re-queueing failed items: they still look terminal until it is done.
+    if (job.get("retry") or {}).get("state") == "enqueuing":
+        return None
     final = JobStatus.COMPLETED_WITH_FAILURES if counts.get(ItemStatus.FAILED.value, 0) else JobStatus.COMPLETED
     tx.update(
         job_ref,
