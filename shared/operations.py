@@ -553,6 +553,11 @@ def retry_failed(job_id: str, actor: str, now: dt.datetime | None = None) -> dic
     _finish_retry_tx(db.transaction(), job_ref, rnd.round, _now(), requeued, created)
     log_event("retry_round_enqueued", job_id=job_id, actor=actor, round=rnd.round, requeued=requeued,
               tasks_created=created)
+    # Completion checks skip a job while its round is enqueuing; if every retried item finished in
+    # that window no later completion would ask again, so check once now.
+    from shared.progress import check_job_progress
+
+    check_job_progress(job_id)
     return {"job_id": job_id, "round": rnd.round, "resumed": rnd.resumed, "status": JobStatus.RUNNING.value,
             "items_requeued": requeued, "tasks_created": created}
 
