@@ -132,7 +132,11 @@ def sniff_format(text: str, line_no: int) -> FileFormat | None:
     """Decide the format from the first data line: a CSV header naming a UPC column, or plain lines."""
     for delim in _DELIMITERS:
         if delim in text:
-            cells = [c.strip().strip('"').strip().lower() for c in next(csv.reader([text], delimiter=delim))]
+            try:
+                row = next(csv.reader([text], delimiter=delim))
+            except csv.Error:  # e.g. a bare carriage return: not a header; the line is reported later
+                continue
+            cells = [c.strip().strip('"').strip().lower() for c in row]
             for name in UPC_COLUMN_NAMES:
                 if name in cells:
                     return FileFormat(kind="csv", delimiter=delim, column=cells.index(name), header_line=line_no)
