@@ -101,7 +101,6 @@ class Bridge:
         self.in_flight: set[str] = set()
         self.pulls = 0
         self.connected = False
-        self.poll_s = 20.0
         self.last_error = ""
         self._tasks: set[asyncio.Task] = set()
 
@@ -123,21 +122,27 @@ class Bridge:
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
+            idle = 0.02
             while True:
                 try:
                     if not self.connected:
                         await self._check_subscription(session)
-                    # A long poll: the emulator answers as soon as a message arrives.
-                    out = await self._sub_call(session, "pull", {"maxMessages": 100}, timeout=self.poll_s)
+                    # Not a long poll: the emulator hands messages to a pull the client already gave
+                    # up on (until their ack deadline expires), so ask and come back shortly instead.
+                    out = await self._sub_call(
+                        session, "pull", {"maxMessages": 100, "returnImmediately": True}, timeout=30
+                    )
                     self.pulls += 1
-                    for rm in out.get("receivedMessages") or []:
+                    received = out.get("receivedMessages") or []
+                    for rm in received:
                         task = asyncio.create_task(self._handle(session, rm))
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
+                    idle = 0.02 if received else min(idle * 2, 0.2)
+                    if not received:
+                        await asyncio.sleep(idle)
                 except asyncio.CancelledError:
                     raise
-                except asyncio.TimeoutError:
-                    self.pulls += 1  # an empty long poll
                 except Exception as exc:  # emulator restarting or not up yet
                     self.connected = False
                     self.last_error = repr(exc)

@@ -9,9 +9,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL = Path(os.environ.get("UPCFAN_LOCAL_DIR", REPO_ROOT / ".local"))
 RUN_DIR = LOCAL / "run"
 LOG_DIR = LOCAL / "logs"
-NODE_DIR = LOCAL / "node"  # firebase-tools installed here by scripts/bootstrap (npm ci)
+# Installed tools stay in the checkout's .local even when a stack runs from another UPCFAN_LOCAL_DIR.
+NODE_DIR = REPO_ROOT / ".local" / "node"  # firebase-tools, installed by scripts/bootstrap (npm ci)
 STACK_ENV = LOCAL / "stack.env"
 STATE_FILE = RUN_DIR / "stack.json"
+LOCK_FILE = LOCAL / "stack.lock"
+USERS_DIR = LOCAL / "users"  # test sessions using a stack they may not have started
 DELIVERIES_FILE = RUN_DIR / "bridge-deliveries.jsonl"
 NODE_SPEC_DIR = REPO_ROOT / "devstack" / "node"
 FIREBASE_BIN = NODE_DIR / "node_modules" / ".bin" / "firebase"

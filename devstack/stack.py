@@ -13,6 +13,8 @@ Components (names are also log names, `.local/logs/<name>.log`):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -506,6 +508,26 @@ def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str])
 # ---------------------------------------------------------------- up / down / status
 
 
+@contextlib.contextmanager
+def stack_lock(timeout_s: float = 300.0):
+    """Serialise up/down between engineers and test sessions sharing this checkout's stack."""
+    paths.LOCAL.mkdir(parents=True, exist_ok=True)
+    with open(paths.LOCK_FILE, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"another scripts/dev up/down holds {paths.LOCK_FILE} for > {timeout_s:.0f}s")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _write_state(ports: dict[str, int], comps: list[Component], started: float, skip: set[str]) -> None:
     state = {
         "started_at": started,
@@ -526,14 +548,20 @@ def read_state() -> dict | None:
 
 def up(skip: set[str] | tuple = (), timeout_s: float = 120.0, log=print) -> dict[str, str]:
     """Start the stack (or reuse a healthy one); return the stack.env values."""
-    skip = set(skip)
+    with stack_lock():
+        env = _up(set(skip), timeout_s, log)
+        (paths.LOCAL / "started-by-tests").unlink(missing_ok=True)  # a human owns this stack now
+        return env
+
+
+def _up(skip: set[str], timeout_s: float, log) -> dict[str, str]:
     current = status()
     if current["up"] and set(current.get("skip", [])) == skip:
         log("stack already up (scripts/dev down to stop it)")
         return read_env_file() or {}
     if current["any_running"]:
         log("a partial or different stack is running: stopping it first")
-        down(log=log)
+        _down(log=log)
     paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
     paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
     paths.STACK_ENV.unlink(missing_ok=True)
@@ -578,7 +606,7 @@ def up(skip: set[str] | tuple = (), timeout_s: float = 120.0, log=print) -> dict
                 raise first.failure(f"not ready after {timeout_s:.0f}s (also waiting: {[c.name for c in late]})")
             time.sleep(0.1)
     except BaseException:
-        down(log=lambda *_: None)
+        _down(log=lambda *_: None)
         raise
     for c in comps:
         record_children(c.name)
@@ -589,7 +617,14 @@ def up(skip: set[str] | tuple = (), timeout_s: float = 120.0, log=print) -> dict
 
 
 def down(log=print) -> list[str]:
+    """Stop every process of the stack (recorded pids, their children, tagged strays)."""
+    with stack_lock():
+        return _down(log)
+
+
+def _down(log=print) -> list[str]:
     names = stop_all()
+    (paths.LOCAL / "started-by-tests").unlink(missing_ok=True)
     paths.STACK_ENV.unlink(missing_ok=True)
     paths.STATE_FILE.unlink(missing_ok=True)
     log(f"stack stopped ({', '.join(names) if names else 'nothing was running'})")
