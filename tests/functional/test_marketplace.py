@@ -1,0 +1,248 @@
+"""Sandbox marketplace: eBay Inventory API shape, idempotency keys, duplicate counting, fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+from aiohttp import web
+
+from devstack.marketplace import fake_product, make_app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GTIN = "00012345678905"
+OFFER = "/sell/inventory/v1/offer"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """An aiohttp app on its own loop in a thread, on 127.0.0.1."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app, access_log=None)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(app,), daemon=True)
+
+    def _run(self, app) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.ready.wait(10), "server did not start"
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def mk():
+    with _Server(make_app(seed=7)) as srv:
+        yield srv.url
+
+
+def _offer(url, sku=GTIN, key=None):
+    headers = {"Idempotency-Key": key} if key else {}
+    body = {"sku": sku, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
+    return requests.post(url + OFFER, json=body, headers=headers, timeout=10)
+
+
+def test_catalog_is_deterministic(mk):
+    r = requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10)
+    assert r.status_code == 200
+    assert r.json() == fake_product(GTIN)
+    assert set(r.json()) == {"gtin", "title", "brand"}
+    assert requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10).json() == r.json()
+    assert requests.get(f"{mk}/catalog/v1/product/not-a-gtin", timeout=10).status_code == 400
+
+
+def test_inventory_put_offer_get_and_create(mk):
+    r = requests.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={"product": {"title": "x"}}, timeout=10)
+    assert r.status_code == 204
+    assert requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json() == {"offers": [], "total": 0}
+    created = _offer(mk, key="job-1:" + GTIN)
+    assert created.status_code == 201
+    offer_id = created.json()["offerId"]
+    listed = requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json()
+    assert listed["total"] == 1
+    assert listed["offers"][0]["offerId"] == offer_id
+    assert listed["offers"][0]["sku"] == GTIN and listed["offers"][0]["status"] == "UNPUBLISHED"
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 1 and stats["skus_with_duplicates"] == 0 and stats["create_calls"] == 1
+    assert stats["inventory_puts"] == 1
+
+
+def test_idempotency_key_replays_first_answer(mk):
+    first = _offer(mk, key="job-1:" + GTIN)
+    again = _offer(mk, key="job-1:" + GTIN)
+    assert again.status_code == 201 and again.json() == first.json()
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 1 and stats["create_calls"] == 2 and stats["idempotent_replays"] == 1
+
+
+def test_naive_marketplace_accepts_duplicates_and_counts_them(mk):
+    assert _offer(mk, key="a").status_code == 201
+    assert _offer(mk, key="b").status_code == 201
+    assert _offer(mk).status_code == 201  # no key at all
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 3 and stats["skus_with_duplicates"] == 1
+
+
+def test_enforce_unique_sku_rejects_second_offer(mk):
+    requests.post(f"{mk}/_config", json={"enforce_unique_sku": True}, timeout=10)
+    assert _offer(mk, key="a").status_code == 201
+    second = _offer(mk, key="b")
+    assert second.status_code == 400
+    err = second.json()["errors"][0]
+    assert err["errorId"] == 25002 and err["message"] == "Offer entity already exists"
+    assert err["domain"] == "API_INVENTORY"
+
+
+def test_error_rate_fails_before_any_effect(mk):
+    requests.post(f"{mk}/_faults", json={"error_rate": 1.0, "status": 503}, timeout=10)
+    r = _offer(mk, key="k")
+    assert r.status_code == 503
+    assert r.json()["errors"][0]["domain"] == "API_INVENTORY"
+    requests.post(f"{mk}/_faults", json={}, timeout=10)
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 0 and stats["faults_injected"] == 1
+    # The key was not consumed by the failed call: a retry creates the offer.
+    assert _offer(mk, key="k").status_code == 201
+
+
+def test_error_after_effect_is_a_lost_response_that_the_key_recovers(mk):
+    requests.post(f"{mk}/_faults", json={"error_after_effect_rate": 1.0, "status": 502}, timeout=10)
+    lost = _offer(mk, key="job:" + GTIN)
+    assert lost.status_code == 502
+    requests.post(f"{mk}/_faults", json={}, timeout=10)
+    retry = _offer(mk, key="job:" + GTIN)
+    assert retry.status_code == 201
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 1 and stats["lost_responses"] == 1 and stats["skus_with_duplicates"] == 0
+    # Without the key the same retry would duplicate: the sandbox makes that visible.
+    requests.post(f"{mk}/_faults", json={"error_after_effect_rate": 1.0}, timeout=10)
+    _offer(mk)
+    requests.post(f"{mk}/_faults", json={}, timeout=10)
+    _offer(mk)
+    assert requests.get(f"{mk}/_stats", timeout=10).json()["skus_with_duplicates"] == 1
+
+
+def test_fail_gtins_and_latency_gtins(mk):
+    other = "00036000291452"
+    spec = {"fail_gtins": {"12345678905": 400}, "latency_gtins": {other: 150}}
+    set_ = requests.post(f"{mk}/_faults", json=spec, timeout=10).json()
+    assert set_["fail_gtins"] == {GTIN: 400}  # keys normalised to GTIN-14
+    assert requests.get(f"{mk}/_faults", timeout=10).json() == set_
+    for resp in (
+        requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10),
+        requests.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={}, timeout=10),
+        requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10),
+        _offer(mk, key="x"),
+    ):
+        assert resp.status_code == 400
+        err = resp.json()["errors"][0]
+        assert GTIN in err["message"] and err["errorId"]
+    t0 = time.monotonic()
+    assert _offer(mk, sku=other, key="y").status_code == 201
+    assert time.monotonic() - t0 >= 0.15
+
+
+def test_reset_clears_everything(mk):
+    requests.post(f"{mk}/_faults", json={"error_rate": 0.5}, timeout=10)
+    requests.post(f"{mk}/_reset", timeout=10)
+    assert requests.get(f"{mk}/_faults", timeout=10).json()["error_rate"] == 0.0
+    _offer(mk, key="a")
+    requests.post(f"{mk}/_reset", timeout=10)
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["listings"] == 0 and stats["create_calls"] == 0
+
+
+def test_concurrent_same_key_creates_one_offer(mk):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = {"sku": GTIN, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
+            reqs = [s.post(mk + OFFER, json=body, headers={"Idempotency-Key": "same"}) for _ in range(50)]
+            resps = await asyncio.gather(*reqs)
+            out = [(r.status, await r.json()) for r in resps]
+            for r in resps:
+                r.release()
+            return out
+
+    out = asyncio.run(go())
+    assert {status for status, _ in out} == {201}
+    assert len({body["offerId"] for _, body in out}) == 1
+    assert requests.get(f"{mk}/_stats", timeout=10).json()["listings"] == 1
+
+
+def test_throughput_at_least_500_requests_per_second():
+    """The marketplace as its own process (as in the stack) serves >= 500 req/s on this machine."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devstack.marketplace", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if requests.get(f"{url}/_health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "marketplace did not start"
+            time.sleep(0.05)
+
+        async def hammer(n: int, concurrency: int) -> float:
+            sem = asyncio.Semaphore(concurrency)
+            conn = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=conn) as s:
+
+                async def one(i: int) -> int:
+                    async with sem:
+                        gtin = f"{i % 1000:014d}"
+                        if i % 2:
+                            async with s.get(f"{url}/catalog/v1/product/{gtin}") as r:
+                                await r.read()
+                                return r.status
+                        body = {"sku": gtin, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
+                        async with s.post(url + OFFER, json=body, headers={"Idempotency-Key": f"k{i}"}) as r:
+                            await r.read()
+                            return r.status
+
+                t0 = time.perf_counter()
+                statuses = await asyncio.gather(*(one(i) for i in range(n)))
+                elapsed = time.perf_counter() - t0
+            assert set(statuses) <= {200, 201}
+            return n / elapsed
+
+        rate = asyncio.run(hammer(3000, 50))
+        print(f"marketplace: {rate:.0f} req/s")
+        assert rate >= 500, f"{rate:.0f} req/s"
+    finally:
+        proc.terminate()
+        proc.wait(10)
