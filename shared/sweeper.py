@@ -36,7 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from google.api_core import exceptions as gexc
 from google.api_core import retry as api_retry
@@ -63,6 +63,10 @@ MAX_RETRIES_PER_SWEEP = 50
 LEASE_OVERRUN_LIMIT = 1000
 QUERY_TIMEOUT_S = 10.0
 WRITE_WORKERS = 16
+# Flag-phase commits: atomic WriteBatches of whole per-job write groups, ≤ 500 writes each, a few in flight.
+MAX_BATCH_OPS = 500
+MIN_BATCH_OPS = 100
+COMMIT_PARALLEL = 4
 
 SEVERITY_RANK = {"INFO": 0, "WARNING": 1, "CRITICAL": 2}
 
@@ -270,22 +274,23 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
 
     outbox: list[tuple[Any, alerts.SlackMessage]] = []  # (stall_event ref, message)
     with ThreadPoolExecutor(max_workers=WRITE_WORKERS) as pool:
-        results = list(pool.map(lambda f: _handle_finding(db, f, scan, now, cfg, meter), scan.findings.values()))
-        for res in results:
-            report.findings.append(res["summary"])
-            report.flagged += res["flagged"]
-            report.suppressed += res["suppressed"]
-            report.skipped_moved += res["moved"]
-            if res["outbox"]:
-                outbox.append(res["outbox"])
-        recov = list(pool.map(lambda j: _handle_recovery(db, j, now), [
-            j for j in scan.flagged if j["job_id"] not in scan.findings
-        ]))
-        for res in recov:
-            report.skipped_moved += res["moved"]
-            if res["outbox"]:
-                report.recovered += 1
-                outbox.append(res["outbox"])
+        plans = _plan_findings(db, scan, now, cfg, meter, pool)
+        plans += [_plan_recovery(db, j, now) for j in scan.flagged if j["job_id"] not in scan.findings]
+        moved = _commit_plans(db, plans, pool)
+    for i, plan in enumerate(plans):
+        if plan.summary is not None:
+            report.findings.append(plan.summary)
+        if i in moved:
+            report.skipped_moved += 1
+            if plan.summary is not None:
+                plan.summary["action"] = "skipped_moved"
+            continue
+        plan.log()
+        report.flagged += plan.flagged
+        report.suppressed += plan.suppressed
+        report.recovered += plan.recovered
+        if plan.outbox is not None:
+            outbox.append(plan.outbox)
 
     mark = _phase(report, "flag", mark)
     systemic = _systemic(db, now, cfg, scan, meter)
@@ -421,89 +426,131 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
     return _Scan(merge_findings(found), flagged, cooldowns, pending, checked)
 
 
-def _never_claimed(db, job_id: str, job: dict, meter: ReadMeter) -> int | None:
-    """totals.items - count(items): items whose task never reached a worker (items are born at claim)."""
+def never_claimed_from_snapshot(job: dict) -> tuple[int | None, bool]:
+    """(never-claimed items, exact?) from the job document alone.
+
+    Items are born at their first claim and never deleted, so `count(items)` only grows and is
+    at least the sum of the job's `counts` snapshot (written by the last progress check). Hence
+    `totals.items - sum(counts)` is an upper bound of "never reached a worker"; when it is 0 the
+    answer is exactly 0 and no count aggregation is needed. Before fan-out is done (or without
+    totals) the answer is unknown (None) — also without a count.
+    """
     total = (job.get("totals") or {}).get("items")
     if total is None or not job.get("fanout_done_at"):
-        return None
+        return None, True
+    _, unborn = _open_in_snapshot(job)
+    return (0, True) if unborn == 0 else (unborn, False)
+
+
+def _never_claimed(db, job_id: str, job: dict, meter: ReadMeter) -> int | None:
+    """totals.items - count(items): items whose task never reached a worker (items are born at claim).
+    One count aggregation, only when the job's own snapshot cannot give the exact answer."""
+    known, exact = never_claimed_from_snapshot(job)
+    if exact:
+        return known
+    total = int((job.get("totals") or {}).get("items"))
     agg = db.collection(JOBS).document(job_id).collection(ITEMS).count(alias="n")
     born = int(agg.get(retry=_retry(), timeout=QUERY_TIMEOUT_S)[0][0].value)
     meter.aggregation(born)
-    return max(0, int(total) - born)
+    return max(0, total - born)
 
 
-def _handle_finding(db, f: Finding, scan: _Scan, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> dict:
-    existing = f.job.get("stall") or None
-    same_episode = bool(existing) and moved_since_flag(f.job, existing) is None
-    if not same_episode:
-        action = "flagged"
-        stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason, "flagged_at": now}
-    elif SEVERITY_RANK[f.severity] > SEVERITY_RANK.get(existing.get("severity"), 0) or f.kind != existing.get("kind"):
-        action = "escalated"
-        stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason,
-                 "flagged_at": existing.get("flagged_at") or now}
-    else:
-        action = "unchanged"
-        stall = None
-    why = decide_alert(f.severity, scan.cooldowns.get(f.job_id), now, cfg.alert_cooldown_minutes)
+@dataclass
+class _Plan:
+    """The writes for one job, committed atomically with others in a batch, and what to report
+    once they are in. `ops` apply `_write_*` functions to a batch."""
+
+    job_id: str
+    ops: list[Callable[[Any], None]]
+    summary: dict | None = None
+    outbox: tuple[Any, alerts.SlackMessage] | None = None
+    flagged: int = 0
+    suppressed: int = 0
+    recovered: int = 0
+    log_fields: dict | None = None
+
+    def log(self) -> None:
+        if self.log_fields:
+            fields = dict(self.log_fields)
+            event, severity = fields.pop("event"), fields.pop("severity", "INFO")
+            log_event(event, severity=severity, logger="upcfan.sweeper", **fields)
+
+
+def _plan_findings(db, scan: _Scan, now: dt.datetime, cfg: Settings, meter: ReadMeter, pool) -> list[_Plan]:
+    """Decides every finding (flag / escalate / remind / suppress) and builds its writes; the only
+    I/O is the never-claimed count for alerts whose job snapshot cannot answer it, run in parallel."""
+    decided = []
+    for f in scan.findings.values():
+        existing = f.job.get("stall") or None
+        same_episode = bool(existing) and moved_since_flag(f.job, existing) is None
+        if not same_episode:
+            action = "flagged"
+            stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason, "flagged_at": now}
+        elif SEVERITY_RANK[f.severity] > SEVERITY_RANK.get(existing.get("severity"), 0) or f.kind != existing.get("kind"):
+            action = "escalated"
+            stall = {"kind": f.kind, "severity": f.severity, "reason": f.reason,
+                     "flagged_at": existing.get("flagged_at") or now}
+        else:
+            action = "unchanged"
+            stall = None
+        why = decide_alert(f.severity, scan.cooldowns.get(f.job_id), now, cfg.alert_cooldown_minutes)
+        decided.append((f, action, stall, why))
+    counted = [f for f, _, _, why in decided if why and f.kind in (NO_PROGRESS, QUEUED_STALL, LEASE_OVERRUN)]
+    nevers = dict(zip([f.job_id for f in counted],
+                      pool.map(lambda f: _never_claimed(db, f.job_id, f.job, meter), counted)))
+    return [_plan_finding(db, f, action, stall, why, nevers.get(f.job_id), now)
+            for f, action, stall, why in decided]
+
+
+def _plan_finding(db, f: Finding, action: str, stall: dict | None, why: str | None, never: int | None,
+                  now: dt.datetime) -> _Plan:
     summary = {"job_id": f.job_id, "kind": f.kind, "severity": f.severity, "action": action,
                "alert": why or "suppressed"}
-    out = {"summary": summary, "flagged": 0, "suppressed": 0, "moved": 0, "outbox": None}
+    plan = _Plan(f.job_id, [], summary)
     if stall is None and why is None:
-        out["suppressed"] = 1
-        return out
+        plan.suppressed = 1
+        return plan
 
     message = None
-    never = None
     if why:
-        if f.kind in (NO_PROGRESS, QUEUED_STALL, LEASE_OVERRUN):
-            never = _never_claimed(db, f.job_id, f.job, meter)
         counts = f.job.get("counts") or {}
-        open_, unborn = _open_in_snapshot(f.job)
+        open_, _ = _open_in_snapshot(f.job)
         message = alerts.build_stall_message(alerts.StallAlert(
             severity=f.severity, job_id=f.job_id, kind=f.kind, reason=f.reason,
             gcs_path=f.job.get("gcs_path") or "", stalled_for_s=(now - f.since).total_seconds(),
             succeeded=int(counts.get("succeeded") or 0), failed=int(counts.get("failed") or 0),
-            open=open_, never_claimed=never if never is not None else None, detected_at=now,
+            open=open_, never_claimed=never, detected_at=now,
             action="reminder" if action == "unchanged" else action,
         ))
         summary["never_claimed"] = never
     record = _stall_event_record(f.job_id, f.kind, f.severity, f.reason, now, action, message,
                                  notify_state=PENDING if why else SUPPRESSED,
                                  notify_error=None if why else "suppressed by cooldown")
-    batch = db.batch()
     if stall is not None:
-        _write_job_stall(db, batch, f.job_id, stall, f.update_time)
-        _write_job_event(db, batch, f.job_id, "stall_flagged", now, {
-            "kind": f.kind, "severity": f.severity, "reason": f.reason, "action": action,
-            "never_claimed": never,
-        })
-    ref = _write_stall_event(db, batch, record)
+        details = {"kind": f.kind, "severity": f.severity, "reason": f.reason, "action": action,
+                   "never_claimed": never}
+        plan.ops.append(lambda batch: _write_job_stall(db, batch, f.job_id, stall, f.update_time))
+        plan.ops.append(lambda batch: _write_job_event(db, batch, f.job_id, "stall_flagged", now, details))
+    ref = db.collection(STALL_EVENTS).document()
+    plan.ops.append(lambda batch: _write_stall_event(db, batch, record, ref))
     state: dict[str, Any] = {"job_id": f.job_id, "updated_at": now, "last_kind": f.kind}
     if action == "flagged":
         state["episode_at"] = now
     if why:
         state |= {"last_alert_at": now, "last_severity": f.severity}
-    _write_alert_state(db, batch, f.job_id, state)
-    try:
-        batch.commit()
-    except (gexc.FailedPrecondition, gexc.NotFound):
-        # The job changed between our read and this write: it moved, so it is not ours to flag now.
-        out["moved"] = 1
-        summary["action"] = "skipped_moved"
-        return out
+    plan.ops.append(lambda batch: _write_alert_state(db, batch, f.job_id, state))
     if stall is not None:
-        out["flagged"] = 1
-        log_event("stall_flagged", severity="WARNING", logger="upcfan.sweeper", job_id=f.job_id,
-                  kind=f.kind, stall_severity=f.severity, action=action, alert=why or "suppressed")
+        plan.flagged = 1
+        plan.log_fields = {"event": "stall_flagged", "severity": "WARNING", "job_id": f.job_id, "kind": f.kind,
+                           "stall_severity": f.severity, "action": action, "alert": why or "suppressed"}
     if why:
-        out["outbox"] = (ref, message)
+        plan.outbox = (ref, message)
     else:
-        out["suppressed"] = 1
-    return out
+        plan.suppressed = 1
+    return plan
 
 
-def _handle_recovery(db, job: dict, now: dt.datetime) -> dict:
+def _plan_recovery(db, job: dict, now: dt.datetime) -> _Plan:
     stall = job.get("stall") or {}
     how = moved_since_flag(job, stall) or "no longer matches a stall condition"
     flagged_at = as_utc(stall.get("flagged_at")) or now
@@ -512,19 +559,55 @@ def _handle_recovery(db, job: dict, now: dt.datetime) -> dict:
                                              (now - flagged_at).total_seconds())
     record = _stall_event_record(job_id, stall.get("kind", "?"), "INFO", how, now, "recovered", message,
                                  notify_state=PENDING, notify_error=None)
+    details = {"kind": stall.get("kind"), "how": how, "flagged_at": stall.get("flagged_at")}
+    ref = db.collection(STALL_EVENTS).document()
+    state = {"job_id": job_id, "updated_at": now, "last_alert_at": now, "last_severity": "INFO"}
+    return _Plan(job_id, [
+        lambda batch: _write_job_stall(db, batch, job_id, None, job.get("_update_time")),
+        lambda batch: _write_job_event(db, batch, job_id, "stall_recovered", now, details),
+        lambda batch: _write_stall_event(db, batch, record, ref),
+        lambda batch: _write_alert_state(db, batch, job_id, state),
+    ], outbox=(ref, message), recovered=1,
+        log_fields={"event": "stall_recovered", "job_id": job_id, "kind": stall.get("kind"), "how": how})
+
+
+def _commit_plans(db, plans: list[_Plan], pool) -> set[int]:
+    """Commits every plan in as few atomic batches as fit (≤ MAX_BATCH_OPS writes, a few in parallel);
+    a plan's writes never straddle two batches. Returns the indices of plans whose job changed since
+    we read it (update-time precondition failed): they are left alone, the next sweep looks again."""
+    chunks: list[list[int]] = []
+    size = 0
+    per_chunk = max(1, math.ceil(sum(len(p.ops) for p in plans) / COMMIT_PARALLEL))
+    per_chunk = min(MAX_BATCH_OPS, max(MIN_BATCH_OPS, per_chunk))
+    for i, plan in enumerate(plans):
+        if not plan.ops:
+            continue
+        if not chunks or size + len(plan.ops) > per_chunk:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += len(plan.ops)
+    moved: set[int] = set()
+    for failed in pool.map(lambda chunk: _commit_chunk(db, plans, chunk), chunks):
+        moved |= set(failed)
+    return moved
+
+
+def _commit_chunk(db, plans: list[_Plan], chunk: list[int]) -> list[int]:
+    """One atomic batch; when a precondition fails, halves it until the moved job(s) stand alone."""
     batch = db.batch()
-    _write_job_stall(db, batch, job_id, None, job.get("_update_time"))
-    _write_job_event(db, batch, job_id, "stall_recovered", now, {"kind": stall.get("kind"), "how": how,
-                                                                 "flagged_at": stall.get("flagged_at")})
-    ref = _write_stall_event(db, batch, record)
-    _write_alert_state(db, batch, job_id, {"job_id": job_id, "updated_at": now, "last_alert_at": now,
-                                           "last_severity": "INFO"})
+    for i in chunk:
+        for op in plans[i].ops:
+            op(batch)
     try:
-        batch.commit()
+        batch.commit(retry=_retry(), timeout=QUERY_TIMEOUT_S)
+        return []
     except (gexc.FailedPrecondition, gexc.NotFound):
-        return {"moved": 1, "outbox": None}  # changed again since we read it; next sweep looks again
-    log_event("stall_recovered", logger="upcfan.sweeper", job_id=job_id, kind=stall.get("kind"), how=how)
-    return {"moved": 0, "outbox": (ref, message)}
+        # A job changed between our read and this write: it moved, so it is not ours to flag now.
+        if len(chunk) == 1:
+            return chunk
+        mid = len(chunk) // 2
+        return _commit_chunk(db, plans, chunk[:mid]) + _commit_chunk(db, plans, chunk[mid:])
 
 
 def _systemic(db, now: dt.datetime, cfg: Settings, scan: _Scan, meter: ReadMeter):
@@ -543,7 +626,8 @@ def _systemic(db, now: dt.datetime, cfg: Settings, scan: _Scan, meter: ReadMeter
     record = _stall_event_record(SYSTEMIC_KEY, "systemic", "CRITICAL", f"{n} jobs stalled within an hour", now,
                                  "systemic", message, notify_state=PENDING, notify_error=None)
     batch = db.batch()
-    ref = _write_stall_event(db, batch, record)
+    ref = db.collection(STALL_EVENTS).document()
+    _write_stall_event(db, batch, record, ref)
     _write_alert_state(db, batch, SYSTEMIC_KEY, {"job_id": None, "updated_at": now, "last_alert_at": now,
                                                  "last_severity": "CRITICAL", "last_count": n})
     batch.commit()
@@ -633,10 +717,9 @@ def _write_job_event(db, batch, job_id: str, event_type: str, now: dt.datetime, 
                     "expire_at": now + STALL_EVENT_TTL})
 
 
-def _write_stall_event(db, batch, record: dict):
-    ref = db.collection(STALL_EVENTS).document()
+def _write_stall_event(db, batch, record: dict, ref) -> None:
+    assert ref.parent.id == STALL_EVENTS
     batch.set(ref, record)
-    return ref
 
 
 def _write_mark_stall_events(db, marks: list[tuple[Any, dict]]) -> None:

@@ -370,3 +370,70 @@ def test_firestore_unreachable_raises_store_unavailable(firestore_emulator, monk
     with pytest.raises(StoreUnavailableError) as err:
         sweeper.run_sweep(now=T0, settings=cfg, db=db, webhook_url="")
     assert "Firestore unreachable" in err.value.message
+
+
+def test_job_that_moved_between_read_and_write_is_left_alone(env, sink, monkeypatch):
+    """Findings are committed in shared batches with a per-job update-time precondition: a job
+    that changes after the scan fails only its own writes; the others in the batch land."""
+    db, _ = env
+    a, moved, c = (make_job(db, last_progress=T0 - 16 * MIN) for _ in range(3))  # stalled from T0 + 1
+    flagged_then_moved = make_job(db, last_progress=T0 - 20 * MIN)
+    assert sweep(env, sink, T0 - 1 * MIN).flagged == 1  # the fourth job; the next sweep will recover it
+    db.collection(JOBS).document(flagged_then_moved).update({"last_progress_at": T0})
+    real_scan = sweeper._scan
+
+    def scan_then_jobs_move(*args, **kwargs):
+        result = real_scan(*args, **kwargs)
+        for j in (moved, flagged_then_moved):  # a worker reports progress after our read
+            db.collection(JOBS).document(j).update({"updated_at": T0})
+        return result
+
+    monkeypatch.setattr(sweeper, "_scan", scan_then_jobs_move)
+    events_before = {j: len(job_events(db, j)) for j in (a, moved, c, flagged_then_moved)}
+    records_before = {j: len(stall_events(db, j)) for j in (a, moved, c, flagged_then_moved)}
+    r = sweep(env, sink, T0 + 1 * MIN)
+    assert r.skipped_moved == 2 and r.recovered == 0
+    by_job = {f["job_id"]: f for f in r.findings}
+    assert by_job[moved]["action"] == "skipped_moved"
+    for j in (a, c):
+        assert job(db, j)["stall"]["kind"] == "no_progress"
+        assert len(job_events(db, j)) == events_before[j] + 1
+        assert len(stall_events(db, j)) == records_before[j] + 1
+    # the moved jobs: nothing written at all (no flag change, no event, no record)
+    assert job(db, moved)["stall"] is None
+    assert job(db, flagged_then_moved)["stall"] is not None
+    for j in (moved, flagged_then_moved):
+        assert len(job_events(db, j)) == events_before[j]
+        assert len(stall_events(db, j)) == records_before[j]
+    # next sweep, nothing moving underneath: the recovery lands
+    monkeypatch.setattr(sweeper, "_scan", real_scan)
+    r2 = sweep(env, sink, T0 + 2 * MIN)
+    assert r2.recovered == 1 and job(db, flagged_then_moved)["stall"] is None
+
+
+def test_many_findings_commit_in_few_batches(env, sink, monkeypatch):
+    db, _ = env
+    jids = [make_job(db, last_progress=T0 - 20 * MIN, counts={"queued": 0, "processing": 0, "succeeded": 10,
+                                                              "failed": 0, "cancelled": 0}) for _ in range(30)]
+    commits = []
+    real_batch = db.batch
+
+    def counting_batch():
+        b = real_batch()
+        real_commit = b.commit
+
+        def commit(*a, **kw):
+            commits.append(len(b._write_pbs))
+            return real_commit(*a, **kw)
+
+        b.commit = commit
+        return b
+
+    monkeypatch.setattr(db, "batch", counting_batch)
+    r = sweep(env, sink, T0)
+    assert r.flagged == 30 and r.skipped_moved == 0
+    flag_commits = [n for n in commits if n >= 4]  # per-job groups are 4 writes; delivery marks come after
+    assert 1 <= len(flag_commits) <= sweeper.COMMIT_PARALLEL and sum(flag_commits) >= 30 * 4
+    assert all(job(db, j)["stall"]["kind"] == "no_progress" for j in jids)
+    # counts snapshot shows every item born: never_claimed is exactly 0 without a count aggregation
+    assert {f["never_claimed"] for f in r.findings} == {0}

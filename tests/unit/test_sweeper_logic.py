@@ -97,3 +97,13 @@ def test_read_meter_bills_like_firestore():
     m.aggregation(2500)  # 1 per 1000 index entries, rounded up
     m.gets(2)
     assert m.reads == 1 + 5 + 1 + 3 + 2
+
+
+def test_never_claimed_from_snapshot():
+    # every item born by the last progress check: exactly 0 (count(items) only grows)
+    assert sweeper.never_claimed_from_snapshot(_job(counts={"succeeded": 7, "failed": 3})) == (0, True)
+    # some not born at the snapshot: an upper bound only, a count is needed
+    assert sweeper.never_claimed_from_snapshot(_job(counts={"succeeded": 6})) == (4, False)
+    # unknown before fan-out is done or without totals — no count either
+    assert sweeper.never_claimed_from_snapshot(_job(fanout_done_at=None)) == (None, True)
+    assert sweeper.never_claimed_from_snapshot(_job(totals={})) == (None, True)
