@@ -4,7 +4,7 @@ import functions_framework
 from cloudevents.http import from_http
 from flask import Request, jsonify
 
-from shared.exceptions import UpcfanError
+from shared.exceptions import SourceObjectNotFoundError, UpcfanError
 from shared.log import log_event, setup_logging
 
 setup_logging()
@@ -44,7 +44,13 @@ def ingest(request: Request):
                 log_event("event_ignored", event_type=event["type"], event_id=event["id"])
                 return jsonify({"ignored": event["type"]}), 200
             data = event.data if isinstance(event.data, dict) else {}
-            result = core.handle_finalize_event(data, event_id=event["id"])
+            try:
+                result = core.handle_finalize_event(data, event_id=event["id"])
+            except SourceObjectNotFoundError as exc:
+                # Overwritten or deleted before we ran: that generation's data is gone for good and a
+                # newer generation has its own event, so retrying this one would only spin.
+                log_event("event_object_gone", severity="WARNING", event_id=event["id"], error=exc.message)
+                return jsonify({"ignored": exc.message}), 200
             if result is None:
                 return jsonify({"ignored": "bucket not watched"}), 200
             # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
