@@ -335,7 +335,7 @@ def create_queues(tasks_port: int, location: str) -> None:
             name=f"{parent}/queues/{spec.name}",
             rate_limits=tasks_v2.RateLimits(
                 max_dispatches_per_second=spec.rate.max_dispatches_per_second,
-                max_concurrent_dispatches=spec.rate.max_concurrent_dispatches,
+                max_concurrent_dispatches=spec.local_max_concurrent_dispatches,
             ),
             retry_config=tasks_v2.RetryConfig(
                 max_attempts=r.max_attempts,
@@ -486,7 +486,9 @@ def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str])
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
         fenv = dict(env)
-        fenv.update({"PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name})
+        # functions-framework serves THREADS concurrent requests per process (default 4 per core);
+        # the queues' local concurrency is sized to match.
+        fenv.update({"PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name, "THREADS": "32"})
         comps.append(
             Component(
                 name=name,

@@ -32,6 +32,9 @@ class QueueSpec:
     retry: RetryConfig
     rate: RateLimits
     dispatch_deadline_s: int
+    # The local stack runs one process per function where production autoscales instances:
+    # in-flight dispatches beyond what that process serves would only wait in its socket backlog.
+    local_max_concurrent_dispatches: int = 32
 
 
 # Item tasks: retried with backoff; attempts bound the worker's "last attempt" rule.
@@ -49,6 +52,7 @@ CONTROL_QUEUE = QueueSpec(
     retry=RetryConfig(max_attempts=20, min_backoff_s=1.0, max_backoff_s=30.0, max_doublings=3),
     rate=RateLimits(max_dispatches_per_second=50.0, max_concurrent_dispatches=20),
     dispatch_deadline_s=600,
+    local_max_concurrent_dispatches=8,
 )
 
 

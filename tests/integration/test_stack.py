@@ -51,7 +51,7 @@ def test_queues_exist_with_the_configured_retry_and_rates(stack_env, tasks_clien
         assert q.retry_config.max_attempts == spec.retry.max_attempts
         assert q.retry_config.max_doublings == spec.retry.max_doublings
         assert q.rate_limits.max_dispatches_per_second == spec.rate.max_dispatches_per_second
-        assert q.rate_limits.max_concurrent_dispatches == spec.rate.max_concurrent_dispatches
+        assert q.rate_limits.max_concurrent_dispatches == spec.local_max_concurrent_dispatches
 
 
 def test_upload_delivers_one_binary_cloudevent_per_finalize(stack_env, upload, bridge):
