@@ -15,7 +15,8 @@ Queries, each one costing reads in proportion to *stalled* things, not to all jo
 | item lease overrun (`lease_overrun`) | group `items` `status == processing AND lease_expires_at < now - overrun` | items CG (status, lease_expires_at) |
 | ingesting too long (`ingesting_stall`) | jobs `status == ingesting AND created_at < now - ingesting_stall` | jobs (status, created_at) |
 | flagged jobs (recovery check) | jobs `stall.flagged_at > epoch` | automatic single-field index |
-| per-job cooldowns in force | alert_state `last_alert_at >= now - cooldown` | automatic single-field index |
+| per-job cooldown | none: read from the finding's own `stall.last_alert_at/last_severity` | — |
+| systemic cooldown | get `alert_state/systemic`, only when the count reaches the threshold | — |
 | jobs that stalled in the last hour (systemic) | count(alert_state `episode_at >= now - 1h`) | automatic single-field index |
 | un-notified alerts to retry | stall_events `notify_state in (pending, failed) AND detected_at >= now - 24h` | stall_events (notify_state, detected_at) |
 
@@ -25,6 +26,16 @@ shows queued items or items never born (`totals.items > sum(counts)`). Firestore
 compare two fields, so the query is the `no_progress` one with the smaller of the two
 cutoffs, and the classification happens on the (already stalled) documents it returns.
 `last_progress_at` is set at job creation and at fan-out, so a running job always has it.
+
+Cooldown without a read: the flag on the job carries `last_alert_at` / `last_severity`, written in
+the same atomic batch as `alert_state/{job}` whenever an alert is decided (a reminder therefore
+rewrites `stall` too, under the same precondition). A finding whose job carries no flag has no
+cooldown in force: `alert_state` can only hold a WARNING/CRITICAL alert while the flag is set (they
+are written together, and a recovery clears the flag and writes INFO together), and after an INFO
+prior `decide_alert` alerts anyway. Such findings are therefore decided with no prior (`first`).
+Flags written before this field existed fall back to one batched `get_all` of their `alert_state`.
+Documents read per sweep: the stalled jobs (stall queries) + the flagged jobs + ≤ 1 per empty query
++ one count aggregation per alerted job whose counts snapshot does not settle "never claimed".
 """
 
 from __future__ import annotations
@@ -231,6 +242,18 @@ def moved_since_flag(job: dict, stall: dict) -> str | None:
     return None
 
 
+def prior_alert(job_id: str, job: dict, legacy: dict[str, dict]) -> dict | None:
+    """The last alert for a job's current flag: from the flag itself (`stall.last_alert_at`,
+    `stall.last_severity`), from `legacy` alert_state docs for flags written without them, or None
+    for a job without a flag (no cooldown can be in force then; see the module docstring)."""
+    stall = job.get("stall") or None
+    if not stall:
+        return None
+    if "last_alert_at" in stall:
+        return {"last_alert_at": stall.get("last_alert_at"), "last_severity": stall.get("last_severity")}
+    return legacy.get(job_id)
+
+
 def merge_findings(findings: Iterable[Finding]) -> dict[str, Finding]:
     """One finding per job: the most severe (then first) kind, with every reason kept."""
     merged: dict[str, Finding] = {}
@@ -327,7 +350,7 @@ def _client_for(cfg: Settings):
 class _Scan:
     findings: dict[str, Finding]
     flagged: list[dict]  # jobs carrying a stall flag, with "_update_time"
-    cooldowns: dict[str, dict]  # alert_state docs with a cooldown in force
+    cooldowns: dict[str, dict]  # alert_state of flags written without last_alert_at (legacy), by job id
     pending: list[tuple[Any, dict]]  # un-notified stall_events (ref, data)
     checked: int
 
@@ -357,8 +380,6 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
         .limit(LEASE_OVERRUN_LIMIT),
         # Flagged jobs (to find the ones that moved again).
         "flagged": jobs.where(filter=FieldFilter("stall.flagged_at", ">", EPOCH)),
-        "cooldowns": db.collection(ALERT_STATE).where(filter=FieldFilter(
-            "last_alert_at", ">=", now - dt.timedelta(minutes=cfg.alert_cooldown_minutes))),
         "pending": db.collection(STALL_EVENTS)
         .where(filter=FieldFilter("notify_state", "in", [PENDING, FAILED]))
         .where(filter=FieldFilter("detected_at", ">=", now - RETRY_WINDOW))
@@ -415,15 +436,23 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
                              f"{len(stuck)} item(s) processing with a lease expired {_minutes(now - oldest)} min ago "
                              f"(e.g. {sample})", oldest, data, snap.update_time, stuck_items=len(stuck)))
 
+    merged = merge_findings(found)
     flagged = []
     for snap in res["flagged"]:
         checked += 1
         flagged.append({**snap.to_dict(), "job_id": snap.id, "_update_time": snap.update_time})
 
-    cooldowns = {s.id: s.to_dict() for s in res["cooldowns"]}
+    # Cooldowns come from the flag itself; only flags written without them need their alert_state.
+    legacy = [f.job_id for f in merged.values() if (f.job.get("stall") or {}) and "last_alert_at" not in f.job["stall"]]
+    cooldowns: dict[str, dict] = {}
+    if legacy:
+        snaps = list(db.get_all([db.collection(ALERT_STATE).document(j) for j in legacy], retry=_retry(),
+                                timeout=QUERY_TIMEOUT_S))
+        meter.gets(len(legacy))
+        cooldowns = {s.id: s.to_dict() for s in snaps if s.exists}
     pending = [(s.reference, s.to_dict()) for s in res["pending"]]
 
-    return _Scan(merge_findings(found), flagged, cooldowns, pending, checked)
+    return _Scan(merged, flagged, cooldowns, pending, checked)
 
 
 def never_claimed_from_snapshot(job: dict) -> tuple[int | None, bool]:
@@ -493,17 +522,18 @@ def _plan_findings(db, scan: _Scan, now: dt.datetime, cfg: Settings, meter: Read
         else:
             action = "unchanged"
             stall = None
-        why = decide_alert(f.severity, scan.cooldowns.get(f.job_id), now, cfg.alert_cooldown_minutes)
-        decided.append((f, action, stall, why))
-    counted = [f for f, _, _, why in decided if why and f.kind in (NO_PROGRESS, QUEUED_STALL, LEASE_OVERRUN)]
+        prior = prior_alert(f.job_id, f.job, scan.cooldowns)
+        why = decide_alert(f.severity, prior, now, cfg.alert_cooldown_minutes)
+        decided.append((f, action, stall, why, prior))
+    counted = [f for f, _, _, why, _ in decided if why and f.kind in (NO_PROGRESS, QUEUED_STALL, LEASE_OVERRUN)]
     nevers = dict(zip([f.job_id for f in counted],
                       pool.map(lambda f: _never_claimed(db, f.job_id, f.job, meter), counted)))
-    return [_plan_finding(db, f, action, stall, why, nevers.get(f.job_id), now)
-            for f, action, stall, why in decided]
+    return [_plan_finding(db, f, action, stall, why, prior, nevers.get(f.job_id), now)
+            for f, action, stall, why, prior in decided]
 
 
-def _plan_finding(db, f: Finding, action: str, stall: dict | None, why: str | None, never: int | None,
-                  now: dt.datetime) -> _Plan:
+def _plan_finding(db, f: Finding, action: str, stall: dict | None, why: str | None, prior: dict | None,
+                  never: int | None, now: dt.datetime) -> _Plan:
     summary = {"job_id": f.job_id, "kind": f.kind, "severity": f.severity, "action": action,
                "alert": why or "suppressed"}
     plan = _Plan(f.job_id, [], summary)
@@ -526,10 +556,15 @@ def _plan_finding(db, f: Finding, action: str, stall: dict | None, why: str | No
     record = _stall_event_record(f.job_id, f.kind, f.severity, f.reason, now, action, message,
                                  notify_state=PENDING if why else SUPPRESSED,
                                  notify_error=None if why else "suppressed by cooldown")
+    # The flag carries the alert cooldown (see the module docstring): a new flag or escalation
+    # keeps the last alert's time and severity unless this one alerts; a reminder updates them.
+    written = dict(stall if stall is not None else (f.job.get("stall") or {}))
+    written["last_alert_at"] = now if why else (prior or {}).get("last_alert_at")
+    written["last_severity"] = f.severity if why else (prior or {}).get("last_severity")
+    plan.ops.append(lambda batch: _write_job_stall(db, batch, f.job_id, written, f.update_time))
     if stall is not None:
         details = {"kind": f.kind, "severity": f.severity, "reason": f.reason, "action": action,
                    "never_claimed": never}
-        plan.ops.append(lambda batch: _write_job_stall(db, batch, f.job_id, stall, f.update_time))
         plan.ops.append(lambda batch: _write_job_event(db, batch, f.job_id, "stall_flagged", now, details))
     ref = db.collection(STALL_EVENTS).document()
     plan.ops.append(lambda batch: _write_stall_event(db, batch, record, ref))
@@ -618,7 +653,11 @@ def _systemic(db, now: dt.datetime, cfg: Settings, scan: _Scan, meter: ReadMeter
     base = db.collection(ALERT_STATE).where(filter=FieldFilter("episode_at", ">=", since))
     n = int(base.count(alias="n").get(retry=_retry(), timeout=QUERY_TIMEOUT_S)[0][0].value)
     meter.aggregation(n)
-    if not decide_systemic(n, cfg.systemic_threshold, scan.cooldowns.get(SYSTEMIC_KEY), now,
+    if n < cfg.systemic_threshold:
+        return None
+    prior = db.collection(ALERT_STATE).document(SYSTEMIC_KEY).get(retry=_retry(), timeout=QUERY_TIMEOUT_S)
+    meter.gets(1)
+    if not decide_systemic(n, cfg.systemic_threshold, prior.to_dict() if prior.exists else None, now,
                            cfg.alert_cooldown_minutes):
         return None
     ids = [s.id for s in _stream(base.limit(10), meter)]

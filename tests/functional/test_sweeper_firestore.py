@@ -437,3 +437,39 @@ def test_many_findings_commit_in_few_batches(env, sink, monkeypatch):
     assert all(job(db, j)["stall"]["kind"] == "no_progress" for j in jids)
     # counts snapshot shows every item born: never_claimed is exactly 0 without a count aggregation
     assert {f["never_claimed"] for f in r.findings} == {0}
+
+
+def test_cooldown_is_read_from_the_flag(env, sink):
+    """The per-job cooldown travels on the job's own flag: no alert_state read per stalled job."""
+    db, _ = env
+    jids = [make_job(db, last_progress=T0 - 70 * MIN) for _ in range(5)]  # CRITICAL already: no escalation
+    r1 = sweep(env, sink, T0)
+    assert r1.flagged == 5 and r1.alerted == 5 + 1 and r1.systemic  # five stalls and the systemic alert
+    for j in jids:
+        stall = job(db, j)["stall"]
+        assert stall["last_alert_at"] == T0 and stall["last_severity"] == "CRITICAL"
+    r2 = sweep(env, sink, T0 + 5 * MIN)  # in cooldown: quiet, and each stalled job read at most twice
+    assert r2.alerted == 0 and r2.suppressed == 5 and r2.flagged == 0
+    fixed = 6  # ingesting, items, pending queries and the systemic count (≥ 1 read each), systemic state
+    assert r2.documents_read <= 2 * 5 + fixed
+    # a reminder after the cooldown moves the flag's alert time, not flagged_at, and adds no stall event
+    r3 = sweep(env, sink, T0 + 61 * MIN)
+    assert r3.alerted == 5 and r3.flagged == 0
+    for j in jids:
+        stall = job(db, j)["stall"]
+        assert stall["last_alert_at"] == T0 + 61 * MIN and stall["flagged_at"] == T0
+        assert [e["type"] for e in job_events(db, j)] == ["stall_flagged"]
+
+
+def test_flag_without_alert_fields_uses_alert_state(env, sink):
+    """Flags written before the flag carried its cooldown: the alert_state doc still rules."""
+    db, _ = env
+    legacy = {"kind": "no_progress", "severity": "WARNING", "reason": "r", "flagged_at": T0 - 5 * MIN}
+    quiet = make_job(db, last_progress=T0 - 20 * MIN, stall=legacy)
+    db.collection(ALERT_STATE).document(quiet).set({"job_id": quiet, "last_alert_at": T0 - 5 * MIN,
+                                                    "last_severity": "WARNING"})
+    loud = make_job(db, last_progress=T0 - 20 * MIN, stall=legacy)  # no alert_state: never alerted
+    r = sweep(env, sink, T0)
+    assert r.suppressed == 1 and r.alerted == 1
+    assert [p for p in sink.posts if loud in p["text"]] and not [p for p in sink.posts if quiet in p["text"]]
+    assert job(db, loud)["stall"]["last_alert_at"] == T0
