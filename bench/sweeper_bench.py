@@ -5,6 +5,12 @@ Uses FIRESTORE_EMULATOR_HOST if set, else starts the emulator JAR on a free 127.
 (and stops it at the end). Each run seeds a fresh `demo-sweepbench-<uuid>` project. Slack posts
 go to an in-process sink on 127.0.0.1. Prints a table and one JSON line.
 Goal: a sweep < 2 s and documents read <= 3 x stalled documents.
+
+Besides the sweeps it times each scan query alone (and a few other formulations of the stall
+query, and `jobs.limit(1)` as the emulator's floor for any query on a 10k-document collection):
+the emulator has no composite indexes and walks the collection, so its query times say how it
+scans, not what the index-served production query costs. The 1-minute load average is printed
+before and after: other processes on the machine change the times a lot; run it twice.
 """
 
 from __future__ import annotations
@@ -126,6 +132,32 @@ def seed(db, n_jobs: int, n_stalled: int, items_per_stalled: int) -> float:
     return time.monotonic() - started
 
 
+def time_queries(db, sweeper, cfg, at, reps: int = 3) -> dict:
+    """Each query alone, sequentially: (min ms, median ms, documents)."""
+    import statistics
+
+    from google.cloud.firestore_v1.base_query import FieldFilter
+
+    queries = dict(sweeper.scan_queries(db, at, cfg))
+    jobs = db.collection("jobs")
+    cutoff = at - dt.timedelta(minutes=min(cfg.stall_minutes, cfg.queued_stall_minutes))
+    running = jobs.where(filter=FieldFilter("status", "==", "running"))
+    queries["alt: running order_by+limit"] = (running.where(filter=FieldFilter("last_progress_at", "<", cutoff))
+                                              .order_by("last_progress_at").limit(1000))
+    queries["alt: running end_before cursor"] = (running.order_by("last_progress_at")
+                                                 .end_before({"last_progress_at": cutoff}).limit(1000))
+    queries["floor: jobs.limit(1)"] = jobs.limit(1)
+    out = {}
+    for name, q in queries.items():
+        times, n = [], 0
+        for _ in range(reps):
+            t = time.monotonic()
+            n = len(list(q.stream()))
+            times.append((time.monotonic() - t) * 1000)
+        out[name] = {"min_ms": round(min(times), 1), "median_ms": round(statistics.median(times), 1), "docs": n}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=10_000)
@@ -145,14 +177,19 @@ def main() -> int:
                                   queued_stall_minutes=30, alert_cooldown_minutes=60, systemic_threshold=3)
         sink = Sink()
         seed_s = seed(db, args.jobs, args.stalled, args.items_per_stalled)
+        load_before = os.getloadavg()[0]
         rows = []
         for label, at in (("first sweep (all new)", NOW), ("steady (in cooldown)", NOW + 2 * MIN)):
             r = sweeper.run_sweep(now=at, settings=cfg, db=db, webhook_url=sink.url)
             rows.append({"sweep": label, "ms": r.ms, "documents_read": r.documents_read, "checked": r.checked,
                          "flagged": r.flagged, "alerted": r.alerted, "suppressed": r.suppressed,
-                         "deferred": r.notify_failed, "systemic": r.systemic, "phases_ms": r.phases_ms})
+                         "deferred": r.notify_failed, "systemic": r.systemic, "phases_ms": r.phases_ms,
+                         "queries_ms": r.queries_ms})
+        alone = time_queries(db, sweeper, cfg, NOW + 2 * MIN)
+        load_after = os.getloadavg()[0]
         budget = 3 * args.stalled
-        print(f"seeded {args.jobs} jobs ({args.stalled} stalled) in {seed_s:.1f} s; read budget {budget}")
+        print(f"seeded {args.jobs} jobs ({args.stalled} stalled) in {seed_s:.1f} s; read budget {budget}; "
+              f"load average {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} CPUs)")
         print(f"{'sweep':24} {'ms':>8} {'reads':>6} {'checked':>7} {'flagged':>7} {'alerted':>7} "
               f"{'suppr':>5} {'defer':>5} systemic  goal")
         for row in rows:
@@ -160,8 +197,19 @@ def main() -> int:
             print(f"{row['sweep']:24} {row['ms']:8.0f} {row['documents_read']:6d} {row['checked']:7d} "
                   f"{row['flagged']:7d} {row['alerted']:7d} {row['suppressed']:5d} {row['deferred']:5d} "
                   f"{str(row['systemic']):8}  {'ok' if ok else 'MISSED'}")
+            print(f"    phases ms {row['phases_ms']}")
+            print(f"    scan queries ms (concurrent) {row['queries_ms']}")
+        print("each query alone (ms: min / median of 3, documents):")
+        for name, q in alone.items():
+            print(f"    {name:32} {q['min_ms']:8.1f} {q['median_ms']:8.1f} {q['docs']:6d}")
+        floor = alone["floor: jobs.limit(1)"]["min_ms"]
+        print(f"note: on the emulator any query on the {args.jobs}-document jobs collection costs >= {floor:.0f} ms "
+              f"(limit(1) above): it walks the collection. In production the stall queries are served by the "
+              f"(status, last_progress_at) / (status, created_at) / single-field indexes; these emulator times "
+              f"are not a production estimate.")
         print(json.dumps({"bench": "sweeper", "jobs": args.jobs, "stalled": args.stalled, "seed_s": round(seed_s, 1),
-                          "read_budget": budget, "sweeps": rows}))
+                          "read_budget": budget, "load_before": round(load_before, 2),
+                          "load_after": round(load_after, 2), "queries_alone_ms": alone, "sweeps": rows}))
         sink.server.shutdown()
         return 0
     finally:

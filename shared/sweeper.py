@@ -121,6 +121,7 @@ class SweepReport:
     skipped_moved: int = 0  # findings whose job changed between read and write (left alone)
     ms: float = 0.0
     phases_ms: dict = field(default_factory=dict)  # scan / flag / systemic / deliver
+    queries_ms: dict = field(default_factory=dict)  # each scan query's own time (they run concurrently)
     documents_read: int = 0
     findings: list[dict] = field(default_factory=list)
 
@@ -286,7 +287,7 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
     report = SweepReport()
     meter = ReadMeter()
     try:
-        scan = _scan(db, now, cfg, meter)
+        scan = _scan(db, now, cfg, meter, report.queries_ms)
     except _UNAVAILABLE as exc:
         raise StoreUnavailableError(
             f"Firestore unreachable during sweep ({type(exc).__name__}); nothing was flagged",
@@ -355,16 +356,18 @@ class _Scan:
     checked: int
 
 
-def _stream(query, meter: ReadMeter) -> list:
+def _stream(query, meter: ReadMeter, timings: dict | None = None, name: str = "") -> list:
+    started = time.monotonic()
     docs = list(query.stream(retry=_retry(), timeout=QUERY_TIMEOUT_S))
     meter.query(len(docs))
+    if timings is not None:
+        timings[name] = round((time.monotonic() - started) * 1000, 1)
     return docs
 
 
-def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
+def scan_queries(db, now: dt.datetime, cfg: Settings) -> dict[str, Any]:
+    """The sweep's independent queries by name (the bench times each one alone)."""
     jobs = db.collection(JOBS)
-    found: list[Finding] = []
-    checked = 0
     cutoff = now - dt.timedelta(minutes=min(cfg.stall_minutes, cfg.queued_stall_minutes))
     queries = {
         # Running jobs that stopped moving (no_progress / queued_stall).
@@ -385,9 +388,17 @@ def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter) -> _Scan:
         .where(filter=FieldFilter("detected_at", ">=", now - RETRY_WINDOW))
         .limit(MAX_RETRIES_PER_SWEEP),
     }
+    return queries
+
+
+def _scan(db, now: dt.datetime, cfg: Settings, meter: ReadMeter, timings: dict | None = None) -> _Scan:
+    jobs = db.collection(JOBS)
+    found: list[Finding] = []
+    checked = 0
+    queries = scan_queries(db, now, cfg)
     # Independent queries run concurrently: the sweep takes the slowest one, not their sum.
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
-        futures = {name: pool.submit(_stream, q, meter) for name, q in queries.items()}
+        futures = {name: pool.submit(_stream, q, meter, timings, name) for name, q in queries.items()}
         res = {name: fut.result() for name, fut in futures.items()}
 
     running = res["running"]
