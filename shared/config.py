@@ -92,6 +92,7 @@ class Settings:
     # Ingest
     chunk_bytes: int
     max_lines: int
+    fanout_threads: int  # concurrent CreateTask calls per chunk
     # Worker
     lease_s: float
     heartbeat_s: float
@@ -140,6 +141,7 @@ def load_settings() -> Settings:
         task_service_account=os.environ.get("UPCFAN_TASK_SERVICE_ACCOUNT", ""),
         chunk_bytes=_env_int("UPCFAN_CHUNK_BYTES", 256 * 1024),
         max_lines=_env_int("UPCFAN_MAX_LINES", 2_000_000),
+        fanout_threads=_env_int("UPCFAN_FANOUT_THREADS", 32),
         lease_s=_env_float("UPCFAN_LEASE_S", 60.0),
         heartbeat_s=_env_float("UPCFAN_HEARTBEAT_S", 15.0),
         item_max_attempts=_env_int("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts),

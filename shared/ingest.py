@@ -32,7 +32,6 @@ from shared.progress import check_job_progress
 from shared.naming import chunk_doc_id, chunk_task_name_for, job_id_for, line_doc_id, task_name_for
 from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 
-TASK_CREATE_THREADS = 16
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
 LINE_RECORDS_PER_CHUNK = 2000
@@ -339,7 +338,7 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
 
     if enqueue and candidates:
         todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
-        with ThreadPoolExecutor(max_workers=TASK_CREATE_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=s.fanout_threads) as pool:
             for c, verdict in pool.map(enqueue_one, todo):
                 if verdict == "created":
                     result.tasks_created += 1
