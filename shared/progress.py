@@ -9,8 +9,9 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
+from shared.events import record_event
 from shared.log import log_event
-from shared.model import EVENTS, ITEMS, JOBS, TERMINAL_ITEM_STATUSES, ItemStatus, JobStatus
+from shared.model import ITEMS, JOBS, TERMINAL_ITEM_STATUSES, ItemStatus, JobStatus
 
 # A job may be completed from these states once fan-out is done (ingest flips to running at fan-out).
 _COMPLETABLE = {JobStatus.RUNNING.value, JobStatus.INGESTING.value}
@@ -78,15 +79,9 @@ def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str |
             "updated_at": now,
         },
     )
-    tx.create(
-        job_ref.collection(EVENTS).document(),
-        {
-            "type": "completed",
-            "at": now,
-            "actor": "progress_check",
-            "details": {"status": final.value, "counts": counts, "total_items": (job.get("totals") or {}).get("items")},
-        },
-    )
+    record_event(job_ref, "completed", "progress_check", now,
+                 {"status": final.value, "counts": counts, "total_items": (job.get("totals") or {}).get("items")},
+                 tx=tx)
     return final.value
 
 
