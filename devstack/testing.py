@@ -9,11 +9,16 @@ last session to leave stops the stack only if a test session started it (a stack
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import psutil
 import requests
@@ -142,3 +147,122 @@ class Bridge:
 
 def unique_name(prefix: str = "test", suffix: str = ".csv") -> str:
     return f"{prefix}/{uuid.uuid4().hex[:12]}{suffix}"
+
+
+# ---------------------------------------------------------------- kill / restart a component
+#
+# devstack has no restart/supervise command: a component is restarted through devstack's Python
+# API (`stack.build_components(...)[name].start(...)`) in a subprocess that sees the stack's
+# UPCFAN_LOCAL_DIR, and its new pid is recorded as `up` does. `extra_env` overrides the
+# component's environment for that run (e.g. a worker with a short UPCFAN_LEASE_S).
+
+_RESTART = r"""
+import json, sys, time
+from devstack import paths, procs, stack
+name, extra = sys.argv[1], json.loads(sys.argv[2])
+st = stack.read_state()
+env = stack.read_env_file()
+comps = {c.name: c for c in stack.build_components(st["ports"], env, set(st.get("skip", [])))}
+c = comps[name]
+c.env.update(extra)
+c.start(stack.base_process_env())
+deadline = time.monotonic() + 60
+while not c.ready():
+    if c.proc.poll() is not None or time.monotonic() > deadline:
+        raise SystemExit(f"{name} did not come back: see {c.log}")
+    time.sleep(0.1)
+procs.record_children(name)
+st["components"][name]["pid"] = c.proc.pid
+paths.STATE_FILE.write_text(json.dumps(st, indent=2))
+print(c.proc.pid)
+"""
+
+
+def _local(local_dir: str | Path | None) -> Path:
+    return Path(local_dir).resolve() if local_dir else paths.LOCAL.resolve()
+
+
+def component_info(name: str, local_dir: str | Path | None = None) -> dict:
+    """The component's pid record (`pid`, `pgid`, `create_time`, `argv`, `children`)."""
+    return json.loads((_local(local_dir) / "run" / f"{name}.pid").read_text())
+
+
+def component_alive(name: str, local_dir: str | Path | None = None) -> bool:
+    try:
+        info = component_info(name, local_dir)
+        proc = psutil.Process(info["pid"])
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return False
+
+
+def component_env(name: str, local_dir: str | Path | None = None) -> dict[str, str]:
+    """The environment the component's live process runs with ({} when it is not running)."""
+    try:
+        return dict(psutil.Process(component_info(name, local_dir)["pid"]).environ())
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return {}
+
+
+def kill_component(name: str, local_dir: str | Path | None = None) -> int:
+    """SIGKILL the component's whole process group (e.g. functions-framework and its workers); returns the pid."""
+    info = component_info(name, local_dir)
+    pgid = info.get("pgid", info["pid"])
+    proc = psutil.Process(info["pid"])
+    if abs(proc.create_time() - info.get("create_time", proc.create_time())) > 1.0:
+        raise AssertionError(f"pid {info['pid']} of {name} was reused; refusing to kill it")
+    os.killpg(pgid, signal.SIGKILL)
+    _, alive = psutil.wait_procs([proc], timeout=10)
+    assert not alive, f"{name} pid {info['pid']} survived SIGKILL"
+    return info["pid"]
+
+
+def restart_component(name: str, extra_env: dict[str, str] | None = None,
+                      local_dir: str | Path | None = None, timeout_s: float = 90.0) -> int:
+    """Start the (stopped) component again through devstack; returns its new pid once it is ready."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env["UPCFAN_LOCAL_DIR"] = str(_local(local_dir))
+    env["PYTHONPATH"] = str(paths.REPO_ROOT)
+    out = subprocess.run([sys.executable, "-c", _RESTART, name, json.dumps(extra_env or {})], env=env,
+                         cwd=str(paths.REPO_ROOT), capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise AssertionError(f"restart of {name} failed: {out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def stack_lock_for(local_dir: str | Path | None = None, timeout_s: float = 300.0) -> Iterator[None]:
+    """The stack's up/down lock (`devstack.stack.stack_lock`) for any UPCFAN_LOCAL_DIR."""
+    lock_file = _local(local_dir) / "stack.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock_file} held for > {timeout_s:.0f}s")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def bounce_component(name: str, extra_env: dict[str, str] | None = None, local_dir: str | Path | None = None,
+                     while_down: Callable[[], None] | None = None) -> tuple[int, int]:
+    """SIGKILL a component, run `while_down()`, restart it (with `extra_env`); returns (old pid, new pid).
+
+    Holds the stack lock from the kill to the restart, so a test session that starts meanwhile waits
+    instead of seeing a half-dead shared stack (which it would stop and start afresh).
+    """
+    with stack_lock_for(local_dir):
+        old = kill_component(name, local_dir)
+        try:
+            if while_down is not None:
+                while_down()
+        finally:
+            new = restart_component(name, extra_env, local_dir)
+    return old, new
