@@ -13,6 +13,7 @@ changes no item, task or job status.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,8 @@ from chaos_stack import CHAOS_WORKER_ENV, ChaosStack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(900)]
 
-N_MAIN = 5000
+# UPCFAN_CHAOS_UPCS shrinks the main file for a quick local check (the suite's claim is >= 5,000).
+N_MAIN = int(os.environ.get("UPCFAN_CHAOS_UPCS", "5000"))
 N_CANCEL = 1200
 N_RETRY = 300
 N_PERMANENT = 30
@@ -186,7 +188,7 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
         s.market("/_faults", faults)
 
         # Job C: permanent 400s → completed_with_failures; clear the fault; operator retry-failed.
-        poll(lambda: job_of(db, job_c).get("status") in TERMINAL, 300, "job C to finish round 1", interval_s=1.0)
+        poll(lambda: job_of(db, job_c).get("status") in TERMINAL, 600, "job C to finish round 1", interval_s=1.0)
         assert job_of(db, job_c)["status"] == "completed_with_failures"
         failed_c = item_counts(db, job_c)["failed"]
         assert failed_c >= N_PERMANENT
