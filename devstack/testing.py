@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import psutil
@@ -266,3 +267,43 @@ def bounce_component(name: str, extra_env: dict[str, str] | None = None, local_d
         finally:
             new = restart_component(name, extra_env, local_dir)
     return old, new
+
+
+# ---------------------------------------------------------------- a private stack
+
+
+def run_devstack(args: list[str], local_dir: str | Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """`python -m devstack ARGS` for the stack under `local_dir` (its own UPCFAN_LOCAL_DIR)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env.update(UPCFAN_LOCAL_DIR=str(_local(local_dir)), PYTHONPATH=str(paths.REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "devstack", *args], env=env, cwd=str(paths.REPO_ROOT),
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+@dataclass
+class LocalStack:
+    local_dir: Path
+    env: dict[str, str]
+    started_here: bool
+
+
+@contextlib.contextmanager
+def private_stack(local_dir: str | Path, up_timeout_s: float = 300.0) -> Iterator[LocalStack]:
+    """A stack of its own under `local_dir` (free ports, own logs and process tag), for tests whose
+    faults are global to a stack (killed functions, emulator knobs, a paused queue, marketplace error
+    rates). Reused when healthy; otherwise started here and stopped at the end unless
+    UPCFAN_KEEP_STACK=1."""
+    local_dir = _local(local_dir)
+    started = run_devstack(["status"], local_dir, 60).returncode != 0
+    if started:
+        up = run_devstack(["up"], local_dir, up_timeout_s)
+        if up.returncode != 0:
+            raise RuntimeError(f"stack under {local_dir} did not start:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}")
+    env = stack.read_env_file(local_dir / "stack.env")
+    if not env:
+        raise RuntimeError(f"no stack.env under {local_dir}")
+    try:
+        yield LocalStack(local_dir, env, started)
+    finally:
+        if started and os.environ.get("UPCFAN_KEEP_STACK") != "1":
+            run_devstack(["down"], local_dir, 120)

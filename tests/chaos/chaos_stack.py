@@ -13,9 +13,6 @@ subprocess that sees the same `UPCFAN_LOCAL_DIR`, and its new pid is recorded as
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +70,3 @@ class ChaosStack:
         resp.raise_for_status()
         return resp.json()
 
-
-def _devstack(args: list[str], local_dir: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
-    env.update(UPCFAN_LOCAL_DIR=str(local_dir), PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run([sys.executable, "-m", "devstack", *args], env=env, cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=timeout)
