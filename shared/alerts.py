@@ -229,3 +229,57 @@ def _retry_after_s(headers: dict | None) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+_FINAL_LABEL = {"completed": "completed", "completed_with_failures": "completed with failures"}
+
+
+def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
+    """INFO: a job reached its final status; what became of its lines and, with failures, what to do next."""
+    job_id = str(job.get("job_id") or "?")
+    jid = escape(job_id)
+    status = str(job.get("status") or "?")
+    totals = job.get("totals") or {}
+    counts = job.get("counts") or {}
+    failed = int(counts.get("failed") or 0)
+    summary = (
+        f"lines {int(totals.get('lines') or 0)} · succeeded {int(counts.get('succeeded') or 0)} · failed {failed} · "
+        f"invalid {int(totals.get('invalid') or 0)} · duplicate {int(totals.get('duplicate') or 0)} · "
+        f"cancelled {int(counts.get('cancelled') or 0)}"
+    )
+    label = escape(_FINAL_LABEL.get(status, status))
+    text = f"INFO: upcfan job {jid} {label}. File {escape(job.get('gcs_path') or 'unknown')}. {summary}."
+    next_steps = [f"upcfan status {job_id}"]
+    if failed:
+        next_steps += [f"upcfan items {job_id} --status failed --csv", f"upcfan retry-failed {job_id}"]
+        text += f" Next: upcfan items {jid} --status failed"
+    blocks = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['INFO']} *upcfan job {jid} {label}*"},
+         "fields": [
+             {"type": "mrkdwn", "text": "*Severity*\nINFO"},
+             {"type": "mrkdwn", "text": f"*Job*\n`{jid}`"},
+             {"type": "mrkdwn", "text": f"*File*\n{escape(job.get('gcs_path') or 'unknown')}"},
+             {"type": "mrkdwn", "text": f"*Lines*\n{summary}"},
+         ]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": "*Next*\n" + _code_lines(next_steps)}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": "upcfan progress · sent once when a job finishes"}]},
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+def notify_job_finished(job: dict[str, Any], *, post: Callable[[SlackMessage], Delivery] | None = None) -> Delivery:
+    """Post the job-finished note; never raises (a failure is returned and logged, the job is unaffected)."""
+    from shared.log import log_event
+
+    job_id = (job or {}).get("job_id")
+    try:
+        delivery = (post or post_message)(build_job_finished_message(job or {}))
+    except Exception as exc:  # noqa: BLE001 - a notification must never fail the progress check
+        delivery = Delivery(ok=False, error=f"job-finished notice failed: {type(exc).__name__}: {exc}"[:300])
+    if delivery.ok:
+        log_event("job_finished_notified", job_id=job_id, status=(job or {}).get("status"))
+    elif delivery.status is None and not delivery.transient:  # no webhook configured: nothing to tell
+        log_event("job_finished_not_notified", job_id=job_id, reason=delivery.error)
+    else:
+        log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id, error=delivery.error)
+    return delivery

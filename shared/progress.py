@@ -59,10 +59,15 @@ def job_counts(job_id: str, *, db=None) -> dict[str, Any]:
     }
 
 
-def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str | None:
-    """Move a running job to completed / completed_with_failures once; None if another check did it."""
+def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int], seen: dict | None = None) -> str | None:
+    """Move a running job to completed / completed_with_failures once; None if another check did it.
+
+    `seen`, when given, receives the job document this transaction read (for the caller's notice)."""
     snap = job_ref.get(transaction=tx)
     job = snap.to_dict() if snap.exists else None
+    if seen is not None:
+        seen.clear()
+        seen.update(job or {})
     if not job or job.get("status") not in _COMPLETABLE or not job.get("fanout_done_at"):
         return None
     # An operator retry round is re-queueing failed items: they still look terminal until it is done.
@@ -85,14 +90,15 @@ def complete_job(tx, job_ref, now: dt.datetime, counts: dict[str, int]) -> str |
     return final.value
 
 
-def _complete_with_backoff(db, job_ref, at: dt.datetime, counts: dict[str, int], tries: int = 4) -> str | None:
+def _complete_with_backoff(db, job_ref, at: dt.datetime, counts: dict[str, int], tries: int = 4,
+                           seen: dict | None = None) -> str | None:
     """Run `complete_job`; checks racing on one job abort each other, so back off with jitter and
     stop as soon as another check has made the job final."""
     from shared.worker import run_transaction
 
     for i in range(tries):
         try:
-            return run_transaction(db, "complete_job", complete_job, job_ref, at, counts)
+            return run_transaction(db, "complete_job", complete_job, job_ref, at, counts, seen)
         except (ValueError, gexc.Aborted):  # ValueError: the client's "failed to commit in N attempts"
             current = (job_ref.get().to_dict() or {}).get("status")
             if current not in _COMPLETABLE:
@@ -101,6 +107,21 @@ def _complete_with_backoff(db, job_ref, at: dt.datetime, counts: dict[str, int],
                 raise
             time.sleep(random.uniform(0.05, 0.2) * (2**i))
     return None
+
+
+def _notify_finished(job_id: str, job: dict[str, Any], final: str, counts: dict[str, int]) -> None:
+    """One Slack note when a job first finishes. Only the check whose transaction made the job final
+    gets here, and only for round 1: a job leaves round 1 only through a retry round, which needs a
+    final job, so round 1 finishes exactly once (retry rounds are not announced again). Never raises."""
+    try:
+        if int(job.get("round") or 1) != 1:
+            return
+        from shared.alerts import notify_job_finished
+
+        notify_job_finished({**job, "job_id": job.get("job_id") or job_id, "status": final, "counts": counts})
+    except Exception as exc:  # noqa: BLE001 - a notice must never fail or repeat the progress check
+        log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id,
+                  error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, db=None) -> dict[str, Any]:
@@ -131,9 +152,11 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *, d
 
     done = bool(job.get("fanout_done_at")) and total_items is not None and terminal >= int(total_items)
     if done and status in _COMPLETABLE:
-        final = _complete_with_backoff(db, job_ref, at, counts)
+        seen: dict = {}
+        final = _complete_with_backoff(db, job_ref, at, counts, seen=seen)
         if final:
             log_event("job_completed", job_id=job_id, status=final, counts=counts, total_items=total_items)
+            _notify_finished(job_id, seen or job, final, counts)
             return {**out, "status": final, "completed": True}
         # Another check completed it between our read and our transaction.
         return {**out, "status": "already_final"}
