@@ -7,6 +7,11 @@ alone), `jobs/{id}/events`, `stall_events` and `alert_state`. Nothing here write
 creates or deletes a task, or changes a job's status, counts or totals
 (tests/unit/test_sweeper_rules.py checks this on the source).
 
+A sweep's flags, recoveries and their records are committed together in atomic WriteBatches
+(≤ MAX_BATCH_OPS writes, ≤ COMMIT_PARALLEL in flight); one job's writes never straddle two
+batches. A batch whose precondition fails is halved until the job(s) that moved stand alone;
+those are skipped (`skipped_moved`) and looked at again by the next sweep.
+
 Queries, each one costing reads in proportion to *stalled* things, not to all jobs:
 
 | finding | query | index |
