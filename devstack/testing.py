@@ -298,7 +298,7 @@ def private_stack(local_dir: str | Path, up_timeout_s: float = 300.0) -> Iterato
     if started:
         up = run_devstack(["up"], local_dir, up_timeout_s)
         if up.returncode != 0:
-            raise RuntimeError(f"stack under {local_dir} did not start:\n{up.stdout[-2000:]}\n{up.stderr[-3000:]}")
+            raise RuntimeError(f"stack under {local_dir} did not start:\n{up.stdout[-1500:]}\n{up.stderr[:3000]}")
     env = stack.read_env_file(local_dir / "stack.env")
     if not env:
         raise RuntimeError(f"no stack.env under {local_dir}")
