@@ -62,6 +62,7 @@ from shared import alerts
 from shared.config import Settings
 from shared.config import settings as _settings
 from shared.exceptions import StoreUnavailableError
+from shared.events import event_doc
 from shared.log import log_event
 from shared.model import ALERT_STATE, EVENTS, ITEMS, JOBS, STALL_EVENTS, ItemStatus, JobStatus
 
@@ -768,8 +769,7 @@ def _write_job_stall(db, batch, job_id: str, stall: dict | None, update_time) ->
 def _write_job_event(db, batch, job_id: str, event_type: str, now: dt.datetime, details: dict) -> None:
     assert event_type in ("stall_flagged", "stall_recovered")
     ref = db.collection(JOBS).document(job_id).collection(EVENTS).document()
-    batch.set(ref, {"type": event_type, "at": now, "actor": "sweeper", "details": details,
-                    "expire_at": now + STALL_EVENT_TTL})
+    batch.set(ref, event_doc(event_type, "sweeper", now, details))
 
 
 def _write_stall_event(db, batch, record: dict, ref) -> None:
