@@ -1,0 +1,339 @@
+"""Issue 8 on the full local stack: every operator API endpoint over HTTP (UPCFAN_API_URL), errors included.
+
+Each scenario uploads its own file of fresh random UPCs to the watched bucket (so it runs with
+create_drafts=true against the sandbox marketplace) and steers the marketplace per GTIN only
+(`fail_gtins`, `latency_gtins`), merged into whatever faults are set and removed afterwards, so
+other sessions sharing the stack are not disturbed. Waits are polls with deadlines.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+import requests
+from stdnum import ean
+
+from devstack.cloudtasks import client as ct
+from devstack.testing import poll
+from shared.naming import job_id_for, task_name_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+FINAL = {"completed", "completed_with_failures", "cancelled", "failed"}
+INVALID_LINE = "036000291453"  # bad check digit (expected 2)
+MAX_ROUNDS = 3  # UPCFAN_MAX_RETRY_ROUNDS default
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def fresh_upcs(n: int) -> list[str]:
+    """n distinct random UPC-A codes no other test (or earlier run) has listed."""
+    rng = random.Random(uuid.uuid4().int)
+    out: set[str] = set()
+    while len(out) < n:
+        body = f"{rng.randrange(10**10, 10**11)}"
+        out.add(body + ean.calc_check_digit(body))
+    return sorted(out)
+
+
+def gtin14(upc: str) -> str:
+    return upc.zfill(14)
+
+
+class Api:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(f"{self.url}{path}", timeout=30, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(f"{self.url}{path}", timeout=60, **kw)
+
+    def status(self, job_id: str) -> dict:
+        r = self.get(f"/api/batch/status/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def items(self, job_id: str, status: str | None = None) -> list[dict]:
+        rows, cursor = [], None
+        while True:
+            params = {"limit": 1000, **({"status": status} if status else {}), **({"cursor": cursor} if cursor else {})}
+            r = self.get(f"/api/batch/jobs/{job_id}/items", params=params)
+            assert r.status_code == 200, r.text
+            rows += r.json()["items"]
+            cursor = r.json()["next_cursor"]
+            if not cursor:
+                return rows
+
+    def wait(self, job_id: str, statuses=FINAL, timeout_s: float = 120.0) -> dict:
+        def final():
+            r = self.get(f"/api/batch/status/{job_id}")
+            if r.status_code == 404:  # the finalize event has not been ingested yet
+                return None
+            view = r.json()
+            return view if view["status"] in statuses and not view["counts"]["processing"] else None
+
+        return poll(final, timeout_s, 0.3, f"job {job_id} to reach {statuses}")
+
+
+@pytest.fixture(scope="module")
+def api(stack_env, tasks_client):
+    from google.cloud import tasks_v2
+
+    queue = tasks_client.get_queue(name=stack_env["UPCFAN_QUEUE"])
+    if queue.state == tasks_v2.Queue.State.PAUSED:
+        pytest.fail(f"the item queue {stack_env['UPCFAN_QUEUE']} of this stack is PAUSED (a bench parks tasks "
+                    "there), so no job can finish; run on a stack of your own: UPCFAN_LOCAL_DIR=.local/mine")
+    return Api(stack_env["UPCFAN_API_URL"])
+
+
+@pytest.fixture
+def gtin_faults(marketplace):
+    """gtin_faults(fail={gtin: status}, latency={gtin: ms}): merged into the current faults; removed at the end."""
+    mine: dict[str, set[str]] = {"fail_gtins": set(), "latency_gtins": set()}
+
+    def apply(fail: dict | None = None, latency: dict | None = None, clear_fail: list | None = None) -> None:
+        current = marketplace.faults()
+        spec = {k: current[k] for k in ("error_rate", "latency_ms", "status", "error_after_effect_rate")}
+        spec["fail_gtins"] = {**current["fail_gtins"], **(fail or {})}
+        spec["latency_gtins"] = {**current["latency_gtins"], **(latency or {})}
+        for g in clear_fail or []:
+            spec["fail_gtins"].pop(g, None)
+        mine["fail_gtins"].update(fail or {})
+        mine["latency_gtins"].update(latency or {})
+        marketplace.faults(**spec)
+
+    yield apply
+    current = marketplace.faults()
+    spec = {k: current[k] for k in ("error_rate", "latency_ms", "status", "error_after_effect_rate")}
+    for key in ("fail_gtins", "latency_gtins"):
+        spec[key] = {g: v for g, v in current[key].items() if g not in mine[key]}
+    marketplace.faults(**spec)
+
+
+def upload_job(upload, lines: list[str], **kw) -> str:
+    bucket, name, generation = upload("\n".join(lines) + "\n", content_type="text/plain", **kw)
+    return job_id_for(bucket, name, generation)
+
+
+def slack_notes(slack_sink, job_id: str) -> list[dict]:
+    return [m for m in slack_sink.messages()
+            if (m.get("text") or "").startswith("INFO: upcfan job") and job_id in m["text"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and plain endpoints
+
+
+def test_health_openapi_and_route_errors(api):
+    r = api.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    assert r.json()["checks"] == {"firestore": "ok", "item_queue": "ok"}
+    spec = api.get("/openapi.json").json()
+    assert {"/api/batch/process", "/api/batch/jobs/{job_id}/retry-failed"} <= set(spec["paths"])
+    assert not any("recover" in p for p in spec["paths"])
+    r = api.get("/api/batch/recover")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = api.get("/api/batch/process")
+    assert r.status_code == 405 and "POST" in r.headers["Allow"] and r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/batch/status/{j}"), ("GET", "/api/batch/jobs/{j}/items"),
+    ("POST", "/api/batch/jobs/{j}/cancel"), ("POST", "/api/batch/jobs/{j}/retry-failed")])
+def test_unknown_job_is_404_with_a_message(api, method, path):
+    job_id = f"no-such-job-{uuid.uuid4().hex[:8]}"
+    r = requests.request(method, f"{api.url}{path.format(j=job_id)}", timeout=30)
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["code"] == "job_not_found" and job_id in err["message"] and "not found" in err["message"]
+
+
+@pytest.mark.parametrize("body", [b"{", b"", b"\xff\xfe{", b'{"gcs_path": "gs://upcfan-uploads/x"'])
+def test_malformed_json_is_400(api, body):
+    r = api.post("/api/batch/process", data=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_json" and "JSON" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,code", [
+    ([], "bad_request"), ({"gcs_path": 5}, "bad_request"), ({"gcs_path": "s3://b/x"}, "bad_request"),
+    ({"gcs_path": "gs://upcfan-uploads/x", "create_drafts": "maybe"}, "bad_request"),
+    # Regression: "." made the storage API answer with the bucket's own metadata -> 500 TypeError.
+    ({"gcs_path": "gs://upcfan-uploads/."}, "bad_gcs_path"), ({"gcs_path": "gs://upcfan-uploads/.."}, "bad_gcs_path"),
+])
+def test_process_rejects_bad_bodies_with_400(api, body, code):
+    r = api.post("/api/batch/process", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_process_missing_object_is_404(api, stack_env):
+    path = f"gs://{stack_env['UPCFAN_BUCKET']}/missing/{uuid.uuid4().hex}.txt"
+    r = api.post("/api/batch/process", json={"gcs_path": path})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "object_not_found" and path in r.text
+
+
+def test_listing_parameters_are_validated(api):
+    for params in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"status": "exploded"}, {"cursor": "no-such-job"}):
+        r = api.get("/api/batch/jobs", params=params)
+        assert r.status_code == 400 and r.json()["error"]["message"], (params, r.text)
+
+
+# ---------------------------------------------------------------------------------------------
+# a job end to end over the API
+
+
+def test_process_status_jobs_and_items_listings(api, upload, stack_env):
+    upcs = fresh_upcs(6)
+    lines = [upcs[0], INVALID_LINE, *upcs[1:], upcs[0]]  # 8 lines: 6 items, 1 invalid, 1 duplicate
+    job_id = upload_job(upload, lines, metadata={"upcfan-test-mode": "true"})
+    view = api.wait(job_id)
+    assert view["status"] == "completed" and view["final"] is True and view["percent"] == 100.0
+    assert view["outcome"] == {"lines": 8, "succeeded": 6, "failed": 0, "invalid": 1, "duplicate": 1,
+                               "cancelled": 0, "pending": 0}
+    assert view["counts"]["succeeded"] == 6 and view["counts"]["never_claimed"] == 0
+
+    # The HTTP trigger for the same object generation finds the same job.
+    r = api.post("/api/batch/process", json={"gcs_path": view["gcs_path"]})
+    assert r.status_code == 202 and r.json()["job_id"] == job_id and r.json()["created"] is False
+
+    jobs = api.get("/api/batch/jobs", params={"gcs_path": view["gcs_path"]}).json()
+    assert [j["job_id"] for j in jobs["jobs"]] == [job_id] and jobs["next_cursor"] is None
+    # Newest first, one per page: following the cursors reaches this job without repeating one.
+    walked, cursor = [], None
+    while job_id not in walked and len(walked) < 50:
+        page = api.get("/api/batch/jobs", params={"limit": 1, "status": "completed",
+                                                  **({"cursor": cursor} if cursor else {})}).json()
+        assert len(page["jobs"]) == 1 and page["jobs"][0]["status"] == "completed", page
+        walked.append(page["jobs"][0]["job_id"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert job_id in walked and len(set(walked)) == len(walked)
+
+    items = api.items(job_id)
+    assert sorted(i["gtin"] for i in items) == sorted(gtin14(u) for u in upcs)
+    assert all(i["status"] == "succeeded" and i["round"] == 1 for i in items)
+    two = api.get(f"/api/batch/jobs/{job_id}/items", params={"limit": 2}).json()
+    assert len(two["items"]) == 2 and two["next_cursor"] == two["items"][-1]["gtin"]
+
+    invalid = api.items(job_id, "invalid")
+    assert [(r["line"], r["raw"], r["code"]) for r in invalid] == [(2, INVALID_LINE, "bad_check_digit")]
+    assert "check digit" in invalid[0]["reason"]
+    dup = api.items(job_id, "duplicate")
+    assert [(r["line"], r["duplicate_of_line"], r["gtin"]) for r in dup] == [(8, 1, gtin14(upcs[0]))]
+    assert api.get(f"/api/batch/jobs/{job_id}/items", params={"status": "nope"}).status_code == 400
+
+    # A finished job cannot be cancelled, and with nothing failed there is nothing to retry.
+    r = api.post(f"/api/batch/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_retry"
+
+
+def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gtin_faults):
+    upcs = fresh_upcs(8)
+    slow = gtin14(upcs[0])
+    gtin_faults(latency={slow: 2000})  # ~8 s for this item's four marketplace calls: the job stays running
+    job_id = upload_job(upload, upcs)
+    api.wait(job_id, {"running", "ingesting"}, 60)
+
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "job_not_final" and "still" in r.json()["error"]["message"]
+
+    first = api.post(f"/api/batch/jobs/{job_id}/cancel", headers={"X-Upcfan-Actor": "alice"})
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "cancelled" and first.json()["already_cancelled"] is False
+    again = api.post(f"/api/batch/jobs/{job_id}/cancel")
+    assert again.status_code == 200 and again.json()["already_cancelled"] is True
+    assert again.json()["items_cancelled"] == 0
+
+    view = api.wait(job_id, {"cancelled"}, 60)
+    assert view["status"] == "cancelled" and view["outcome"]["pending"] == 0
+    assert view["outcome"]["succeeded"] + view["outcome"]["cancelled"] + view["outcome"]["failed"] == 8
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_cancelled"
+
+
+def test_retry_failed_reruns_only_failed_items_once_then_rounds_run_out(
+        api, upload, gtin_faults, marketplace, slack_sink, stack_env):
+    upcs = fresh_upcs(6)
+    ok, flaky, always = upcs[:4], upcs[4], upcs[5]
+    g_flaky, g_always = gtin14(flaky), gtin14(always)
+    gtin_faults(fail={g_flaky: 400, g_always: 400})
+    job_id = upload_job(upload, [*upcs, INVALID_LINE])
+
+    view = api.wait(job_id)
+    assert view["status"] == "completed_with_failures", view
+    assert view["outcome"] == {"lines": 7, "succeeded": 4, "failed": 2, "invalid": 1, "duplicate": 0,
+                               "cancelled": 0, "pending": 0}
+    failed = api.items(job_id, "failed")
+    assert {i["gtin"] for i in failed} == {g_flaky, g_always}
+    for item in failed:
+        assert item["error"]["code"] and "rejects this product" in item["error"]["message"], item
+    succeeded_before = {i["gtin"]: i for i in api.items(job_id, "succeeded")}
+    assert set(succeeded_before) == {gtin14(u) for u in ok}
+
+    # Round 2: the marketplace now accepts the flaky GTIN; only the two failed items run again.
+    gtin_faults(clear_fail=[g_flaky])
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed", headers={"X-Upcfan-Actor": "ops@example.com"})
+    assert r.status_code == 200, r.text
+    assert r.json()["round"] == 2 and r.json()["items_requeued"] == 2 and r.json()["tasks_created"] == 2
+    view = api.wait(job_id)
+    assert view["status"] == "completed_with_failures" and view["round"] == 2
+    assert view["outcome"]["succeeded"] == 5 and view["outcome"]["failed"] == 1
+    items = {i["gtin"]: i for i in api.items(job_id)}
+    assert items[g_flaky]["status"] == "succeeded" and items[g_flaky]["round"] == 2
+    assert items[g_always]["status"] == "failed" and items[g_always]["round"] == 2
+    for g, before in succeeded_before.items():  # never re-run: same round, attempt and history
+        assert (items[g]["round"], items[g]["attempt"], items[g]["history"]) == \
+               (1, before["attempt"], before["history"]), g
+
+    host, queue = stack_env["CLOUD_TASKS_EMULATOR_HOST"], stack_env["UPCFAN_QUEUE"].rsplit("/", 1)[-1]
+    for g in (g_flaky, g_always):
+        assert len(ct.attempts(host, queue, task_name_for(job_id, g, 2))) == 1
+    for g in succeeded_before:
+        assert ct.attempts(host, queue, task_name_for(job_id, g, 2)) == []
+
+    # Rounds 3 and 4 fail the same GTIN again; then the rounds are used up.
+    for round_ in range(3, MAX_ROUNDS + 2):
+        r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+        assert r.status_code == 200 and r.json()["round"] == round_ and r.json()["items_requeued"] == 1, r.text
+        view = api.wait(job_id)
+        assert view["round"] == round_ and view["outcome"]["failed"] == 1 and view["outcome"]["succeeded"] == 5
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "retry_rounds_exhausted" and str(MAX_ROUNDS) in r.json()["error"]["message"]
+    assert api.status(job_id)["round"] == MAX_ROUNDS + 1
+
+    # Side effects: one listing per succeeded SKU, none for the always-failing one, no duplicates.
+    for u in [*ok, flaky]:
+        assert len(marketplace.listings(gtin14(u))) == 1, u
+    assert marketplace.listings(g_always) == []
+    assert marketplace.stats()["listings"] >= 5
+
+    # One job-finished Slack note for the job, however many rounds it ran.
+    notes = poll(lambda: slack_notes(slack_sink, job_id), 30, 0.3, f"the job-finished Slack note for {job_id}")
+    assert len(notes) == 1 and "completed with failures" in notes[0]["text"] and "failed 2" in notes[0]["text"]
+
+
+def test_items_listing_follows_cursors_past_one_page(api, upload):
+    upcs = fresh_upcs(25)
+    job_id = upload_job(upload, upcs, metadata={"upcfan-test-mode": "true"})
+    api.wait(job_id)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 10, **({"cursor": cursor} if cursor else {})}
+        page = api.get(f"/api/batch/jobs/{job_id}/items", params=params).json()
+        seen += [i["gtin"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == sorted(gtin14(u) for u in upcs)
