@@ -108,7 +108,12 @@ def load_env_file(path: Path) -> dict[str, str]:
 
 
 def _default_env_file() -> Path | None:
-    for candidate in (Path.cwd() / DEFAULT_ENV_FILE, _REPO_ROOT / DEFAULT_ENV_FILE):
+    """The stack.env of the stack devstack would use: UPCFAN_LOCAL_DIR (a second, independent stack),
+    else .local/ of the working directory or of this checkout."""
+    local_dir = os.environ.get("UPCFAN_LOCAL_DIR")
+    candidates = [Path(local_dir) / DEFAULT_ENV_FILE.name] if local_dir else []
+    candidates += [Path.cwd() / DEFAULT_ENV_FILE, _REPO_ROOT / DEFAULT_ENV_FILE]
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None
