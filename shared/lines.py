@@ -130,6 +130,8 @@ def is_skippable(text: str) -> bool:
 
 def sniff_format(text: str, line_no: int) -> FileFormat | None:
     """Decide the format from the first data line: a CSV header naming a UPC column, or plain lines."""
+    if text.strip().strip('"').strip().lower() in UPC_COLUMN_NAMES:  # a one-column CSV: just the header
+        return FileFormat(kind="csv", delimiter=",", column=0, header_line=line_no)
     for delim in _DELIMITERS:
         if delim in text:
             try:

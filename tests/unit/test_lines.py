@@ -77,3 +77,11 @@ def test_bom_comment_blank_and_mixed_separator_lines():
     assert classify_line(comment, FileFormat("lines"), False).kind == "skip"
     assert classify_line(blank, FileFormat("lines"), False).kind == "skip"
     assert classify_line(mixed, FileFormat("lines"), False).code == "multiple_fields"
+
+
+def test_one_column_csv_header_is_skipped():
+    fmt = sniff_format('"UPC"', 1)
+    assert fmt == FileFormat(kind="csv", delimiter=",", column=0, header_line=1)
+    header, row = lines_of(b'"UPC"\n036000291452\n')
+    assert classify_line(header, fmt, True).kind == "skip"
+    assert classify_line(row, fmt, False).gtin == "00036000291452"
