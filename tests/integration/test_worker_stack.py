@@ -459,7 +459,7 @@ def test_marketplace_5xx_and_lost_responses_end_with_one_listing_each(
     assert retried and all("queued" in histories(items[g]) for g in retried)
     # created=False: an earlier attempt's offer was found (the lost-response case), not listed again.
     recovered = [g for g, it in items.items() if it["result"]["created"] is False]
-    assert recovered, ("no lost response hit this job's offers", window["lost_responses"] - before["lost_responses"])
+    assert len(recovered) >= window["lost_responses"] - before["lost_responses"] >= 1, recovered
     tries = sum(len([a for a in ct.attempts(emulator, item_queue, task_name_for(job_id, g, 1)) if not a["duplicate"]])
                 for g in items)
     assert tries > n
@@ -473,7 +473,7 @@ def test_marketplace_5xx_and_lost_responses_end_with_one_listing_each(
 
 def test_cancel_mid_run_cancels_the_rest_and_loses_nothing(
         stack_env, firestore_db, marketplace, tasks_client, start_job, api, emulator):
-    n, run_first = 30, 10
+    n, run_first = 40, 10
     upcs = fresh_upcs(n)
     gtins = [gtin14(u) for u in upcs]
     queue = stack_env["UPCFAN_QUEUE"]
@@ -491,17 +491,18 @@ def test_cancel_mid_run_cancels_the_rest_and_loses_nothing(
         r = requests.post(f"{api}/api/batch/jobs/{job_id}/cancel", json={}, timeout=30)
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
         assert r.json()["already_cancelled"] is False
-        # A worker may use a job snapshot up to JOB_CACHE_TTL_S old: run one more task at a time
+        # A worker may use a job snapshot up to JOB_CACHE_TTL_S old: run one more task per poll tick
         # until a delivery comes back cancelled (the worker has seen the cancel), then let the rest go.
-        for g in gtins[run_first:run_first + 8]:
+        probes = iter(gtins[run_first:])
+
+        def probe() -> bool:
+            g = next(probes)
             tasks_client.run_task(name=f"{queue}/tasks/{task_name_for(job_id, g, 1)}")
             ran.append(g)
-            status = poll(lambda: item_doc(firestore_db, job_id, g).get("status") in ("succeeded", "cancelled")
-                          and item_doc(firestore_db, job_id, g)["status"], 30, 0.1, f"probe {g}")
-            if status == "cancelled":
-                break
-        else:
-            raise AssertionError("the worker still ran tasks of the cancelled job after 8 probes")
+            return poll(lambda: item_doc(firestore_db, job_id, g).get("status") in ("succeeded", "cancelled")
+                        and item_doc(firestore_db, job_id, g)["status"], 30, 0.1, f"probe {g}") == "cancelled"
+
+        poll(probe, 4 * JOB_CACHE_TTL_S, 0.5, "a delivery of the cancelled job to come back cancelled")
     finally:
         tasks_client.resume_queue(name=queue)
 
@@ -523,7 +524,7 @@ def test_cancel_mid_run_cancels_the_rest_and_loses_nothing(
     for g in late:
         claimed_at = items[g]["history"][0]["at"]
         assert claimed_at - cancelled_at < dt.timedelta(seconds=JOB_CACHE_TTL_S + 1.0), (g, claimed_at, cancelled_at)
-    assert cancelled == set(gtins) - succeeded and len(cancelled) >= n - run_first - 8
+    assert cancelled == set(gtins) - succeeded and len(cancelled) >= n - len(ran) + 1
     for g in cancelled:
         assert items[g]["attempt"] == 0 and histories(items[g]) == ["cancelled"], items[g]
         assert items[g]["history"][0]["error_code"] == "job_cancelled"
