@@ -297,6 +297,8 @@ def private_stack(local_dir: str | Path, up_timeout_s: float = 300.0) -> Iterato
     started = run_devstack(["status"], local_dir, 60).returncode != 0
     if started:
         up = run_devstack(["up"], local_dir, up_timeout_s)
+        if up.returncode != 0:  # a cold emulator can time out its setup on a loaded machine: once more
+            up = run_devstack(["up"], local_dir, up_timeout_s)
         if up.returncode != 0:
             raise RuntimeError(f"stack under {local_dir} did not start:\n{up.stdout[-1500:]}\n{up.stderr[:3000]}")
     env = stack.read_env_file(local_dir / "stack.env")
