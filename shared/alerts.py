@@ -262,7 +262,8 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
              {"type": "mrkdwn", "text": f"*Lines*\n{summary}"},
          ]},
         {"type": "section", "text": {"type": "mrkdwn", "text": "*Next*\n" + _code_lines(next_steps)}},
-        {"type": "context", "elements": [{"type": "mrkdwn", "text": "upcfan progress · sent once when a job finishes"}]},
+        {"type": "context",
+         "elements": [{"type": "mrkdwn", "text": "upcfan progress · sent once when a job finishes"}]},
     ]
     return SlackMessage(text=text, blocks=blocks)
 

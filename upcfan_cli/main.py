@@ -214,7 +214,8 @@ def render_status(view: dict[str, Any]) -> Group:
     progress_row = Table.grid(padding=(0, 1))
     progress_row.add_row(bar, Text(f"{pct:.1f}%" if pct is not None else "planning…"),
                          Text(f"{finished}/{total if total is not None else '?'} items"))
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    # One space between columns: the eight counts fit an 80-column terminal without truncated headers.
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False, collapse_padding=True)
     for col in ("queued", "processing", "succeeded", "failed", "cancelled", "never_claimed", "invalid", "duplicate"):
         table.add_column(col, justify="right")
     table.add_row(*(str(counts.get(k, 0) or 0) for k in ("queued", "processing", "succeeded", "failed",
