@@ -10,7 +10,6 @@ that file included, plus fixed hostile object names ('.', '..', percent-escapes,
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import requests
@@ -22,10 +21,11 @@ from schemathesis.checks import not_a_server_error
 from devstack.testing import poll, unique_name
 from shared.naming import job_id_for
 
-pytestmark = pytest.mark.integration
-
-# Bounded so the whole run stays well under a minute on the local stack (7 operations, 4 of them twice).
-MAX_EXAMPLES = 15
+# Bounded so the whole run stays well under a minute on the local stack: 7 operations, 4 of them also
+# on an existing job and process also in the watched bucket, 12 examples each plus 13 fixed cases
+# (~7 s on an idle 2-core machine, ~35 s at load average 19); the timeout only catches a hang.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+MAX_EXAMPLES = 12
 HOSTILE_NAMES = [".", "..", "a/../b", "%2F", "%", "#x", "?x=1", "a b", "\x00", "\x7f", "é/ü", "[a]*", "x" * 1024]
 
 
@@ -68,7 +68,6 @@ def _run(strategy, url: str) -> None:
 
 def test_api_never_answers_5xx(stack_env, real_job):
     """Every operation of the served schema, with bounded generated inputs; any 5xx fails the test."""
-    started = time.monotonic()
     url = _api_url(stack_env)
     bucket = stack_env["UPCFAN_BUCKET"]
     name, job_id = real_job
@@ -105,4 +104,3 @@ def test_api_never_answers_5xx(stack_env, real_job):
                 except Exception as exc:  # noqa: BLE001
                     failures.append(f"{label} (gs://{bucket}/{obj!r}): {exc}")
     assert not failures, "\n\n".join(failures)
-    assert time.monotonic() - started < 60, "the bounded run should stay under a minute"
