@@ -49,6 +49,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 FINAL = {"completed", "completed_with_failures", "cancelled", "failed"}
 SHORT_LEASE_S = 5.0
 SHORT_LEASE = {"UPCFAN_LEASE_S": "5", "UPCFAN_HEARTBEAT_S": "1.5"}
+# For the SIGKILL: no heartbeats, so the kill cannot land inside a heartbeat transaction (the
+# Firestore emulator then keeps that transaction's lock on the item for about a minute and every
+# later claim of it aborts: the item is only reclaimed once the emulator drops the lock).
+SHORT_LEASE_NO_HEARTBEAT = {"UPCFAN_LEASE_S": "5", "UPCFAN_HEARTBEAT_S": "0"}
 INVALID_LINE = "036000291453"  # bad check digit
 JOB_CACHE_TTL_S = 2.0  # shared.worker.JOB_CACHE_TTL_S: how long a worker may not yet see a cancel
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -295,10 +299,17 @@ def _ensure_worker(extra_env: dict[str, str]) -> None:
         bounce_component("worker", extra_env, STACK_DIR)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def short_lease_worker(stack_env):
     """This module's worker restarted with a 5 s lease and 1.5 s heartbeats (left so: the stack is ours)."""
     _ensure_worker(SHORT_LEASE)
+    return SHORT_LEASE_S
+
+
+@pytest.fixture
+def killable_worker(stack_env):
+    """This module's worker restarted with a 5 s lease and no heartbeats."""
+    _ensure_worker(SHORT_LEASE_NO_HEARTBEAT)
     return SHORT_LEASE_S
 
 
@@ -542,18 +553,23 @@ def test_cancel_mid_run_cancels_the_rest_and_loses_nothing(
 
 def test_worker_killed_mid_handler_item_completes_after_lease_expiry(
         stack_env, firestore_db, marketplace, start_job, faults, api, emulator, item_queue, worker_log,
-        short_lease_worker):
-    lease_s = short_lease_worker
-    n = 6
+        killable_worker):
+    lease_s = killable_worker
+    n = 3
     upcs = fresh_upcs(n)
-    slow = gtin14(upcs[2])
-    faults.set(latency_gtins={slow: 3000})  # every marketplace call for it takes 3 s
+    slow = gtin14(upcs[1])
+    faults.set(latency_gtins={slow: 4000})  # every marketplace call for it takes 4 s
     job_id = start_job(upcs)
-    first = poll(lambda: (lambda it: it if it.get("status") == "processing" else None)(
-        item_doc(firestore_db, job_id, slow)), 30, 0.05, "the slow item to be claimed")
+    # Kill only once the slow handler is the one delivery in flight: a SIGKILL inside any item
+    # transaction leaves its lock in the Firestore emulator for about a minute (claims abort meanwhile).
+    others = [gtin14(u) for u in upcs if gtin14(u) != slow]
+    first = poll(lambda: (lambda it: it if it.get("status") == "processing" and all(
+        item_doc(firestore_db, job_id, g).get("status") == "succeeded" for g in others) else None)(
+        item_doc(firestore_db, job_id, slow)), 30, 0.05, "the slow item alone in flight")
     owner_a = first["lease_owner"]
     pid_before = component_info("worker", STACK_DIR)["pid"]
-    # SIGKILL the worker while the handler waits on the marketplace; devstack starts it again.
+    # SIGKILL the worker while the handler waits on the marketplace; devstack starts it again
+    # (with heartbeats, for the next test).
     old_pid, new_pid = bounce_component("worker", SHORT_LEASE, STACK_DIR,
                                         while_down=lambda: faults.remove(latency_gtins=[slow]))
     assert old_pid == pid_before and new_pid != old_pid
