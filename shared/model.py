@@ -56,3 +56,19 @@ STALL_EVENTS = "stall_events"  # top level: stall_events/{auto}
 ALERT_STATE = "alert_state"  # top level: alert_state/{job_id or "systemic"}
 
 ITEM_HISTORY_LIMIT = 8
+
+
+def started_in_current_round(item: dict) -> bool:
+    """Whether a delivery of this round already ran the item's handler (its effect may exist).
+
+    Such an item is finished truthfully even when its job is cancelled: the idempotent handler
+    finds its own earlier effect, so the record says `succeeded` rather than `cancelled` while a
+    draft exists. Items re-queued by an operator's retry round have not started yet.
+    """
+    status = item.get("status")
+    if status == ItemStatus.PROCESSING.value:
+        return True
+    if status != ItemStatus.QUEUED.value:
+        return False
+    history = item.get("history") or []
+    return bool(history) and not str(history[-1].get("owner") or "").startswith("retry:")

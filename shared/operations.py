@@ -27,6 +27,7 @@ from shared.model import (
     ItemStatus,
     JobStatus,
     LineOutcome,
+    started_in_current_round,
 )
 from shared.naming import task_name_for
 
@@ -325,7 +326,7 @@ def _cancel_job_tx(tx, job_ref, job_id: str, actor: str, now: dt.datetime) -> bo
 def _cancel_item_tx(tx, item_ref, now: dt.datetime) -> bool:
     snap = item_ref.get(transaction=tx)
     doc = snap.to_dict() or {}
-    if not snap.exists or doc.get("status") != ItemStatus.QUEUED.value:
+    if not snap.exists or doc.get("status") != ItemStatus.QUEUED.value or started_in_current_round(doc):
         return False
     tx.update(item_ref, _cancel_item_update(doc, now))
     return True
@@ -379,6 +380,8 @@ def _cancel_queued_items(job_ref, now: dt.datetime) -> int:
             return sum(1 for s in snaps if _cancel_item_tx(db.transaction(), s.reference, now))
 
     for snap in _paged(query):
+        if started_in_current_round(snap.to_dict() or {}):
+            continue  # an earlier delivery ran its handler: the worker finishes it truthfully
         page.append(snap)
         if len(page) >= 200:
             moved += flush(page)

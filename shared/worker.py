@@ -19,7 +19,7 @@ from shared.config import settings
 from shared.exceptions import ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
 from shared.log import log_event
-from shared.model import ITEM_HISTORY_LIMIT, ITEMS, JOBS, ItemStatus, JobStatus
+from shared.model import ITEM_HISTORY_LIMIT, ITEMS, JOBS, ItemStatus, JobStatus, started_in_current_round
 from shared.naming import progress_task_name_for
 
 JOB_CACHE_TTL_S = 2.0
@@ -282,7 +282,8 @@ def claim_item(tx, item_ref, owner: str, now: float, lease_s: float, payload: It
 def cancel_item(tx, item_ref, owner: str, now: float, payload: ItemTask, task_name: str) -> str:
     """For a cancelled job: record the item as cancelled unless it is done or leased by a live delivery.
 
-    Returns "cancelled", "terminal" (already final) or "busy" (a live lease will complete it).
+    Returns "cancelled", "terminal" (already final), "busy" (a live lease will complete it) or
+    "started" (an earlier delivery ran the handler: finish it through the normal claim instead).
     """
     at = _to_dt(now)
     snap = item_ref.get(transaction=tx)
@@ -319,6 +320,8 @@ def cancel_item(tx, item_ref, owner: str, now: float, payload: ItemTask, task_na
             return "busy"
     elif status != ItemStatus.QUEUED.value:
         return "terminal"
+    if started_in_current_round(item):
+        return "started"
     tx.update(
         item_ref,
         {
@@ -582,10 +585,12 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
     if job.get("status") == JobStatus.CANCELLED.value:
         now = clock()
         result = run_transaction(db, "cancel", cancel_item, item_ref, delivery.owner, now, task, delivery.task_name)
-        log_event("item_cancelled" if result == "cancelled" else "cancel_noop", status=result, **fields)
-        if result == "cancelled":
-            request_progress_check(task.job_id, now)
-        return WorkerOutcome(200, {"status": "cancelled" if result == "cancelled" else result, **_ids(task)})
+        if result != "started":
+            log_event("item_cancelled" if result == "cancelled" else "cancel_noop", status=result, **fields)
+            if result == "cancelled":
+                request_progress_check(task.job_id, now)
+            return WorkerOutcome(200, {"status": "cancelled" if result == "cancelled" else result, **_ids(task)})
+        log_event("cancelled_job_item_finishing", status="started", **fields)
 
     try:
         claim = run_transaction(db, "claim", claim_item, item_ref, delivery.owner, clock(), lease_s, task, delivery.task_name)

@@ -243,11 +243,15 @@ def test_resume_leaves_items_that_already_failed_again_in_the_new_round(ops, mon
 def test_cancel_moves_queued_items_and_is_idempotent(ops):
     items = {_gtin(1): "queued", _gtin(2): "queued", _gtin(3): "processing", _gtin(4): "succeeded"}
     job_id = seed_job("running", items, never_claimed=2)
+    # Item 1 was re-queued by an operator's retry round (not started); item 2 by a delivery's
+    # retryable error (its handler ran, its effect may exist: the worker finishes it truthfully).
+    item_ref = firestore_client().collection("jobs").document(job_id).collection("items").document(_gtin(1))
+    item_ref.update({"history": [{"status": "queued", "attempt": 1, "owner": "retry:ops", "at": NOW}]})
 
     out = operations.cancel_job(job_id, "carol", now=NOW)
-    assert out == {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 2}
+    assert out == {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 1}
     after = _items(job_id)
-    assert [after[_gtin(i)]["status"] for i in (1, 2, 3, 4)] == ["cancelled", "cancelled", "processing", "succeeded"]
+    assert [after[_gtin(i)]["status"] for i in (1, 2, 3, 4)] == ["cancelled", "queued", "processing", "succeeded"]
     job = firestore_client().collection("jobs").document(job_id).get().to_dict()
     assert job["status"] == "cancelled" and job["cancelled_at"] == NOW
 

@@ -273,6 +273,17 @@ def test_cancelled_job_cancels_items(db):
     assert job["status"] == "cancelled" and job["counts"]["succeeded"] == 1
 
 
+def test_cancelled_job_finishes_an_item_whose_handler_already_ran(db):
+    """Requeued after a retryable error (its effect may exist): finished truthfully, not cancelled."""
+    job_id = _make_job(db, items=1, status="cancelled")
+    ref = db.collection(JOBS).document(job_id).collection(ITEMS).document(_gtin(1))
+    ref.set({"status": "queued", "attempt": 1, "round": 1, "history": [{"status": "queued", "owner": "t:0:aa"}]})
+    handler = RecordingHandler()
+    out = _deliver(db, job_id, 1, handler)
+    assert out.http_status == 200 and len(handler.calls) == 1
+    assert _item(db, job_id, 1)["status"] == "succeeded" and _item(db, job_id, 1)["attempt"] == 2
+
+
 def test_stale_round_and_missing_job_are_noops(db, job):
     handler = RecordingHandler()
     item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))

@@ -182,7 +182,10 @@ def test_cancel_item_transitions():
     assert cancel_item(FakeTx(), queued, "a", T0, TASK, "t") == "cancelled"
     live = _claimed("x")
     assert cancel_item(FakeTx(), live, "a", T0 + 1, TASK, "t") == "busy" and live.data["status"] == "processing"
-    assert cancel_item(FakeTx(), live, "a", T0 + LEASE + 1, TASK, "t") == "cancelled"
+    # its lease expired: an earlier delivery ran the handler, so it is finished, not cancelled
+    assert cancel_item(FakeTx(), live, "a", T0 + LEASE + 1, TASK, "t") == "started"
+    requeued = FakeRef({"status": "queued", "attempt": 1, "round": 1, "history": [{"owner": "task:0:ab"}]})
+    assert cancel_item(FakeTx(), requeued, "a", T0, TASK, "t") == "started" and requeued.data["status"] == "queued"
     done = FakeRef({"status": "succeeded", "attempt": 1, "round": 1})
     assert cancel_item(FakeTx(), done, "a", T0, TASK, "t") == "terminal" and done.data["status"] == "succeeded"
 
@@ -278,3 +281,12 @@ def test_progress_check_enqueue_failure_is_logged_not_raised(monkeypatch):
         assert ("job-q", 10) not in worker.PROGRESS_REQUESTS.seen  # a later completion may try again
     finally:
         config.settings.cache_clear()
+
+
+def test_started_in_current_round_tells_requeued_deliveries_from_operator_rounds():
+    from shared.model import started_in_current_round
+
+    assert started_in_current_round({"status": "processing"})
+    assert started_in_current_round({"status": "queued", "history": [{"owner": "task:0:ab", "status": "queued"}]})
+    assert not started_in_current_round({"status": "queued", "history": [{"owner": "retry:ops", "status": "queued"}]})
+    assert not started_in_current_round({"status": "succeeded", "history": [{"owner": "task:0:ab"}]})
