@@ -288,7 +288,7 @@ def read_env_file(path: Path | None = None) -> dict[str, str] | None:
 # ---------------------------------------------------------------- setup steps
 
 
-def _request(method: str, url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, str]:
+def _request(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
