@@ -264,7 +264,7 @@ def test_status_watch_in_a_real_terminal_under_tmux(cli, tmp_path, gtin_faults):
     upcs = fresh_upcs(6)
     gtin_faults(latency={gtin14(upcs[0]): 1500})  # keeps the job running while we look at the bar
     job_id = cli.submit(write_upcs(tmp_path, upcs))
-    socket = f"upcfan-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    socket = str(tmp_path / "tmux.sock")  # a private server, its socket removed with tmp_path
     script = tmp_path / "watch.sh"
     script.write_text(
         "#!/bin/sh\n"
@@ -278,10 +278,10 @@ def test_status_watch_in_a_real_terminal_under_tmux(cli, tmp_path, gtin_faults):
     env.pop("NO_COLOR", None)
 
     def capture() -> str:
-        return subprocess.run([tmux, "-L", socket, "capture-pane", "-p", "-t", "watch"], capture_output=True,
+        return subprocess.run([tmux, "-S", socket, "capture-pane", "-p", "-t", "watch"], capture_output=True,
                               text=True, timeout=10, env=env).stdout
 
-    subprocess.run([tmux, "-L", socket, "new-session", "-d", "-s", "watch", "-x", "120", "-y", "30", str(script)],
+    subprocess.run([tmux, "-S", socket, "new-session", "-d", "-s", "watch", "-x", "120", "-y", "30", str(script)],
                    check=True, env=env, timeout=10)
     try:
         live = poll(lambda: (lambda s: s if f"job {job_id}" in s and "items" in s else None)(capture()),
@@ -292,7 +292,7 @@ def test_status_watch_in_a_real_terminal_under_tmux(cli, tmp_path, gtin_faults):
         assert "EXIT=0" in done and f"summary of {job_id} (completed)" in done, done
         assert "100.0%" in done and "6/6 items" in done, done
     finally:
-        subprocess.run([tmux, "-L", socket, "kill-server"], capture_output=True, timeout=10, env=env)
+        subprocess.run([tmux, "-S", socket, "kill-server"], capture_output=True, timeout=10, env=env)
 
 
 def _sh(arg: str) -> str:
