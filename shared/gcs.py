@@ -23,6 +23,11 @@ def parse_gcs_path(path: str) -> tuple[str, str]:
     if not _BUCKET_RE.match(bucket or ""):
         raise BadRequestError(f"{bucket!r} is not a valid bucket name (3-222 chars: a-z 0-9 - _ .)",
                               code="bad_gcs_path")
+    # GCS never names an object "." or ".." (nor with CR/LF); asked for ".", the JSON API answers
+    # with the *bucket's* metadata, so such a path must be refused before any request.
+    if name in (".", "..") or "\r" in name or "\n" in name:
+        raise BadRequestError(f"{name!r} is not a valid GCS object name (objects cannot be named '.' or '..' "
+                              f"or contain CR/LF); got {path[:200]!r}", code="bad_gcs_path")
     if not bucket or not name or name.endswith("/"):
         raise BadRequestError(f"gcs_path must name an object: gs://bucket/object, got {path[:200]!r}",
                               code="bad_gcs_path")

@@ -591,25 +591,11 @@ def _requeue_page(db, job_id: str, snaps: list[Any], round_: int, now: dt.dateti
 # ---------------------------------------------------------------- submit and health
 
 
-def _check_object_name(gcs_path: Any) -> None:
-    """GCS never names an object "." or ".." (nor with CR/LF); such a path names nothing we could read.
-
-    Asked for ".", the storage JSON API answers with the *bucket's* metadata (no generation), which
-    used to surface as a 500; refuse it as a bad request instead."""
-    if not isinstance(gcs_path, str) or not gcs_path.startswith("gs://"):
-        return  # ingest.parse_gcs_path reports the malformed path
-    name = gcs_path[len("gs://"):].partition("/")[2]
-    if name in (".", "..") or "\r" in name or "\n" in name:
-        raise BadRequestError(f"{name!r} is not a valid GCS object name (objects cannot be named '.' or '..' "
-                              f"or contain CR/LF); got {gcs_path[:200]!r}", code="bad_gcs_path")
-
-
 def submit(gcs_path: str, create_drafts: bool | None = None, test_mode: bool | None = None,
            source: str = "http"):
     """Start (or find) the job for a gs:// object; the ingest core owns identity and validation."""
     from shared import ingest
 
-    _check_object_name(gcs_path)
     # None lets ingest apply object metadata, then the configured defaults.
     return ingest.submit_job(gcs_path, create_drafts=create_drafts, test_mode=test_mode, source=source)
 

@@ -85,3 +85,14 @@ def test_one_column_csv_header_is_skipped():
     header, row = lines_of(b'"UPC"\n036000291452\n')
     assert classify_line(header, fmt, True).kind == "skip"
     assert classify_line(row, fmt, False).gtin == "00036000291452"
+
+
+@pytest.mark.parametrize("path", ["gs://upcfan-uploads/.", "gs://upcfan-uploads/..", "gs://b-1/a\nb", "gs://\t/x",
+                                  "s3://b/x", "gs://bucket", "gs://bucket/dir/"])
+def test_gcs_paths_that_name_no_object_are_bad_requests(path):
+    from shared.exceptions import BadRequestError
+    from shared.gcs import parse_gcs_path
+
+    with pytest.raises(BadRequestError) as err:
+        parse_gcs_path(path)
+    assert err.value.code == "bad_gcs_path"
