@@ -232,7 +232,7 @@ def test_unlimited_attempts(tasks_client, make_queue, target, emulator_host):
 def test_headers_retry_and_execution_counts(tasks_client, make_queue, target, emulator_host):
     q = make_queue(retry={"max_attempts": 5, "min_backoff": _dur(0.05), "max_backoff": _dur(0.1)})
     target.scripts["hdr"] = [404, 500]
-    sched = datetime.now(timezone.utc) + timedelta(seconds=0.2)  # in the future: ETA == schedule_time
+    sched = datetime.now(timezone.utc) + timedelta(seconds=2)  # in the future even on a loaded machine: ETA == schedule_time
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(sched)
     task = tasks_v2.Task(
