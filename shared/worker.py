@@ -205,34 +205,40 @@ def _entry(status: ItemStatus, attempt: int, owner: str, at: dt.datetime, error_
     return {"status": status.value, "attempt": attempt, "owner": owner, "at": at, "error_code": error_code}
 
 
+def _new_item(payload: ItemTask, task_name: str, at: dt.datetime, status: ItemStatus, *, attempt: int, owner: str,
+              lease_until: dt.datetime | None = None, error_code: str | None = None) -> dict:
+    """An item document as born at its first delivery: leased (`processing`) or, for a cancelled
+    job, already final (`cancelled`)."""
+    leased = status is ItemStatus.PROCESSING
+    return {
+        "job_id": payload.job_id,
+        "gtin": payload.gtin,
+        "upc": payload.upc,
+        "line": payload.line,
+        "status": status.value,
+        "attempt": attempt,
+        "round": payload.round,
+        "lease_owner": owner if leased else None,
+        "lease_expires_at": lease_until if leased else None,
+        "heartbeat_at": at if leased else None,
+        "task_name": task_name,
+        "error": None,
+        "result": None,
+        "history": [_entry(status, attempt, owner, at, error_code)],
+        "created_at": at,
+        "updated_at": at,
+        "finished_at": None if leased else at,
+    }
+
+
 def claim_item(tx, item_ref, owner: str, now: float, lease_s: float, payload: ItemTask, task_name: str) -> Claim:
     """Take the item's lease for this delivery, creating the item on its first claim."""
     at = _to_dt(now)
     lease_until = _to_dt(now + lease_s)
     snap = item_ref.get(transaction=tx)
     if not snap.exists:
-        tx.create(
-            item_ref,
-            {
-                "job_id": payload.job_id,
-                "gtin": payload.gtin,
-                "upc": payload.upc,
-                "line": payload.line,
-                "status": ItemStatus.PROCESSING.value,
-                "attempt": 1,
-                "round": payload.round,
-                "lease_owner": owner,
-                "lease_expires_at": lease_until,
-                "heartbeat_at": at,
-                "task_name": task_name,
-                "error": None,
-                "result": None,
-                "history": [_entry(ItemStatus.PROCESSING, 1, owner, at)],
-                "created_at": at,
-                "updated_at": at,
-                "finished_at": None,
-            },
-        )
+        tx.create(item_ref, _new_item(payload, task_name, at, ItemStatus.PROCESSING, attempt=1, owner=owner,
+                                      lease_until=lease_until))
         return Claim(ClaimKind.CLAIMED, ItemStatus.PROCESSING.value, 1, payload.round, created=True, lease_expires_at=lease_until)
 
     item = snap.to_dict() or {}
@@ -288,28 +294,8 @@ def cancel_item(tx, item_ref, owner: str, now: float, payload: ItemTask, task_na
     at = _to_dt(now)
     snap = item_ref.get(transaction=tx)
     if not snap.exists:
-        tx.create(
-            item_ref,
-            {
-                "job_id": payload.job_id,
-                "gtin": payload.gtin,
-                "upc": payload.upc,
-                "line": payload.line,
-                "status": ItemStatus.CANCELLED.value,
-                "attempt": 0,
-                "round": payload.round,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "heartbeat_at": None,
-                "task_name": task_name,
-                "error": None,
-                "result": None,
-                "history": [_entry(ItemStatus.CANCELLED, 0, owner, at, "job_cancelled")],
-                "created_at": at,
-                "updated_at": at,
-                "finished_at": at,
-            },
-        )
+        tx.create(item_ref, _new_item(payload, task_name, at, ItemStatus.CANCELLED, attempt=0, owner=owner,
+                                      error_code="job_cancelled"))
         return "cancelled"
     item = snap.to_dict() or {}
     status = item.get("status")
