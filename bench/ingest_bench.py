@@ -118,22 +118,18 @@ def fanout_through_stack(n: int, deadline_s: float) -> tuple[float, str]:
         _ = tasks_v2
 
 
-def rss_child(lines: int) -> None:
-    """Run plan + all chunks in this process for a cancelled job; print peak RSS in KiB."""
+def rss_child(name: str) -> None:
+    """Run plan + all chunks of an uploaded object in this process for a cancelled job; print peak RSS
+    in KiB. The parent generated and uploaded the file, so its size never touches this process."""
     load_stack_env()
     from shared import ingest
-    from shared.clients import firestore_client, storage_client
+    from shared.clients import firestore_client
     from shared.config import settings
     from shared.gcs import GcsObject
     from shared.model import JOBS
     from shared.naming import job_id_for
 
-    data = make_upcs(lines, seed=lines)
-    name = f"bench/rss-{lines}-{time.time_ns()}.txt"
-    blob = storage_client().bucket(os.environ["UPCFAN_BUCKET"] + "-bench").blob(name)
-    blob.upload_from_string(data)
-    del data
-    obj = GcsObject.stat(blob.bucket.name, name)
+    obj = GcsObject.stat(os.environ["UPCFAN_BUCKET"] + "-bench", name)
     plan = ingest.plan_file(obj, settings().chunk_bytes, 5_000_000)
     job_id = job_id_for(obj.bucket, name, obj.generation)
     firestore_client().collection(JOBS).document(job_id).set(
@@ -142,12 +138,17 @@ def rss_child(lines: int) -> None:
         ingest.process_chunk({"job_id": job_id, "bucket": obj.bucket, "object": name,
                               "generation": str(obj.generation), "start": c.start, "end": c.end,
                               "first_line": c.first_line, "index": c.index})
-    print(json.dumps({"lines": lines, "chunks": len(plan.chunks),
+    print(json.dumps({"lines": plan.raw_lines, "chunks": len(plan.chunks),
                       "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
 def measure_rss(lines: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--rss-child", str(lines)], capture_output=True, text=True,
+    from shared.clients import storage_client
+
+    name = f"bench/rss-{lines}-{time.time_ns()}.txt"
+    storage_client().bucket(os.environ["UPCFAN_BUCKET"] + "-bench").blob(name).upload_from_string(
+        make_upcs(lines, seed=lines))
+    out = subprocess.run([sys.executable, __file__, "--rss-child", name], capture_output=True, text=True,
                          timeout=900, env={**os.environ, "UPCFAN_LOG_LEVEL": "WARNING"})
     if out.returncode != 0:
         raise SystemExit(f"rss child failed: {out.stderr[-2000:]}")
@@ -160,7 +161,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--rss-small", type=int, default=10_000)
     ap.add_argument("--rss-large", type=int, default=1_000_000)
-    ap.add_argument("--rss-child", type=int, default=0)
+    ap.add_argument("--rss-child", default="")
     args = ap.parse_args()
     if args.rss_child:
         return rss_child(args.rss_child)
