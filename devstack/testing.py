@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Callable, Iterator
 
 import psutil
 import requests
+from stdnum import ean
 
 from devstack import paths, stack
 
@@ -144,6 +146,20 @@ class Bridge:
     def deliveries(self, name: str | None = None) -> list[dict]:
         params = {"name": name} if name else None
         return requests.get(f"{self.url}/_deliveries", params=params, timeout=10).json()["deliveries"]
+
+
+def fresh_upcs(n: int) -> list[str]:
+    """n distinct random UPC-A codes: SKUs no other test (or earlier run) has listed."""
+    rng = random.Random(uuid.uuid4().int)
+    out: set[str] = set()
+    while len(out) < n:
+        body = f"{rng.randrange(10**10, 10**11)}"
+        out.add(body + ean.calc_check_digit(body))
+    return sorted(out)
+
+
+def gtin14(upc: str) -> str:
+    return upc.zfill(14)
 
 
 def unique_name(prefix: str = "test", suffix: str = ".csv") -> str:

@@ -8,15 +8,13 @@ other sessions sharing the stack are not disturbed. Waits are polls with deadlin
 
 from __future__ import annotations
 
-import random
 import uuid
 
 import pytest
 import requests
-from stdnum import ean
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import poll
+from devstack.testing import fresh_upcs, gtin14, poll
 from shared.naming import job_id_for, task_name_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -28,20 +26,6 @@ MAX_ROUNDS = 3  # UPCFAN_MAX_RETRY_ROUNDS default
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def fresh_upcs(n: int) -> list[str]:
-    """n distinct random UPC-A codes no other test (or earlier run) has listed."""
-    rng = random.Random(uuid.uuid4().int)
-    out: set[str] = set()
-    while len(out) < n:
-        body = f"{rng.randrange(10**10, 10**11)}"
-        out.add(body + ean.calc_check_digit(body))
-    return sorted(out)
-
-
-def gtin14(upc: str) -> str:
-    return upc.zfill(14)
 
 
 class Api:

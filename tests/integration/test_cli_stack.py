@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from stdnum import ean
 
-from devstack.testing import poll
+from devstack.testing import fresh_upcs, gtin14, poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -32,19 +30,6 @@ UPCFAN = REPO_ROOT / ".venv" / "bin" / "upcfan"
 SMALL_SAMPLE = REPO_ROOT / "samples" / "small-upcs.txt"  # 20 valid, 1 bad check digit, 1 duplicate
 FINAL = {"completed", "completed_with_failures", "cancelled", "failed"}
 EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_FAILURES, EXIT_FAILED_OR_CANCELLED = 0, 2, 3, 4, 5
-
-
-def fresh_upcs(n: int) -> list[str]:
-    rng = random.Random(uuid.uuid4().int)
-    out: set[str] = set()
-    while len(out) < n:
-        body = f"{rng.randrange(10**10, 10**11)}"
-        out.add(body + ean.calc_check_digit(body))
-    return sorted(out)
-
-
-def gtin14(upc: str) -> str:
-    return upc.zfill(14)
 
 
 class Cli:

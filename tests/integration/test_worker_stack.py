@@ -19,15 +19,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import random
-import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
-from stdnum import ean
 
 from devstack.cloudtasks import client as ct
 from devstack.testing import (
@@ -35,6 +31,8 @@ from devstack.testing import (
     component_alive,
     component_env,
     component_info,
+    fresh_upcs,
+    gtin14,
     poll,
     private_stack,
     restart_component,
@@ -61,20 +59,6 @@ STACK_DIR = Path(os.environ.get("UPCFAN_WORKER_STACK_DIR", REPO_ROOT / ".local" 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def fresh_upcs(n: int) -> list[str]:
-    """n distinct random UPC-A codes: SKUs no other test (or earlier run) has listed."""
-    rng = random.Random(uuid.uuid4().int)
-    out: set[str] = set()
-    while len(out) < n:
-        body = f"{rng.randrange(10**10, 10**11)}"
-        out.add(body + ean.calc_check_digit(body))
-    return sorted(out)
-
-
-def gtin14(upc: str) -> str:
-    return upc.zfill(14)
 
 
 def body_for(upcs: list[str]) -> str:
