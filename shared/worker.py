@@ -40,6 +40,13 @@ _TRANSIENT_STORE_ERRORS = (
 # Inputs and outputs
 
 
+# The last attempt waits for a holder at most lease + margin, capped well inside the item queue's
+# dispatch deadline (120 s), polling this often.
+LAST_ATTEMPT_MARGIN_S = 5.0
+LAST_ATTEMPT_WAIT_MAX_S = 90.0
+LAST_ATTEMPT_POLL_S = 1.0
+
+
 class ItemTask(BaseModel):
     """The item task body written by fan-out (`shared/tasks.py`)."""
 
@@ -175,9 +182,13 @@ class Clock:
 # Transactions (small named units; each takes the transaction first)
 
 
+_FINAL_STATUSES = frozenset(s.value for s in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED))
+
+
 class ClaimKind(str, enum.Enum):
     CLAIMED = "claimed"
     BUSY = "busy"  # another delivery holds a live lease
+    CONTENDED = "contended"  # other deliveries kept the item's lock: the claim transaction gave up
     TERMINAL = "terminal"  # already succeeded / failed / cancelled
     STALE_ROUND = "stale_round"  # delivery of an older round than the item's
     UNKNOWN_STATE = "unknown_state"
@@ -247,7 +258,7 @@ def claim_item(tx, item_ref, owner: str, now: float, lease_s: float, payload: It
     attempt = int(item.get("attempt") or 0)
     if payload.round < item_round:
         return Claim(ClaimKind.STALE_ROUND, status, attempt, item_round)
-    if status in {s.value for s in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)}:
+    if status in _FINAL_STATUSES:
         return Claim(ClaimKind.TERMINAL, status, attempt, item_round)
     reclaimed = False
     if status == ItemStatus.PROCESSING.value:
@@ -346,13 +357,16 @@ class CompleteKind(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REQUEUED = "requeued"
-    LEASE_LOST = "lease_lost"
+    LEASE_LOST = "lease_lost"  # another delivery holds or re-queued the item: it is still open
+    FINISHED_ELSEWHERE = "finished_elsewhere"  # another delivery already brought it to a final status
 
 
 def complete_item(tx, item_ref, owner: str, now: float, outcome: HandlerOutcome) -> CompleteKind:
     """Write the handler's outcome, only if this delivery still owns the processing item."""
     snap = item_ref.get(transaction=tx)
     item = snap.to_dict() if snap.exists else None
+    if item and item.get("status") in _FINAL_STATUSES:
+        return CompleteKind.FINISHED_ELSEWHERE
     if not item or item.get("status") != ItemStatus.PROCESSING.value or item.get("lease_owner") != owner:
         return CompleteKind.LEASE_LOST
     at = _to_dt(now)
@@ -568,23 +582,31 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
 
     item_ref = db.collection(JOBS).document(task.job_id).collection(ITEMS).document(task.gtin)
 
+    # The answer rule that keeps every item driven to a final status: a delivery answers 2xx only
+    # when the item is final (or belongs to a newer round). Any delivery's 2xx may end the task,
+    # and the task is the only thing that ever re-drives its item; so "someone else holds it" is
+    # a 409, never a 200: that someone may die, or requeue the item, after the task is gone.
+    wait_s = min(lease_s + LAST_ATTEMPT_MARGIN_S, LAST_ATTEMPT_WAIT_MAX_S) if delivery.last_attempt else 0.0
     if job.get("status") == JobStatus.CANCELLED.value:
         now = clock()
-        result = run_transaction(db, "cancel", cancel_item, item_ref, delivery.owner, now, task, delivery.task_name)
+        result = _while_busy(lambda: run_transaction(db, "cancel", cancel_item, item_ref, delivery.owner, clock(), task,
+                                                     delivery.task_name),
+                             lambda r: r == "busy", wait_s, fields)
         if result != "started":
-            log_event("item_cancelled" if result == "cancelled" else "cancel_noop", status=result, **fields)
+            log_event("item_cancelled" if result == "cancelled" else "cancel_noop",
+                      severity="WARNING" if result == "busy" else "INFO", status=result, **fields)
             if result == "cancelled":
                 request_progress_check(task.job_id, now)
+            if result == "busy":
+                return _busy_answer(task, holder=None, reason="leased")
             return WorkerOutcome(200, {"status": "cancelled" if result == "cancelled" else result, **_ids(task)})
         log_event("cancelled_job_item_finishing", status="started", **fields)
 
-    try:
-        claim = run_transaction(db, "claim", claim_item, item_ref, delivery.owner, clock(), lease_s, task, delivery.task_name)
-    except (ValueError, gexc.Aborted) as exc:  # ValueError: the client's "failed to commit in N attempts"
-        # Other deliveries of this item hold its lock right now; one of them will own it.
-        log_event("claim_contended", severity="WARNING", error=f"{type(exc).__name__}: {exc}", **fields)
-        return WorkerOutcome(409, {"status": "busy", "reason": "contended", **_ids(task)})
+    claim = _while_busy(lambda: _claim(db, item_ref, delivery, clock, lease_s, task, fields),
+                        lambda c: c.kind in (ClaimKind.BUSY, ClaimKind.CONTENDED), wait_s, fields)
     fields = {**fields, "attempt": claim.attempt}
+    if claim.kind is ClaimKind.CONTENDED:
+        return _busy_answer(task, holder=None, reason="contended")
     if claim.kind is ClaimKind.BUSY:
         log_event(
             "claim_busy",
@@ -595,10 +617,8 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
             last_attempt=delivery.last_attempt,
             **fields,
         )
-        return WorkerOutcome(
-            409,
-            {"status": "busy", "holder": claim.previous_owner, "lease_expires_at": str(claim.lease_expires_at), **_ids(task)},
-        )
+        return _busy_answer(task, holder=claim.previous_owner, reason="leased",
+                            lease_expires_at=str(claim.lease_expires_at))
     if claim.kind is not ClaimKind.CLAIMED:
         log_event(f"claim_{claim.kind.value}", status=claim.status, item_round=claim.round, **fields)
         return WorkerOutcome(200, {"status": "noop", "reason": claim.kind.value, "item_status": claim.status, **_ids(task)})
@@ -646,8 +666,10 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
     elapsed_ms = int((time.monotonic() - started) * 1000)
 
     if lease_lost or not heartbeat.alive():
+        # The item is another delivery's now (or re-queued): 409 keeps the task, whose next
+        # delivery finds the item final (200 no-op) or free to claim.
         log_event("result_discarded", severity="WARNING", status="lease_lost", elapsed_ms=elapsed_ms, **fields)
-        return WorkerOutcome(200, {"status": "lease_lost", **_ids(task)})
+        return WorkerOutcome(409, {"status": "lease_lost", **_ids(task)})
 
     now = clock()
     kind = _with_store_retries(lambda: run_transaction(db, "complete", complete_item, item_ref, delivery.owner, now, outcome))
@@ -659,10 +681,12 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
         CompleteKind.FAILED: ItemStatus.FAILED.value,
         CompleteKind.REQUEUED: ItemStatus.QUEUED.value,
         CompleteKind.LEASE_LOST: "lease_lost",
+        CompleteKind.FINISHED_ELSEWHERE: "finished_elsewhere",
     }
     log_event(
         f"item_{kind.value}",
-        severity={"succeeded": "INFO", "requeued": "WARNING", "lease_lost": "WARNING"}.get(kind.value, "ERROR"),
+        severity={"succeeded": "INFO", "requeued": "WARNING", "lease_lost": "WARNING",
+                  "finished_elsewhere": "WARNING"}.get(kind.value, "ERROR"),
         status=status_of[kind],
         error_code=error["code"] if error else None,
         error=error["message"] if error else None,
@@ -672,13 +696,51 @@ def _deliver(task, delivery, clock, handler, db, lease_s, heartbeat_s, fields) -
         **fields,
     )
     body: dict[str, Any] = {"status": status_of[kind], "attempt": claim.attempt, **_ids(task)}
-    if error and kind is not CompleteKind.LEASE_LOST:
+    if error and kind not in (CompleteKind.LEASE_LOST, CompleteKind.FINISHED_ELSEWHERE):
         body["error"] = error
     if kind is CompleteKind.SUCCEEDED:
         body["result"] = outcome.result
     if kind in (CompleteKind.SUCCEEDED, CompleteKind.FAILED):
         request_progress_check(task.job_id, now)
-    return WorkerOutcome(503 if kind is CompleteKind.REQUEUED else 200, body)
+    return WorkerOutcome({CompleteKind.REQUEUED: 503, CompleteKind.LEASE_LOST: 409}.get(kind, 200), body)
+
+
+def _claim(db, item_ref, delivery: Delivery, clock: Clock, lease_s: float, task: ItemTask, fields: dict) -> Claim:
+    try:
+        return run_transaction(db, "claim", claim_item, item_ref, delivery.owner, clock(), lease_s, task, delivery.task_name)
+    except (ValueError, gexc.Aborted) as exc:  # ValueError: the client's "failed to commit in N attempts"
+        # Other deliveries of this item hold its lock right now; one of them will own it.
+        log_event("claim_contended", severity="WARNING", error=f"{type(exc).__name__}: {exc}", **fields)
+        return Claim(ClaimKind.CONTENDED)
+
+
+def _while_busy(attempt: Callable[[], Any], busy: Callable[[Any], bool], wait_s: float, fields: dict) -> Any:
+    """Run `attempt`; on the task's last attempt keep retrying while another delivery holds the item.
+
+    After the last attempt's non-2xx answer the task is gone, and with it whatever would re-drive
+    the item if the holder died or re-queued it. So the last attempt waits (bounded, well inside
+    the dispatch deadline) for the holder to finish or its lease to lapse, then tries again.
+    """
+    result = attempt()
+    deadline = time.monotonic() + wait_s
+    while busy(result) and time.monotonic() < deadline:
+        time.sleep(min(LAST_ATTEMPT_POLL_S, max(0.0, deadline - time.monotonic())))
+        result = attempt()
+    if wait_s and busy(result):
+        log_event("last_attempt_still_busy", severity="ERROR", waited_s=wait_s,
+                  message_detail="the task ends now while another delivery holds the item; the sweeper flags it "
+                                 "if that delivery never finishes", **fields)
+    return result
+
+
+def _busy_answer(task: ItemTask, *, holder: str | None, reason: str,
+                 lease_expires_at: str | None = None) -> WorkerOutcome:
+    body: dict[str, Any] = {"status": "busy", "reason": reason, **_ids(task)}
+    if holder:
+        body["holder"] = holder
+    if lease_expires_at:
+        body["lease_expires_at"] = lease_expires_at
+    return WorkerOutcome(409, body)
 
 
 def _with_store_retries(fn: Callable[[], Any], attempts: int = 3) -> Any:

@@ -107,6 +107,23 @@ def items_of(db, job_id: str) -> dict[str, tuple]:
     return {s.id: (s.update_time, s.to_dict()) for s in col.stream()}
 
 
+def open_items_report(db, s: "ChaosStack", job_id: str) -> str:
+    """Why a job has not drained: counts, its non-final items with their history, its exhausted tasks."""
+    counts = item_counts(db, job_id)
+    totals = (job_of(db, job_id).get("totals") or {}).get("items")
+    col = db.collection("jobs").document(job_id).collection("items")
+    open_items = [(snap.id, snap.to_dict()) for snap in col.stream()
+                  if (snap.to_dict() or {}).get("status") in ("queued", "processing")][:10]
+    exhausted = [e for e in requests.get(f"http://{s.env['CLOUD_TASKS_EMULATOR_HOST']}/_emulator/exhausted",
+                                         timeout=10).json()["exhausted"] if job_id in str(e)]
+    lines = [f"job {job_id}: counts={counts} totals.items={totals} exhausted_tasks={len(exhausted)}"]
+    lines += [f"  open item {g}: status={d.get('status')} attempt={d.get('attempt')} owner={d.get('lease_owner')} "
+              f"lease={d.get('lease_expires_at')} history={[(h.get('status'), h.get('error_code')) for h in d.get('history') or []]}"
+              for g, d in open_items]
+    lines += [f"  exhausted: {e}" for e in exhausted[:10]]
+    return "\n".join(lines)
+
+
 def upload(env: dict, name: str, body: bytes) -> tuple[str, str, str]:
     from shared.clients import storage_client
     from shared.naming import job_id_for
@@ -205,8 +222,11 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
             poll(lambda: job_of(db, job).get("status") in TERMINAL and job_of(db, job).get("status") != "running",
                  420, f"job {job} to finish", interval_s=1.0)
         # A cancelled job's remaining tasks drain as `cancelled` items.
-        poll(lambda: (lambda c, t: sum(c.values()) >= t and not c["queued"] and not c["processing"])(
-            item_counts(db, job_b), job_of(db, job_b)["totals"]["items"]), 240, "job B's tasks to drain")
+        try:
+            poll(lambda: (lambda c, t: sum(c.values()) >= t and not c["queued"] and not c["processing"])(
+                item_counts(db, job_b), job_of(db, job_b)["totals"]["items"]), 240, "job B's tasks to drain")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{open_items_report(db, s, job_b)}") from None
         poll(lambda: job_of(db, job_c).get("status") in ("completed", "completed_with_failures"), 240,
              "job C round 2")
         phases["all_final"] = time.monotonic() - t0

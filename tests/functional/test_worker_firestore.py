@@ -181,9 +181,26 @@ def test_lost_lease_discards_result_at_complete(db, job):
         return {"offer_id": "mine"}
 
     out = _deliver(db, job, handler=RecordingHandler(steal_then_return), heartbeat_s=3600)
-    assert out.http_status == 200 and out.body["status"] == "lease_lost"
+    # 409, not 200: the item is still open, and only this task's next delivery can re-drive it
+    # if the thief dies or re-queues it.
+    assert out.http_status == 409 and out.body["status"] == "lease_lost"
     item = _item(db, job)
     assert item["status"] == "processing" and item["lease_owner"] == "thief:1:y" and item["result"] is None
+
+
+def test_result_after_another_delivery_finished_the_item_is_a_200(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+
+    def other_delivery_finishes_first(item):
+        thief = "thief:1:y"
+        run_transaction(db, "claim", claim_item, item_ref, thief, T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
+        run_transaction(db, "complete", worker.complete_item, item_ref, thief, T0 + 10 * LEASE_S + 1,
+                        worker.HandlerOutcome(result={"offer_id": "theirs"}))
+        return {"offer_id": "theirs"}
+
+    out = _deliver(db, job, handler=RecordingHandler(other_delivery_finishes_first), heartbeat_s=3600)
+    assert out.http_status == 200 and out.body["status"] == "finished_elsewhere"
+    assert _item(db, job)["status"] == "succeeded"
 
 
 def test_lost_lease_seen_by_heartbeat_skips_complete(db, job):
@@ -196,7 +213,7 @@ def test_lost_lease_seen_by_heartbeat_skips_complete(db, job):
 
     worker.TXN_COUNTER.reset()
     out = _deliver(db, job, handler=RecordingHandler(steal_and_wait_for_heartbeat), heartbeat_s=0.05)
-    assert out.body["status"] == "lease_lost"
+    assert out.http_status == 409 and out.body["status"] == "lease_lost"
     assert "complete" not in worker.TXN_COUNTER.snapshot()
     assert _item(db, job)["lease_owner"] == "thief:1:y"
 
@@ -271,6 +288,41 @@ def test_cancelled_job_cancels_items(db):
     assert result["status"] == "cancelled" and result["counts"]["cancelled"] == 2
     job = db.collection(JOBS).document(job_id).get().to_dict()
     assert job["status"] == "cancelled" and job["counts"]["succeeded"] == 1
+
+
+def test_cancelled_job_item_under_a_live_lease_answers_409(db):
+    """The holder may die or re-queue after this answer; a 200 here would end the only task."""
+    job_id = _make_job(db, items=1, status="cancelled")
+    ref = db.collection(JOBS).document(job_id).collection(ITEMS).document(_gtin(1))
+    run_transaction(db, "claim", claim_item, ref, "holder:0:x", T0, LEASE_S, ItemTask(**_payload(job_id)), "t")
+    out = _deliver(db, job_id, 1, RecordingHandler(), now=T0 + 1)
+    assert out.http_status == 409 and out.body["status"] == "busy"
+    assert _item(db, job_id, 1)["status"] == "processing"
+
+
+def test_last_attempt_waits_for_a_dead_holder_then_runs_the_item(db, job):
+    """A holder that died mid-item: the last attempt outlives its lease and finishes the item itself."""
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+    lease_s = 1.0
+    run_transaction(db, "claim", claim_item, item_ref, "dead:0:x", T0, lease_s, ItemTask(**_payload(job)), "t")
+    handler = RecordingHandler()
+    last = settings().item_max_attempts - 1
+    out = process_item_delivery(_payload(job), _headers(last), now=T0, handler=handler, db=db, lease_s=lease_s)
+    assert out.http_status == 200 and out.body["status"] == "succeeded", out.body
+    assert len(handler.calls) == 1 and _item(db, job)["history"][0]["owner"] == "dead:0:x"
+
+
+def test_last_attempt_waits_for_a_live_holder_to_finish(db, job):
+    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
+    run_transaction(db, "claim", claim_item, item_ref, "live:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
+    finisher = threading.Timer(0.5, lambda: run_transaction(
+        db, "complete", worker.complete_item, item_ref, "live:0:x", T0 + 1, worker.HandlerOutcome(result={"offer_id": "o"})))
+    finisher.start()
+    handler = RecordingHandler()
+    out = _deliver(db, job, 1, handler, retry=settings().item_max_attempts - 1, now=T0 + 0.5)
+    finisher.join()
+    assert out.http_status == 200 and out.body["reason"] == "terminal"
+    assert handler.calls == []
 
 
 def test_cancelled_job_finishes_an_item_whose_handler_already_ran(db):

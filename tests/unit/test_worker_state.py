@@ -150,14 +150,14 @@ def test_complete_permanent_fails():
     assert ref.data["error"]["retryable"] is False
 
 
-def test_complete_by_non_owner_or_after_terminal_is_lease_lost():
+def test_complete_by_non_owner_is_lease_lost_and_after_terminal_finished_elsewhere():
     ref = _claimed("a")
     claim_item(FakeTx(), ref, "b", T0 + LEASE + 1, LEASE, TASK, "t")
     before = dict(ref.data)
     assert complete_item(FakeTx(), ref, "a", T0 + 50, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
     assert ref.data == before
     complete_item(FakeTx(), ref, "b", T0 + 50, HandlerOutcome(result={}))
-    assert complete_item(FakeTx(), ref, "b", T0 + 51, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
+    assert complete_item(FakeTx(), ref, "b", T0 + 51, HandlerOutcome(result={})) is CompleteKind.FINISHED_ELSEWHERE
     assert complete_item(FakeTx(), FakeRef(), "b", T0, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
 
 
