@@ -511,10 +511,12 @@ def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str])
 
 
 @contextlib.contextmanager
-def stack_lock(timeout_s: float = 300.0):
-    """Serialise up/down between engineers and test sessions sharing this checkout's stack."""
-    paths.LOCAL.mkdir(parents=True, exist_ok=True)
-    with open(paths.LOCK_FILE, "a+") as fh:
+def stack_lock(timeout_s: float = 300.0, lock_file: Path | None = None):
+    """Serialise up/down between engineers and test sessions sharing this checkout's stack
+    (`lock_file`: the lock of a stack in another UPCFAN_LOCAL_DIR)."""
+    lock_file = lock_file or paths.LOCK_FILE
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -522,7 +524,7 @@ def stack_lock(timeout_s: float = 300.0):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise StackError(f"another scripts/dev up/down holds {paths.LOCK_FILE} for > {timeout_s:.0f}s")
+                    raise StackError(f"another scripts/dev up/down holds {lock_file} for > {timeout_s:.0f}s")
                 time.sleep(0.2)
         try:
             yield

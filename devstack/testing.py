@@ -9,7 +9,6 @@ last session to leave stops the stack only if a test session started it (a stack
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -247,25 +246,9 @@ def restart_component(name: str, extra_env: dict[str, str] | None = None,
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def stack_lock_for(local_dir: str | Path | None = None, timeout_s: float = 300.0) -> Iterator[None]:
+def stack_lock_for(local_dir: str | Path | None = None, timeout_s: float = 300.0):
     """The stack's up/down lock (`devstack.stack.stack_lock`) for any UPCFAN_LOCAL_DIR."""
-    lock_file = _local(local_dir) / "stack.lock"
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{lock_file} held for > {timeout_s:.0f}s")
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return stack.stack_lock(timeout_s, lock_file=_local(local_dir) / "stack.lock")
 
 
 def bounce_component(name: str, extra_env: dict[str, str] | None = None, local_dir: str | Path | None = None,
