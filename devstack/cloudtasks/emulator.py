@@ -208,6 +208,10 @@ class Emulator:
         self.config = {
             "tombstone_seconds": float(tombstone_seconds),
             "duplicate_deliveries": int(duplicate_deliveries),
+            # False: only the primary delivery's answer decides the task (copies are extra runs).
+            # True: a copy's 2xx also ends the task, the first 2xx wins, even while the primary
+            # still runs: a target must not answer 2xx unless its work is really finished.
+            "duplicate_2xx_ends_task": False,
             "min_dispatch_deadline_seconds": float(min_dispatch_deadline),
         }
         self.queues: dict[str, Queue] = {}
@@ -810,6 +814,11 @@ class Emulator:
         self._record(t, {"attempt": attempt_no, "duplicate": True, "copy": copy, "started": started,
                          "finished": finished, "duration_s": round(finished - started, 6),
                          "status": status, "error": msg or None})
+        q = t.queue
+        if (self.config["duplicate_2xx_ends_task"] and status is not None and 200 <= status < 300
+                and q.tasks.get(t.task_id) is t and not q.deleted):
+            self._remove_task(t)
+            self.stat(q.queue_id)["succeeded"] += 1
 
     async def _attempt(self, t: Task, attempt_no: int, headers: dict, forced: bool) -> None:
         q = t.queue

@@ -222,6 +222,10 @@ async def emu_set_config(request):
         new["tombstone_seconds"] = v
     if "duplicate_deliveries" in body:
         new["duplicate_deliveries"] = pj.parse_int(body["duplicate_deliveries"], "duplicate_deliveries", 0, 50)
+    if "duplicate_2xx_ends_task" in body:
+        if not isinstance(body["duplicate_2xx_ends_task"], bool):
+            raise invalid("duplicate_2xx_ends_task must be true or false")
+        new["duplicate_2xx_ends_task"] = body["duplicate_2xx_ends_task"]
     if "min_dispatch_deadline_seconds" in body:
         v = pj.parse_float(body["min_dispatch_deadline_seconds"], "min_dispatch_deadline_seconds")
         if not 0 < v <= 1800:

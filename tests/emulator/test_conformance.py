@@ -419,6 +419,29 @@ def test_duplicate_deliveries_knob(tasks_client, make_queue, target, emu_config,
     assert st["succeeded"] == 1 and st["duplicate_deliveries"] == 2 and st["dispatched"] == 1
 
 
+def test_duplicate_2xx_ends_task_knob(tasks_client, make_queue, target, emu_config, emulator_host):
+    """Whichever copy answers 200 first ends the task, even while the other still runs."""
+    emu_config(duplicate_deliveries=1, duplicate_2xx_ends_task=True)
+    q = make_queue()
+    # The first request for the task sleeps 6 s, the other answers 200 at once.
+    name = f"{q}/tasks/dup-fast"
+    tasks_client.create_task(parent=q, task=_http_task(target.url("/slowfirst/6"), name))
+    poll(lambda: len(target.for_task("dup-fast")) == 2, what="both deliveries")
+
+    def gone() -> bool:
+        try:
+            tasks_client.get_task(name=name)
+            return False
+        except gexc.NotFound:
+            return True
+
+    poll(gone, timeout=3, what="the first 200 to end the task")
+    st = emu.queue_stats(emulator_host, _qid(q))
+    assert st["succeeded"] == 1 and st["in_flight"] in (0, 1)
+    with pytest.raises(gexc.Conflict):  # ended means tombstoned, as for any finished task
+        tasks_client.create_task(parent=q, task=_http_task(target.url("/ok"), name))
+
+
 def test_app_engine_tasks_stored_not_dispatched(tasks_client, make_queue, emulator_host):
     q = make_queue(paused=True, retry={"max_attempts": 1})
     t = tasks_client.create_task(parent=q, task=tasks_v2.Task(
