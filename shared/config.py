@@ -92,7 +92,7 @@ class Settings:
     # Ingest
     chunk_bytes: int
     max_lines: int
-    fanout_threads: int  # concurrent CreateTask calls per chunk
+    fanout_threads: int  # concurrent CreateTask calls per process (shared by its chunks)
     # Worker
     lease_s: float
     heartbeat_s: float

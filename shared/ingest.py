@@ -11,6 +11,7 @@ creates a second job or a second task.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,6 +36,20 @@ from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
 LINE_RECORDS_PER_CHUNK = 2000
+_FANOUT_POOL: ThreadPoolExecutor | None = None
+_FANOUT_POOL_LOCK = threading.Lock()
+
+
+def _fanout_pool(threads: int) -> ThreadPoolExecutor:
+    """One CreateTask pool per process, shared by every chunk the process runs at once: creates are
+    client-CPU-bound, so `fanout_threads` in total beats that many per concurrent chunk (GIL churn)."""
+    global _FANOUT_POOL
+    with _FANOUT_POOL_LOCK:
+        if _FANOUT_POOL is None:
+            _FANOUT_POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fanout")
+        return _FANOUT_POOL
+
+
 _META_TEST_MODE = "upcfan-test-mode"
 _META_CREATE_DRAFTS = "upcfan-create-drafts"
 
@@ -338,16 +353,15 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
 
     if enqueue and candidates:
         todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
-        with ThreadPoolExecutor(max_workers=s.fanout_threads) as pool:
-            for c, verdict in pool.map(enqueue_one, todo):
-                if verdict == "created":
-                    result.tasks_created += 1
-                    result.items += 1
-                elif verdict == "mine":
-                    result.items += 1
-                else:
-                    result.duplicate += 1
-                    line_records.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
+        for c, verdict in _fanout_pool(s.fanout_threads).map(enqueue_one, todo):
+            if verdict == "created":
+                result.tasks_created += 1
+                result.items += 1
+            elif verdict == "mine":
+                result.items += 1
+            else:
+                result.duplicate += 1
+                line_records.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
         if crash_after_tasks is not None:
             raise RuntimeError(f"injected crash after {len(todo)} task creations")
     else:
