@@ -246,6 +246,26 @@ def restart_component(name: str, extra_env: dict[str, str] | None = None,
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def stack_env_applied(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Point this process at a stack: its env in os.environ and fresh lazy clients; both restored
+    on exit (so a private stack's clients never leak into the next test module)."""
+    from shared.clients import reset_clients
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_clients()
+    try:
+        yield dict(env)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_clients()
+
+
 def stack_lock_for(local_dir: str | Path | None = None, timeout_s: float = 300.0):
     """The stack's up/down lock (`devstack.stack.stack_lock`) for any UPCFAN_LOCAL_DIR."""
     return stack.stack_lock(timeout_s, lock_file=_local(local_dir) / "stack.lock")

@@ -7,7 +7,6 @@ from .local/stack.env and resets the cached clients, so `shared.clients.*` talk 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,22 +20,11 @@ if str(REPO_ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def stack_env():
     """dict of the stack.env values (GOOGLE_CLOUD_PROJECT, *_EMULATOR_HOST, UPCFAN_*_URL, ...)."""
-    from devstack.testing import stack_session
-    from shared.clients import reset_clients
+    from devstack.testing import stack_env_applied, stack_session
 
-    with stack_session(log=lambda msg: print(f"[devstack] {msg}", file=sys.stderr)) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        reset_clients()
-        try:
-            yield dict(env)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_clients()
+    with stack_session(log=lambda msg: print(f"[devstack] {msg}", file=sys.stderr)) as env, \
+            stack_env_applied(env) as applied:
+        yield applied
 
 
 @pytest.fixture(scope="session")

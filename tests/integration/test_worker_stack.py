@@ -36,6 +36,7 @@ from devstack.testing import (
     poll,
     private_stack,
     restart_component,
+    stack_env_applied,
     stack_lock_for,
 )
 from shared.model import EVENTS, ITEMS, JOBS
@@ -183,22 +184,8 @@ class WorkerLog:
 
 @pytest.fixture(scope="module")
 def stack_env():
-    from shared.clients import reset_clients
-
-    with private_stack(STACK_DIR) as private:
-        env = private.env
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        reset_clients()
-        try:
-            yield dict(env)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reset_clients()
+    with private_stack(STACK_DIR) as private, stack_env_applied(private.env) as applied:
+        yield applied
 
 
 @pytest.fixture(scope="module")
