@@ -7,31 +7,17 @@ import random
 
 import pytest
 import requests
-from stdnum import ean
 
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import poll
+from devstack.testing import fresh_upcs, gtin14, poll
 from shared import ingest
 from shared.clients import reset_clients
 from shared.model import CHUNKS, ITEMS, JOBS, LINES
 from shared.naming import job_id_for, task_name_for
 
 pytestmark = pytest.mark.integration
-
-
-def make_upcs(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    out: set[str] = set()
-    while len(out) < n:
-        body = f"{rng.randrange(10**11):011d}"
-        out.add(body + ean.calc_check_digit(body))
-    return sorted(out)
-
-
-def gtin14(upc: str) -> str:
-    return upc.zfill(14)
 
 
 def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
@@ -54,7 +40,7 @@ def cloudevent_headers(bucket: str, name: str, event_id: str) -> dict:
 
 
 def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(stack_env, firestore_db, upload, bridge):
-    upcs = make_upcs(40, seed=1)
+    upcs = fresh_upcs(40)
     bucket, name, generation = upload("\n".join(upcs) + "\n", metadata={"upcfan-test-mode": "true"})
     job_id = job_id_for(bucket, name, generation)
     first = poll(lambda: bridge.deliveries(name), 30, 0.2, "the bridge to deliver the finalize event")
@@ -136,7 +122,7 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
     """A chunk dies after creating some of its tasks; Cloud Tasks retries it; totals stay exact."""
     host = stack_env["CLOUD_TASKS_EMULATOR_HOST"]
     control = stack_env["UPCFAN_CONTROL_QUEUE"]
-    upcs = make_upcs(120, seed=7)
+    upcs = fresh_upcs(120)
     text = "\n".join(upcs + upcs[:10]) + "\n"  # 10 in-file duplicates
     # Outside the watched bucket so no finalize event races this test; submitted over HTTP instead.
     bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
