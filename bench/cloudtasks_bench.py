@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack.cloudtasks import client as emu  # noqa: E402
+from devstack.procs import stop_process  # noqa: E402
 
 PARENT = "projects/demo-bench/locations/us-central1"
 HARD_LIMIT_S = 110.0
@@ -196,10 +197,9 @@ def main() -> int:
               f"(queue rate {args.rate:g}/s)", flush=True)
         client.delete_queue(name=queue)
     finally:
-        tproc.terminate()
+        stop_process(tproc)
         if proc:
-            proc.terminate()
-            proc.wait(10)
+            stop_process(proc)
     result["total_s"] = round(time.time() - started, 2)
     print(json.dumps(result), flush=True)
     return 0

@@ -17,6 +17,9 @@ import aiohttp
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from devstack.procs import stop_process  # noqa: E402
 OFFER = "/sell/inventory/v1/offer"
 
 
@@ -73,8 +76,7 @@ def main() -> None:
         print(f"{'sandbox marketplace (3,000 requests, 50 clients)':<50} {rate:>8.0f} req/s  goal >= 500")
         print("BENCH_RESULT " + json.dumps({"bench": "marketplace", "req_per_s": round(rate), "goal_req_per_s": 500}))
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc)
 
 
 if __name__ == "__main__":

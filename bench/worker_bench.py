@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devstack.procs import stop_process  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -177,11 +179,7 @@ def main(argv=None) -> int:
         core_done, core_s = _run(args.items, args.threads, args.max_phase_s, core)
         txns = worker.TXN_COUNTER.snapshot()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
     base_rate = base_done / base_s if base_s else 0.0
     core_rate = core_done / core_s if core_s else 0.0

@@ -157,6 +157,18 @@ class Component:
         )
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM a child, SIGKILL it if it is still there after `grace_s`; always reaped, never raises."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def record_pid(name: str, pid: int, argv: list[str]) -> None:
     try:
         ctime = psutil.Process(pid).create_time()

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from devstack.cloudtasks import client as emu
+from devstack.procs import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "demo-emulator"
@@ -59,11 +60,7 @@ def emulator_host():
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
         yield host
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

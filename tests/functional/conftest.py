@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.procs import stop_process
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -92,12 +94,7 @@ def firestore_emulator(tmp_path_factory):
         reset_clients()
         yield firestore_client()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         for key, value in saved.items():
             if value is None:

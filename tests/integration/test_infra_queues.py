@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("devstack.cloudtasks.server", reason="Cloud Tasks emulator not in this checkout yet")
 
+from devstack.procs import stop_process  # noqa: E402
 from infra import cli, model, runner, stack  # noqa: E402
 from infra.clients import Clients  # noqa: E402
 from infra.resources.base import CREATE, NOOP, UPDATE  # noqa: E402
@@ -56,11 +57,7 @@ def emulator_host():
         if line.startswith("CLOUDTASKS_EMULATOR_READY"):
             host = line.split()[1].removeprefix("http://")
     yield host
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc)
 
 
 @pytest.fixture()
