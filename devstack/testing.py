@@ -247,12 +247,14 @@ def restart_component(name: str, extra_env: dict[str, str] | None = None,
 
 
 @contextlib.contextmanager
-def stack_env_applied(env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """Point this process at a stack: its env in os.environ and fresh lazy clients; both restored
-    on exit (so a private stack's clients never leak into the next test module)."""
+def stack_env_applied(env: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
+    """Point this process at a stack: its env in os.environ (`unset` keys removed) and fresh lazy
+    clients; both restored on exit (so a private stack's clients never leak into the next module)."""
     from shared.clients import reset_clients
 
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, *unset)}
+    for k in unset:
+        os.environ.pop(k, None)
     os.environ.update(env)
     reset_clients()
     try:

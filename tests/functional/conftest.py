@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from devstack.procs import stop_process
+from devstack.testing import stack_env_applied
 
 
 def _free_port() -> int:
@@ -83,24 +83,14 @@ def firestore_emulator(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    saved = {k: os.environ.get(k) for k in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "UPCFAN_WORKER_URL")}
     try:
         _wait_ready(host, proc)
-        os.environ["FIRESTORE_EMULATOR_HOST"] = host
-        os.environ["GOOGLE_CLOUD_PROJECT"] = f"demo-functional-{uuid.uuid4().hex[:6]}"
-        os.environ.pop("UPCFAN_WORKER_URL", None)  # no task enqueueing from functional tests
-        from shared.clients import firestore_client, reset_clients
+        env = {"FIRESTORE_EMULATOR_HOST": host, "GOOGLE_CLOUD_PROJECT": f"demo-functional-{uuid.uuid4().hex[:6]}"}
+        # No UPCFAN_WORKER_URL: no task enqueueing from functional tests.
+        with stack_env_applied(env, unset=("UPCFAN_WORKER_URL",)):
+            from shared.clients import firestore_client
 
-        reset_clients()
-        yield firestore_client()
+            yield firestore_client()
     finally:
         stop_process(proc)
         log.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        from shared.clients import reset_clients
-
-        reset_clients()
