@@ -1,0 +1,116 @@
+"""The one retry policy: which faults are transient, and one named budget per kind of call.
+
+Every retry in the product goes through a `RetryPolicy` declared here (Temporal-style: the budget
+is data, stated once), so budgets cannot multiply by nesting one loop inside another and a change
+of budget is one line. Policies retry inside one invocation only; retrying across invocations is
+Cloud Tasks' job (queue `retry_config` in `shared/config.py`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from google.api_core import exceptions as gexc
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+T = TypeVar("T")
+
+# Faults that say "nothing was decided, the same call may succeed later". Conflict (HTTP 409) is
+# not here: over REST it means ALREADY_EXISTS as well as ABORTED, and the caller must tell which.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+    gexc.Aborted,
+    ConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def is_contention(exc: BaseException) -> bool:
+    """A transaction lost to another one: ABORTED, or the Firestore client's own give-up, a
+    ValueError ("failed to commit in N attempts") raised from the Aborted it kept getting."""
+    if isinstance(exc, gexc.Aborted):
+        return True
+    return isinstance(exc, ValueError) and isinstance(exc.__cause__, gexc.Aborted)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Up to `attempts` calls; between them an exponential wait from `initial_s`, capped at `max_s`,
+    with full jitter when `jitter` (so callers that failed together do not retry in step)."""
+
+    name: str
+    attempts: int
+    initial_s: float
+    max_s: float
+    retry_if: Callable[[BaseException], bool] = field(default=is_transient, compare=False)
+    jitter: bool = True
+
+    def wait_s(self, attempt_number: int) -> float:
+        """Seconds to wait after the `attempt_number`-th failed call (1-based)."""
+        ceiling = min(self.max_s, self.initial_s * (2 ** (attempt_number - 1)))
+        return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
+
+    def retrying(self, *, sleep: Callable[[float], None] | None = None) -> Retrying:
+        kwargs: dict[str, Any] = {}
+        if sleep is not None:
+            kwargs["sleep"] = sleep
+        return Retrying(
+            retry=retry_if_exception(self.retry_if),
+            stop=stop_after_attempt(self.attempts),
+            wait=lambda state: self._wait(state),
+            reraise=True,
+            **kwargs,
+        )
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` under this policy; the last fault is raised as it was."""
+        return self.retrying()(fn, *args, **kwargs)
+
+    def api_core_retry(self, timeout_s: float):
+        """The same policy for a Google client call that takes `retry=` (the client runs the loop),
+        bounded by `timeout_s` in all."""
+        from google.api_core import retry as api_retry
+
+        return api_retry.Retry(predicate=self.retry_if, initial=self.initial_s, maximum=self.max_s,
+                               multiplier=2.0, timeout=timeout_s)
+
+    def _wait(self, state: RetryCallState) -> float:
+        return self.wait_s(state.attempt_number)
+
+
+# A Firestore transaction that lost to another one starts over fresh after a jittered pause: the
+# emulator breaks a lock deadlock only by timing one side out, so transactions that retry in step
+# would keep deadlocking. The client's own immediate retry is off (one attempt per transaction).
+STORE_TRANSACTION = RetryPolicy("store_transaction", attempts=5, initial_s=0.04, max_s=1.6, retry_if=is_contention)
+
+# A transaction whose result must not be lost to a passing store fault (a finished handler's outcome:
+# losing it costs a second run of the side effect). Each attempt is a whole STORE_TRANSACTION.
+STORE_UNAVAILABLE = RetryPolicy("store_unavailable", attempts=3, initial_s=0.2, max_s=0.8, jitter=False,
+                                retry_if=lambda exc: is_transient(exc) and not is_contention(exc))
+
+# CreateTask / GetTask: a transient API fault is retried in place, so one flaky call does not cost a
+# whole chunk or retry round its place in line.
+TASK_API = RetryPolicy("task_api", attempts=6, initial_s=0.2, max_s=5.0, jitter=False)
+
+# Sweeper reads and its flag writes: a sweep must finish inside its scheduler deadline, so a fault
+# that outlasts ~3 s surfaces and the next sweep tries again.
+SWEEP_STORE = RetryPolicy("sweep_store", attempts=4, initial_s=0.1, max_s=1.0)
+
+# Outbound marketplace calls are not retried inside an attempt yet: one failed call fails the
+# attempt and Cloud Tasks' backoff retries the item (the idempotency key makes that safe).
+OUTBOUND_HTTP = RetryPolicy("outbound_http", attempts=1, initial_s=0.0, max_s=0.0)
+
+# Slack: a 429 with a short Retry-After is waited out once (`shared/alerts.py` honours the header);
+# anything else waits for the next sweep, whose outbox re-sends it.
+SLACK = RetryPolicy("slack", attempts=2, initial_s=0.0, max_s=0.0)
+
+POLICIES = {p.name: p for p in (STORE_TRANSACTION, STORE_UNAVAILABLE, TASK_API, SWEEP_STORE, OUTBOUND_HTTP, SLACK)}
