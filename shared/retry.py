@@ -45,7 +45,7 @@ def is_contention(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Up to `attempts` calls; between them an exponential wait from `initial_s`, capped at `max_s`,
-    with full jitter when `jitter` (so callers that failed together do not retry in step)."""
+    drawn from [10%, 100%] of it when `jitter` (so callers that failed together do not retry in step)."""
 
     name: str
     attempts: int
@@ -57,7 +57,7 @@ class RetryPolicy:
     def wait_s(self, attempt_number: int) -> float:
         """Seconds to wait after the `attempt_number`-th failed call (1-based)."""
         ceiling = min(self.max_s, self.initial_s * (2 ** (attempt_number - 1)))
-        return random.uniform(ceiling / 2, ceiling) if self.jitter else ceiling
+        return random.uniform(ceiling / 10, ceiling) if self.jitter else ceiling
 
     def retrying(self, *, sleep: Callable[[float], None] | None = None) -> Retrying:
         kwargs: dict[str, Any] = {}
@@ -89,13 +89,14 @@ class RetryPolicy:
 
 # A Firestore transaction that lost to another one starts over fresh after a jittered pause: the
 # emulator breaks a lock deadlock only by timing one side out, so transactions that retry in step
-# would keep deadlocking. The client's own immediate retry is off (one attempt per transaction).
-STORE_TRANSACTION = RetryPolicy("store_transaction", attempts=5, initial_s=0.04, max_s=1.6, retry_if=is_contention)
+# would keep deadlocking. The client's own immediate retry is off (one attempt per transaction), so
+# this is the only loop: at most 5 transaction bodies.
+STORE_TRANSACTION = RetryPolicy("store_transaction", attempts=5, initial_s=0.2, max_s=1.6, retry_if=is_contention)
 
-# A transaction whose result must not be lost to a passing store fault (a finished handler's outcome:
-# losing it costs a second run of the side effect). Each attempt is a whole STORE_TRANSACTION.
-STORE_UNAVAILABLE = RetryPolicy("store_unavailable", attempts=3, initial_s=0.2, max_s=0.8, jitter=False,
-                                retry_if=lambda exc: is_transient(exc) and not is_contention(exc))
+# A transaction whose result must not be lost (a finished handler's outcome: losing it costs a second
+# run of the side effect) also outlasts a passing store fault, within the same one budget.
+STORE_MUST_COMMIT = RetryPolicy("store_must_commit", attempts=6, initial_s=0.2, max_s=1.6,
+                                retry_if=lambda exc: is_contention(exc) or is_transient(exc))
 
 # CreateTask / GetTask: a transient API fault is retried in place, so one flaky call does not cost a
 # whole chunk or retry round its place in line.
@@ -113,4 +114,4 @@ OUTBOUND_HTTP = RetryPolicy("outbound_http", attempts=1, initial_s=0.0, max_s=0.
 # anything else waits for the next sweep, whose outbox re-sends it.
 SLACK = RetryPolicy("slack", attempts=2, initial_s=0.0, max_s=0.0)
 
-POLICIES = {p.name: p for p in (STORE_TRANSACTION, STORE_UNAVAILABLE, TASK_API, SWEEP_STORE, OUTBOUND_HTTP, SLACK)}
+POLICIES = {p.name: p for p in (STORE_TRANSACTION, STORE_MUST_COMMIT, TASK_API, SWEEP_STORE, OUTBOUND_HTTP, SLACK)}
