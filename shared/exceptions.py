@@ -75,10 +75,11 @@ class PermanentItemError(ItemError):
 
 
 class LeaseLostError(UpcfanError):
-    """This delivery no longer owns the item's lease; it must not complete the item."""
+    """This delivery no longer owns the item's lease; it must not complete the item. The worker
+    answers 409 so the task stays: the lease's new holder may still re-queue the item."""
 
     code = "lease_lost"
-    http_status = 200
+    http_status = 409
 
 
 class StoreUnavailableError(UpcfanError):

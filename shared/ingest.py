@@ -16,21 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from google.api_core import exceptions as gexc
-from google.cloud import firestore
-from google.cloud.firestore_v1.base_query import FieldFilter
+from pydantic import ValidationError
 
-from shared.clients import firestore_client
 from shared.config import settings
-from shared.events import record_event
+from shared.events import Event
 from shared.exceptions import UnreadableFileError
 from shared.gcs import GcsObject, parse_gcs_path
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
-from shared.model import CHUNKS, ITEMS, JOBS, LINES, JobStatus
+from shared.model import JobStatus
+from shared.naming import chunk_task_name_for, job_id_for, task_name_for
+from shared.payloads import ChunkTask, ItemTask, describe_validation_error
 from shared.progress import check_job_progress
-from shared.naming import chunk_doc_id, chunk_task_name_for, job_id_for, line_doc_id, task_name_for
+from shared.store import Store, default_store
 from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
@@ -114,7 +113,7 @@ def submit_job(gcs_path: str, *, create_drafts: bool | None = None, test_mode: b
     bucket, name = parse_gcs_path(gcs_path)
     obj = GcsObject.stat(bucket, name, generation)
     job_id = job_id_for(bucket, name, obj.generation)
-    job_ref = firestore_client().collection(JOBS).document(job_id)
+    store = default_store()
     now = _now()
     doc = {
         "job_id": job_id, "gcs_path": obj.gcs_path, "bucket": bucket, "object": name,
@@ -124,24 +123,21 @@ def submit_job(gcs_path: str, *, create_drafts: bool | None = None, test_mode: b
         "created_at": now, "updated_at": now, "fanout_done_at": None, "last_progress_at": now,
         "completed_at": None, "stall": None, "error": None,
     }
-    try:
-        job_ref.create(doc)
-        created = True
-        record_event(job_ref, "created", actor or source, now,
-                     {"gcs_path": obj.gcs_path, "generation": str(obj.generation), "options": doc["options"]},
-                     event_id="created")
+    created_event = Event("created", actor or source, now, {"gcs_path": obj.gcs_path, "generation": str(obj.generation),
+                                                            "options": doc["options"]}, event_id="created")
+    created = store.create_job(doc, created_event)
+    if created:
         log_event("job_created", job_id=job_id, gcs_path=obj.gcs_path, generation=obj.generation, source=source,
                   options=doc["options"])
-    except gexc.Conflict:
-        created = False
-        snap = job_ref.get()
-        doc = snap.to_dict() or doc
+    else:
+        existing = store.get_job(job_id)
+        doc = existing.doc if existing else doc
         log_event("job_exists", job_id=job_id, gcs_path=obj.gcs_path, generation=obj.generation, source=source,
                   status=doc.get("status"))
     # A job still ingesting without its chunk plan recorded crashed (or is racing) before fan-out
     # began: planning again is safe because chunk task names are deterministic.
     if doc.get("status") == JobStatus.INGESTING.value and not doc.get("planned_at"):
-        doc = _plan_and_enqueue(job_ref, obj)
+        doc = _plan_and_enqueue(store, job_id, obj)
     return SubmitResult(job_id=job_id, created=created, status=doc.get("status"), gcs_path=obj.gcs_path,
                         generation=obj.generation, error=doc.get("error"))
 
@@ -216,43 +212,32 @@ def _text_for_sniff(raw: RawLine) -> str | None:
     return None if (not text or text.startswith("#")) else text
 
 
-def _plan_and_enqueue(job_ref, obj: GcsObject) -> dict:
+def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:
     s = settings()
-    job_id = job_ref.id
     now = _now()
     try:
         plan = plan_file(obj, s.chunk_bytes, s.max_lines)
     except UnreadableFileError as exc:
-        return _fail_job(job_ref, exc.to_dict(), now)
-    job_ref.update({"plan": {"format": plan.format.to_dict(), "raw_lines": plan.raw_lines, "size": plan.size},
-                    "chunks_total": len(plan.chunks), "updated_at": now})
+        return _fail_job(store, job_id, exc.to_dict(), now)
+    store.update_job(job_id, {"plan": {"format": plan.format.to_dict(), "raw_lines": plan.raw_lines,
+                                       "size": plan.size},
+                              "chunks_total": len(plan.chunks), "updated_at": now})
     created = 0
     for chunk in plan.chunks:
-        payload = {"job_id": job_id, "bucket": obj.bucket, "object": obj.name, "generation": str(obj.generation),
-                   "start": chunk.start, "end": chunk.end, "first_line": chunk.first_line, "index": chunk.index}
+        payload = ChunkTask(job_id=job_id, bucket=obj.bucket, object=obj.name, generation=str(obj.generation),
+                            start=chunk.start, end=chunk.end, first_line=chunk.first_line, index=chunk.index)
         created += create_task(s.control_queue_path, TaskSpec(task_id=chunk_task_name_for(job_id, chunk.start),
-                                                              url=f"{s.ingest_url}/fanout", payload=payload))
-    job_ref.update({"planned_at": _now(), "updated_at": _now()})
+                                                              url=f"{s.ingest_url}/fanout", payload=payload.to_body()))
+    store.update_job(job_id, {"planned_at": _now(), "updated_at": _now()})
     log_event("job_planned", job_id=job_id, chunks=len(plan.chunks), chunk_tasks_created=created,
               raw_lines=plan.raw_lines, format=plan.format.kind, size=plan.size)
-    snap = job_ref.get()
-    return snap.to_dict() or {}
+    job = store.get_job(job_id)
+    return job.doc if job else {}
 
 
-def _fail_job(job_ref, error: dict, now: dt.datetime) -> dict:
-    @firestore.transactional
-    def txn(tx):
-        snap = job_ref.get(transaction=tx)
-        doc = snap.to_dict() or {}
-        if doc.get("status") not in (JobStatus.INGESTING.value, JobStatus.RUNNING.value):
-            return doc
-        tx.update(job_ref, {"status": JobStatus.FAILED.value, "error": error, "completed_at": now, "updated_at": now})
-        record_event(job_ref, "failed", "ingest", now, {"error": error}, tx=tx, event_id="failed")
-        doc.update(status=JobStatus.FAILED.value, error=error)
-        return doc
-
-    doc = txn(firestore_client().transaction())
-    log_event("job_failed", severity="WARNING", job_id=job_ref.id, error_code=error.get("code"),
+def _fail_job(store: Store, job_id: str, error: dict, now: dt.datetime) -> dict:
+    doc = store.fail_job(job_id, error, now)
+    log_event("job_failed", severity="WARNING", job_id=job_id, error_code=error.get("code"),
               error=error.get("message"))
     return doc
 
@@ -281,8 +266,8 @@ class _Candidate:
     line: int
 
 
-def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = None,
-                  on_task: Callable[[str], None] | None = None) -> ChunkResult:
+def process_chunk(payload: dict[str, Any] | ChunkTask, *, crash_after_tasks: int | None = None,
+                  on_task: Callable[[str], None] | None = None, store: Store | None = None) -> ChunkResult:
     """Classify the lines that start in [start, end) and create one named task per new GTIN.
 
     A GTIN seen on an earlier line of this chunk is a duplicate. A GTIN whose task already exists
@@ -291,35 +276,51 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
     the item it became, tells which, so totals stay exact across retries and chunk races.
     `crash_after_tasks` lets tests kill a chunk midway.
     """
-    s = settings()
-    db = firestore_client()
-    job_id = payload["job_id"]
-    start, end, first_line = int(payload["start"]), int(payload["end"]), int(payload["first_line"])
-    job_ref = db.collection(JOBS).document(job_id)
-    result = ChunkResult(job_id=job_id, start=start)
-    snap = job_ref.get()
-    if not snap.exists:
+    chunk = payload if isinstance(payload, ChunkTask) else _chunk_task(payload)
+    store = store or default_store()
+    result = ChunkResult(job_id=chunk.job_id, start=chunk.start)
+    job = store.get_job(chunk.job_id)
+    if job is None:
         result.skipped_reason = "job not found"
-        log_event("chunk_skipped", severity="WARNING", job_id=job_id, start=start, reason=result.skipped_reason)
+        log_event("chunk_skipped", severity="WARNING", job_id=chunk.job_id, start=chunk.start,
+                  reason=result.skipped_reason)
         return result
-    job = snap.to_dict()
-    chunk_ref = job_ref.collection(CHUNKS).document(chunk_doc_id(start))
-    chunk_snap = chunk_ref.get()
-    if chunk_snap.exists and chunk_snap.get("status") == "done":
-        log_event("chunk_already_done", job_id=job_id, start=start)
-        _maybe_finish_fanout(job_ref)
+    done = store.get_chunk(chunk.job_id, chunk.start)
+    if done is not None and done.get("status") == "done":
+        log_event("chunk_already_done", job_id=chunk.job_id, start=chunk.start)
+        _maybe_finish_fanout(store, chunk.job_id)
         return result
-    if job.get("status") == JobStatus.FAILED.value:
+    if job.status == JobStatus.FAILED.value:
         result.skipped_reason = "job failed"
         return result
-    enqueue = job.get("status") != JobStatus.CANCELLED.value
-    fmt = FileFormat.from_dict(job["plan"]["format"])
-    obj = GcsObject(bucket=payload["bucket"], name=payload["object"], generation=int(payload["generation"]), size=end)
+    candidates, line_records = _classify_chunk(chunk, FileFormat.from_dict(job.doc["plan"]["format"]), result)
+    if job.status != JobStatus.CANCELLED.value and candidates:
+        todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
+        line_records += _enqueue_items(store, chunk.job_id, todo, result, on_task)
+        if crash_after_tasks is not None:
+            raise RuntimeError(f"injected crash after {len(todo)} task creations")
+    else:
+        result.items += len(candidates)
+    _record_chunk_done(store, chunk, result, line_records, enqueued=job.status != JobStatus.CANCELLED.value)
+    _maybe_finish_fanout(store, chunk.job_id)
+    return result
 
+
+def _chunk_task(payload: dict[str, Any]) -> ChunkTask:
+    try:
+        return ChunkTask.model_validate(payload)
+    except ValidationError as exc:
+        raise UnreadableFileError(f"chunk task payload is malformed: {describe_validation_error(exc)}",
+                                  code="bad_payload") from None
+
+
+def _classify_chunk(chunk: ChunkTask, fmt: FileFormat, result: ChunkResult) -> tuple[list[_Candidate], list[dict]]:
+    """Every line starting in the chunk: skipped, invalid, a duplicate within the chunk, or a candidate item."""
+    obj = GcsObject(bucket=chunk.bucket, name=chunk.object, generation=int(chunk.generation), size=chunk.end)
     first_seen: dict[str, int] = {}
     candidates: list[_Candidate] = []
     line_records: list[dict] = []
-    for raw in iter_raw_lines(obj.read, start, end, first_line):
+    for raw in iter_raw_lines(obj.read, chunk.start, chunk.end, chunk.first_line):
         verdict = classify_line(raw, fmt, strip_bom=(raw.start == 0))
         if verdict.kind == "skip":
             result.skipped += 1
@@ -336,8 +337,14 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
             continue
         first_seen[verdict.gtin] = raw.line_no
         candidates.append(_Candidate(verdict.gtin, verdict.upc, raw.line_no))
-    del first_seen
+    return candidates, line_records
 
+
+def _enqueue_items(store: Store, job_id: str, candidates: list[_Candidate], result: ChunkResult,
+                   on_task: Callable[[str], None] | None) -> list[dict]:
+    """One named task per candidate (round 1); counts them into `result`; returns the line records of
+    candidates that turned out to be duplicates of another chunk's line."""
+    s = settings()
     round_ = 1
 
     def enqueue_one(c: _Candidate) -> tuple[_Candidate, str]:
@@ -345,38 +352,35 @@ def process_chunk(payload: dict[str, Any], *, crash_after_tasks: int | None = No
         if on_task:
             on_task(task_id)
         spec = TaskSpec(task_id=task_id, url=s.worker_url,
-                        payload={"job_id": job_id, "gtin": c.gtin, "upc": c.upc, "line": c.line, "round": round_})
+                        payload=ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_).to_body())
         if create_task(item_queue_for(task_id), spec):
             return c, "created"
-        owner_line = _existing_task_line(job_ref, task_id, c.gtin)
+        owner_line = _existing_task_line(store, job_id, task_id, c.gtin)
         return c, "mine" if owner_line in (None, c.line) else f"dup:{owner_line}"
 
-    if enqueue and candidates:
-        todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
-        for c, verdict in _fanout_pool(s.fanout_threads).map(enqueue_one, todo):
-            if verdict == "created":
-                result.tasks_created += 1
-                result.items += 1
-            elif verdict == "mine":
-                result.items += 1
-            else:
-                result.duplicate += 1
-                line_records.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
-        if crash_after_tasks is not None:
-            raise RuntimeError(f"injected crash after {len(todo)} task creations")
-    else:
-        result.items += len(candidates)
+    duplicates: list[dict] = []
+    for c, verdict in _fanout_pool(s.fanout_threads).map(enqueue_one, candidates):
+        if verdict == "created":
+            result.tasks_created += 1
+            result.items += 1
+        elif verdict == "mine":
+            result.items += 1
+        else:
+            result.duplicate += 1
+            duplicates.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
+    return duplicates
 
+
+def _record_chunk_done(store: Store, chunk: ChunkTask, result: ChunkResult, line_records: list[dict], *,
+                       enqueued: bool) -> None:
     line_records.sort(key=lambda r: r["line"])
-    _write_line_records(job_ref, line_records[:LINE_RECORDS_PER_CHUNK])
-    chunk_ref.set({"start": start, "end": end, "first_line": first_line, "index": payload.get("index"),
-                   "status": "done", "totals": result.totals(), "tasks_created": result.tasks_created,
-                   "line_records_omitted": max(0, len(line_records) - LINE_RECORDS_PER_CHUNK),
-                   "done_at": _now()})
-    log_event("chunk_done", job_id=job_id, start=start, end=end, **result.totals(), tasks_created=result.tasks_created,
-              enqueued=enqueue)
-    _maybe_finish_fanout(job_ref)
-    return result
+    store.write_line_records(chunk.job_id, line_records[:LINE_RECORDS_PER_CHUNK])
+    store.put_chunk(chunk.job_id, chunk.start, {
+        "start": chunk.start, "end": chunk.end, "first_line": chunk.first_line, "index": chunk.index,
+        "status": "done", "totals": result.totals(), "tasks_created": result.tasks_created,
+        "line_records_omitted": max(0, len(line_records) - LINE_RECORDS_PER_CHUNK), "done_at": _now()})
+    log_event("chunk_done", job_id=chunk.job_id, start=chunk.start, end=chunk.end, **result.totals(),
+              tasks_created=result.tasks_created, enqueued=enqueued)
 
 
 def _duplicate_record(line: int, upc: str, gtin: str, of_line: int) -> dict:
@@ -384,64 +388,36 @@ def _duplicate_record(line: int, upc: str, gtin: str, of_line: int) -> dict:
             "duplicate_of_line": of_line, "reason": f"GTIN {gtin} already appears on line {of_line:,}"}
 
 
-def _existing_task_line(job_ref, task_id: str, gtin: str) -> int | None:
+def _existing_task_line(store: Store, job_id: str, task_id: str, gtin: str) -> int | None:
     """Line that owns an already existing task name: from the live task, else from the item it became."""
     body = get_task_payload(item_queue_for(task_id), task_id)
     if body and body.get("line") is not None:
         return int(body["line"])
-    item = job_ref.collection(ITEMS).document(gtin).get()
-    if item.exists and item.get("line") is not None:
-        return int(item.get("line"))
+    item = store.get_item(job_id, gtin)
+    if item is not None and item.doc.get("line") is not None:
+        return int(item.doc["line"])
     return None
 
 
-def _write_line_records(job_ref, records: list[dict]) -> None:
-    db = firestore_client()
-    for i in range(0, len(records), 400):
-        batch = db.batch()
-        for rec in records[i:i + 400]:
-            batch.set(job_ref.collection(LINES).document(line_doc_id(rec["line"])), rec)
-        batch.commit()
-
-
-def _maybe_finish_fanout(job_ref) -> bool:
+def _maybe_finish_fanout(store: Store, job_id: str) -> bool:
     """When every chunk is done, sum their totals into the job once and mark fan-out done."""
-    snap = job_ref.get()
-    job = snap.to_dict() or {}
-    if job.get("fanout_done_at") or not job.get("chunks_total"):
+    job = store.get_job(job_id)
+    if job is None or job.fanout_done_at is not None or not job.doc.get("chunks_total"):
         return False
-    done = job_ref.collection(CHUNKS).where(filter=FieldFilter("status", "==", "done")).count().get()
-    if int(done[0][0].value) < int(job["chunks_total"]):
+    if store.count_done_chunks(job_id) < int(job.doc["chunks_total"]):
         return False
     now = _now()
-
-    @firestore.transactional
-    def txn(tx) -> dict | None:
-        current = job_ref.get(transaction=tx).to_dict() or {}
-        if current.get("fanout_done_at"):
-            return None
-        totals = {"lines": 0, "items": 0, "invalid": 0, "duplicate": 0, "skipped": 0}
-        for chunk in job_ref.collection(CHUNKS).stream(transaction=tx):
-            for k, v in (chunk.get("totals") or {}).items():
-                totals[k] = totals.get(k, 0) + int(v)
-        update = {"totals": totals, "fanout_done_at": now, "last_progress_at": now, "updated_at": now}
-        if current.get("status") == JobStatus.INGESTING.value:
-            update["status"] = JobStatus.RUNNING.value
-        tx.update(job_ref, update)
-        record_event(job_ref, "fanout_done", "ingest", now, {"totals": totals}, tx=tx, event_id="fanout_done")
-        return {**current, **update}
-
-    finished = txn(firestore_client().transaction())
+    finished = store.finish_fanout(job_id, now)
     if finished is None:
         return False
     totals = finished["totals"]
-    log_event("fanout_done", job_id=job_ref.id, **totals)
+    log_event("fanout_done", job_id=job_id, **totals)
     if totals["lines"] == 0:
-        _fail_job(job_ref, {"code": "no_data_lines",
-                            "message": f"{finished.get('gcs_path')} has no UPC lines "
-                                       f"({totals['skipped']} blank, comment or header lines)"}, now)
+        _fail_job(store, job_id, {"code": "no_data_lines",
+                                  "message": f"{finished.get('gcs_path')} has no UPC lines "
+                                             f"({totals['skipped']} blank, comment or header lines)"}, now)
     else:
         # Items may all have finished before the last chunk was recorded (or there are none, all
         # lines invalid): no later completion would ask for a check, so check now.
-        check_job_progress(job_ref.id)
+        check_job_progress(job_id, store=store)
     return True

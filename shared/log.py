@@ -16,7 +16,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
-            "severity": record.levelname if record.levelname != "WARNING" else "WARNING",
+            "severity": record.levelname,
             "message": record.getMessage(),
             "logger": record.name,
             "time": _dt.datetime.fromtimestamp(record.created, tz=_dt.timezone.utc).isoformat(),
@@ -62,7 +62,5 @@ def setup_logging(level: int = logging.INFO) -> None:
 def log_event(event: str, *, severity: str = "INFO", logger: str = "upcfan", **fields: Any) -> None:
     """Log one state transition or step: `event` names it, fields carry job_id, gtin, attempt..."""
     level = getattr(logging, severity.upper(), logging.INFO)
-    if severity.upper() == "CRITICAL":
-        level = logging.CRITICAL
     fields = {"event": event, **{k: v for k, v in fields.items() if v is not None}}
     logging.getLogger(logger).log(level, event, extra={"fields": fields})

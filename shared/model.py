@@ -83,9 +83,12 @@ class Item:
     lease_expires_at: dt.datetime | None
     history: tuple[dict, ...]
     doc: dict = field(repr=False, compare=False)
+    # The store's token for "this version of the document" (Firestore: its update time), so a write
+    # decided on this read can be refused if the item moved since.
+    version: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_doc(cls, doc: dict, gtin: str = "") -> "Item":
+    def from_doc(cls, doc: dict, gtin: str = "", version: Any = None) -> "Item":
         return cls(
             gtin=str(doc.get("gtin") or gtin),
             status=str(doc.get("status") or ""),
@@ -95,6 +98,7 @@ class Item:
             lease_expires_at=as_utc(doc.get("lease_expires_at")),
             history=tuple(doc.get("history") or ()),
             doc=dict(doc),
+            version=version,
         )
 
     @property

@@ -1,0 +1,159 @@
+"""Job transitions as pure functions: (the job as read, inputs) → (what happened, the write to make).
+
+A store runs each inside one transaction (`Store.transact_job`), so a job moves to a final status
+once, whichever of several racing callers gets there first; the event that records the move is
+written in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import settings
+from shared.events import Event
+from shared.exceptions import ConflictError, NotFoundError
+from shared.model import RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus
+
+TOTAL_KEYS = ("lines", "items", "invalid", "duplicate", "skipped")
+
+# A job may be completed from these states once fan-out is done (ingest flips to running at fan-out).
+COMPLETABLE = frozenset({JobStatus.RUNNING.value, JobStatus.INGESTING.value})
+CANCELLABLE = frozenset({JobStatus.INGESTING.value, JobStatus.RUNNING.value})
+
+
+@dataclass(frozen=True)
+class JobWrite:
+    """Fields to update on the job document and events to record, in one transaction."""
+
+    fields: dict[str, Any]
+    events: tuple[Event, ...] = ()
+
+
+def job_not_found(job_id: str) -> NotFoundError:
+    return NotFoundError(f"job {job_id!r} not found", code="job_not_found")
+
+
+# --------------------------------------------------------------------------------------------- ingest
+
+
+def fail(job: Job | None, error: dict, at: dt.datetime) -> tuple[dict, JobWrite | None]:
+    """The file cannot be processed: an ingesting or running job → failed (once)."""
+    doc = dict(job.doc) if job else {}
+    if job is None or job.status not in CANCELLABLE:
+        return doc, None
+    fields = {"status": JobStatus.FAILED.value, "error": error, "completed_at": at, "updated_at": at}
+    event = Event("failed", "ingest", at, {"error": error}, event_id="failed")
+    return {**doc, **fields}, JobWrite(fields, (event,))
+
+
+def finish_fanout(job: Job | None, chunks: list[dict], at: dt.datetime) -> tuple[dict | None, JobWrite | None]:
+    """Every chunk is done: sum their totals into the job once, mark fan-out done, start running."""
+    if job is None or job.fanout_done_at is not None:
+        return None, None
+    totals = {k: 0 for k in TOTAL_KEYS}
+    for chunk in chunks:
+        for k, v in (chunk.get("totals") or {}).items():
+            totals[k] = totals.get(k, 0) + int(v)
+    fields: dict[str, Any] = {"totals": totals, "fanout_done_at": at, "last_progress_at": at, "updated_at": at}
+    if job.status == JobStatus.INGESTING.value:
+        fields["status"] = JobStatus.RUNNING.value
+    event = Event("fanout_done", "ingest", at, {"totals": totals}, event_id="fanout_done")
+    return {**job.doc, **fields}, JobWrite(fields, (event,))
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a completion check did: the final status it wrote (None: not completable, or another
+    check won) and the job as its transaction read it (for the job-finished note)."""
+
+    final: str | None
+    job: Job | None
+
+
+def complete(job: Job | None, counts: dict[str, int], at: dt.datetime) -> tuple[Completion, JobWrite | None]:
+    """Move a job whose items are all final to completed / completed_with_failures, once."""
+    if job is None or job.status not in COMPLETABLE or job.fanout_done_at is None:
+        return Completion(None, job), None
+    # An operator retry round is re-queueing failed items: they still look terminal until it is done.
+    if job.retry.get("state") == RETRY_ENQUEUING:
+        return Completion(None, job), None
+    final = JobStatus.COMPLETED_WITH_FAILURES if counts.get(ItemStatus.FAILED.value, 0) else JobStatus.COMPLETED
+    fields = {"status": final.value, "counts": counts, "completed_at": at, "last_progress_at": at, "updated_at": at}
+    event = Event("completed", "progress_check", at,
+                  {"status": final.value, "counts": counts, "total_items": (job.totals or {}).get("items")})
+    return Completion(final.value, job), JobWrite(fields, (event,))
+
+
+# --------------------------------------------------------------------------------------------- operators
+
+
+def cancel(job: Job | None, job_id: str, actor: str, at: dt.datetime) -> tuple[bool, JobWrite | None]:
+    """ingesting/running → cancelled (True); already cancelled → False; finished → ConflictError."""
+    if job is None:
+        raise job_not_found(job_id)
+    if job.status == JobStatus.CANCELLED.value:
+        return False, None
+    if job.status not in CANCELLABLE:
+        raise ConflictError(f"job {job_id!r} is already {job.status}; a finished job cannot be cancelled",
+                            code="job_finished")
+    fields = {"status": JobStatus.CANCELLED.value, "cancelled_at": at, "updated_at": at}
+    return True, JobWrite(fields, (Event("cancelled", actor, at, {"previous_status": job.status}),))
+
+
+def refuse_unless_retryable(job_id: str, job: Job) -> None:
+    """Why a job's failed items cannot be retried now, as a ConflictError; nothing if they can."""
+    if job.status in CANCELLABLE:
+        raise ConflictError(f"job {job_id!r} is still {job.status}; retry-failed runs only after the job has "
+                            "finished", code="job_not_final")
+    if job.status == JobStatus.CANCELLED.value:
+        raise ConflictError(f"job {job_id!r} was cancelled; its failed items are not retried",
+                            code="job_cancelled")
+    if job.status == JobStatus.FAILED.value:
+        raise ConflictError(f"job {job_id!r} failed as a whole ({(job.doc.get('error') or {}).get('message', 'no items')}); "
+                            "there are no failed items to retry", code="job_failed")
+    rounds_used = job.round - 1
+    limit = settings().max_retry_rounds
+    if rounds_used >= limit:
+        raise ConflictError(f"job {job_id!r} has used all {limit} retry rounds (now in round "
+                            f"{rounds_used + 1}); retry-failed is refused", code="retry_rounds_exhausted")
+
+
+@dataclass(frozen=True)
+class RetryRound:
+    round: int
+    resumed: bool
+
+
+def begin_retry_round(job: Job | None, job_id: str, actor: str, at: dt.datetime,
+                      failed: int) -> tuple[RetryRound, JobWrite | None]:
+    """Start round r+1 (the job runs again), or resume round r when its enqueuing was interrupted."""
+    if job is None:
+        raise job_not_found(job_id)
+    if job.retry_enqueuing:
+        return RetryRound(job.round, resumed=True), None
+    refuse_unless_retryable(job_id, job)
+    new_round = job.round + 1
+    fields = {
+        "round": new_round,
+        "status": JobStatus.RUNNING.value,
+        "completed_at": None,
+        "updated_at": at,
+        "retry": {"round": new_round, "state": RETRY_ENQUEUING, "items": failed, "actor": actor,
+                  "started_at": at, "done_at": None, "previous_status": job.status},
+    }
+    event = Event("retry_round", actor, at, {"round": new_round, "items": failed, "previous_status": job.status})
+    return RetryRound(new_round, resumed=False), JobWrite(fields, (event,))
+
+
+def finish_retry_round(job: Job | None, round_: int, at: dt.datetime, requeued: int,
+                       created: int) -> tuple[bool, JobWrite | None]:
+    """The round's items are all re-queued with their tasks: completion checks may count it again."""
+    if job is None or int(job.retry.get("round") or 0) != round_ or job.retry.get("state") != RETRY_ENQUEUING:
+        return False, None
+    retry = {**job.retry, "state": RETRY_DONE, "done_at": at, "requeued": requeued, "tasks_created": created}
+    return True, JobWrite({"retry": retry, "updated_at": at})

@@ -1,0 +1,219 @@
+"""The Firestore implementation of `Store`: transactions, count aggregations, paged queries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+from shared.item_state import Create, ItemWrite, Update
+from shared.events import Event
+from shared.model import CHUNKS, EVENTS, ITEMS, JOBS, LINES, Item, ItemStatus, Job
+from shared.naming import chunk_doc_id, line_doc_id
+from shared.retry import STORE_MUST_COMMIT, STORE_TRANSACTION, RetryPolicy
+from shared.store.base import TXN_COUNTER, ItemTransition, JobTransition, Store
+
+# Firestore allows 500 writes per batch; line records go 400 at a time to stay clear of it.
+LINE_BATCH = 400
+# Guarded batches lose to a concurrent writer with one of these; the caller falls back per item.
+_RACE_ERRORS = (gexc.FailedPrecondition, gexc.NotFound, gexc.Aborted)
+
+
+class FirestoreStore(Store):
+    def __init__(self, db=None):
+        self._given_db = db
+
+    @property
+    def db(self):
+        if self._given_db is not None:
+            return self._given_db
+        from shared.clients import firestore_client
+
+        return firestore_client()
+
+    # ------------------------------------------------------------------------- references
+
+    def _job_ref(self, job_id: str):
+        return self.db.collection(JOBS).document(job_id)
+
+    def _item_ref(self, job_id: str, gtin: str):
+        return self._job_ref(job_id).collection(ITEMS).document(gtin)
+
+    def _event_ref(self, job_ref, event: Event):
+        events = job_ref.collection(EVENTS)
+        return events.document(event.event_id) if event.event_id else events.document()
+
+    # ------------------------------------------------------------------------- transactions
+
+    def _run(self, name: str, body, policy: RetryPolicy) -> Any:
+        from google.cloud import firestore
+
+        @firestore.transactional
+        def counted(tx):
+            TXN_COUNTER.add(name)
+            return body(tx)
+
+        # max_attempts=1: the client's own retry would re-run at once, in step with the transaction
+        # it lost to; the policy starts over after a jittered pause instead.
+        return policy.call(lambda: counted(self.db.transaction(max_attempts=1)))
+
+    def transact_item(self, name: str, job_id: str, gtin: str, transition: ItemTransition, *,
+                      must_commit: bool = False) -> Any:
+        ref = self._item_ref(job_id, gtin)
+
+        def body(tx):
+            snap = ref.get(transaction=tx)
+            item = Item.from_doc(snap.to_dict() or {}, gtin, snap.update_time) if snap.exists else None
+            result, write = transition(item)
+            if isinstance(write, Create):
+                tx.create(ref, write.doc)
+            elif isinstance(write, Update):
+                tx.update(ref, write.fields)
+            return result
+
+        return self._run(name, body, STORE_MUST_COMMIT if must_commit else STORE_TRANSACTION)
+
+    def transact_job(self, name: str, job_id: str, transition: JobTransition, *, with_chunks: bool = False) -> Any:
+        ref = self._job_ref(job_id)
+
+        def body(tx):
+            snap = ref.get(transaction=tx)
+            job = Job.from_doc(snap.to_dict() or {}, job_id) if snap.exists else None
+            if with_chunks:
+                chunks = [c.to_dict() or {} for c in ref.collection(CHUNKS).stream(transaction=tx)]
+                result, write = transition(job, chunks)
+            else:
+                result, write = transition(job)
+            if write is not None:
+                tx.update(ref, write.fields)
+                for event in write.events:
+                    tx.set(self._event_ref(ref, event), event.to_doc())
+            return result
+
+        return self._run(name, body, STORE_TRANSACTION)
+
+    # ------------------------------------------------------------------------- jobs
+
+    def get_job(self, job_id: str) -> Job | None:
+        snap = self._job_ref(job_id).get()
+        return Job.from_doc(snap.to_dict() or {}, job_id) if snap.exists else None
+
+    def create_job(self, doc: dict[str, Any], created: Event) -> bool:
+        ref = self._job_ref(doc["job_id"])
+        try:
+            ref.create(doc)
+        except gexc.Conflict:  # ALREADY_EXISTS (gRPC raises AlreadyExists, a Conflict too)
+            return False
+        # Written after the job (not with it): a crash in between loses one audit line, never the job;
+        # the fixed id keeps a retried create from writing it twice.
+        self._event_ref(ref, created).set(created.to_doc())
+        return True
+
+    def update_job(self, job_id: str, fields: dict[str, Any]) -> None:
+        self._job_ref(job_id).update(fields)
+
+    def list_jobs(self, *, limit: int, status: str | None = None, gcs_path: str | None = None,
+                  after_job_id: str | None = None) -> list[Job] | None:
+        from google.cloud import firestore
+
+        query = self.db.collection(JOBS)
+        if status:
+            query = query.where(filter=firestore.FieldFilter("status", "==", status))
+        if gcs_path:
+            query = query.where(filter=firestore.FieldFilter("gcs_path", "==", gcs_path))
+        query = query.order_by("created_at", direction=firestore.Query.DESCENDING)
+        if after_job_id:
+            snap = self._job_ref(after_job_id).get()
+            if not snap.exists:
+                return None
+            query = query.start_after(snap)  # the client adds __name__ as the tie-breaker
+        return [Job.from_doc(d.to_dict() or {}, d.id) for d in query.limit(limit).stream()]
+
+    def record_event(self, job_id: str, event: Event) -> None:
+        ref = self._job_ref(job_id)
+        self._event_ref(ref, event).set(event.to_doc())
+
+    # ------------------------------------------------------------------------- items
+
+    def get_item(self, job_id: str, gtin: str) -> Item | None:
+        snap = self._item_ref(job_id, gtin).get()
+        return Item.from_doc(snap.to_dict() or {}, gtin, snap.update_time) if snap.exists else None
+
+    def count_items_by_status(self, job_id: str) -> dict[str, int]:
+        """One `count()` aggregation per status: an index scan each, no documents read."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        items = self._job_ref(job_id).collection(ITEMS)
+        counts: dict[str, int] = {}
+        for status in ItemStatus:
+            result = items.where(filter=FieldFilter("status", "==", status.value)).count(alias="n").get()
+            counts[status.value] = int(result[0][0].value) if result and result[0] else 0
+        return counts
+
+    def page_items(self, job_id: str, *, limit: int, status: str | None = None, round_: int | None = None,
+                   after_gtin: str | None = None) -> list[Item]:
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        col = self._job_ref(job_id).collection(ITEMS)
+        query = col
+        if status:
+            query = query.where(filter=FieldFilter("status", "==", status))
+        if round_ is not None:
+            query = query.where(filter=FieldFilter("round", "==", round_))
+        query = query.order_by("__name__")
+        if after_gtin:
+            query = query.start_after({"__name__": col.document(after_gtin)})
+        return [Item.from_doc(d.to_dict() or {}, d.id, d.update_time) for d in query.limit(limit).stream()]
+
+    def write_items_guarded(self, job_id: str, writes: list[tuple[Item, ItemWrite]]) -> bool:
+        db = self.db
+        batch = db.batch()
+        for item, write in writes:
+            if not isinstance(write, Update):
+                raise TypeError(f"a guarded batch only updates existing items, got {type(write).__name__}")
+            batch.update(self._item_ref(job_id, item.gtin), write.fields,
+                         option=db.write_option(last_update_time=item.version))
+        try:
+            batch.commit()
+        except _RACE_ERRORS:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------- lines and chunks
+
+    def page_lines(self, job_id: str, *, limit: int, outcome: str | None = None,
+                   after_id: str | None = None) -> list[tuple[str, dict]]:
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        col = self._job_ref(job_id).collection(LINES)
+        query = col
+        if outcome:
+            query = query.where(filter=FieldFilter("outcome", "==", outcome))
+        query = query.order_by("__name__")
+        if after_id:
+            query = query.start_after({"__name__": col.document(after_id)})
+        return [(d.id, d.to_dict() or {}) for d in query.limit(limit).stream()]
+
+    def write_line_records(self, job_id: str, records: list[dict]) -> None:
+        lines = self._job_ref(job_id).collection(LINES)
+        for i in range(0, len(records), LINE_BATCH):
+            batch = self.db.batch()
+            for rec in records[i:i + LINE_BATCH]:
+                batch.set(lines.document(line_doc_id(rec["line"])), rec)
+            batch.commit()
+
+    def get_chunk(self, job_id: str, start: int) -> dict | None:
+        snap = self._job_ref(job_id).collection(CHUNKS).document(chunk_doc_id(start)).get()
+        return (snap.to_dict() or {}) if snap.exists else None
+
+    def put_chunk(self, job_id: str, start: int, doc: dict[str, Any]) -> None:
+        self._job_ref(job_id).collection(CHUNKS).document(chunk_doc_id(start)).set(doc)
+
+    def count_done_chunks(self, job_id: str) -> int:
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        done = self._job_ref(job_id).collection(CHUNKS).where(filter=FieldFilter("status", "==", "done")).count().get()
+        return int(done[0][0].value)
+
+    def ping(self, timeout_s: float) -> None:
+        self._job_ref("_health").get(timeout=timeout_s)

@@ -1,0 +1,206 @@
+"""One delivery of an item task: claim (lease) → handler with heartbeats → complete; two transactions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from google.api_core import exceptions as gexc
+from pydantic import ValidationError
+
+from shared.config import settings
+from shared.exceptions import ItemError, LeaseLostError, RetryableItemError
+from shared.handlers import ItemContext, ItemHandler, handler_for
+from shared.item_state import CancelKind, Claim, ClaimKind, CompleteKind, HandlerOutcome
+from shared.log import log_event
+from shared.model import ItemStatus, Job, JobStatus
+from shared.payloads import ItemTask, describe_validation_error
+from shared.retry import is_contention
+from shared.store import Store, default_store
+from shared.worker import answers
+from shared.worker.answers import WorkerOutcome
+from shared.worker.delivery import Clock, TaskDelivery, utc
+from shared.worker.job_cache import JOB_CACHE
+from shared.worker.lease import Heartbeat, last_attempt_wait_s, while_held
+from shared.worker.progress_requests import request_progress_check
+
+_COMPLETE_SEVERITY = {CompleteKind.SUCCEEDED: "INFO", CompleteKind.FAILED: "ERROR"}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Everything one delivery works with, passed between its steps."""
+
+    task: ItemTask
+    delivery: TaskDelivery
+    clock: Clock
+    store: Store
+    lease_s: float
+    heartbeat_s: float
+    fields: dict[str, Any]
+
+    def lease_until(self, now: float) -> tuple[dt.datetime, dt.datetime]:
+        return utc(now), utc(now + self.lease_s)
+
+    @property
+    def wait_s(self) -> float:
+        return last_attempt_wait_s(self.lease_s) if self.delivery.last_attempt else 0.0
+
+
+def process_item_delivery(
+    payload: Any,
+    headers: Mapping[str, str] | None,
+    now: float | dt.datetime | None = None,
+    *,
+    handler: ItemHandler | None = None,
+    store: Store | None = None,
+    lease_s: float | None = None,
+    heartbeat_s: float | None = None,
+) -> WorkerOutcome:
+    """Process one Cloud Tasks delivery of an item task. Never raises; the outcome is the HTTP answer."""
+    try:
+        task = ItemTask.model_validate(payload)
+    except ValidationError as exc:
+        message = f"item task payload is malformed and can never succeed: {describe_validation_error(exc)}"
+        log_event("bad_payload", severity="ERROR", error_code="bad_payload", message_detail=message)
+        return answers.bad_payload(message)
+
+    s = settings()
+    delivery = TaskDelivery.from_headers(headers, s.item_max_attempts)
+    run = _Run(task, delivery, Clock(now), store or default_store(), lease_s or s.lease_s,
+               heartbeat_s or s.heartbeat_s,
+               {"job_id": task.job_id, "gtin": task.gtin, "owner": delivery.owner, "round": task.round})
+    try:
+        return _deliver(run, handler)
+    except Exception as exc:  # store faults and bugs: answer 503 so Cloud Tasks tries again later
+        code = "store_unavailable" if isinstance(exc, gexc.GoogleAPICallError) else "worker_error"
+        message = f"worker could not process the delivery: {type(exc).__name__}: {exc}"
+        log_event("delivery_error", severity="ERROR", error_code=code, error=message, **run.fields)
+        return answers.delivery_error(task, code, message)
+
+
+def _deliver(run: _Run, handler: ItemHandler | None) -> WorkerOutcome:
+    job = JOB_CACHE.get(run.store, run.task.job_id)
+    if job is None:
+        log_event("job_missing", severity="WARNING", status="noop", **run.fields)
+        return answers.done(run.task, "job_missing")
+    if job.status == JobStatus.CANCELLED.value:
+        answer = _for_cancelled_job(run)
+        if answer is not None:
+            return answer
+    claim = _claim(run)
+    if claim.kind is not ClaimKind.CLAIMED:
+        return _not_claimed(run, claim)
+    fields = {**run.fields, "attempt": claim.attempt}
+    log_event("item_claimed", status=ItemStatus.PROCESSING.value, created=claim.created,
+              reclaimed_from=claim.previous_owner if claim.reclaimed else None,
+              retry_count=run.delivery.retry_count, execution_count=run.delivery.execution_count, **fields)
+    return _run_and_complete(run, job, claim, handler or handler_for(job.options), fields)
+
+
+def _for_cancelled_job(run: _Run) -> WorkerOutcome | None:
+    """A cancelled job's item is cancelled unless final or held; None when its handler already ran in
+    this round (then the normal claim finishes it truthfully: its effect may exist)."""
+    now = run.clock()
+    result = while_held(
+        lambda: run.store.cancel_item_of_cancelled_job(run.task, run.delivery.task_name, run.delivery.owner,
+                                                       run.clock.at()),
+        lambda r: r is CancelKind.BUSY, run.wait_s, run.fields)
+    if result is CancelKind.STARTED:
+        log_event("cancelled_job_item_finishing", status="started", **run.fields)
+        return None
+    log_event("item_cancelled" if result is CancelKind.CANCELLED else "cancel_noop",
+              severity="WARNING" if result is CancelKind.BUSY else "INFO", status=result.value, **run.fields)
+    if result is CancelKind.BUSY:
+        return answers.held(run.task, reason="leased")
+    if result is CancelKind.CANCELLED:
+        request_progress_check(run.task.job_id, now)
+    return answers.done(run.task, result.value)
+
+
+def _claim(run: _Run) -> Claim:
+    def attempt() -> Claim:
+        at, until = run.lease_until(run.clock())
+        try:
+            return run.store.claim_item(run.task, run.delivery.task_name, run.delivery.owner, at, until)
+        except Exception as exc:
+            if not is_contention(exc):
+                raise
+            # Other deliveries of this item hold its lock right now; one of them will own it.
+            log_event("claim_contended", severity="WARNING", error=f"{type(exc).__name__}: {exc}", **run.fields)
+            return Claim(ClaimKind.CONTENDED)
+
+    return while_held(attempt, lambda c: c.kind in (ClaimKind.BUSY, ClaimKind.CONTENDED), run.wait_s, run.fields)
+
+
+def _not_claimed(run: _Run, claim: Claim) -> WorkerOutcome:
+    fields = {**run.fields, "attempt": claim.attempt}
+    if claim.kind is ClaimKind.CONTENDED:
+        return answers.held(run.task, reason="contended")
+    if claim.kind is ClaimKind.BUSY:
+        log_event("claim_busy", severity="WARNING" if run.delivery.last_attempt else "INFO", status=claim.status,
+                  holder=claim.previous_owner, lease_expires_at=claim.lease_expires_at,
+                  last_attempt=run.delivery.last_attempt, **fields)
+        return answers.held(run.task, reason="leased", claim=claim)
+    log_event(f"claim_{claim.kind.value}", status=claim.status, item_round=claim.round, **fields)
+    return answers.done(run.task, "noop", reason=claim.kind.value, item_status=claim.status)
+
+
+def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler, fields: dict) -> WorkerOutcome:
+    heartbeat = Heartbeat(run.store, run.task.job_id, run.task.gtin, run.delivery.owner, run.clock, run.lease_s,
+                          run.heartbeat_s, fields).start()
+    ctx = ItemContext(job_id=run.task.job_id, gtin=run.task.gtin, upc=run.task.upc, line=run.task.line,
+                      round=claim.round, attempt=claim.attempt, options=dict(job.options), heartbeat=heartbeat.alive)
+    started = time.monotonic()
+    try:
+        outcome = _run_handler(handler, ctx, run.delivery.last_attempt, fields)
+    finally:
+        heartbeat.stop()
+    elapsed_ms = int((time.monotonic() - started) * 1000)
+    if outcome is None or not heartbeat.alive():
+        # The item is another delivery's now (or re-queued): 409 keeps the task, whose next
+        # delivery finds the item final (200 no-op) or free to claim.
+        log_event("result_discarded", severity="WARNING", status="lease_lost", elapsed_ms=elapsed_ms, **fields)
+        return answers.lease_lost(run.task)
+
+    now = run.clock()
+    kind = run.store.complete_item(run.task.job_id, run.task.gtin, run.delivery.owner, utc(now), outcome)
+    error = outcome.error.to_dict() if outcome.error else None
+    if error:
+        error.pop("details", None)
+    log_event(f"item_{kind.value}", severity=_COMPLETE_SEVERITY.get(kind, "WARNING"),
+              status=answers.STATUS_AFTER_COMPLETE[kind], error_code=error["code"] if error else None,
+              error=error["message"] if error else None, last_attempt=run.delivery.last_attempt,
+              elapsed_ms=elapsed_ms, details=outcome.error.details if outcome.error and outcome.error.details else None,
+              **fields)
+    if kind in (CompleteKind.SUCCEEDED, CompleteKind.FAILED):
+        request_progress_check(run.task.job_id, now)
+    return answers.after_complete(run.task, kind, claim.attempt, error, outcome.result)
+
+
+def _run_handler(handler: ItemHandler, ctx: ItemContext, last_attempt: bool, fields: dict) -> HandlerOutcome | None:
+    """The handler's outcome; None when it found its lease lost before its side effect."""
+    try:
+        return HandlerOutcome(result=_checked_result(handler.handle(ctx)), last_attempt=last_attempt)
+    except LeaseLostError:
+        return None
+    except ItemError as exc:
+        return HandlerOutcome(error=exc, last_attempt=last_attempt)
+    except Exception as exc:  # a bug or an unclassified fault: retried with backoff like any transient
+        # fault (it may be one), failed with what actually happened once its attempts are spent.
+        crashed = RetryableItemError(
+            f"handler {getattr(handler, 'name', type(handler).__name__)} crashed: {type(exc).__name__}: {str(exc)[:300]}",
+            code="handler_crashed",
+        )
+        log_event("handler_crashed", severity="ERROR", exception=type(exc).__name__, error=str(exc)[:300], **fields)
+        return HandlerOutcome(error=crashed, last_attempt=last_attempt)
+
+
+def _checked_result(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if not isinstance(result, dict):
+        raise TypeError(f"handler returned {type(result).__name__}, expected a dict")
+    return result
