@@ -10,13 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared import worker
 from shared.config import settings
 from shared.exceptions import PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler
 from shared.model import EVENTS, ITEMS, JOBS
 from shared.progress import check_job_progress, job_counts
-from shared.worker import ItemTask, claim_item, process_item_delivery, run_transaction
+from shared.item_state import HandlerOutcome
+from shared.payloads import ItemTask
+from shared.store import TXN_COUNTER
+from shared.store.firestore import FirestoreStore
+from shared.worker import process_item_delivery
+from shared.worker.delivery import utc
 
 T0 = 1_900_000_000.0  # fake clock start for lease arithmetic
 LEASE_S = 30.0
@@ -95,17 +99,22 @@ def _item(db, job_id: str, n: int = 1) -> dict | None:
     return snap.to_dict() if snap.exists else None
 
 
+def _claim(db, job_id: str, owner: str, now: float, lease_s: float, n: int = 1):
+    """Another delivery's claim of item n, made directly on the store."""
+    return FirestoreStore(db).claim_item(ItemTask(**_payload(job_id, n)), "t", owner, utc(now), utc(now + lease_s))
+
+
 def _deliver(db, job_id, n=1, handler=None, retry=0, now=T0, **kw):
-    return process_item_delivery(_payload(job_id, n), _headers(retry), now=now, handler=handler, db=db, lease_s=LEASE_S, **kw)
+    return process_item_delivery(_payload(job_id, n), _headers(retry), now=now, handler=handler, store=FirestoreStore(db), lease_s=LEASE_S, **kw)
 
 
 def test_happy_path_two_transactions_and_item_born_at_claim(db, job):
     handler = RecordingHandler()
     assert _item(db, job) is None
-    worker.TXN_COUNTER.reset()
+    TXN_COUNTER.reset()
     outcomes = [_deliver(db, job, n, handler) for n in (1, 2, 3)]
     assert [o.http_status for o in outcomes] == [200, 200, 200]
-    assert worker.TXN_COUNTER.snapshot() == {"claim": 3, "complete": 3}
+    assert TXN_COUNTER.snapshot() == {"claim": 3, "complete": 3}
     item = _item(db, job, 1)
     assert item["status"] == "succeeded" and item["attempt"] == 1 and item["round"] == 1
     assert item["result"]["offer_id"] == f"o-{_gtin(1)}"
@@ -129,7 +138,7 @@ def test_concurrent_deliveries_run_handler_once(db, job):
 
     def one(i):
         barrier.wait()
-        out = process_item_delivery(_payload(job), _headers(name=f"t{i}"), db=db, handler=handler, lease_s=LEASE_S)
+        out = process_item_delivery(_payload(job), _headers(name=f"t{i}"), store=FirestoreStore(db), handler=handler, lease_s=LEASE_S)
         with lock:
             finished.append(out.http_status)
         return out
@@ -152,8 +161,7 @@ def test_done_item_redelivered_is_noop(db, job):
 
 
 def test_live_lease_answers_409(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
-    run_transaction(db, "claim", claim_item, item_ref, "other:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
+    _claim(db, job, "other:0:x", T0, LEASE_S)
     handler = RecordingHandler()
     out = _deliver(db, job, handler=handler, now=T0 + LEASE_S - 1)
     assert out.http_status == 409 and out.body["holder"] == "other:0:x"
@@ -161,8 +169,7 @@ def test_live_lease_answers_409(db, job):
 
 
 def test_expired_lease_is_reclaimed_as_attempt_2(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
-    run_transaction(db, "claim", claim_item, item_ref, "crashed:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
+    _claim(db, job, "crashed:0:x", T0, LEASE_S)
     handler = RecordingHandler()
     out = _deliver(db, job, handler=handler, retry=1, now=T0 + LEASE_S + 1)
     assert out.http_status == 200 and out.body["status"] == "succeeded" and out.body["attempt"] == 2
@@ -173,11 +180,10 @@ def test_expired_lease_is_reclaimed_as_attempt_2(db, job):
 
 
 def test_lost_lease_discards_result_at_complete(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
 
     def steal_then_return(item):
         # Another delivery takes over after our lease ran out (fake clock far ahead).
-        run_transaction(db, "claim", claim_item, item_ref, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
+        _claim(db, job, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S)
         return {"offer_id": "mine"}
 
     out = _deliver(db, job, handler=RecordingHandler(steal_then_return), heartbeat_s=3600)
@@ -189,13 +195,12 @@ def test_lost_lease_discards_result_at_complete(db, job):
 
 
 def test_result_after_another_delivery_finished_the_item_is_a_200(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
 
     def other_delivery_finishes_first(item):
         thief = "thief:1:y"
-        run_transaction(db, "claim", claim_item, item_ref, thief, T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
-        run_transaction(db, "complete", worker.complete_item, item_ref, thief, T0 + 10 * LEASE_S + 1,
-                        worker.HandlerOutcome(result={"offer_id": "theirs"}))
+        _claim(db, job, thief, T0 + 10 * LEASE_S, LEASE_S)
+        FirestoreStore(db).complete_item(job, _gtin(1), thief, utc(T0 + 10 * LEASE_S + 1),
+                                         HandlerOutcome(result={"offer_id": "theirs"}))
         return {"offer_id": "theirs"}
 
     out = _deliver(db, job, handler=RecordingHandler(other_delivery_finishes_first), heartbeat_s=3600)
@@ -204,17 +209,16 @@ def test_result_after_another_delivery_finished_the_item_is_a_200(db, job):
 
 
 def test_lost_lease_seen_by_heartbeat_skips_complete(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
 
     def steal_and_wait_for_heartbeat(item):
-        run_transaction(db, "claim", claim_item, item_ref, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S, ItemTask(**_payload(job)), "t")
+        _claim(db, job, "thief:1:y", T0 + 10 * LEASE_S, LEASE_S)
         _wait_until(lambda: not item.heartbeat(), what="heartbeat to notice the lost lease")
         return {"offer_id": "mine"}
 
-    worker.TXN_COUNTER.reset()
+    TXN_COUNTER.reset()
     out = _deliver(db, job, handler=RecordingHandler(steal_and_wait_for_heartbeat), heartbeat_s=0.05)
     assert out.http_status == 409 and out.body["status"] == "lease_lost"
-    assert "complete" not in worker.TXN_COUNTER.snapshot()
+    assert "complete" not in TXN_COUNTER.snapshot()
     assert _item(db, job)["lease_owner"] == "thief:1:y"
 
 
@@ -284,7 +288,7 @@ def test_cancelled_job_cancels_items(db):
     assert [o.body["status"] for o in outs] == ["cancelled", "cancelled", "terminal"]
     assert handler.calls == []
     assert [_item(db, job_id, n)["status"] for n in (1, 2, 3)] == ["cancelled", "cancelled", "succeeded"]
-    result = check_job_progress(job_id, db=db)
+    result = check_job_progress(job_id, store=FirestoreStore(db))
     assert result["status"] == "cancelled" and result["counts"]["cancelled"] == 2
     job = db.collection(JOBS).document(job_id).get().to_dict()
     assert job["status"] == "cancelled" and job["counts"]["succeeded"] == 1
@@ -293,8 +297,7 @@ def test_cancelled_job_cancels_items(db):
 def test_cancelled_job_item_under_a_live_lease_answers_409(db):
     """The holder may die or re-queue after this answer; a 200 here would end the only task."""
     job_id = _make_job(db, items=1, status="cancelled")
-    ref = db.collection(JOBS).document(job_id).collection(ITEMS).document(_gtin(1))
-    run_transaction(db, "claim", claim_item, ref, "holder:0:x", T0, LEASE_S, ItemTask(**_payload(job_id)), "t")
+    _claim(db, job_id, "holder:0:x", T0, LEASE_S)
     out = _deliver(db, job_id, 1, RecordingHandler(), now=T0 + 1)
     assert out.http_status == 409 and out.body["status"] == "busy"
     assert _item(db, job_id, 1)["status"] == "processing"
@@ -302,21 +305,19 @@ def test_cancelled_job_item_under_a_live_lease_answers_409(db):
 
 def test_last_attempt_waits_for_a_dead_holder_then_runs_the_item(db, job):
     """A holder that died mid-item: the last attempt outlives its lease and finishes the item itself."""
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
     lease_s = 1.0
-    run_transaction(db, "claim", claim_item, item_ref, "dead:0:x", T0, lease_s, ItemTask(**_payload(job)), "t")
+    _claim(db, job, "dead:0:x", T0, lease_s)
     handler = RecordingHandler()
     last = settings().item_max_attempts - 1
-    out = process_item_delivery(_payload(job), _headers(last), now=T0, handler=handler, db=db, lease_s=lease_s)
+    out = process_item_delivery(_payload(job), _headers(last), now=T0, handler=handler, store=FirestoreStore(db), lease_s=lease_s)
     assert out.http_status == 200 and out.body["status"] == "succeeded", out.body
     assert len(handler.calls) == 1 and _item(db, job)["history"][0]["owner"] == "dead:0:x"
 
 
 def test_last_attempt_waits_for_a_live_holder_to_finish(db, job):
-    item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
-    run_transaction(db, "claim", claim_item, item_ref, "live:0:x", T0, LEASE_S, ItemTask(**_payload(job)), "t")
-    finisher = threading.Timer(0.5, lambda: run_transaction(
-        db, "complete", worker.complete_item, item_ref, "live:0:x", T0 + 1, worker.HandlerOutcome(result={"offer_id": "o"})))
+    _claim(db, job, "live:0:x", T0, LEASE_S)
+    finisher = threading.Timer(0.5, lambda: FirestoreStore(db).complete_item(
+        job, _gtin(1), "live:0:x", utc(T0 + 1), HandlerOutcome(result={"offer_id": "o"})))
     finisher.start()
     handler = RecordingHandler()
     out = _deliver(db, job, 1, handler, retry=settings().item_max_attempts - 1, now=T0 + 0.5)
@@ -340,13 +341,13 @@ def test_stale_round_and_missing_job_are_noops(db, job):
     handler = RecordingHandler()
     item_ref = db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(1))
     item_ref.set({"status": "queued", "attempt": 1, "round": 2, "history": []})
-    out = process_item_delivery(_payload(job, round_=1), _headers(), now=T0, db=db, handler=handler)
+    out = process_item_delivery(_payload(job, round_=1), _headers(), now=T0, store=FirestoreStore(db), handler=handler)
     assert out.http_status == 200 and out.body["reason"] == "stale_round"
-    out = process_item_delivery(_payload("no-such-job"), _headers(), now=T0, db=db, handler=handler)
+    out = process_item_delivery(_payload("no-such-job"), _headers(), now=T0, store=FirestoreStore(db), handler=handler)
     assert out.http_status == 200 and out.body["status"] == "job_missing"
     assert handler.calls == []
     # the round-2 task does run it
-    out = process_item_delivery(_payload(job, round_=2), _headers(), now=T0, db=db, handler=handler)
+    out = process_item_delivery(_payload(job, round_=2), _headers(), now=T0, store=FirestoreStore(db), handler=handler)
     assert out.body["status"] == "succeeded" and _item(db, job)["attempt"] == 2
 
 
@@ -380,20 +381,20 @@ def test_progress_counts_then_completes_exactly_once_under_concurrent_checks(db)
 
     for n in (1, 2):
         _deliver(db, job_id, n, RecordingHandler(maybe_fail))
-    early = check_job_progress(job_id, db=db)
+    early = check_job_progress(job_id, store=FirestoreStore(db))
     assert early["completed"] is False and early["counts"]["succeeded"] == 2 and early["changed"] is True
-    assert check_job_progress(job_id, db=db)["changed"] is False  # unchanged counts are not rewritten
-    counts = job_counts(job_id, db=db)
+    assert check_job_progress(job_id, store=FirestoreStore(db))["changed"] is False  # unchanged counts are not rewritten
+    counts = job_counts(job_id, store=FirestoreStore(db))
     assert counts["born"] == 2 and counts["never_claimed"] == 2
 
     for n in (3, 4):
         _deliver(db, job_id, n, RecordingHandler(maybe_fail))
     # all items terminal, but fan-out not done: no completion yet
-    assert check_job_progress(job_id, db=db)["completed"] is False
+    assert check_job_progress(job_id, store=FirestoreStore(db))["completed"] is False
     db.collection(JOBS).document(job_id).update({"fanout_done_at": dt.datetime.now(dt.timezone.utc)})
 
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: check_job_progress(job_id, db=db), range(8)))
+        results = list(pool.map(lambda _: check_job_progress(job_id, store=FirestoreStore(db)), range(8)))
     assert sum(1 for r in results if r["completed"]) == 1
     job = db.collection(JOBS).document(job_id).get().to_dict()
     assert job["status"] == "completed_with_failures" and job["completed_at"] is not None
@@ -401,7 +402,7 @@ def test_progress_counts_then_completes_exactly_once_under_concurrent_checks(db)
     events = [e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
     assert [e["type"] for e in events] == ["completed"]
     # a later check changes nothing
-    assert check_job_progress(job_id, db=db)["completed"] is False
+    assert check_job_progress(job_id, store=FirestoreStore(db))["completed"] is False
     assert db.collection(JOBS).document(job_id).get().to_dict()["status"] == "completed_with_failures"
 
 
@@ -409,4 +410,4 @@ def test_progress_all_succeeded_completes(db):
     job_id = _make_job(db, items=2)
     for n in (1, 2):
         _deliver(db, job_id, n, RecordingHandler())
-    assert check_job_progress(job_id, db=db)["status"] == "completed"
+    assert check_job_progress(job_id, store=FirestoreStore(db))["status"] == "completed"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
 
 from shared import alerts, progress
+from shared.events import Event
+from shared.item_state import Create
+from shared.store.memory import MemoryStore
 
 JOB = {"job_id": "job-<1>&x", "status": "completed_with_failures", "gcs_path": "gs://b/a<b>&c.txt", "round": 1,
        "totals": {"lines": 2010, "items": 2000, "invalid": 5, "duplicate": 5, "skipped": 2},
@@ -62,80 +66,37 @@ def test_notify_without_a_webhook_is_quiet(monkeypatch):
     assert not d.ok and "not configured" in d.error
 
 
-class _Snap:
-    def __init__(self, doc):
-        self._doc = doc
-        self.exists = doc is not None
-
-    def to_dict(self):
-        return dict(self._doc)
-
-
-class _Ref:
-    def __init__(self, doc):
-        self.doc = doc
-        self.id = doc["job_id"]
-
-    def get(self, **_):
-        return _Snap(self.doc)
-
-    def update(self, fields):
-        self.doc.update(fields)
-
-    def collection(self, _):
-        return self
-
-    def document(self, _):
-        return self
-
-
-class _Db:
-    def __init__(self, doc):
-        self.ref = _Ref(doc)
-
-    def collection(self, _):
-        return self.ref
-
-
 @pytest.fixture
 def job_db(monkeypatch):
-    doc = {"job_id": "j1", "status": "running", "round": 1, "fanout_done_at": "t", "gcs_path": "gs://b/f",
-           "totals": {"lines": 3, "items": 3, "invalid": 0, "duplicate": 0}, "counts": {}}
-    counts = {"queued": 0, "processing": 0, "succeeded": 2, "failed": 1, "cancelled": 0}
-    monkeypatch.setattr(progress, "count_items_by_status", lambda db, job_id: dict(counts))
-
-    def complete(db, job_ref, at, counts_, tries=4, seen=None):
-        # The transaction's outcome: only the check that moves a completable job wins.
-        if seen is not None:
-            seen.clear()
-            seen.update(job_ref.doc)
-        if job_ref.doc["status"] not in ("running", "ingesting"):
-            return None
-        job_ref.doc["status"] = "completed_with_failures"
-        return "completed_with_failures"
-
-    monkeypatch.setattr(progress, "_complete_with_backoff", complete)
+    """A running job whose three items are final (2 succeeded, 1 failed), in the in-memory store."""
+    store = MemoryStore()
+    now = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    store.create_job({"job_id": "j1", "status": "running", "round": 1, "fanout_done_at": now, "gcs_path": "gs://b/f",
+                      "totals": {"lines": 3, "items": 3, "invalid": 0, "duplicate": 0}, "counts": {}},
+                     Event("created", "test", now))
+    for gtin, status in (("00000000000017", "succeeded"), ("00000000000024", "succeeded"), ("00000000000031", "failed")):
+        store.transact_item("seed", "j1", gtin, lambda _, g=gtin, st=status: (None, Create({"gtin": g, "status": st})))
     sent: list[dict] = []
     monkeypatch.setattr(alerts, "notify_job_finished", lambda job, **kw: sent.append(job))
-    return _Db(doc), sent
+    return store, sent
 
 
 def test_progress_notifies_once_right_after_the_final_transition(job_db):
     db, sent = job_db
-    first = progress.check_job_progress("j1", db=db)
+    first = progress.check_job_progress("j1", store=db)
     assert first["completed"] is True
     assert len(sent) == 1 and sent[0]["job_id"] == "j1" and sent[0]["status"] == "completed_with_failures"
     assert sent[0]["counts"]["failed"] == 1 and sent[0]["gcs_path"] == "gs://b/f"
     # Redelivered / concurrent progress checks find the job final: no second note.
     for _ in range(3):
-        progress.check_job_progress("j1", db=db)
+        progress.check_job_progress("j1", store=db)
     assert len(sent) == 1
 
 
 def test_a_retry_round_finishing_is_not_announced_again(job_db):
     db, sent = job_db
-    db.ref.doc.update({"round": 2, "status": "running"})
-    assert progress.check_job_progress("j1", db=db)["completed"] is True
+    db.update_job("j1", {"round": 2, "status": "running"})
+    assert progress.check_job_progress("j1", store=db)["completed"] is True
     assert sent == []
 
 
@@ -146,4 +107,4 @@ def test_a_failing_notice_never_fails_the_progress_check(job_db, monkeypatch):
         raise RuntimeError("slack down")
 
     monkeypatch.setattr(alerts, "notify_job_finished", boom)
-    assert progress.check_job_progress("j1", db=db)["status"] == "completed_with_failures"
+    assert progress.check_job_progress("j1", store=db)["status"] == "completed_with_failures"

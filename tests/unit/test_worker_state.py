@@ -1,4 +1,8 @@
-"""Worker state machine units (claim / cancel / heartbeat / complete) over an in-memory fake store."""
+"""Worker state machine units (claim / cancel / heartbeat / complete) on the in-memory store.
+
+The transitions are the pure functions of `shared/item_state.py`; the in-memory store runs them
+exactly as the Firestore store does (read, decide, write, atomically).
+"""
 
 from __future__ import annotations
 
@@ -6,73 +10,64 @@ import datetime as dt
 
 import pytest
 
-from shared import worker
 from shared.exceptions import PermanentItemError, RetryableItemError
+from shared.item_state import CancelKind, ClaimKind, CompleteKind, Create, HandlerOutcome
 from shared.model import ITEM_HISTORY_LIMIT
-from shared.worker import (
-    ClaimKind,
-    CompleteKind,
-    Delivery,
-    HandlerOutcome,
-    ItemTask,
-    cancel_item,
-    claim_item,
-    complete_item,
-    extend_lease,
-    process_item_delivery,
-)
+from shared.payloads import ItemTask
+from shared.store.memory import MemoryStore
+from shared.worker import TaskDelivery, process_item_delivery
+from shared.worker import job_cache, progress_requests
 
 T0 = 1_900_000_000.0
 LEASE = 30.0
 TASK = ItemTask(job_id="job-1", gtin="00012345678905", upc="012345678905", line=7, round=1)
 
 
-class FakeSnap:
-    def __init__(self, data):
-        self._data = data
-
-    @property
-    def exists(self):
-        return self._data is not None
-
-    def to_dict(self):
-        return None if self._data is None else dict(self._data)
-
-
-class FakeRef:
-    def __init__(self, data=None):
-        self.data = data
-
-    def get(self, transaction=None):
-        return FakeSnap(self.data)
-
-
-class FakeTx:
-    def create(self, ref, data):
-        assert ref.data is None, "create on an existing document"
-        ref.data = dict(data)
-
-    def update(self, ref, data):
-        assert ref.data is not None, "update of a missing document"
-        ref.data.update(data)
-
-
 def _at(t):
     return dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
 
 
+class Item:
+    """One item of TASK's job in a fresh in-memory store, driven by the store's typed operations."""
+
+    def __init__(self, data=None):
+        self.store = MemoryStore()
+        if data is not None:
+            self.store.transact_item("seed", TASK.job_id, TASK.gtin, lambda _: (None, Create(dict(data))))
+
+    @property
+    def data(self):
+        item = self.store.get_item(TASK.job_id, TASK.gtin)
+        return None if item is None else item.doc
+
+    def claim(self, owner, t, task=TASK, task_name="t"):
+        return self.store.claim_item(task, task_name, owner, _at(t), _at(t + LEASE))
+
+    def extend(self, owner, t):
+        return self.store.extend_lease(TASK.job_id, TASK.gtin, owner, _at(t), _at(t + LEASE))
+
+    def complete(self, owner, t, outcome):
+        return self.store.complete_item(TASK.job_id, TASK.gtin, owner, _at(t), outcome)
+
+    def cancel(self, owner, t):
+        return self.store.cancel_item_of_cancelled_job(TASK, "t", owner, _at(t))
+
+    def edit(self, **fields):
+        self.store.items[TASK.job_id][TASK.gtin][1].update(fields)
+
+
 def _claimed(owner="a", t=T0):
-    ref = FakeRef()
-    claim_item(FakeTx(), ref, owner, t, LEASE, TASK, "task-1")
-    return ref
+    item = Item()
+    item.claim(owner, t, task_name="task-1")
+    return item
 
 
 # --- claim -------------------------------------------------------------------------------------
 
 
 def test_claim_absent_item_creates_it_processing():
-    ref = FakeRef()
-    claim = claim_item(FakeTx(), ref, "a", T0, LEASE, TASK, "task-1")
+    ref = Item()
+    claim = ref.claim("a", T0, task_name="task-1")
     assert claim.kind is ClaimKind.CLAIMED and claim.created and claim.attempt == 1
     d = ref.data
     assert d["status"] == "processing" and d["attempt"] == 1 and d["lease_owner"] == "a"
@@ -82,31 +77,31 @@ def test_claim_absent_item_creates_it_processing():
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
 def test_claim_terminal_is_noop(status):
-    ref = FakeRef({"status": status, "attempt": 2, "round": 1})
+    ref = Item({"status": status, "attempt": 2, "round": 1})
     before = dict(ref.data)
-    assert claim_item(FakeTx(), ref, "b", T0, LEASE, TASK, "t").kind is ClaimKind.TERMINAL
+    assert ref.claim("b", T0).kind is ClaimKind.TERMINAL
     assert ref.data == before
 
 
 def test_claim_live_lease_is_busy_expired_is_reclaimed():
     ref = _claimed("a")
-    busy = claim_item(FakeTx(), ref, "b", T0 + LEASE - 0.001, LEASE, TASK, "t")
+    busy = ref.claim("b", T0 + LEASE - 0.001)
     assert busy.kind is ClaimKind.BUSY and busy.previous_owner == "a"
-    again = claim_item(FakeTx(), ref, "b", T0 + LEASE + 0.001, LEASE, TASK, "t")
+    again = ref.claim("b", T0 + LEASE + 0.001)
     assert again.kind is ClaimKind.CLAIMED and again.reclaimed and again.attempt == 2
     assert ref.data["lease_owner"] == "b" and [h["owner"] for h in ref.data["history"]] == ["a", "b"]
 
 
 def test_claim_queued_item_after_operator_round_takes_new_round():
-    ref = FakeRef({"status": "queued", "attempt": 3, "round": 2, "history": []})
-    assert claim_item(FakeTx(), ref, "b", T0, LEASE, TASK, "t").kind is ClaimKind.STALE_ROUND
-    claim = claim_item(FakeTx(), ref, "b", T0, LEASE, TASK.model_copy(update={"round": 2}), "t2")
+    ref = Item({"status": "queued", "attempt": 3, "round": 2, "history": []})
+    assert ref.claim("b", T0).kind is ClaimKind.STALE_ROUND
+    claim = ref.claim("b", T0, task=TASK.model_copy(update={"round": 2}), task_name="t2")
     assert claim.kind is ClaimKind.CLAIMED and claim.attempt == 4 and ref.data["round"] == 2 and ref.data["task_name"] == "t2"
 
 
 def test_claim_unknown_status_is_not_touched():
-    ref = FakeRef({"status": "weird", "attempt": 1, "round": 1})
-    assert claim_item(FakeTx(), ref, "b", T0, LEASE, TASK, "t").kind is ClaimKind.UNKNOWN_STATE
+    ref = Item({"status": "weird", "attempt": 1, "round": 1})
+    assert ref.claim("b", T0).kind is ClaimKind.UNKNOWN_STATE
 
 
 # --- heartbeat -----------------------------------------------------------------------------------
@@ -114,9 +109,9 @@ def test_claim_unknown_status_is_not_touched():
 
 def test_extend_lease_only_for_owner():
     ref = _claimed("a")
-    assert extend_lease(FakeTx(), ref, "a", T0 + 10, LEASE)
+    assert ref.extend("a", T0 + 10)
     assert ref.data["lease_expires_at"] == _at(T0 + 10 + LEASE)
-    assert not extend_lease(FakeTx(), ref, "b", T0 + 20, LEASE)
+    assert not ref.extend("b", T0 + 20)
     assert ref.data["lease_expires_at"] == _at(T0 + 10 + LEASE)
 
 
@@ -125,8 +120,8 @@ def test_extend_lease_only_for_owner():
 
 def test_complete_success_stores_result_and_clears_error():
     ref = _claimed("a")
-    ref.data["error"] = {"code": "old", "message": "m", "retryable": True}
-    kind = complete_item(FakeTx(), ref, "a", T0 + 1, HandlerOutcome(result={"offer_id": "1"}))
+    ref.edit(error={"code": "old", "message": "m", "retryable": True})
+    kind = ref.complete("a", T0 + 1, HandlerOutcome(result={"offer_id": "1"}))
     assert kind is CompleteKind.SUCCEEDED
     assert ref.data["status"] == "succeeded" and ref.data["result"] == {"offer_id": "1"} and ref.data["error"] is None
     assert ref.data["finished_at"] == _at(T0 + 1) and ref.data["lease_expires_at"] is None
@@ -135,30 +130,30 @@ def test_complete_success_stores_result_and_clears_error():
 def test_complete_retryable_requeues_unless_last_attempt():
     err = RetryableItemError("offer lookup: GET /offer answered 503: down", code="marketplace_unavailable")
     ref = _claimed("a")
-    assert complete_item(FakeTx(), ref, "a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.REQUEUED
+    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.REQUEUED
     assert ref.data["status"] == "queued" and ref.data["lease_owner"] is None
     assert ref.data["error"] == {"code": "marketplace_unavailable", "message": err.message, "retryable": True}
     ref = _claimed("a")
-    assert complete_item(FakeTx(), ref, "a", T0 + 1, HandlerOutcome(error=err, last_attempt=True)) is CompleteKind.FAILED
+    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err, last_attempt=True)) is CompleteKind.FAILED
     assert ref.data["status"] == "failed" and ref.data["history"][-1]["error_code"] == "marketplace_unavailable"
 
 
 def test_complete_permanent_fails():
     ref = _claimed("a")
     err = PermanentItemError("catalog lookup: 404", code="product_not_found")
-    assert complete_item(FakeTx(), ref, "a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.FAILED
+    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.FAILED
     assert ref.data["error"]["retryable"] is False
 
 
 def test_complete_by_non_owner_is_lease_lost_and_after_terminal_finished_elsewhere():
     ref = _claimed("a")
-    claim_item(FakeTx(), ref, "b", T0 + LEASE + 1, LEASE, TASK, "t")
+    ref.claim("b", T0 + LEASE + 1)
     before = dict(ref.data)
-    assert complete_item(FakeTx(), ref, "a", T0 + 50, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
+    assert ref.complete("a", T0 + 50, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
     assert ref.data == before
-    complete_item(FakeTx(), ref, "b", T0 + 50, HandlerOutcome(result={}))
-    assert complete_item(FakeTx(), ref, "b", T0 + 51, HandlerOutcome(result={})) is CompleteKind.FINISHED_ELSEWHERE
-    assert complete_item(FakeTx(), FakeRef(), "b", T0, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
+    ref.complete("b", T0 + 50, HandlerOutcome(result={}))
+    assert ref.complete("b", T0 + 51, HandlerOutcome(result={})) is CompleteKind.FINISHED_ELSEWHERE
+    assert Item().complete("b", T0, HandlerOutcome(result={})) is CompleteKind.LEASE_LOST
 
 
 def test_history_keeps_last_limit_entries():
@@ -166,8 +161,8 @@ def test_history_keeps_last_limit_entries():
     err = RetryableItemError("x", code="marketplace_timeout")
     for i in range(10):
         owner = f"o{i}"
-        claim_item(FakeTx(), ref, owner, T0 + 100 * (i + 1), LEASE, TASK, "t")
-        complete_item(FakeTx(), ref, owner, T0 + 100 * (i + 1) + 1, HandlerOutcome(error=err))
+        ref.claim(owner, T0 + 100 * (i + 1))
+        ref.complete(owner, T0 + 100 * (i + 1) + 1, HandlerOutcome(error=err))
     assert len(ref.data["history"]) == ITEM_HISTORY_LIMIT
     assert ref.data["history"][-1]["owner"] == "o9" and ref.data["attempt"] == 11
 
@@ -176,33 +171,33 @@ def test_history_keeps_last_limit_entries():
 
 
 def test_cancel_item_transitions():
-    absent = FakeRef()
-    assert cancel_item(FakeTx(), absent, "a", T0, TASK, "t") == "cancelled" and absent.data["status"] == "cancelled"
-    queued = FakeRef({"status": "queued", "attempt": 1, "round": 1, "history": []})
-    assert cancel_item(FakeTx(), queued, "a", T0, TASK, "t") == "cancelled"
+    absent = Item()
+    assert absent.cancel("a", T0) is CancelKind.CANCELLED and absent.data["status"] == "cancelled"
+    queued = Item({"status": "queued", "attempt": 1, "round": 1, "history": []})
+    assert queued.cancel("a", T0) is CancelKind.CANCELLED
     live = _claimed("x")
-    assert cancel_item(FakeTx(), live, "a", T0 + 1, TASK, "t") == "busy" and live.data["status"] == "processing"
+    assert live.cancel("a", T0 + 1) is CancelKind.BUSY and live.data["status"] == "processing"
     # its lease expired: an earlier delivery ran the handler, so it is finished, not cancelled
-    assert cancel_item(FakeTx(), live, "a", T0 + LEASE + 1, TASK, "t") == "started"
-    requeued = FakeRef({"status": "queued", "attempt": 1, "round": 1, "history": [{"owner": "task:0:ab"}]})
-    assert cancel_item(FakeTx(), requeued, "a", T0, TASK, "t") == "started" and requeued.data["status"] == "queued"
-    done = FakeRef({"status": "succeeded", "attempt": 1, "round": 1})
-    assert cancel_item(FakeTx(), done, "a", T0, TASK, "t") == "terminal" and done.data["status"] == "succeeded"
+    assert live.cancel("a", T0 + LEASE + 1) is CancelKind.STARTED
+    requeued = Item({"status": "queued", "attempt": 1, "round": 1, "history": [{"owner": "task:0:ab"}]})
+    assert requeued.cancel("a", T0) is CancelKind.STARTED and requeued.data["status"] == "queued"
+    done = Item({"status": "succeeded", "attempt": 1, "round": 1})
+    assert done.cancel("a", T0) is CancelKind.TERMINAL and done.data["status"] == "succeeded"
 
 
 # --- delivery identity and payload ---------------------------------------------------------------
 
 
 def test_delivery_from_headers_is_case_insensitive_and_computes_last_attempt():
-    d = Delivery.from_headers({"x-cloudtasks-taskname": "n1", "X-CloudTasks-TaskRetryCount": "7", "X-CloudTasks-TaskExecutionCount": "5"}, 8)
+    d = TaskDelivery.from_headers({"x-cloudtasks-taskname": "n1", "X-CloudTasks-TaskRetryCount": "7", "X-CloudTasks-TaskExecutionCount": "5"}, 8)
     assert d.task_name == "n1" and d.retry_count == 7 and d.execution_count == 5 and d.last_attempt
     assert d.owner.startswith("n1:7:") and len(d.owner.split(":")[2]) == 8
-    d2 = Delivery.from_headers({"X-CloudTasks-TaskRetryCount": "six"}, 8)
+    d2 = TaskDelivery.from_headers({"X-CloudTasks-TaskRetryCount": "six"}, 8)
     assert d2.retry_count == 0 and not d2.last_attempt and d2.task_name == "direct"
-    assert Delivery.from_headers({}, 8).owner != Delivery.from_headers({}, 8).owner
+    assert TaskDelivery.from_headers({}, 8).owner != TaskDelivery.from_headers({}, 8).owner
 
 
-class ExplodingDb:
+class ExplodingStore:
     def __getattr__(self, name):
         raise AssertionError("a malformed payload must not touch the store")
 
@@ -221,7 +216,7 @@ class ExplodingDb:
     ],
 )
 def test_malformed_payload_is_200_bad_payload_without_store(payload):
-    out = process_item_delivery(payload, {}, db=ExplodingDb())
+    out = process_item_delivery(payload, {}, store=ExplodingStore())
     assert out.http_status == 200 and out.body["status"] == "bad_payload"
     assert out.body["error"]["code"] == "bad_payload" and "can never succeed" in out.body["error"]["message"]
 
@@ -229,12 +224,12 @@ def test_malformed_payload_is_200_bad_payload_without_store(payload):
 def test_store_fault_becomes_503_not_a_crash():
     from google.api_core import exceptions as gexc
 
-    class DownDb:
-        def collection(self, *_):
+    class DownStore(MemoryStore):
+        def get_job(self, job_id):
             raise gexc.ServiceUnavailable("emulator gone")
 
-    worker.JOB_CACHE.clear()
-    out = process_item_delivery(TASK.model_dump(), {}, db=DownDb())
+    job_cache.JOB_CACHE.clear()
+    out = process_item_delivery(TASK.model_dump(), {}, store=DownStore())
     assert out.http_status == 503 and out.body["error"]["code"] == "store_unavailable"
     assert "emulator gone" in out.body["error"]["message"]
 
@@ -251,16 +246,16 @@ def test_progress_check_request_named_per_window_and_deduplicated(monkeypatch):
     config.settings.cache_clear()
     calls = []
     monkeypatch.setattr(tasks, "create_task", lambda queue, spec: calls.append((queue, spec)) or True)
-    worker.PROGRESS_REQUESTS.seen.clear()
+    progress_requests.PROGRESS_REQUESTS.seen.clear()
     try:
         now = 1_000_003.2  # window 200000 spans [1_000_000, 1_000_005)
-        assert worker.request_progress_check("job-p", now) == progress_task_name_for("job-p", 200_000)
-        assert worker.request_progress_check("job-p", now + 1) is None  # same window: no RPC
+        assert progress_requests.request_progress_check("job-p", now) == progress_task_name_for("job-p", 200_000)
+        assert progress_requests.request_progress_check("job-p", now + 1) is None  # same window: no RPC
         queue, spec = calls[0]
         assert queue.endswith("/queues/upcfan-control") and spec.url == "http://127.0.0.1:9/progress"
         assert spec.payload == {"job_id": "job-p"}
         assert spec.schedule_time == _at(1_000_006.0)
-        assert worker.request_progress_check("job-p", now + 5) is not None and len(calls) == 2
+        assert progress_requests.request_progress_check("job-p", now + 5) is not None and len(calls) == 2
     finally:
         config.settings.cache_clear()
 
@@ -275,10 +270,10 @@ def test_progress_check_enqueue_failure_is_logged_not_raised(monkeypatch):
         raise RuntimeError("tasks API down")
 
     monkeypatch.setattr(tasks, "create_task", boom)
-    worker.PROGRESS_REQUESTS.seen.clear()
+    progress_requests.PROGRESS_REQUESTS.seen.clear()
     try:
-        assert worker.request_progress_check("job-q", 50.0) is None
-        assert ("job-q", 10) not in worker.PROGRESS_REQUESTS.seen  # a later completion may try again
+        assert progress_requests.request_progress_check("job-q", 50.0) is None
+        assert ("job-q", 10) not in progress_requests.PROGRESS_REQUESTS.seen  # a later completion may try again
     finally:
         config.settings.cache_clear()
 
