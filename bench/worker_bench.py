@@ -109,6 +109,8 @@ def main(argv=None) -> int:
 
         from shared import worker
         from shared.clients import firestore_client, reset_clients
+        from shared.store import TXN_COUNTER
+        from shared.store.firestore import FirestoreStore
         from shared.handlers import ItemContext, ItemHandler
         from shared.log import JsonFormatter
 
@@ -161,7 +163,8 @@ def main(argv=None) -> int:
                 return {}
 
         noop = NoOp()
-        worker.TXN_COUNTER.reset()
+        store = FirestoreStore(db)
+        TXN_COUNTER.reset()
         statuses: dict[int, int] = {}
         slock = threading.Lock()
 
@@ -171,13 +174,13 @@ def main(argv=None) -> int:
                 {"job_id": job_id, "gtin": g, "upc": g[2:], "line": i + 1, "round": 1},
                 {"X-CloudTasks-TaskName": f"t{i}", "X-CloudTasks-TaskRetryCount": "0"},
                 handler=noop,
-                db=db,
+                store=store,
             )
             with slock:
                 statuses[out.http_status] = statuses.get(out.http_status, 0) + 1
 
         core_done, core_s = _run(args.items, args.threads, args.max_phase_s, core)
-        txns = worker.TXN_COUNTER.snapshot()
+        txns = TXN_COUNTER.snapshot()
     finally:
         stop_process(proc)
 
