@@ -87,9 +87,9 @@ def job_of(db, job_id: str) -> dict:
 
 
 def item_counts(db, job_id: str) -> dict[str, int]:
-    from shared.progress import count_items_by_status
+    from shared.store.firestore import FirestoreStore
 
-    return count_items_by_status(db, job_id)
+    return FirestoreStore(db).count_items_by_status(job_id)
 
 
 def line_counts(db, job_id: str) -> dict[str, int]:

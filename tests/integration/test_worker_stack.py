@@ -41,9 +41,14 @@ from devstack.testing import (
 )
 from shared.model import EVENTS, ITEMS, JOBS
 from shared.naming import job_id_for, task_name_for
-from shared.progress import count_items_by_status
+from shared.store.firestore import FirestoreStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def count_items_by_status(db, job_id: str) -> dict[str, int]:
+    return FirestoreStore(db).count_items_by_status(job_id)
+
 
 FINAL = {"completed", "completed_with_failures", "cancelled", "failed"}
 SHORT_LEASE_S = 5.0
@@ -53,7 +58,7 @@ SHORT_LEASE = {"UPCFAN_LEASE_S": "5", "UPCFAN_HEARTBEAT_S": "1.5"}
 # later claim of it aborts: the item is only reclaimed once the emulator drops the lock).
 SHORT_LEASE_NO_HEARTBEAT = {"UPCFAN_LEASE_S": "5", "UPCFAN_HEARTBEAT_S": "0"}
 INVALID_LINE = "036000291453"  # bad check digit
-JOB_CACHE_TTL_S = 2.0  # shared.worker.JOB_CACHE_TTL_S: how long a worker may not yet see a cancel
+JOB_CACHE_TTL_S = 2.0  # shared.worker.job_cache.JOB_CACHE_TTL_S: how long a worker may not yet see a cancel
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STACK_DIR = Path(os.environ.get("UPCFAN_WORKER_STACK_DIR", REPO_ROOT / ".local" / "worker-stack")).resolve()
 
