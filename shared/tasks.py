@@ -9,23 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
 from shared.clients import tasks_client
 from shared.config import settings
 from shared.log import log_event
-
-# Transient Cloud Tasks API faults worth retrying inside one invocation; anything else surfaces.
-_TRANSIENT = (
-    gexc.ServiceUnavailable,
-    gexc.DeadlineExceeded,
-    gexc.InternalServerError,
-    gexc.TooManyRequests,
-    gexc.ResourceExhausted,
-    gexc.Aborted,
-    ConnectionError,
-)
-
+from shared.retry import TASK_API
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -73,20 +60,12 @@ def _build_task(queue_path: str, spec: TaskSpec):
     return task
 
 
-@retry(
-    retry=retry_if_exception_type(_TRANSIENT),
-    wait=wait_exponential(multiplier=0.2, max=5),
-    stop=stop_after_attempt(6),
-    reraise=True,
-)
-def _create(queue_path: str, task) -> None:
-    tasks_client().create_task(parent=queue_path, task=task)
-
-
 def create_task(queue_path: str, spec: TaskSpec) -> bool:
-    """Create the named task; True if created now, False if the name exists or is tombstoned."""
+    """Create the named task; True if created now, False if the name exists or is tombstoned.
+    Transient API faults are retried in place (`shared.retry.TASK_API`)."""
+    task = _build_task(queue_path, spec)
     try:
-        _create(queue_path, _build_task(queue_path, spec))
+        TASK_API.call(lambda: tasks_client().create_task(parent=queue_path, task=task))
         return True
     except gexc.Aborted:
         raise
