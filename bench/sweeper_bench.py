@@ -134,13 +134,17 @@ def seed(db, n_jobs: int, n_stalled: int, items_per_stalled: int) -> float:
     return time.monotonic() - started
 
 
-def time_queries(db, sweeper, cfg, at, reps: int = 3) -> dict:
+def time_queries(db, cfg, at, reps: int = 3) -> dict:
     """Each query alone, sequentially: (min ms, median ms, documents)."""
     import statistics
 
     from google.cloud.firestore_v1.base_query import FieldFilter
 
-    queries = dict(sweeper.scan_queries(db, at, cfg))
+    from shared.sweeper.engine import scan_queries
+    from shared.sweeper.store import FirestoreSweepStore
+
+    store = FirestoreSweepStore(db)
+    queries = {name: store.firestore_query(q, at, cfg) for name, q in scan_queries().items()}
     jobs = db.collection("jobs")
     cutoff = at - dt.timedelta(minutes=min(cfg.stall_minutes, cfg.queued_stall_minutes))
     running = jobs.where(filter=FieldFilter("status", "==", "running"))
@@ -187,7 +191,7 @@ def main() -> int:
                          "flagged": r.flagged, "alerted": r.alerted, "suppressed": r.suppressed,
                          "deferred": r.notify_failed, "systemic": r.systemic, "phases_ms": r.phases_ms,
                          "queries_ms": r.queries_ms})
-        alone = time_queries(db, sweeper, cfg, NOW + 2 * MIN)
+        alone = time_queries(db, cfg, NOW + 2 * MIN)
         load_after = os.getloadavg()[0]
         budget = 3 * args.stalled
         print(f"seeded {args.jobs} jobs ({args.stalled} stalled) in {seed_s:.1f} s; read budget {budget}; "

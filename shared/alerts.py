@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shared.config import settings as _settings
+from shared.retry import SLACK
 
-# Slack answers 429 with Retry-After; we wait in-process only for short waits, otherwise the
-# finding stays un-notified and the next sweep retries it (the webhook allows ~1 post/s).
+# Slack answers 429 with Retry-After; we wait in-process only for short waits (at most
+# `SLACK.attempts - 1` of them), otherwise the finding stays un-notified and the next sweep
+# retries it (the webhook allows ~1 post/s).
 MAX_RETRY_AFTER_WAIT_S = 3.0
 WEBHOOK_TIMEOUT_S = 5
 
@@ -172,7 +174,7 @@ def build_systemic_message(stalled_jobs: int, threshold: int, job_ids: list[str]
 
 
 @dataclass(frozen=True)
-class Delivery:
+class SlackPostResult:
     """Outcome of one post: never raises; `error` is a short specific reason without the URL."""
 
     ok: bool
@@ -187,37 +189,37 @@ def post_message(
     *,
     webhook_url: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> Delivery:
-    """Post to the Slack webhook. 429 with a short Retry-After is waited out once; nothing raises."""
+) -> SlackPostResult:
+    """Post to the Slack webhook. A 429 with a short Retry-After is waited out (within `SLACK.attempts`);
+    nothing raises."""
     from slack_sdk.webhook import WebhookClient
 
     url = webhook_url if webhook_url is not None else _settings().slack_webhook_url
     if not url:
-        return Delivery(ok=False, error="slack webhook not configured (UPCFAN_SLACK_WEBHOOK_URL)", transient=False)
+        return SlackPostResult(ok=False, error="slack webhook not configured (UPCFAN_SLACK_WEBHOOK_URL)",
+                               transient=False)
     # No library retry handlers: our own bounded 429 wait below, everything else waits for the next sweep.
     client = WebhookClient(url, timeout=WEBHOOK_TIMEOUT_S, retry_handlers=[])
-    for attempt in range(2):
+    waits_left = SLACK.attempts - 1
+    while True:
         try:
             resp = client.send_dict(message.to_payload())
         except Exception as exc:  # connection refused, timeout, DNS: Slack unreachable
-            return Delivery(ok=False, error=f"slack unreachable: {type(exc).__name__}")
+            return SlackPostResult(ok=False, error=f"slack unreachable: {type(exc).__name__}")
         if 200 <= resp.status_code < 300:
-            return Delivery(ok=True, status=resp.status_code)
-        if resp.status_code == 429:
-            retry_after = _retry_after_s(resp.headers)
-            if attempt == 0 and retry_after is not None and retry_after <= MAX_RETRY_AFTER_WAIT_S:
-                sleep(retry_after)
-                continue
-            return Delivery(
+            return SlackPostResult(ok=True, status=resp.status_code)
+        if resp.status_code != 429:
+            body = (resp.body or "")[:80].replace("\n", " ")
+            return SlackPostResult(ok=False, status=resp.status_code, transient=resp.status_code >= 500,
+                                   error=f"slack answered {resp.status_code}: {body}")
+        retry_after = _retry_after_s(resp.headers)
+        if waits_left <= 0 or retry_after is None or retry_after > MAX_RETRY_AFTER_WAIT_S:
+            return SlackPostResult(
                 ok=False, status=429, retry_after_s=retry_after,
                 error=f"slack rate limited (429, retry-after {retry_after if retry_after is not None else '?'}s)",
             )
-        body = (resp.body or "")[:80].replace("\n", " ")
-        return Delivery(
-            ok=False, status=resp.status_code, transient=resp.status_code >= 500,
-            error=f"slack answered {resp.status_code}: {body}",
-        )
-    return Delivery(ok=False, error="slack rate limited (429 after retry)", status=429)
+        waits_left -= 1
+        sleep(retry_after)
 
 
 def _retry_after_s(headers: dict | None) -> float | None:
@@ -268,19 +270,20 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
     return SlackMessage(text=text, blocks=blocks)
 
 
-def notify_job_finished(job: dict[str, Any], *, post: Callable[[SlackMessage], Delivery] | None = None) -> Delivery:
+def notify_job_finished(job: dict[str, Any], *,
+                        post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
     """Post the job-finished note; never raises (a failure is returned and logged, the job is unaffected)."""
     from shared.log import log_event
 
     job_id = (job or {}).get("job_id")
     try:
-        delivery = (post or post_message)(build_job_finished_message(job or {}))
+        result = (post or post_message)(build_job_finished_message(job or {}))
     except Exception as exc:  # noqa: BLE001 - a notification must never fail the progress check
-        delivery = Delivery(ok=False, error=f"job-finished notice failed: {type(exc).__name__}: {exc}"[:300])
-    if delivery.ok:
+        result = SlackPostResult(ok=False, error=f"job-finished notice failed: {type(exc).__name__}: {exc}"[:300])
+    if result.ok:
         log_event("job_finished_notified", job_id=job_id, status=(job or {}).get("status"))
-    elif delivery.status is None and not delivery.transient:  # no webhook configured: nothing to tell
-        log_event("job_finished_not_notified", job_id=job_id, reason=delivery.error)
+    elif result.status is None and not result.transient:  # no webhook configured: nothing to tell
+        log_event("job_finished_not_notified", job_id=job_id, reason=result.error)
     else:
-        log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id, error=delivery.error)
-    return delivery
+        log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
+    return result

@@ -17,6 +17,7 @@ import pytest
 from google.cloud import firestore
 
 from shared import sweeper
+from shared.sweeper import engine, store
 from shared.config import load_settings
 from shared.model import ALERT_STATE, EVENTS, ITEMS, JOBS, STALL_EVENTS
 
@@ -364,7 +365,7 @@ def test_firestore_unreachable_raises_store_unavailable(firestore_emulator, monk
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
-    monkeypatch.setattr(sweeper, "QUERY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(store, "QUERY_TIMEOUT_S", 1.0)
     db = firestore.Client(project=f"demo-sweep-{uuid.uuid4().hex[:10]}")
     cfg = dataclasses.replace(load_settings(), project=db.project)
     with pytest.raises(StoreUnavailableError) as err:
@@ -380,7 +381,7 @@ def test_job_that_moved_between_read_and_write_is_left_alone(env, sink, monkeypa
     flagged_then_moved = make_job(db, last_progress=T0 - 20 * MIN)
     assert sweep(env, sink, T0 - 1 * MIN).flagged == 1  # the fourth job; the next sweep will recover it
     db.collection(JOBS).document(flagged_then_moved).update({"last_progress_at": T0})
-    real_scan = sweeper._scan
+    real_scan = engine.scan
 
     def scan_then_jobs_move(*args, **kwargs):
         result = real_scan(*args, **kwargs)
@@ -388,7 +389,7 @@ def test_job_that_moved_between_read_and_write_is_left_alone(env, sink, monkeypa
             db.collection(JOBS).document(j).update({"updated_at": T0})
         return result
 
-    monkeypatch.setattr(sweeper, "_scan", scan_then_jobs_move)
+    monkeypatch.setattr(engine, "scan", scan_then_jobs_move)
     events_before = {j: len(job_events(db, j)) for j in (a, moved, c, flagged_then_moved)}
     records_before = {j: len(stall_events(db, j)) for j in (a, moved, c, flagged_then_moved)}
     r = sweep(env, sink, T0 + 1 * MIN)
@@ -406,7 +407,7 @@ def test_job_that_moved_between_read_and_write_is_left_alone(env, sink, monkeypa
         assert len(job_events(db, j)) == events_before[j]
         assert len(stall_events(db, j)) == records_before[j]
     # next sweep, nothing moving underneath: the recovery lands
-    monkeypatch.setattr(sweeper, "_scan", real_scan)
+    monkeypatch.setattr(engine, "scan", real_scan)
     r2 = sweep(env, sink, T0 + 2 * MIN)
     assert r2.recovered == 1 and job(db, flagged_then_moved)["stall"] is None
 
@@ -433,7 +434,7 @@ def test_many_findings_commit_in_few_batches(env, sink, monkeypatch):
     r = sweep(env, sink, T0)
     assert r.flagged == 30 and r.skipped_moved == 0
     flag_commits = [n for n in commits if n >= 4]  # per-job groups are 4 writes; delivery marks come after
-    assert 1 <= len(flag_commits) <= sweeper.COMMIT_PARALLEL and sum(flag_commits) >= 30 * 4
+    assert 1 <= len(flag_commits) <= store.COMMIT_PARALLEL and sum(flag_commits) >= 30 * 4
     assert all(job(db, j)["stall"]["kind"] == "no_progress" for j in jids)
     # counts snapshot shows every item born: never_claimed is exactly 0 without a count aggregation
     assert {f["never_claimed"] for f in r.findings} == {0}

@@ -96,3 +96,28 @@ def test_retry_after_parsing():
     assert alerts._retry_after_s({"Retry-After": ["2"]}) == 2.0
     assert alerts._retry_after_s({"retry-after": "x"}) is None
     assert alerts._retry_after_s(None) is None
+
+
+def test_429_waits_are_bounded_by_the_slack_policy(monkeypatch):
+    """A short Retry-After is waited out at most `SLACK.attempts - 1` times; then the 429 is returned."""
+    from types import SimpleNamespace
+
+    import slack_sdk.webhook
+
+    from shared.retry import SLACK
+
+    sends = []
+
+    class Client:
+        def __init__(self, url, timeout, retry_handlers):
+            assert retry_handlers == []
+
+        def send_dict(self, payload):
+            sends.append(payload)
+            return SimpleNamespace(status_code=429, headers={"Retry-After": "0"}, body="slow down")
+
+    monkeypatch.setattr(slack_sdk.webhook, "WebhookClient", Client)
+    waits = []
+    r = alerts.post_message(alerts.SlackMessage(text="x"), webhook_url="http://hook", sleep=waits.append)
+    assert len(sends) == SLACK.attempts and waits == [0.0] * (SLACK.attempts - 1)
+    assert not r.ok and r.transient and r.status == 429 and r.error == "slack rate limited (429, retry-after 0.0s)"

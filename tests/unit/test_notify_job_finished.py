@@ -41,13 +41,13 @@ def test_a_clean_job_does_not_suggest_a_retry():
 
 def test_notify_posts_once_and_reports_the_delivery():
     sent = []
-    d = alerts.notify_job_finished(JOB, post=lambda m: sent.append(m) or alerts.Delivery(ok=True, status=200))
+    d = alerts.notify_job_finished(JOB, post=lambda m: sent.append(m) or alerts.SlackPostResult(ok=True, status=200))
     assert d.ok and len(sent) == 1 and "job-&lt;1&gt;" in sent[0].text
 
 
 @pytest.mark.parametrize("post", [
     lambda m: (_ for _ in ()).throw(RuntimeError("boom")),
-    lambda m: alerts.Delivery(ok=False, status=500, error="slack answered 500"),
+    lambda m: alerts.SlackPostResult(ok=False, status=500, error="slack answered 500"),
 ])
 def test_notify_never_raises(post):
     d = alerts.notify_job_finished(JOB, post=post)

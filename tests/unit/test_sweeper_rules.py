@@ -1,61 +1,95 @@
-"""The hard rule, checked on the source: the sweeper writes only through its `_write_*` functions,
-which touch only `jobs/{id}.stall`, job events, `stall_events` and `alert_state`; no tasks."""
+"""The hard rule, checked on the source of the whole shared/sweeper package: only the store's
+`write_*` methods (and the `_write_*` helpers they apply) write, and they touch only
+`jobs/{id}.stall`, job events, `stall_events` and `alert_state`; no items, no tasks."""
 
 from __future__ import annotations
 
 import ast
-import inspect
+import typing
+from pathlib import Path
 
-from shared import sweeper
+import shared.sweeper
+from shared.sweeper import store
 
 WRITE_METHODS = {"set", "update", "create", "delete", "commit", "add", "transaction", "bulk_writer",
                  "recursive_delete"}
-ALLOWED_WRITERS = {"_write_job_stall", "_write_job_event", "_write_stall_event", "_write_mark_stall_events",
-                   "_write_alert_state"}
+PACKAGE = Path(shared.sweeper.__file__).parent
+MODULES = sorted(PACKAGE.rglob("*.py"))
+STORE = PACKAGE / "store.py"
+COLLECTIONS = {"JOBS", "ITEMS", "CHUNKS", "LINES", "EVENTS", "STALL_EVENTS", "ALERT_STATE"}
+WRITABLE = {"JOBS", "EVENTS", "STALL_EVENTS", "ALERT_STATE"}
 
 
-def _tree():
-    return ast.parse(inspect.getsource(sweeper))
+def _is_writer(name: str) -> bool:
+    return name.startswith(("write_", "_write_"))
 
 
-def _enclosing_functions(tree):
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for child in ast.walk(node):
-                yield node.name, child
+def _calls_with_function(tree):
+    """(innermost enclosing function name or None, call node) for every call in a module."""
+    def visit(node, fname):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield from visit(child, child.name)
+            else:
+                if isinstance(child, ast.Call):
+                    yield fname, child
+                yield from visit(child, fname)
+    yield from visit(tree, None)
+
+
+def _writers():
+    tree = ast.parse(STORE.read_text())
+    return {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and _is_writer(n.name)}
 
 
 def test_only_write_functions_call_write_methods():
+    assert len(MODULES) >= 10  # the whole package is audited, rules included
     offenders = set()
-    for fname, node in _enclosing_functions(_tree()):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in WRITE_METHODS:
-            if fname in ALLOWED_WRITERS:
-                continue
-            # batch.commit() is allowed in the handlers: the batch only holds _write_* operations
-            if node.func.attr == "commit" and isinstance(node.func.value, ast.Name) and node.func.value.id == "batch":
-                continue
-            offenders.add((fname, node.func.attr, node.lineno))
-    assert not offenders, f"writes outside the _write_* functions: {sorted(offenders)}"
+    for path in MODULES:
+        for fname, call in _calls_with_function(ast.parse(path.read_text())):
+            if isinstance(call.func, ast.Attribute) and call.func.attr in WRITE_METHODS:
+                if path == STORE and fname is not None and _is_writer(fname):
+                    continue
+                offenders.add((path.relative_to(PACKAGE).as_posix(), fname, call.func.attr, call.lineno))
+    assert not offenders, f"writes outside the store's write_* methods: {sorted(offenders)}"
+
+
+def test_write_methods_live_only_in_the_store():
+    elsewhere = {(p.name, n.name) for p in MODULES if p != STORE for n in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_writer(n.name)}
+    assert not elsewhere
 
 
 def test_writers_are_narrow():
-    src = {name: inspect.getsource(getattr(sweeper, name)) for name in ALLOWED_WRITERS}
-    assert '{"stall": stall}' in src["_write_job_stall"] and "last_update_time" in src["_write_job_stall"]
-    assert "ITEMS" not in "".join(src.values())
-    for name in ("_write_stall_event", "_write_mark_stall_events"):
+    writers = _writers()
+    assert {"write_job_groups", "write_together", "write_notify_outcomes", "_write_job_stall", "_write_job_event",
+            "_write_stall_event", "_write_alert_state"} <= set(writers)
+    src = {name: ast.get_source_segment(STORE.read_text(), node) for name, node in writers.items()}
+    assert '{"stall": op.stall}' in src["_write_job_stall"] and "last_update_time" in src["_write_job_stall"]
+    for name, node in writers.items():
+        named = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} & COLLECTIONS
+        assert named <= WRITABLE, (name, named)
+    for name in ("_write_stall_event", "write_notify_outcomes"):
         assert "STALL_EVENTS" in src[name]
     assert "ALERT_STATE" in src["_write_alert_state"] and "EVENTS" in src["_write_job_event"]
 
 
+def test_the_only_write_requests_are_flags_events_records_and_alert_state():
+    assert set(typing.get_args(store.Write)) == {store.SetStallFlag, store.AddJobEvent, store.AddStallEvent,
+                                                 store.MergeAlertState}
+    assert set(store.JOB_EVENT_TYPES) == {"stall_flagged", "stall_recovered"}
+
+
 def test_no_task_or_status_writes_anywhere():
-    text = inspect.getsource(sweeper)
-    tree = _tree()
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert not {"tasks", "shared.tasks", "tasks_client", "tasks_v2", "google.cloud.tasks_v2"} & imported
-    for forbidden in ('"status":', '"counts":', '"totals":', "create_task", "delete_task"):
-        assert forbidden not in text, forbidden
+    for path in MODULES:
+        text = path.read_text()
+        tree = ast.parse(text)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not {"tasks", "shared.tasks", "tasks_client", "tasks_v2", "google.cloud.tasks_v2"} & imported, path
+        for forbidden in ('"status":', '"counts":', '"totals":', "create_task", "delete_task"):
+            assert forbidden not in text, (path, forbidden)
 
 
 def test_job_stall_writer_refuses_other_fields():
@@ -79,6 +113,14 @@ def test_job_stall_writer_refuses_other_fields():
         def write_option(self, **kw):
             return kw
 
-    sweeper._write_job_stall(Db(), Batch(), "j1", None, "t")
+    store.FirestoreSweepStore(Db())._write_job_stall(Batch(), store.SetStallFlag("j1", None, "t"))
     [(ref, data, option)] = calls
     assert ref.path == "jobs/j1" and data == {"stall": None} and option == {"last_update_time": "t"}
+
+
+def test_audit_catches_a_write_outside_the_store(tmp_path):
+    """The audit itself: a module-level or engine-side write is found."""
+    sneaky = "def plan(db):\n    db.collection('jobs').document('j').update({'x': 1})\nbatch.commit()\n"
+    found = [(f, c.func.attr) for f, c in _calls_with_function(ast.parse(sneaky))
+             if isinstance(c.func, ast.Attribute) and c.func.attr in WRITE_METHODS]
+    assert found == [("plan", "update"), (None, "commit")]
