@@ -30,6 +30,7 @@ from shared.model import (
     started_in_current_round,
 )
 from shared.naming import task_name_for
+from shared.process_request import ProcessFileRequest
 
 ITEM_STATUS_VALUES = tuple(s.value for s in ItemStatus)
 LINE_OUTCOME_VALUES = tuple(o.value for o in LineOutcome)
@@ -591,13 +592,13 @@ def _requeue_page(db, job_id: str, snaps: list[Any], round_: int, now: dt.dateti
 # ---------------------------------------------------------------- submit and health
 
 
-def submit(gcs_path: str, create_drafts: bool | None = None, test_mode: bool | None = None,
-           source: str = "http"):
+def submit(request: ProcessFileRequest, source: str = "http"):
     """Start (or find) the job for a gs:// object; the ingest core owns identity and validation."""
     from shared import ingest
 
-    # None lets ingest apply object metadata, then the configured defaults.
-    return ingest.submit_job(gcs_path, create_drafts=create_drafts, test_mode=test_mode, source=source)
+    # The request's handler choice comes first; ingest falls back to object metadata, then the configured default.
+    return ingest.submit_job(request.gcs_path, choice=request.handler_choice, generation=request.generation,
+                             source=source)
 
 
 def health(timeout_s: float = 5.0) -> tuple[bool, dict[str, str]]:

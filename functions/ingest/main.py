@@ -4,7 +4,7 @@ import functions_framework
 from cloudevents.http import from_http
 from flask import Request, jsonify
 
-from shared.exceptions import SourceObjectNotFoundError, UpcfanError
+from shared.exceptions import BadRequestError, SourceObjectNotFoundError, UpcfanError
 from shared.log import log_event, setup_logging
 
 setup_logging()
@@ -16,13 +16,32 @@ def _error(exc: UpcfanError):
     return jsonify({"error": exc.to_dict()}), exc.http_status
 
 
+# What each field of a process request must be, for the 400 that names it.
+_EXPECTED = {"create_drafts": "true or false", "test_mode": "true or false", "handler": "a handler name (a string)",
+             "generation": "a positive integer"}
+
+
+def _invalid_body(errors: list[dict]):
+    """A pydantic error list as this trigger's 400: `missing_gcs_path` or `bad_option` naming the field."""
+    field = next((str(e["loc"][0]) for e in errors if e.get("loc")), "gcs_path")
+    if field == "gcs_path":
+        code, message = "missing_gcs_path", "gcs_path (gs://bucket/object) is required"
+    else:
+        code, message = "bad_option", f"{field} must be {_EXPECTED.get(field, 'valid')}"
+    return jsonify({"error": {"code": code, "message": message}}), 400
+
+
 def _is_cloudevent(request: Request) -> bool:
     return "ce-type" in request.headers or (request.mimetype or "").startswith("application/cloudevents")
 
 
 @functions_framework.http
 def ingest(request: Request):
-    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
+    # lazy: clients and heavy imports stay out of cold start
+    from pydantic import ValidationError
+
+    from shared import ingest as core, operations
+    from shared.process_request import ProcessFileRequest
 
     path = request.path.rstrip("/")
     if request.method != "POST":
@@ -51,6 +70,12 @@ def ingest(request: Request):
                 # newer generation has its own event, so retrying this one would only spin.
                 log_event("event_object_gone", severity="WARNING", event_id=event["id"], error=exc.message)
                 return jsonify({"ignored": exc.message}), 200
+            except BadRequestError as exc:
+                if exc.code != "unknown_handler":
+                    raise
+                # The object's upcfan-handler metadata names no handler: only a new upload can fix that.
+                log_event("event_unknown_handler", severity="ERROR", event_id=event["id"], error=exc.message)
+                return jsonify({"ignored": exc.message}), 200
             if result is None:
                 return jsonify({"ignored": "bucket not watched"}), 200
             # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
@@ -58,14 +83,13 @@ def ingest(request: Request):
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             return jsonify({"error": {"code": "bad_json",
-                                      "message": "body must be a JSON object {gcs_path, create_drafts, test_mode}"}}), 400
-        if not isinstance(body.get("gcs_path"), str):
-            return jsonify({"error": {"code": "missing_gcs_path", "message": "gcs_path (gs://bucket/object) is required"}}), 400
-        for key in ("create_drafts", "test_mode"):
-            if key in body and body[key] is not None and not isinstance(body[key], bool):
-                return jsonify({"error": {"code": "bad_option", "message": f"{key} must be true or false"}}), 400
-        result = core.submit_job(body["gcs_path"], create_drafts=body.get("create_drafts"),
-                                 test_mode=body.get("test_mode"), source="http")
+                                      "message": "body must be a JSON object {gcs_path, handler}"}}), 400
+        try:
+            # Strict: JSON true/false only (no "yes" or 1), as this trigger has always required.
+            process = ProcessFileRequest.model_validate(body, strict=True)
+        except ValidationError as exc:
+            return _invalid_body(exc.errors())
+        result = operations.submit(process, source="http")
         return jsonify(result.to_dict()), 422 if result.error else 202
     except UpcfanError as exc:
         log_event("ingest_error", severity="WARNING", code=exc.code, error=exc.message)
