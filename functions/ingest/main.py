@@ -37,11 +37,7 @@ def _is_cloudevent(request: Request) -> bool:
 
 @functions_framework.http
 def ingest(request: Request):
-    # lazy: clients and heavy imports stay out of cold start
-    from pydantic import ValidationError
-
-    from shared import ingest as core, operations
-    from shared.process_request import ProcessFileRequest
+    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
 
     path = request.path.rstrip("/")
     if request.method != "POST":
@@ -84,6 +80,11 @@ def ingest(request: Request):
         if not isinstance(body, dict):
             return jsonify({"error": {"code": "bad_json",
                                       "message": "body must be a JSON object {gcs_path, handler}"}}), 400
+        from pydantic import ValidationError
+
+        from shared import operations
+        from shared.process_request import ProcessFileRequest
+
         try:
             # Strict: JSON true/false only (no "yes" or 1), as this trigger has always required.
             process = ProcessFileRequest.model_validate(body, strict=True)
