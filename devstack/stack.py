@@ -250,8 +250,7 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_BRIDGE_URL": url("bridge"),
         "UPCFAN_GCS_TOPIC": f"projects/{PROJECT}/topics/{GCS_TOPIC}",
         "UPCFAN_GCS_SUBSCRIPTION": f"projects/{PROJECT}/subscriptions/{BRIDGE_SUBSCRIPTION}",
-        "UPCFAN_DEFAULT_CREATE_DRAFTS": "true",
-        "UPCFAN_DEFAULT_TEST_MODE": "false",
+        "UPCFAN_DEFAULT_HANDLER": "marketplace_draft",
         "UPCFAN_STACK_LOGS": str(paths.LOG_DIR),
     }
 

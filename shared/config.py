@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 
@@ -56,11 +56,19 @@ CONTROL_QUEUE = QueueSpec(
 )
 
 
+_TRUTHY = frozenset({"1", "true", "yes", "on"})
+
+
+def parse_bool(raw: object) -> bool:
+    """The one reading of a boolean given as text (environment, object metadata): 1/true/yes/on, any case."""
+    return str(raw).strip().lower() in _TRUTHY
+
+
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return parse_bool(raw)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -85,6 +93,9 @@ class Settings:
     marketplace_url: str
     slack_webhook_url: str
     bucket: str
+    # The handler a job runs when neither its request nor its object's metadata chooses one
+    # (UPCFAN_DEFAULT_HANDLER). Unset, the deprecated boolean defaults below choose, as before names.
+    default_handler: str | None
     default_create_drafts: bool
     default_test_mode: bool
     # Oidc service account used on task dispatch in production; empty locally.
@@ -108,7 +119,6 @@ class Settings:
     systemic_threshold: int
     # Operator
     max_retry_rounds: int
-    extra: dict = field(default_factory=dict)
 
     def queue_path(self, queue_name: str) -> str:
         return f"projects/{self.project}/locations/{self.location}/queues/{queue_name}"
@@ -136,6 +146,7 @@ def load_settings() -> Settings:
         marketplace_url=os.environ.get("UPCFAN_MARKETPLACE_URL", "").rstrip("/"),
         slack_webhook_url=os.environ.get("UPCFAN_SLACK_WEBHOOK_URL", ""),
         bucket=os.environ.get("UPCFAN_BUCKET", ""),
+        default_handler=os.environ.get("UPCFAN_DEFAULT_HANDLER", "").strip() or None,
         default_create_drafts=_env_bool("UPCFAN_DEFAULT_CREATE_DRAFTS", False),
         default_test_mode=_env_bool("UPCFAN_DEFAULT_TEST_MODE", True),
         task_service_account=os.environ.get("UPCFAN_TASK_SERVICE_ACCOUNT", ""),

@@ -11,26 +11,35 @@ from shared.clients import storage_client
 from shared.exceptions import BadRequestError, SourceObjectNotFoundError
 
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# Bucket naming rules: 3-222 characters of a-z 0-9 - _ . with a letter or digit at both ends.
+_BUCKET = r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]"
+_BUCKET_RE = re.compile(f"^{_BUCKET}$")
+MAX_OBJECT_NAME_BYTES = 1024
+# The shape `parse_gcs_path` accepts, for request schemas; it refuses '.', '..' and a trailing '/' too.
+GCS_PATH_PATTERN = f"^gs://{_BUCKET}/[^\\r\\n]+$"
 
 
 def parse_gcs_path(path: str) -> tuple[str, str]:
+    """(bucket, object) of `gs://bucket/object`: the one rule every request, event and command is held to."""
     if not isinstance(path, str) or not path.startswith("gs://"):
         raise BadRequestError(f"gcs_path must look like gs://bucket/object, got {str(path)[:200]!r}",
                               code="bad_gcs_path")
     rest = path[len("gs://"):]
     bucket, _, name = rest.partition("/")
     if not _BUCKET_RE.match(bucket or ""):
-        raise BadRequestError(f"{bucket!r} is not a valid bucket name (3-222 chars: a-z 0-9 - _ .)",
+        raise BadRequestError(f"{bucket[:230]!r} is not a valid bucket name (3-222 chars: a-z 0-9 - _ .)",
                               code="bad_gcs_path")
     # GCS never names an object "." or ".." (nor with CR/LF); asked for ".", the JSON API answers
     # with the *bucket's* metadata, so such a path must be refused before any request.
     if name in (".", "..") or "\r" in name or "\n" in name:
-        raise BadRequestError(f"{name!r} is not a valid GCS object name (objects cannot be named '.' or '..' "
+        raise BadRequestError(f"{name[:200]!r} is not a valid GCS object name (objects cannot be named '.' or '..' "
                               f"or contain CR/LF); got {path[:200]!r}", code="bad_gcs_path")
     if not bucket or not name or name.endswith("/"):
         raise BadRequestError(f"gcs_path must name an object: gs://bucket/object, got {path[:200]!r}",
                               code="bad_gcs_path")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_OBJECT_NAME_BYTES:
+        raise BadRequestError(f"object names are at most {MAX_OBJECT_NAME_BYTES} bytes of UTF-8; got "
+                              f"{path[:100]!r}…", code="bad_gcs_path")
     return bucket, name
 
 

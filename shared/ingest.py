@@ -22,6 +22,7 @@ from shared.config import settings
 from shared.events import Event
 from shared.exceptions import UnreadableFileError
 from shared.gcs import GcsObject, parse_gcs_path
+from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
@@ -35,8 +36,6 @@ from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
 LINE_RECORDS_PER_CHUNK = 2000
-_META_TEST_MODE = "upcfan-test-mode"
-_META_CREATE_DRAFTS = "upcfan-create-drafts"
 
 _FANOUT_POOL: ThreadPoolExecutor | None = None
 _FANOUT_POOL_LOCK = threading.Lock()
@@ -90,25 +89,14 @@ class FilePlan:
     chunks: list[ChunkPlan] = field(default_factory=list)
 
 
-def _meta_bool(metadata: dict, key: str) -> bool | None:
-    raw = (metadata or {}).get(key)
-    if raw is None:
-        return None
-    return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+def resolve_options(obj: GcsObject, choice: HandlerChoice | None = None) -> dict:
+    """The job's options: the handler the request chose, else the object's `upcfan-handler` metadata, else the
+    configured default (the deprecated booleans at each level map to a name in `choose_handler`)."""
+    return {"handler": job_handler_name(choice or HandlerChoice(), obj.metadata)}
 
 
-def resolve_options(obj: GcsObject, create_drafts: bool | None, test_mode: bool | None) -> dict:
-    """Request values win, then object metadata (`upcfan-test-mode`, …), then configured defaults."""
-    s = settings()
-    test = test_mode if test_mode is not None else _meta_bool(obj.metadata, _META_TEST_MODE)
-    drafts = create_drafts if create_drafts is not None else _meta_bool(obj.metadata, _META_CREATE_DRAFTS)
-    test = s.default_test_mode if test is None else test
-    drafts = s.default_create_drafts if drafts is None else drafts
-    return {"create_drafts": bool(drafts) and not test, "test_mode": bool(test)}
-
-
-def submit_job(gcs_path: str, *, create_drafts: bool | None = None, test_mode: bool | None = None,
-               source: str = "http", generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
+def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: str = "http",
+               generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
     """Create (or find) the job for one object generation and enqueue its chunk tasks."""
     bucket, name = parse_gcs_path(gcs_path)
     obj = GcsObject.stat(bucket, name, generation)
@@ -118,7 +106,7 @@ def submit_job(gcs_path: str, *, create_drafts: bool | None = None, test_mode: b
     doc = {
         "job_id": job_id, "gcs_path": obj.gcs_path, "bucket": bucket, "object": name,
         "generation": str(obj.generation), "size": obj.size, "source": source,
-        "status": JobStatus.INGESTING.value, "options": resolve_options(obj, create_drafts, test_mode),
+        "status": JobStatus.INGESTING.value, "options": resolve_options(obj, choice),
         "totals": None, "chunks_total": None, "round": 1, "counts": {},
         "created_at": now, "updated_at": now, "fanout_done_at": None, "last_progress_at": now,
         "completed_at": None, "stall": None, "error": None,
@@ -266,7 +254,7 @@ class _Candidate:
     line: int
 
 
-def process_chunk(payload: dict[str, Any] | ChunkTask, *, crash_after_tasks: int | None = None,
+def process_chunk(payload: ChunkTask | dict[str, Any], *, crash_after_tasks: int | None = None,
                   on_task: Callable[[str], None] | None = None, store: Store | None = None) -> ChunkResult:
     """Classify the lines that start in [start, end) and create one named task per new GTIN.
 

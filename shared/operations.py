@@ -20,6 +20,7 @@ from shared.log import log_event
 from shared.model import Item, ItemStatus, Job, JobStatus, LineOutcome
 from shared.naming import task_name_for
 from shared.payloads import ItemTask
+from shared.process_request import ProcessFileRequest
 from shared.store import Store, default_store, valid_doc_id
 
 ITEM_STATUS_VALUES = tuple(s.value for s in ItemStatus)
@@ -357,13 +358,13 @@ def _create_item_tasks(job_id: str, items: list[Item], round_: int) -> int:
 # ---------------------------------------------------------------- submit and health
 
 
-def submit(gcs_path: str, create_drafts: bool | None = None, test_mode: bool | None = None,
-           source: str = "http"):
+def submit(request: ProcessFileRequest, source: str = "http"):
     """Start (or find) the job for a gs:// object; the ingest core owns identity and validation."""
     from shared import ingest
 
-    # None lets ingest apply object metadata, then the configured defaults.
-    return ingest.submit_job(gcs_path, create_drafts=create_drafts, test_mode=test_mode, source=source)
+    # The request's handler choice comes first; ingest falls back to object metadata, then the configured default.
+    return ingest.submit_job(request.gcs_path, choice=request.handler_choice, generation=request.generation,
+                             source=source)
 
 
 def health(timeout_s: float = 5.0) -> tuple[bool, dict[str, str]]:

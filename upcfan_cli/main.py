@@ -409,28 +409,41 @@ def retry_failed(
 @app.command()
 def submit(
     path: str = typer.Argument(..., help="local file (uploaded to UPCFAN_BUCKET) or gs://bucket/object"),
-    create_drafts: Optional[bool] = typer.Option(None, "--create-drafts/--no-create-drafts"),
-    test_mode: Optional[bool] = typer.Option(None, "--test-mode/--no-test-mode"),
+    handler: Optional[str] = typer.Option(
+        None, "--handler", help="the handler the job's items run, e.g. dry_run or marketplace_draft "
+                                "(default: the object's upcfan-handler metadata, then the configured default)"),
+    create_drafts: Optional[bool] = typer.Option(None, "--create-drafts/--no-create-drafts",
+                                                 help="deprecated: --handler marketplace_draft"),
+    test_mode: Optional[bool] = typer.Option(None, "--test-mode/--no-test-mode", help="deprecated: --handler dry_run"),
     watch: bool = typer.Option(False, "--watch", "-w", help="follow the job until it is final"),
     interval: float = typer.Option(1.0, "--interval", min=0.1),
     wait: float = typer.Option(120.0, "--wait", help="seconds to wait for the upload's job to appear"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a job: a local file is uploaded (the bucket's finalize event starts it); gs:// is submitted."""
+    handler_options = {"handler": handler, "create_drafts": create_drafts, "test_mode": test_mode}
     if path.startswith("gs://"):
-        result = _call(_ops().submit, path, create_drafts=create_drafts, test_mode=test_mode, source="cli")
+        request = _call(_process_request, path, handler_options)
+        result = _call(_ops().submit, request, source="cli")
         job_id = result.job_id
         console.print(f"job {job_id} ({'created' if result.created else 'already existed'}, {result.status}) "
                       f"for {path}")
     else:
-        job_id = _upload_and_wait(Path(path), create_drafts, test_mode, wait)
+        job_id = _upload_and_wait(Path(path), handler_options, wait)
     if watch:
         _finish(watch_job(job_id, interval), as_json)
     if as_json:
         _print_json({"job_id": job_id})
 
 
-def _upload_and_wait(path: Path, create_drafts: bool | None, test_mode: bool | None, wait_s: float) -> str:
+def _process_request(gcs_path: str, handler_options: dict[str, Any]):
+    """The same validated request the API takes (gcs_path, handler name, deprecated booleans)."""
+    from shared.process_request import ProcessFileRequest
+
+    return ProcessFileRequest(gcs_path=gcs_path, **handler_options)
+
+
+def _upload_and_wait(path: Path, handler_options: dict[str, Any], wait_s: float) -> str:
     from shared.clients import storage_client
     from shared.config import settings
     from shared.naming import job_id_for
@@ -441,11 +454,9 @@ def _upload_and_wait(path: Path, create_drafts: bool | None, test_mode: bool | N
     if not bucket_name:
         raise _fail(EXIT_ERROR, "UPCFAN_BUCKET is not set (start the local stack with scripts/dev up, or pass "
                                 "--env-file)")
-    metadata = {}
-    if create_drafts is not None:
-        metadata["upcfan-create-drafts"] = "true" if create_drafts else "false"
-    if test_mode is not None:
-        metadata["upcfan-test-mode"] = "true" if test_mode else "false"
+    # The upload's finalize event starts the job, so the request travels as object metadata.
+    request = _call(_process_request, f"gs://{bucket_name}/{path.name}", handler_options)
+    metadata = request.handler_choice.as_metadata()
     blob = storage_client().bucket(bucket_name).blob(path.name)
     if metadata:
         blob.metadata = metadata

@@ -6,19 +6,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.process_request import ProcessFileRequest
+
 JobStatusName = Literal["ingesting", "running", "completed", "completed_with_failures", "cancelled", "failed"]
 ItemFilter = Literal["queued", "processing", "succeeded", "failed", "cancelled", "invalid", "duplicate"]
-
-
-class ProcessRequest(BaseModel):
-    """Start (or find) the job for one gs:// object generation."""
-
-    model_config = ConfigDict(extra="ignore")
-    # Bucket naming rules (lowercase, digits, - _ ., alphanumeric at both ends); object names without CR/LF.
-    gcs_path: str = Field(pattern=r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[^\r\n]{1,1024}$", max_length=1260,
-                          description="gs://bucket/object")
-    create_drafts: Optional[bool] = Field(default=None, description="create marketplace drafts (default: configured)")
-    test_mode: Optional[bool] = Field(default=None, description="run handlers in test mode (default: configured)")
 
 
 class ListJobsQuery(BaseModel):
@@ -80,7 +71,7 @@ _JOB_ID = {"name": "job_id", "in": "path", "required": True,
 
 
 def openapi_spec() -> dict[str, Any]:
-    process_schema = ProcessRequest.model_json_schema()
+    process_schema = ProcessFileRequest.model_json_schema()
     return {
         "openapi": "3.0.3",
         "info": {"title": "upcfan operator API", "version": "1.0.0",

@@ -96,10 +96,8 @@ def process(request: Request) -> Response:
     try:
         data = json.loads(raw or b"")
     except ValueError:
-        return _error(400, "bad_json", "request body must be a JSON object: {gcs_path, create_drafts, test_mode}")
-    body = schemas.ProcessRequest.model_validate(data)
-    result = _ops().submit(body.gcs_path, create_drafts=body.create_drafts, test_mode=body.test_mode,
-                           source="http")
+        return _error(400, "bad_json", "request body must be a JSON object: {gcs_path, handler}")
+    result = _ops().submit(schemas.ProcessFileRequest.model_validate(data), source="http")
     out = result.to_dict() if hasattr(result, "to_dict") else dict(vars(result))
     return _json(out, 202)
 

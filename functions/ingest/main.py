@@ -4,7 +4,7 @@ import functions_framework
 from cloudevents.http import from_http
 from flask import Request, jsonify
 
-from shared.exceptions import SourceObjectNotFoundError, UpcfanError
+from shared.exceptions import BadRequestError, SourceObjectNotFoundError, UpcfanError
 from shared.log import log_event, setup_logging
 
 setup_logging()
@@ -14,6 +14,21 @@ FINALIZED = "google.cloud.storage.object.v1.finalized"
 
 def _error(exc: UpcfanError):
     return jsonify({"error": exc.to_dict()}), exc.http_status
+
+
+# What each field of a process request must be, for the 400 that names it.
+_EXPECTED = {"create_drafts": "true or false", "test_mode": "true or false", "handler": "a handler name (a string)",
+             "generation": "a positive integer"}
+
+
+def _invalid_body(errors: list[dict]):
+    """A pydantic error list as this trigger's 400: `missing_gcs_path` or `bad_option` naming the field."""
+    field = next((str(e["loc"][0]) for e in errors if e.get("loc")), "gcs_path")
+    if field == "gcs_path":
+        code, message = "missing_gcs_path", "gcs_path (gs://bucket/object) is required"
+    else:
+        code, message = "bad_option", f"{field} must be {_EXPECTED.get(field, 'valid')}"
+    return jsonify({"error": {"code": code, "message": message}}), 400
 
 
 def _is_cloudevent(request: Request) -> bool:
@@ -29,12 +44,19 @@ def ingest(request: Request):
         return jsonify({"error": {"code": "method_not_allowed", "message": "use POST"}}), 405
     try:
         if path == "/fanout":
-            payload = request.get_json(silent=True)
-            if not isinstance(payload, dict) or not {"job_id", "start", "end", "first_line"} <= payload.keys():
-                log_event("bad_chunk_payload", severity="ERROR", body=request.get_data(as_text=True)[:200])
-                return jsonify({"error": {"code": "bad_payload", "message": "chunk task body must be JSON with "
-                                          "job_id, bucket, object, generation, start, end, first_line"}}), 200
-            result = core.process_chunk(payload)
+            from pydantic import ValidationError
+
+            from shared.payloads import ChunkTask, describe_validation_error
+
+            try:
+                chunk = ChunkTask.model_validate(request.get_json(silent=True))
+            except ValidationError as exc:
+                # 200: a malformed chunk task can never succeed, so Cloud Tasks must not retry it.
+                message = f"chunk task payload is malformed and can never succeed: {describe_validation_error(exc)}"
+                log_event("bad_chunk_payload", severity="ERROR", error=message,
+                          body=request.get_data(as_text=True)[:200])
+                return jsonify({"error": {"code": "bad_payload", "message": message}}), 200
+            result = core.process_chunk(chunk)
             return jsonify(result.__dict__), 200
         if path not in ("", "/api/batch/process"):
             return jsonify({"error": {"code": "not_found", "message": f"no route {request.path}"}}), 404
@@ -51,6 +73,12 @@ def ingest(request: Request):
                 # newer generation has its own event, so retrying this one would only spin.
                 log_event("event_object_gone", severity="WARNING", event_id=event["id"], error=exc.message)
                 return jsonify({"ignored": exc.message}), 200
+            except BadRequestError as exc:
+                if exc.code != "unknown_handler":
+                    raise
+                # The object's upcfan-handler metadata names no handler: only a new upload can fix that.
+                log_event("event_unknown_handler", severity="ERROR", event_id=event["id"], error=exc.message)
+                return jsonify({"ignored": exc.message}), 200
             if result is None:
                 return jsonify({"ignored": "bucket not watched"}), 200
             # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
@@ -58,14 +86,18 @@ def ingest(request: Request):
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             return jsonify({"error": {"code": "bad_json",
-                                      "message": "body must be a JSON object {gcs_path, create_drafts, test_mode}"}}), 400
-        if not isinstance(body.get("gcs_path"), str):
-            return jsonify({"error": {"code": "missing_gcs_path", "message": "gcs_path (gs://bucket/object) is required"}}), 400
-        for key in ("create_drafts", "test_mode"):
-            if key in body and body[key] is not None and not isinstance(body[key], bool):
-                return jsonify({"error": {"code": "bad_option", "message": f"{key} must be true or false"}}), 400
-        result = core.submit_job(body["gcs_path"], create_drafts=body.get("create_drafts"),
-                                 test_mode=body.get("test_mode"), source="http")
+                                      "message": "body must be a JSON object {gcs_path, handler}"}}), 400
+        from pydantic import ValidationError
+
+        from shared import operations
+        from shared.process_request import ProcessFileRequest
+
+        try:
+            # Strict: JSON true/false only (no "yes" or 1), as this trigger has always required.
+            process = ProcessFileRequest.model_validate(body, strict=True)
+        except ValidationError as exc:
+            return _invalid_body(exc.errors())
+        result = operations.submit(process, source="http")
         return jsonify(result.to_dict()), 422 if result.error else 202
     except UpcfanError as exc:
         log_event("ingest_error", severity="WARNING", code=exc.code, error=exc.message)

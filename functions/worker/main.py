@@ -28,13 +28,18 @@ def worker(request: Request):
         return _json_error(400, "bad_json", f"request body to {path} is not valid JSON")
 
     if path == "/progress":
+        from pydantic import ValidationError
+
+        from shared.payloads import ProgressTask, describe_validation_error
         from shared.progress import check_job_progress
 
-        job_id = payload.get("job_id") if isinstance(payload, dict) else None
-        if not isinstance(job_id, str) or not job_id:
-            log_event("bad_payload", severity="ERROR", route="/progress", error_code="bad_payload")
-            # 200: a progress task without a job id can never succeed, so it must not be retried.
-            return jsonify({"status": "bad_payload", "error": {"code": "bad_payload", "message": "progress task needs a job_id string"}})
+        try:
+            job_id = ProgressTask.model_validate(payload).job_id
+        except ValidationError as exc:
+            message = f"progress task payload is malformed and can never succeed: {describe_validation_error(exc)}"
+            log_event("bad_payload", severity="ERROR", route="/progress", error_code="bad_payload", error=message)
+            # 200: a progress task without a valid job id can never succeed, so it must not be retried.
+            return jsonify({"status": "bad_payload", "error": {"code": "bad_payload", "message": message}})
         try:
             return jsonify(check_job_progress(job_id))
         except Exception as exc:  # store faults: Cloud Tasks retries the check

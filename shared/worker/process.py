@@ -11,7 +11,7 @@ from google.api_core import exceptions as gexc
 from pydantic import ValidationError
 
 from shared.config import settings
-from shared.exceptions import ItemError, LeaseLostError, RetryableItemError
+from shared.exceptions import BadRequestError, ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
 from shared.item_state import CancelKind, Claim, ClaimKind, CompleteKind, HandlerOutcome
 from shared.log import log_event
@@ -97,7 +97,7 @@ def _deliver(run: _Run, handler: ItemHandler | None) -> WorkerOutcome:
     log_event("item_claimed", status=ItemStatus.PROCESSING.value, created=claim.created,
               reclaimed_from=claim.previous_owner if claim.reclaimed else None,
               retry_count=run.delivery.retry_count, execution_count=run.delivery.execution_count, **fields)
-    return _run_and_complete(run, job, claim, handler or handler_for(job.options), fields)
+    return _run_and_complete(run, job, claim, handler, fields)
 
 
 def _for_cancelled_job(run: _Run) -> WorkerOutcome | None:
@@ -148,7 +148,7 @@ def _not_claimed(run: _Run, claim: Claim) -> WorkerOutcome:
     return answers.done(run.task, "noop", reason=claim.kind.value, item_status=claim.status)
 
 
-def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler, fields: dict) -> WorkerOutcome:
+def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler | None, fields: dict) -> WorkerOutcome:
     heartbeat = Heartbeat(run.store, run.task.job_id, run.task.gtin, run.delivery.owner, run.clock, run.lease_s,
                           run.heartbeat_s, fields).start()
     ctx = ItemContext(job_id=run.task.job_id, gtin=run.task.gtin, upc=run.task.upc, line=run.task.line,
@@ -180,8 +180,16 @@ def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler, f
     return answers.after_complete(run.task, kind, claim.attempt, error, outcome.result)
 
 
-def _run_handler(handler: ItemHandler, ctx: ItemContext, last_attempt: bool, fields: dict) -> HandlerOutcome | None:
-    """The handler's outcome; None when it found its lease lost before its side effect."""
+def _run_handler(handler: ItemHandler | None, ctx: ItemContext, last_attempt: bool,
+                 fields: dict) -> HandlerOutcome | None:
+    """The outcome of the job's handler (or `handler`, given by tests); None when it found its lease
+    lost before its side effect."""
+    try:
+        handler = handler or handler_for(ctx.options)
+    except BadRequestError as exc:
+        # The job names a handler this deployment does not have: no attempt can succeed.
+        log_event("handler_unknown", severity="ERROR", error=exc.message, **fields)
+        return HandlerOutcome(error=PermanentItemError(exc.message, code=exc.code), last_attempt=last_attempt)
     try:
         return HandlerOutcome(result=_checked_result(handler.handle(ctx)), last_attempt=last_attempt)
     except LeaseLostError:

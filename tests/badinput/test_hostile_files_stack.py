@@ -85,7 +85,7 @@ def test_mixed_file_enqueues_exactly_the_valid_unique_gtins(upload, firestore_db
     bucket, name, gen = upload(data, metadata=DRY)
     job = _final_job(firestore_db, _job_id(bucket, name, gen))
     assert job["status"] == "completed", job
-    assert job["options"]["test_mode"] is True and job["options"]["create_drafts"] is False
+    assert job["options"] == {"handler": "dry_run"}
     assert job["totals"] == {"lines": 10, "items": 3, "invalid": 5, "duplicate": 2, "skipped": 2}
     lines = _lines(firestore_db, job["job_id"])
     assert {n: r["code"] for n, r in lines.items()} == {

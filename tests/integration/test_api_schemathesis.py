@@ -43,7 +43,7 @@ def real_job(stack_env, storage_client) -> tuple[str, str]:
     (finished or not: generated cancels may cancel it, which is fine)."""
     bucket = stack_env["UPCFAN_BUCKET"]
     blob = storage_client.bucket(bucket).blob(unique_name("schemathesis", ".txt"))
-    blob.metadata = {"upcfan-test-mode": "true"}
+    blob.metadata = {"upcfan-handler": "dry_run"}
     blob.upload_from_string("036000291452\n4006381333931\n", content_type="text/plain")
     job_id = job_id_for(bucket, blob.name, blob.generation)
     url = _api_url(stack_env)

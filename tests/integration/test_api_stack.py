@@ -146,8 +146,10 @@ def test_malformed_json_is_400(api, body):
 
 
 @pytest.mark.parametrize("body,code", [
-    ([], "bad_request"), ({"gcs_path": 5}, "bad_request"), ({"gcs_path": "s3://b/x"}, "bad_request"),
+    ([], "bad_request"), ({"gcs_path": 5}, "bad_request"), ({"gcs_path": "s3://b/x"}, "bad_gcs_path"),
     ({"gcs_path": "gs://upcfan-uploads/x", "create_drafts": "maybe"}, "bad_request"),
+    ({"gcs_path": "gs://upcfan-uploads/x", "handler": 5}, "bad_request"),
+    ({"gcs_path": "gs://upcfan-uploads/x", "handler": "nope"}, "unknown_handler"),
     # Regression: "." made the storage API answer with the bucket's own metadata -> 500 TypeError.
     ({"gcs_path": "gs://upcfan-uploads/."}, "bad_gcs_path"), ({"gcs_path": "gs://upcfan-uploads/.."}, "bad_gcs_path"),
 ])
@@ -155,6 +157,20 @@ def test_process_rejects_bad_bodies_with_400(api, body, code):
     r = api.post("/api/batch/process", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_process_runs_the_named_handler(api, stack_env, storage_client):
+    """An object outside the watched bucket (no event starts it), submitted with `handler`."""
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
+    blob = bucket.blob(f"api-handler/{uuid.uuid4().hex}.txt")
+    blob.metadata = {"upcfan-handler": "marketplace_draft"}  # the request's name wins over the metadata
+    blob.upload_from_string("\n".join(fresh_upcs(3)) + "\n")
+    r = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/{blob.name}", "handler": "dry_run"})
+    assert r.status_code == 202 and r.json()["created"] is True, r.text
+    view = api.wait(r.json()["job_id"])
+    assert view["status"] == "completed" and view["options"] == {"handler": "dry_run"}
 
 
 def test_process_missing_object_is_404(api, stack_env):
@@ -182,6 +198,7 @@ def test_process_status_jobs_and_items_listings(api, upload, stack_env):
     assert view["outcome"] == {"lines": 8, "succeeded": 6, "failed": 0, "invalid": 1, "duplicate": 1,
                                "cancelled": 0, "pending": 0}
     assert view["counts"]["succeeded"] == 6 and view["counts"]["never_claimed"] == 0
+    assert view["options"] == {"handler": "dry_run"}  # from the deprecated upcfan-test-mode metadata
 
     # The HTTP trigger for the same object generation finds the same job.
     r = api.post("/api/batch/process", json={"gcs_path": view["gcs_path"]})

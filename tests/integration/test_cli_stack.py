@@ -114,8 +114,8 @@ def write_upcs(tmp_path: Path, upcs: list[str], extra: list[str] = ()) -> Path:
 
 @pytest.fixture(scope="module")
 def small_job(cli) -> tuple[str, subprocess.CompletedProcess]:
-    """`upcfan submit samples/small-upcs.txt --test-mode --watch` (a dry run: no marketplace drafts)."""
-    r = cli("submit", str(SMALL_SAMPLE), "--test-mode", "--watch", "--interval", "0.3", timeout=180)
+    """`upcfan submit samples/small-upcs.txt --handler dry_run --watch` (no marketplace drafts)."""
+    r = cli("submit", str(SMALL_SAMPLE), "--handler", "dry_run", "--watch", "--interval", "0.3", timeout=180)
     match = re.search(r"; job (\S+)", r.stdout)
     assert match, r.stdout + r.stderr
     return match.group(1), r
@@ -140,7 +140,7 @@ def test_status_json_and_plain(cli, small_job):
     assert view["job_id"] == job_id and view["status"] == "completed" and view["final"] is True
     assert view["outcome"] == {"lines": 22, "succeeded": 20, "failed": 0, "invalid": 1, "duplicate": 1,
                                "cancelled": 0, "pending": 0}
-    assert view["options"]["test_mode"] is True
+    assert view["options"] == {"handler": "dry_run"}
     plain = cli("status", job_id)
     assert plain.returncode == EXIT_OK
     assert f"job {job_id}" in plain.stdout and "100.0%" in plain.stdout and "20/20 items" in plain.stdout
@@ -166,6 +166,19 @@ def test_items_lists_invalid_and_duplicate_lines_with_reasons(cli, small_job):
     assert len(rows) == 1 and rows[0]["code"] == "bad_check_digit" and "check digit" in rows[0]["reason"]
     dup = list(csv.DictReader(io.StringIO(cli("items", job_id, "--status", "duplicate", "--csv").stdout)))
     assert len(dup) == 1 and dup[0]["outcome"] == "duplicate" and dup[0]["duplicate_of_line"]
+
+
+def test_submit_deprecated_test_mode_flag_is_still_a_dry_run(cli, tmp_path):
+    job_id = cli.submit(write_upcs(tmp_path, fresh_upcs(2)), "--test-mode")
+    view = cli.wait(job_id)
+    assert view["status"] == "completed" and view["options"] == {"handler": "dry_run"}
+
+
+def test_submit_unknown_handler_exits_1_naming_the_known_ones(cli, tmp_path):
+    r = cli("submit", str(write_upcs(tmp_path, fresh_upcs(1))), "--handler", "nope")
+    assert r.returncode == 1 and "unknown handler 'nope'" in r.stderr, r.stdout + r.stderr
+    assert "dry_run" in r.stderr and "marketplace_draft" in r.stderr
+    assert "uploaded" not in r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(stac
     upcs = fresh_upcs(40)
     bucket, name, generation = upload("\n".join(upcs) + "\n", metadata={"upcfan-test-mode": "true"})
     job_id = job_id_for(bucket, name, generation)
-    first = poll(lambda: bridge.deliveries(name), 30, 0.2, "the bridge to deliver the finalize event")
+    # Delivered (answered), not only sent: the duplicates below must find the job, not race to create it.
+    first = poll(lambda: [d for d in bridge.deliveries(name) if d.get("outcome") == "delivered"], 30, 0.2,
+                 "the bridge to deliver the finalize event")
     assert len(first) == 1 and first[0]["generation"] == generation
 
     # The same finalize event three more times, then the HTTP trigger for the same object.
@@ -57,6 +59,7 @@ def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(stac
 
     job = wait_job(firestore_db, job_id, {"completed"})
     assert job["totals"] == {"lines": 40, "items": 40, "invalid": 0, "duplicate": 0, "skipped": 0}
+    assert job["options"] == {"handler": "dry_run"}  # from the deprecated upcfan-test-mode metadata
     jobs_for_object = list(firestore_db.collection(JOBS).where(filter=FieldFilter("gcs_path", "==", f"gs://{bucket}/{name}")).stream())
     assert [j.id for j in jobs_for_object] == [job_id]
     host, queue = stack_env["CLOUD_TASKS_EMULATOR_HOST"], queue_id(stack_env["UPCFAN_QUEUE"])
@@ -160,6 +163,49 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
         assert len(attempts) == 1, (upc, attempts)
     items = list(firestore_db.collection(JOBS).document(job_id).collection(ITEMS).stream())
     assert len(items) == 120 and all(i.get("attempt") == 1 and i.get("status") == "succeeded" for i in items)
+
+
+def manual_object(storage_client, stack_env, metadata: dict | None) -> str:
+    """gs:// path of a fresh two-UPC object outside the watched bucket (no finalize event starts a job)."""
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
+    blob = bucket.blob(f"handlers/{random.randrange(10**9)}.txt")
+    blob.metadata = metadata
+    blob.upload_from_string("\n".join(fresh_upcs(2)) + "\n")
+    return f"gs://{bucket.name}/{blob.name}"
+
+
+@pytest.mark.parametrize("metadata,body,handler", [
+    ({"upcfan-handler": "dry_run"}, {}, "dry_run"),  # the object's metadata names it
+    ({"upcfan-handler": "marketplace_draft"}, {"handler": "dry_run"}, "dry_run"),  # the request beats metadata
+    (None, {"test_mode": True}, "dry_run"),  # the deprecated request boolean
+    ({"upcfan-create-drafts": "false"}, {}, "dry_run"),  # a deprecated metadata boolean over the named default
+    (None, {}, "marketplace_draft"),  # the local stack's UPCFAN_DEFAULT_HANDLER
+])
+def test_http_trigger_records_the_chosen_handler_by_name(stack_env, firestore_db, storage_client, metadata, body,
+                                                         handler):
+    path = manual_object(storage_client, stack_env, metadata)
+    r = requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": path, **body}, timeout=60)
+    assert r.status_code == 202, r.text
+    job = wait_job(firestore_db, r.json()["job_id"], {"completed"})
+    assert job["options"] == {"handler": handler}
+
+
+def test_unknown_handler_is_refused_over_http_and_acknowledged_as_an_event(stack_env, firestore_db, storage_client,
+                                                                          upload, bridge):
+    path = manual_object(storage_client, stack_env, {"upcfan-handler": "nope"})
+    for body in ({"gcs_path": path}, {"gcs_path": path, "handler": "nope"}):
+        r = requests.post(stack_env["UPCFAN_INGEST_URL"], json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_handler", r.text
+        assert "dry_run" in r.json()["error"]["message"] and "marketplace_draft" in r.json()["error"]["message"]
+    # Dropped in the watched bucket: the event is answered 200 (a retry could not help) and makes no job.
+    bucket, name, generation = upload("036000291452\n", metadata={"upcfan-handler": "nope"})
+    delivered = poll(lambda: [d for d in bridge.deliveries(name) if d.get("outcome") == "delivered"], 60, 0.2,
+                     "the bridge to deliver the finalize event")
+    last = delivered[0]["attempts"][-1]
+    assert last["status"] == 200 and "unknown handler 'nope'" in last["response"], last
+    assert not firestore_db.collection(JOBS).document(job_id_for(bucket, name, generation)).get().exists
 
 
 def test_event_for_an_overwritten_generation_is_acknowledged_not_retried(stack_env):

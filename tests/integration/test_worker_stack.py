@@ -397,7 +397,7 @@ def test_happy_path_items_commit_exactly_a_claim_and_a_completion(
     upcs = fresh_upcs(n)
     job_id = start_job(upcs, test_mode=True)  # dry run: never touches the marketplace
     job = wait_final(firestore_db, job_id)
-    assert job["status"] == "completed" and job["options"]["test_mode"] is True, job
+    assert job["status"] == "completed" and job["options"] == {"handler": "dry_run"}, job
     assert_accounted(api, firestore_db, job_id, n + 2)
     items = items_of(firestore_db, job_id)
     by_sku = listings_by_sku(marketplace)

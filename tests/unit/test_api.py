@@ -61,8 +61,9 @@ class FakeCore:
         self._job(job_id)
         return {"job_id": job_id, "round": 2}
 
-    def submit(self, gcs_path, create_drafts=None, test_mode=None, source="http"):
-        self.calls.append(("submit", gcs_path, create_drafts, test_mode, source))
+    def submit(self, request, source="http"):
+        gcs_path = request.gcs_path
+        self.calls.append(("submit", gcs_path, request.handler, request.create_drafts, request.test_mode, source))
         if gcs_path.endswith("/gone.txt"):
             raise SourceObjectNotFoundError(f"{gcs_path} does not exist")
         if gcs_path.endswith("/boom.txt"):
@@ -94,23 +95,67 @@ def _err(resp):
 
 
 def test_process_returns_202_with_job(client, core):
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/f.txt", "handler": "marketplace_draft"})
+    assert resp.status_code == 202
+    assert resp.get_json() == {"job_id": "f-123", "created": True, "status": "ingesting"}
+    assert core.calls == [("submit", "gs://bkt/f.txt", "marketplace_draft", None, None, "http")]
+
+
+def test_process_still_takes_the_deprecated_booleans(client, core):
     resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/f.txt", "create_drafts": True,
                                                    "test_mode": False})
     assert resp.status_code == 202
-    assert resp.get_json() == {"job_id": "f-123", "created": True, "status": "ingesting"}
-    assert core.calls == [("submit", "gs://bkt/f.txt", True, False, "http")]
+    assert core.calls == [("submit", "gs://bkt/f.txt", None, True, False, "http")]
+
+
+def test_process_unknown_handler_is_400_listing_the_known_ones(client, core):
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/f.txt", "handler": "nope"})
+    assert resp.status_code == 400
+    err = _err(resp)
+    assert err["code"] == "unknown_handler" and "'nope'" in err["message"]
+    assert "dry_run" in err["message"] and "marketplace_draft" in err["message"]
+    assert core.calls == []
+
+
+def test_process_takes_a_newly_registered_handler_by_name(client, core, monkeypatch):
+    from shared.handlers import ItemHandler, registry
+
+    class EchoHandler(ItemHandler):
+        name = "echo"
+
+        def handle(self, item):
+            return {"echo": item.upc}
+
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))
+    registry.register(EchoHandler)
+    resp = client.post("/api/batch/process", json={"gcs_path": "gs://bkt/f.txt", "handler": "echo"})
+    assert resp.status_code == 202 and core.calls == [("submit", "gs://bkt/f.txt", "echo", None, None, "http")]
+    spec = client.get("/openapi.json").get_json()
+    handler = spec["paths"]["/api/batch/process"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]["handler"]
+    assert "echo" in handler["anyOf"][0]["enum"]
 
 
 @pytest.mark.parametrize("body,needle", [
     ({"create_drafts": True}, "gcs_path"),
-    ({"gcs_path": "/local/file.txt"}, "gcs_path"),
     ({"gcs_path": "gs://bkt/f.txt", "test_mode": "maybe"}, "test_mode"),
+    ({"gcs_path": "gs://bkt/f.txt", "handler": 5}, "handler"),
+    ({"gcs_path": "gs://bkt/f.txt", "generation": 0}, "generation"),
     ([1, 2], "body"),
 ])
 def test_process_validates_body(client, core, body, needle):
     resp = client.post("/api/batch/process", json=body)
     assert resp.status_code == 400
-    assert needle in _err(resp)["message"]
+    assert _err(resp)["code"] == "bad_request" and needle in _err(resp)["message"]
+    assert core.calls == []
+
+
+@pytest.mark.parametrize("path", ["/local/file.txt", "s3://b/x", "gs://bkt/.", "gs://bkt/..", "gs://bkt/dir/",
+                                  "gs://B/x", "gs://bkt/" + "x" * 1025])
+def test_process_refuses_a_path_that_names_no_object(client, core, path):
+    """The one gs:// rule (shared.gcs.parse_gcs_path), with its own code."""
+    resp = client.post("/api/batch/process", json={"gcs_path": path})
+    assert resp.status_code == 400 and _err(resp)["code"] == "bad_gcs_path" and _err(resp)["message"]
     assert core.calls == []
 
 
@@ -199,6 +244,10 @@ def test_openapi_is_served_and_has_no_recover_route(client):
     assert params["limit"]["schema"]["maximum"] == 100
     assert "running" in params["status"]["schema"]["enum"]
     assert not any("recover" in p for p in spec["paths"])
+    process = spec["paths"]["/api/batch/process"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert process["required"] == ["gcs_path"] and process["properties"]["gcs_path"]["pattern"].startswith("^gs://")
+    assert process["properties"]["handler"]["anyOf"][0]["enum"] == ["dry_run", "marketplace_draft"]
+    assert process["properties"]["test_mode"]["deprecated"] and process["properties"]["create_drafts"]["deprecated"]
 
 
 def test_core_bad_request_maps_to_400(client, core, monkeypatch):

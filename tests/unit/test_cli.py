@@ -70,8 +70,9 @@ class FakeCore:
                 for i in ((1, 2) if cursor is None else (3,))]
         return {"kind": "items", "items": page, "next_cursor": "c1" if cursor is None else None}
 
-    def submit(self, gcs_path, create_drafts=None, test_mode=None, source="http"):
-        self.calls.append(("submit", gcs_path, create_drafts, test_mode, source))
+    def submit(self, request, source="http"):
+        gcs_path = request.gcs_path
+        self.calls.append(("submit", gcs_path, request.handler, request.create_drafts, request.test_mode, source))
         if gcs_path.endswith("gone.txt"):
             from shared.exceptions import SourceObjectNotFoundError
 
@@ -108,7 +109,7 @@ def test_not_found_conflict_and_usage_exit_codes(core):
     assert runner.invoke(cli.app, ["status"]).exit_code == 1  # missing argument
     assert runner.invoke(cli.app, ["no-such-command"]).exit_code == 1
     assert runner.invoke(cli.app, ["jobs", "--limit", "0"]).exit_code == 1
-    assert runner.invoke(cli.app, ["submit", "gs://b/gone.txt"]).exit_code == 2
+    assert runner.invoke(cli.app, ["submit", "gs://bkt/gone.txt"]).exit_code == 2
 
 
 def test_unexpected_error_exits_1(core, monkeypatch):
@@ -174,9 +175,65 @@ def test_jobs_table(core):
 
 
 def test_submit_gs_path_uses_core(core):
-    result = runner.invoke(cli.app, ["submit", "gs://b/f.txt", "--test-mode"])
+    result = runner.invoke(cli.app, ["submit", "gs://b-1/f.txt", "--handler", "marketplace_draft"])
     assert result.exit_code == 0 and "f-1" in result.output
-    assert core.calls[-1] == ("submit", "gs://b/f.txt", None, True, "cli")
+    assert core.calls[-1] == ("submit", "gs://b-1/f.txt", "marketplace_draft", None, None, "cli")
+
+
+def test_submit_still_takes_the_deprecated_flags(core):
+    result = runner.invoke(cli.app, ["submit", "gs://b-1/f.txt", "--test-mode"])
+    assert result.exit_code == 0 and "f-1" in result.output
+    assert core.calls[-1] == ("submit", "gs://b-1/f.txt", None, None, True, "cli")
+
+
+@pytest.mark.parametrize("args,needle", [(["gs://b-1/f.txt", "--handler", "nope"], "'nope'"),
+                                         (["gs://b-1/."], "'.'")])
+def test_submit_refuses_what_the_api_refuses(core, args, needle):
+    result = runner.invoke(cli.app, ["submit", *args])
+    assert result.exit_code == 1 and needle in result.output
+    assert not [c for c in core.calls if c[0] == "submit"]
+
+
+class FakeBlob:
+    def __init__(self, uploads: list, name: str):
+        self.uploads, self.name, self.metadata, self.generation = uploads, name, None, None
+
+    def upload_from_filename(self, filename, content_type=None):
+        self.generation = 7
+        self.uploads.append((self.name, self.metadata))
+
+
+class FakeStorage:
+    def __init__(self):
+        self.uploads: list = []
+
+    def bucket(self, name):
+        return type("B", (), {"blob": lambda _self, blob_name: FakeBlob(self.uploads, blob_name)})()
+
+
+@pytest.mark.parametrize("flags,metadata", [
+    (["--handler", "dry_run"], {"upcfan-handler": "dry_run"}),
+    (["--no-create-drafts", "--test-mode"], {"upcfan-create-drafts": "false", "upcfan-test-mode": "true"}),
+    ([], None),
+])
+def test_submit_local_file_carries_the_handler_as_object_metadata(core, monkeypatch, tmp_path, flags, metadata):
+    from shared import clients
+
+    from shared import config
+
+    storage = FakeStorage()
+    fake_client = lambda: storage  # noqa: E731
+    fake_client.cache_clear = lambda: None  # the CLI resets its clients on start
+    monkeypatch.setattr(clients, "storage_client", fake_client)
+    monkeypatch.setenv("UPCFAN_BUCKET", "upcfan-uploads")
+    upcs = tmp_path / "upcs.txt"
+    upcs.write_text("036000291452\n")
+    try:
+        result = runner.invoke(cli.app, ["submit", str(upcs), *flags])
+    finally:
+        config.settings.cache_clear()  # forget the settings read with this test's bucket
+    assert result.exit_code == 0, result.output
+    assert storage.uploads == [("upcs.txt", metadata)]
 
 
 def test_status_watch_records_bar_and_counts(core, monkeypatch):

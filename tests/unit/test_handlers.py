@@ -1,8 +1,9 @@
-"""Item handlers: handler choice, dry run, marketplace draft steps and error classification."""
+"""Item handlers: the registry and handler choice, dry run, marketplace draft steps and error classification."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,8 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from shared.exceptions import LeaseLostError, PermanentItemError, RetryableItemError
-from shared.handlers import DryRunHandler, ItemContext, MarketplaceDraftHandler, handler_for
+from shared.config import parse_bool
+from shared.exceptions import BadRequestError, LeaseLostError, PermanentItemError, RetryableItemError
+from shared.handlers import (DryRunHandler, HandlerChoice, ItemContext, ItemHandler, MarketplaceDraftHandler, handler_for,
+                             handler_named, known_handler_names, register)
+from shared.handlers.choice import choose_handler, job_handler_name
 from shared.handlers.errors import classify_exception, classify_response
 
 GTIN = "00012345678905"
@@ -23,7 +27,28 @@ def ctx(**kw) -> ItemContext:
     return ItemContext(**base)
 
 
-# --- choice and dry run --------------------------------------------------------------------------
+# --- the registry and the handler choice ---------------------------------------------------------
+
+FLAGS = (None, True, False)
+
+
+def _old_rule(request, metadata, default) -> str:
+    """The choice before handlers had names, verbatim: per boolean request > metadata > default, then
+    test_mode wins, create_drafts → marketplace, neither → dry run (resolve_options + handler_for)."""
+    test = request[0] if request[0] is not None else metadata[0]
+    drafts = request[1] if request[1] is not None else metadata[1]
+    test = default[0] if test is None else test
+    drafts = default[1] if drafts is None else drafts
+    options = {"create_drafts": bool(drafts) and not test, "test_mode": bool(test)}
+    if options.get("test_mode"):
+        return "dry_run"
+    return "marketplace_draft" if options.get("create_drafts") else "dry_run"
+
+
+def _levels():
+    """Every (request, metadata) pair of deprecated booleans, each None/True/False."""
+    pairs = list(itertools.product(FLAGS, FLAGS))
+    return itertools.product(pairs, pairs)
 
 
 @pytest.mark.parametrize(
@@ -31,12 +56,142 @@ def ctx(**kw) -> ItemContext:
     [
         ({"test_mode": True, "create_drafts": True}, "dry_run"),
         ({"test_mode": False, "create_drafts": True}, "marketplace_draft"),
+        ({"test_mode": False, "create_drafts": False}, "dry_run"),
+        ({"create_drafts": True}, "marketplace_draft"),
         ({}, "dry_run"),
         (None, "dry_run"),
+        ({"handler": "marketplace_draft"}, "marketplace_draft"),
+        ({"handler": "dry_run"}, "dry_run"),
     ],
 )
 def test_handler_for_options(options, name):
+    """Jobs written before names (only the booleans) resolve exactly as before; new jobs name their handler."""
     assert handler_for(options).name == name
+    assert handler_for(options) is handler_named(name)
+
+
+def test_known_handlers_are_registered_under_their_names():
+    assert known_handler_names() == ["dry_run", "marketplace_draft"]
+    assert isinstance(handler_named("dry_run"), DryRunHandler)
+    assert isinstance(handler_named("marketplace_draft"), MarketplaceDraftHandler)
+
+
+def test_deprecated_booleans_choose_as_before_at_every_level():
+    """All 324 combinations of request, metadata and configured-default booleans."""
+    for (request, metadata), default in itertools.product(_levels(), itertools.product((True, False), repeat=2)):
+        chosen = choose_handler(HandlerChoice(None, *request), HandlerChoice(None, *metadata), HandlerChoice(None, *default))
+        assert chosen == _old_rule(request, metadata, default), (request, metadata, default)
+
+
+@pytest.mark.parametrize("name,flags", [("dry_run", (True, False)), ("marketplace_draft", (False, True))])
+def test_a_named_default_chooses_as_the_booleans_it_replaces(name, flags):
+    """UPCFAN_DEFAULT_HANDLER=dry_run is the shipped default (test mode on, no drafts); marketplace_draft is the
+    local stack's old UPCFAN_DEFAULT_TEST_MODE=false + UPCFAN_DEFAULT_CREATE_DRAFTS=true."""
+    for request, metadata in _levels():
+        levels = (HandlerChoice(None, *request), HandlerChoice(None, *metadata))
+        assert choose_handler(*levels, HandlerChoice(name)) == _old_rule(request, metadata, flags), (request, metadata)
+
+
+def test_a_name_decides_its_level_and_those_below():
+    request, metadata = HandlerChoice("marketplace_draft"), HandlerChoice("dry_run")
+    assert choose_handler(request, metadata, HandlerChoice("dry_run")) == "marketplace_draft"
+    assert choose_handler(HandlerChoice(), metadata, HandlerChoice("marketplace_draft")) == "dry_run"
+    assert choose_handler(HandlerChoice(), HandlerChoice(), HandlerChoice("marketplace_draft")) == "marketplace_draft"
+    # A name beats its own level's deprecated booleans ...
+    assert choose_handler(HandlerChoice("marketplace_draft", test_mode=True), HandlerChoice("dry_run")) == "marketplace_draft"
+    # ... while a boolean from a higher level overrides its half of a built-in handler named below it.
+    assert choose_handler(HandlerChoice(test_mode=True), HandlerChoice("marketplace_draft")) == "dry_run"
+    assert choose_handler(HandlerChoice(create_drafts=False), HandlerChoice("marketplace_draft")) == "dry_run"
+    assert choose_handler(HandlerChoice(test_mode=False), HandlerChoice("marketplace_draft")) == "marketplace_draft"
+    assert choose_handler(HandlerChoice(test_mode=False, create_drafts=True), HandlerChoice("dry_run")) == "marketplace_draft"
+
+
+def test_unknown_handler_is_a_400_listing_the_known_names():
+    with pytest.raises(BadRequestError) as err:
+        choose_handler(HandlerChoice(), HandlerChoice("nope", source="object metadata upcfan-handler"))
+    assert err.value.code == "unknown_handler" and err.value.http_status == 400
+    assert "'nope'" in err.value.message and "dry_run, marketplace_draft" in err.value.message
+    assert "object metadata upcfan-handler" in err.value.message
+    with pytest.raises(BadRequestError) as err:
+        handler_named("nope")
+    assert err.value.code == "unknown_handler"
+
+
+def test_object_metadata_choice_round_trips():
+    meta = HandlerChoice.from_metadata({"upcfan-handler": " marketplace_draft ", "upcfan-test-mode": "TRUE",
+                                        "upcfan-create-drafts": "0"})
+    assert (meta.handler, meta.test_mode, meta.create_drafts) == ("marketplace_draft", True, False)
+    assert HandlerChoice.from_metadata({"upcfan-handler": "", "upcfan-test-mode": "maybe"}) == HandlerChoice(
+        None, False, None, source="object metadata upcfan-handler")
+    assert HandlerChoice.from_metadata(None) == HandlerChoice(source="object metadata upcfan-handler")
+    assert HandlerChoice("dry_run", test_mode=True, create_drafts=False).as_metadata() == {
+        "upcfan-handler": "dry_run", "upcfan-create-drafts": "false", "upcfan-test-mode": "true"}
+    assert HandlerChoice().as_metadata() == {}
+
+
+@pytest.mark.parametrize("raw,value", [("1", True), ("true", True), (" Yes ", True), ("ON", True), ("0", False),
+                                       ("false", False), ("", False), ("maybe", False), (True, True)])
+def test_parse_bool_is_the_one_reading_of_a_boolean_as_text(raw, value):
+    assert parse_bool(raw) is value
+
+
+@pytest.mark.parametrize("env,name", [
+    ({}, "dry_run"),
+    ({"UPCFAN_DEFAULT_TEST_MODE": "false"}, "dry_run"),
+    ({"UPCFAN_DEFAULT_TEST_MODE": "false", "UPCFAN_DEFAULT_CREATE_DRAFTS": "true"}, "marketplace_draft"),
+    ({"UPCFAN_DEFAULT_HANDLER": "marketplace_draft"}, "marketplace_draft"),
+    ({"UPCFAN_DEFAULT_HANDLER": "dry_run", "UPCFAN_DEFAULT_TEST_MODE": "false",
+      "UPCFAN_DEFAULT_CREATE_DRAFTS": "true"}, "dry_run"),
+])
+def test_configured_default_handler(monkeypatch, env, name):
+    """UPCFAN_DEFAULT_HANDLER, else the deprecated UPCFAN_DEFAULT_TEST_MODE/CREATE_DRAFTS with their old defaults."""
+    from shared import config
+
+    for key in ("UPCFAN_DEFAULT_HANDLER", "UPCFAN_DEFAULT_TEST_MODE", "UPCFAN_DEFAULT_CREATE_DRAFTS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config.settings.cache_clear()
+    try:
+        assert config.settings().default_handler == env.get("UPCFAN_DEFAULT_HANDLER")
+        assert job_handler_name(HandlerChoice(), {}) == name
+        assert job_handler_name(HandlerChoice(test_mode=True), {}) == "dry_run"
+    finally:
+        config.settings.cache_clear()
+
+
+class EchoHandler(ItemHandler):
+    """A handler added by this test: its class, and one `register` line."""
+
+    name = "echo"
+
+    def handle(self, item: ItemContext) -> dict:
+        return {"echo": item.upc}
+
+
+def test_a_new_handler_is_its_module_and_one_registry_line(monkeypatch):
+    from shared.gcs import GcsObject
+    from shared.handlers import registry
+    from shared.ingest import resolve_options
+    from shared.process_request import ProcessFileRequest
+
+    monkeypatch.setattr(registry, "_HANDLERS", dict(registry._HANDLERS))
+    register(EchoHandler)
+
+    # The request names it; the schema lists it; ingest records it; the worker's one call runs it.
+    request = ProcessFileRequest(gcs_path="gs://bkt/f.txt", handler="echo")
+    assert ProcessFileRequest.model_json_schema()["properties"]["handler"]["anyOf"][0]["enum"] == [
+        "dry_run", "echo", "marketplace_draft"]
+    obj = GcsObject(bucket="bkt", name="f.txt", generation=1, size=13)
+    options = resolve_options(obj, request.handler_choice)
+    assert options == {"handler": "echo"}
+    assert handler_for(options).handle(ctx()) == {"echo": "012345678905"}
+    # By object metadata as well, and over the deprecated booleans of lower levels.
+    obj.metadata = {"upcfan-handler": "echo"}
+    assert resolve_options(obj) == {"handler": "echo"}
+    assert choose_handler(HandlerChoice(), HandlerChoice("echo"), HandlerChoice(test_mode=False, create_drafts=True)) == "echo"
+    # test_mode=true above any handler still means a dry run.
+    assert choose_handler(HandlerChoice(test_mode=True), HandlerChoice("echo")) == "dry_run"
 
 
 def test_dry_run_validates_and_returns_result():

@@ -285,3 +285,19 @@ def test_started_in_current_round_tells_requeued_deliveries_from_operator_rounds
     assert started_in_current_round({"status": "queued", "history": [{"owner": "task:0:ab", "status": "queued"}]})
     assert not started_in_current_round({"status": "queued", "history": [{"owner": "retry:ops", "status": "queued"}]})
     assert not started_in_current_round({"status": "succeeded", "history": [{"owner": "task:0:ab"}]})
+
+
+def test_a_job_naming_an_unknown_handler_fails_its_items_with_that_reason():
+    """A handler removed after the job was written: the item ends failed with a specific error (200),
+    so the job still completes instead of its tasks being retried to exhaustion."""
+    from shared.events import Event
+
+    store = MemoryStore()
+    store.create_job({"job_id": TASK.job_id, "status": "running", "options": {"handler": "no_such_handler"},
+                      "round": 1}, Event("created", "test", _at(T0)))
+    job_cache.JOB_CACHE.clear()
+    out = process_item_delivery(TASK.model_dump(), {"X-CloudTasks-TaskName": "t1"}, now=T0, store=store)
+    assert out.http_status == 200 and out.body["status"] == "failed"
+    assert out.body["error"]["code"] == "unknown_handler" and "no_such_handler" in out.body["error"]["message"]
+    item = store.get_item(TASK.job_id, TASK.gtin)
+    assert item.status == "failed" and item.doc["error"]["retryable"] is False
