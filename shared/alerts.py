@@ -65,22 +65,21 @@ class StallAlert:
     action: str = "flagged"  # flagged | escalated | reminder
 
 
+# Each action an alert suggests, as the CLI command and the API call that do it.
+_OPERATOR_ACTIONS = (
+    ("upcfan status {job}", "GET /api/batch/status/{job}"),
+    ("upcfan items {job} --status failed", "GET /api/batch/jobs/{job}/items?status=failed"),
+    ("upcfan retry-failed {job}", "POST /api/batch/jobs/{job}/retry-failed"),
+    ("upcfan cancel {job}", "POST /api/batch/jobs/{job}/cancel"),
+)
+
+
 def operator_commands(job_id: str) -> list[str]:
-    return [
-        f"upcfan status {job_id}",
-        f"upcfan items {job_id} --status failed",
-        f"upcfan retry-failed {job_id}",
-        f"upcfan cancel {job_id}",
-    ]
+    return [cli.format(job=job_id) for cli, _ in _OPERATOR_ACTIONS]
 
 
 def api_paths(job_id: str) -> list[str]:
-    return [
-        f"GET /api/batch/status/{job_id}",
-        f"GET /api/batch/jobs/{job_id}/items?status=failed",
-        f"POST /api/batch/jobs/{job_id}/retry-failed",
-        f"POST /api/batch/jobs/{job_id}/cancel",
-    ]
+    return [api.format(job=job_id) for _, api in _OPERATOR_ACTIONS]
 
 
 def _code_lines(lines: list[str]) -> str:
