@@ -19,9 +19,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from devstack.cloudtasks import protojson as pj
+from devstack.cloudtasks.delivery import Delivery, Outcome
 from devstack.cloudtasks.errors import (
     RPC_CODE,
     ApiError,
@@ -220,7 +219,7 @@ class Emulator:
         self.history_limit = history_limit
         self.exhausted_log: deque = deque(maxlen=exhausted_limit)
         self.stats: dict[str, dict] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.delivery = Delivery()
         self._seq = itertools.count()
         self._bg: set[asyncio.Task] = set()
         self._janitor: asyncio.Task | None = None
@@ -228,8 +227,7 @@ class Emulator:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, force_close=False, ttl_dns_cache=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await self.delivery.start()
         self._janitor = asyncio.create_task(self._janitor_loop())
 
     async def close(self) -> None:
@@ -241,8 +239,7 @@ class Emulator:
             t.cancel()
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
-        if self.session:
-            await self.session.close()
+        await self.delivery.close()
 
     async def reset(self) -> None:
         for q in list(self.queues.values()):
@@ -790,22 +787,9 @@ class Emulator:
             s["duplicate_deliveries"] += 1
             self._spawn(self._duplicate(t, attempt_no, headers, i + 1))
 
-    async def _send(self, t: Task, headers: dict) -> tuple[int | None, str | None, str]:
-        """One HTTP delivery: (status, error_kind, error_message)."""
-        assert self.session is not None
-        try:
-            async with self.session.request(
-                t.method, t.url, data=t.body or None, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=t.deadline), allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                return resp.status, None, ""
-        except asyncio.TimeoutError:
-            return None, "DEADLINE_EXCEEDED", f"no response within the dispatch deadline ({t.deadline:g}s)"
-        except aiohttp.ClientError as exc:
-            return None, "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
-        except OSError as exc:
-            return None, "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
+    async def _send(self, t: Task, headers: dict) -> Outcome:
+        """One HTTP delivery of the task."""
+        return await self.delivery.send(t.method, t.url, t.body, headers, t.deadline)
 
     async def _duplicate(self, t: Task, attempt_no: int, headers: dict, copy: int) -> None:
         started = _now()
