@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import heapq
 import itertools
 import json
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from devstack.cloudtasks import protojson as pj
 from devstack.cloudtasks.delivery import Delivery, Outcome
+from devstack.cloudtasks.protojson import HttpMethod, QueueState, TaskView
 from devstack.cloudtasks.errors import (
     RPC_CODE,
     ApiError,
@@ -52,6 +54,13 @@ RESERVED_HEADERS = {"host", "content-length", "user-agent", "transfer-encoding",
 
 def _now() -> float:
     return time.time()
+
+
+class TargetKind(enum.Enum):
+    """What a task's request is for; the value names it in error messages (task.<value>_request)."""
+
+    HTTP = "http"
+    APP_ENGINE = "appengine"  # stored and listed, never delivered locally
 
 
 @dataclass
@@ -118,7 +127,7 @@ class Task:
     queue: "Queue"
     task_id: str
     name: str
-    kind: str  # "http" | "appengine"
+    kind: TargetKind
     request: dict  # stored httpRequest / appEngineHttpRequest (JSON form, body base64)
     body: bytes
     method: str
@@ -153,7 +162,7 @@ class Queue:
     rate: float = MAX_RATE
     max_concurrent: int = 1000
     retry: RetryCfg = field(default_factory=RetryCfg)
-    state: int = 1  # RUNNING
+    state: QueueState = QueueState.RUNNING
     purge_time: float | None = None
     extra: dict = field(default_factory=dict)  # appEngineRoutingOverride, httpTarget, stackdriverLoggingConfig
     tasks: dict = field(default_factory=dict)  # task_id -> Task (insertion ordered)
@@ -178,7 +187,7 @@ class Queue:
                 "maxConcurrentDispatches": self.max_concurrent,
             },
             "retryConfig": self.retry.to_json(),
-            "state": pj.enum_out(self.state, pj.QUEUE_STATES, enum_int),
+            "state": pj.enum_out(self.state, enum_int),
         }
         if self.purge_time is not None:
             out["purgeTime"] = pj.format_timestamp(self.purge_time)
@@ -435,7 +444,7 @@ class Emulator:
         self._stop_queue(q)
         del self.queues[name]
 
-    def set_state(self, name: str, state: int) -> Queue:
+    def set_state(self, name: str, state: QueueState) -> Queue:
         q = self.get_queue(name)
         q.state = state
         q.wake.set()
@@ -458,16 +467,16 @@ class Emulator:
         qs = [q for n, q in sorted(self.queues.items()) if n.startswith(parent + "/queues/")]
         if flt:
             m = re.match(r"^\s*state\s*[:=]\s*\"?(\w+)\"?\s*$", flt)
-            if not m or m.group(1) not in pj.QUEUE_STATES:
+            if not m or m.group(1) not in QueueState.__members__:
                 raise invalid(f"Unsupported filter {flt!r} (the emulator supports 'state: RUNNING|PAUSED|DISABLED')")
-            idx = pj.QUEUE_STATES.index(m.group(1))
-            qs = [q for q in qs if q.state == idx]
+            wanted = QueueState[m.group(1)]
+            qs = [q for q in qs if q.state == wanted]
         return qs
 
     # ------------------------------------------------------------------ tasks
     def create_task(self, parent: str, tj: dict) -> Task:
         q = self.get_queue(parent)
-        if q.state == 3:
+        if q.state == QueueState.DISABLED:
             raise failed_precondition(f"Queue {q.name} is disabled.")
         now = _now()
         name = pj.expect_str(tj.get("name"), "task.name")
@@ -498,10 +507,10 @@ class Emulator:
                 http = {}
             else:
                 raise invalid("task.http_request or task.app_engine_http_request is required")
-        kind = "http" if http is not None else "appengine"
-        req = dict(pj.expect_obj(http if kind == "http" else app, f"task.{kind}_request"))
-        method_idx = pj.parse_enum(req.get("httpMethod", 0), pj.HTTP_METHODS, "http_method")
-        method = pj.HTTP_METHODS[method_idx] if method_idx else "POST"
+        kind = TargetKind.HTTP if http is not None else TargetKind.APP_ENGINE
+        req = dict(pj.expect_obj(http if kind is TargetKind.HTTP else app, f"task.{kind.value}_request"))
+        method_idx = pj.parse_enum(req.get("httpMethod", 0), HttpMethod, "http_method")
+        method = method_idx.name if method_idx else HttpMethod.POST.name
         req["httpMethod"] = method
         body_b64 = pj.expect_str(req.get("body"), "body")
         try:
@@ -517,7 +526,7 @@ class Emulator:
                 raise invalid(f"Invalid value for header {k!r}: expected a string")
         url = ""
         auth = None
-        if kind == "http":
+        if kind is TargetKind.HTTP:
             url = pj.expect_str(req.get("url"), "task.http_request.url")
             target = q.extra.get("httpTarget") or {}
             if not url and target.get("uriOverride"):
@@ -631,30 +640,30 @@ class Emulator:
 
     def run_task(self, name: str) -> Task:
         t = self.get_task(name)
-        if t.kind != "http":
+        if t.kind is not TargetKind.HTTP:
             raise failed_precondition("RunTask: the emulator cannot dispatch App Engine tasks (no App Engine locally).")
         t.gen += 1  # drop its pending heap entry; a failure reschedules it
         self._start_attempt(t, forced=True)
         return t
 
     # ------------------------------------------------------------------ task JSON
-    def task_json(self, t: Task, view: int, enum_int: bool) -> dict:
-        full = view == 2
+    def task_json(self, t: Task, view: TaskView, enum_int: bool) -> dict:
+        full = view == TaskView.FULL
         req = dict(t.request)
-        req["httpMethod"] = pj.enum_out(pj.HTTP_METHODS.index(t.method), pj.HTTP_METHODS, enum_int)
+        req["httpMethod"] = pj.enum_out(HttpMethod[t.method], enum_int)
         if full and t.body:
             req["body"] = base64.b64encode(t.body).decode()
         else:
             req.pop("body", None)
         out = {
             "name": t.name,
-            "httpRequest" if t.kind == "http" else "appEngineHttpRequest": req,
+            "httpRequest" if t.kind is TargetKind.HTTP else "appEngineHttpRequest": req,
             "scheduleTime": pj.format_timestamp(t.schedule_time),
             "createTime": pj.format_timestamp(math.floor(t.create_time)),
             "dispatchDeadline": pj.format_duration(t.deadline),
             "dispatchCount": t.dispatch_count,
             "responseCount": t.response_count,
-            "view": pj.enum_out(2 if full else 1, pj.VIEWS, enum_int),
+            "view": pj.enum_out(TaskView.FULL if full else TaskView.BASIC, enum_int),
         }
         if t.first_attempt:
             out["firstAttempt"] = {"dispatchTime": pj.format_timestamp(t.first_attempt.dispatch_time)}
@@ -674,7 +683,7 @@ class Emulator:
         try:
             while not q.deleted:
                 q.wake.clear()
-                if q.state != 1:
+                if q.state != QueueState.RUNNING:
                     await q.wake.wait()
                     continue
                 # Drop stale heap heads (deleted, rescheduled or force-run tasks).
@@ -705,7 +714,7 @@ class Emulator:
                 _, _, tid, _ = heapq.heappop(q.heap)
                 t = q.tasks[tid]
                 t.gen += 1
-                if t.kind != "http":
+                if t.kind is not TargetKind.HTTP:
                     self._fail_appengine(t)
                     continue
                 self._start_attempt(t, forced=False)
