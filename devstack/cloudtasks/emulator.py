@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import enum
 import heapq
 import itertools
@@ -202,11 +203,169 @@ def _new_stats() -> dict:
     }
 
 
+def _is_2xx(status: int | None) -> bool:
+    return status is not None and 200 <= status < 300
+
+
+def _rpc_status(outcome: Outcome) -> tuple[str, str]:
+    """An attempt's google.rpc code name and message, as last_attempt.response_status shows them."""
+    if outcome.status is not None:
+        return rpc_status_for_http(outcome.status), f"HTTP status code {outcome.status}"
+    return outcome.error_kind or "UNKNOWN", outcome.message
+
+
 def _fake_jwt(claims: dict) -> str:
     def b64(obj) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj, separators=(",", ":")).encode()).rstrip(b"=").decode()
 
     return f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': 'cloudtasks-emulator'})}.{b64(claims)}.emulator"
+
+
+# ---------------------------------------------------------------------- CreateTask parsing
+# The steps of Emulator.create_task that need no emulator state, in the order it validates.
+
+
+@dataclass
+class TaskRequest:
+    """A validated httpRequest / appEngineHttpRequest: `json` is stored and echoed back."""
+
+    kind: TargetKind
+    json: dict
+    method: str
+    body: bytes
+    headers: dict
+    url: str = ""
+    auth: dict | None = None  # {"oidcToken": {...}} or {"oauthToken": {...}}
+
+
+def _task_identity(q: Queue, parent: str, name: str) -> tuple[str, str]:
+    """(task id, full name): the given name checked, or a random 19-digit id as Cloud Tasks makes."""
+    if not name:
+        task_id = str(random.randrange(10**18, 10**19))
+        while task_id in q.tasks:
+            task_id = str(random.randrange(10**18, 10**19))
+        return task_id, f"{parent}/tasks/{task_id}"
+    m = TASK_RE.match(name)
+    if not m:
+        raise invalid(f"Invalid task name {name!r}: expected {parent}/tasks/TASK_ID")
+    if m.group(1) != parent:
+        raise invalid(f"Task name {name!r} does not belong to queue {parent}")
+    task_id = m.group(2)
+    if not TASK_ID_RE.match(task_id):
+        raise invalid(
+            f"Invalid TASK_ID {task_id[:80]!r}: only letters, digits, hyphens and underscores, "
+            "1 to 500 characters"
+        )
+    return task_id, name
+
+
+def _parse_request(q: Queue, tj: dict) -> TaskRequest:
+    kind, req = _request_json(q, tj)
+    method = _request_method(req)
+    body = _request_body(req, method)
+    headers = _request_headers(req)
+    request = TaskRequest(kind=kind, json=req, method=method, body=body, headers=headers)
+    if kind is TargetKind.HTTP:
+        request.url, request.auth = _http_target(q, req)
+    else:
+        req["relativeUri"] = _relative_uri(req)
+    return request
+
+
+def _request_json(q: Queue, tj: dict) -> tuple[TargetKind, dict]:
+    """Which of httpRequest / appEngineHttpRequest the task has (a queue httpTarget allows neither)."""
+    http = tj.get("httpRequest")
+    app = tj.get("appEngineHttpRequest")
+    if http is not None and app is not None:
+        raise invalid("Only one of task.http_request and task.app_engine_http_request may be set")
+    if http is None and app is None:
+        if "httpTarget" not in q.extra:
+            raise invalid("task.http_request or task.app_engine_http_request is required")
+        http = {}
+    kind = TargetKind.HTTP if http is not None else TargetKind.APP_ENGINE
+    return kind, dict(pj.expect_obj(http if kind is TargetKind.HTTP else app, f"task.{kind.value}_request"))
+
+
+def _request_method(req: dict) -> str:
+    method = pj.parse_enum(req.get("httpMethod", 0), HttpMethod, "http_method")
+    name = method.name if method else HttpMethod.POST.name
+    req["httpMethod"] = name
+    return name
+
+
+def _request_body(req: dict, method: str) -> bytes:
+    """The base64 body (standard or URL-safe alphabet); only POST, PUT and PATCH may have one."""
+    body_b64 = pj.expect_str(req.get("body"), "body")
+    try:
+        body = base64.b64decode(body_b64.encode(), altchars=b"-_" if ("-" in body_b64 or "_" in body_b64) else None,
+                                validate=True) if body_b64 else b""
+    except Exception:
+        raise invalid("Invalid value at 'task.http_request.body': not valid base64") from None
+    if body and method not in BODY_METHODS:
+        raise invalid(f"A request body is allowed only for POST, PUT or PATCH, not {method}")
+    return body
+
+
+def _request_headers(req: dict) -> dict:
+    headers = pj.expect_obj(req.get("headers"), "headers")
+    for k, v in headers.items():
+        if not isinstance(v, str):
+            raise invalid(f"Invalid value for header {k!r}: expected a string")
+    return headers
+
+
+def _http_target(q: Queue, req: dict) -> tuple[str, dict | None]:
+    """(url, auth) of an HTTP task; a missing URL comes from the queue's httpTarget.uriOverride."""
+    url = pj.expect_str(req.get("url"), "task.http_request.url")
+    target = q.extra.get("httpTarget") or {}
+    if not url and target.get("uriOverride"):
+        url = _url_from_override(target["uriOverride"])
+    if not url:
+        raise invalid("task.http_request.url is required")
+    if not re.match(r"^https?://[^/\s]+", url) or len(url) > 2083:
+        raise invalid(f"Invalid task.http_request.url {url[:100]!r}: must be an absolute http(s) URL of at most 2083 characters")
+    req["url"] = url
+    if req.get("oidcToken") is not None and req.get("oauthToken") is not None:
+        raise invalid("Only one of oidc_token and oauth_token may be set")
+    if req.get("oidcToken") is not None:
+        return url, {"oidcToken": pj.expect_obj(req["oidcToken"], "oidc_token")}
+    if req.get("oauthToken") is not None:
+        return url, {"oauthToken": pj.expect_obj(req["oauthToken"], "oauth_token")}
+    return url, None
+
+
+def _url_from_override(ov: dict) -> str:
+    scheme = "http" if ov.get("scheme") in ("HTTP", 1) else "https"
+    host = ov.get("host", "")
+    port = f":{ov['port']}" if ov.get("port") else ""
+    path = (ov.get("pathOverride") or {}).get("path", "/")
+    return f"{scheme}://{host}{port}{path}" if host else ""
+
+
+def _relative_uri(req: dict) -> str:
+    rel = pj.expect_str(req.get("relativeUri"), "relative_uri") or "/"
+    if not rel.startswith("/"):
+        raise invalid("app_engine_http_request.relative_uri must start with '/'")
+    return rel
+
+
+def _check_task_size(request: TaskRequest, name: str) -> None:
+    """Approximates the serialized task size: body, name, URL, headers and the other request fields."""
+    headers_size = sum(len(k) + len(v) for k, v in request.headers.items())
+    others = {k: v for k, v in request.json.items() if k not in ("body", "headers")}
+    size = len(request.body) + len(name) + len(request.url) + headers_size + len(json.dumps(others))
+    if size > MAX_TASK_BYTES:
+        raise invalid(f"Task size too large: {size} bytes exceeds the maximum task size of {MAX_TASK_BYTES} bytes (100KB)")
+
+
+def _schedule_time(tj: dict, now: float) -> float:
+    """schedule_time: unset or past means now; at most 30 days ahead."""
+    sched = pj.parse_timestamp(tj["scheduleTime"], "task.schedule_time") if tj.get("scheduleTime") else now
+    if sched < now:
+        sched = now
+    if sched > now + 30 * 86400:
+        raise invalid("task.schedule_time cannot be more than 30 days in the future")
+    return sched
 
 
 class Emulator:
@@ -479,101 +638,43 @@ class Emulator:
         if q.state == QueueState.DISABLED:
             raise failed_precondition(f"Queue {q.name} is disabled.")
         now = _now()
-        name = pj.expect_str(tj.get("name"), "task.name")
-        if name:
-            m = TASK_RE.match(name)
-            if not m:
-                raise invalid(f"Invalid task name {name!r}: expected {parent}/tasks/TASK_ID")
-            if m.group(1) != parent:
-                raise invalid(f"Task name {name!r} does not belong to queue {parent}")
-            task_id = m.group(2)
-            if not TASK_ID_RE.match(task_id):
-                raise invalid(
-                    f"Invalid TASK_ID {task_id[:80]!r}: only letters, digits, hyphens and underscores, "
-                    "1 to 500 characters"
-                )
-        else:
-            task_id = str(random.randrange(10**18, 10**19))
-            while task_id in q.tasks:
-                task_id = str(random.randrange(10**18, 10**19))
-            name = f"{parent}/tasks/{task_id}"
+        task_id, name = _task_identity(q, parent, pj.expect_str(tj.get("name"), "task.name"))
+        request = _parse_request(q, tj)
+        _check_task_size(request, name)
+        schedule_time = _schedule_time(tj, now)
+        deadline = self._dispatch_deadline(tj, name)
+        retry = self._task_retry(q, tj)
+        self._check_name_free(q, task_id, name, now)
+        task = Task(
+            queue=q, task_id=task_id, name=name, kind=request.kind, request=request.json, body=request.body,
+            method=request.method, url=request.url, headers=dict(request.headers), auth=request.auth,
+            schedule_time=schedule_time, create_time=now, deadline=deadline,
+            retry=retry, retry_json=retry.to_json() if retry else None,
+        )
+        self._store_task(task)
+        return task
 
-        http = tj.get("httpRequest")
-        app = tj.get("appEngineHttpRequest")
-        if http is not None and app is not None:
-            raise invalid("Only one of task.http_request and task.app_engine_http_request may be set")
-        if http is None and app is None:
-            if "httpTarget" in q.extra:
-                http = {}
-            else:
-                raise invalid("task.http_request or task.app_engine_http_request is required")
-        kind = TargetKind.HTTP if http is not None else TargetKind.APP_ENGINE
-        req = dict(pj.expect_obj(http if kind is TargetKind.HTTP else app, f"task.{kind.value}_request"))
-        method_idx = pj.parse_enum(req.get("httpMethod", 0), HttpMethod, "http_method")
-        method = method_idx.name if method_idx else HttpMethod.POST.name
-        req["httpMethod"] = method
-        body_b64 = pj.expect_str(req.get("body"), "body")
-        try:
-            body = base64.b64decode(body_b64.encode(), altchars=b"-_" if ("-" in body_b64 or "_" in body_b64) else None,
-                                    validate=True) if body_b64 else b""
-        except Exception:
-            raise invalid("Invalid value at 'task.http_request.body': not valid base64") from None
-        if body and method not in BODY_METHODS:
-            raise invalid(f"A request body is allowed only for POST, PUT or PATCH, not {method}")
-        headers = pj.expect_obj(req.get("headers"), "headers")
-        for k, v in headers.items():
-            if not isinstance(v, str):
-                raise invalid(f"Invalid value for header {k!r}: expected a string")
-        url = ""
-        auth = None
-        if kind is TargetKind.HTTP:
-            url = pj.expect_str(req.get("url"), "task.http_request.url")
-            target = q.extra.get("httpTarget") or {}
-            if not url and target.get("uriOverride"):
-                url = self._url_from_override(target["uriOverride"])
-            if not url:
-                raise invalid("task.http_request.url is required")
-            if not re.match(r"^https?://[^/\s]+", url) or len(url) > 2083:
-                raise invalid(f"Invalid task.http_request.url {url[:100]!r}: must be an absolute http(s) URL of at most 2083 characters")
-            req["url"] = url
-            if req.get("oidcToken") is not None and req.get("oauthToken") is not None:
-                raise invalid("Only one of oidc_token and oauth_token may be set")
-            if req.get("oidcToken") is not None:
-                auth = {"oidcToken": pj.expect_obj(req["oidcToken"], "oidc_token")}
-            elif req.get("oauthToken") is not None:
-                auth = {"oauthToken": pj.expect_obj(req["oauthToken"], "oauth_token")}
-        else:
-            rel = pj.expect_str(req.get("relativeUri"), "relative_uri") or "/"
-            if not rel.startswith("/"):
-                raise invalid("app_engine_http_request.relative_uri must start with '/'")
-            req["relativeUri"] = rel
+    def _dispatch_deadline(self, tj: dict, name: str) -> float:
+        """dispatch_deadline, clamped into [min_dispatch_deadline_seconds, 30 min] (not rejected)."""
+        if tj.get("dispatchDeadline") is None:
+            return DEFAULT_DEADLINE_S
+        requested = pj.parse_duration(tj["dispatchDeadline"], "task.dispatch_deadline")
+        if requested <= 0:
+            return DEFAULT_DEADLINE_S
+        deadline = min(max(requested, self.config["min_dispatch_deadline_seconds"]), MAX_DEADLINE_S)
+        if deadline != requested:
+            log.warning("dispatch_deadline clamped", extra={"task": name, "requested_s": requested, "used_s": deadline})
+        return deadline
 
-        size = len(body) + len(name) + len(url) + sum(len(k) + len(v) for k, v in headers.items()) \
-            + len(json.dumps({k: v for k, v in req.items() if k not in ("body", "headers")}))
-        if size > MAX_TASK_BYTES:
-            raise invalid(f"Task size too large: {size} bytes exceeds the maximum task size of {MAX_TASK_BYTES} bytes (100KB)")
+    def _task_retry(self, q: Queue, tj: dict) -> RetryCfg | None:
+        """The task's own retry_config, its unset fields taken from the queue's."""
+        if tj.get("retryConfig") is None:
+            return None
+        rc = pj.expect_obj(tj["retryConfig"], "task.retry_config")
+        return self.parse_retry(rc, q.retry, set(f"retryConfig.{k}" for k in rc), "task.retry_config")
 
-        sched = pj.parse_timestamp(tj["scheduleTime"], "task.schedule_time") if tj.get("scheduleTime") else now
-        if sched < now:
-            sched = now
-        if sched > now + 30 * 86400:
-            raise invalid("task.schedule_time cannot be more than 30 days in the future")
-        deadline = DEFAULT_DEADLINE_S
-        if tj.get("dispatchDeadline") is not None:
-            d = pj.parse_duration(tj["dispatchDeadline"], "task.dispatch_deadline")
-            if d > 0:
-                lo = self.config["min_dispatch_deadline_seconds"]
-                deadline = min(max(d, lo), MAX_DEADLINE_S)
-                if deadline != d:
-                    log.warning("dispatch_deadline clamped", extra={"task": name, "requested_s": d, "used_s": deadline})
-        retry = None
-        retry_json = None
-        if tj.get("retryConfig") is not None:
-            rc = pj.expect_obj(tj["retryConfig"], "task.retry_config")
-            retry = self.parse_retry(rc, q.retry, set(f"retryConfig.{k}" for k in rc), "task.retry_config")
-            retry_json = retry.to_json()
-
-        # De-duplication: a live task, or one that ended less than tombstone_seconds ago.
+    def _check_name_free(self, q: Queue, task_id: str, name: str, now: float) -> None:
+        """De-duplication: a live task, or one that ended less than tombstone_seconds ago."""
         if task_id in q.tasks:
             raise already_exists(f"The task {name} already exists.")
         ended = self.tombstones.get(name)
@@ -582,25 +683,13 @@ class Emulator:
                 raise already_exists(f"The task {name} was recently deleted or completed; its name cannot be reused yet.")
             del self.tombstones[name]
 
-        task = Task(
-            queue=q, task_id=task_id, name=name, kind=kind, request=req, body=body, method=method, url=url,
-            headers=dict(headers), auth=auth, schedule_time=sched, create_time=now, deadline=deadline,
-            retry=retry, retry_json=retry_json,
-        )
-        q.tasks[task_id] = task
+    def _store_task(self, task: Task) -> None:
+        q = task.queue
+        q.tasks[task.task_id] = task
         s = self.stat(q.queue_id)
         s["created"] += 1
         s["tasks"] = len(q.tasks)
         self._push(task)
-        return task
-
-    @staticmethod
-    def _url_from_override(ov: dict) -> str:
-        scheme = "http" if ov.get("scheme") in ("HTTP", 1) else "https"
-        host = ov.get("host", "")
-        port = f":{ov['port']}" if ov.get("port") else ""
-        path = (ov.get("pathOverride") or {}).get("path", "/")
-        return f"{scheme}://{host}{port}{path}" if host else ""
 
     def get_task(self, name: str) -> Task:
         m = TASK_RE.match(name)
@@ -629,8 +718,6 @@ class Emulator:
                 last = base64.urlsafe_b64decode(page_token.encode()).decode()
             except Exception:
                 raise invalid("Invalid page_token") from None
-            import bisect
-
             start = bisect.bisect_right(ids, last)
         chunk = ids[start:start + page_size]
         nxt = ""
@@ -643,7 +730,7 @@ class Emulator:
         if t.kind is not TargetKind.HTTP:
             raise failed_precondition("RunTask: the emulator cannot dispatch App Engine tasks (no App Engine locally).")
         t.gen += 1  # drop its pending heap entry; a failure reschedules it
-        self._start_attempt(t, forced=True)
+        self._start_attempt(t)
         return t
 
     # ------------------------------------------------------------------ task JSON
@@ -717,7 +804,7 @@ class Emulator:
                 if t.kind is not TargetKind.HTTP:
                     self._fail_appengine(t)
                     continue
-                self._start_attempt(t, forced=False)
+                self._start_attempt(t)
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - keep the failure visible
@@ -775,7 +862,7 @@ class Emulator:
             h["Authorization"] = "Bearer cloudtasks-emulator-oauth-token"
         return h
 
-    def _start_attempt(self, t: Task, forced: bool) -> None:
+    def _start_attempt(self, t: Task) -> None:
         now = _now()
         sched = t.schedule_time
         t.dispatch_count += 1
@@ -790,7 +877,7 @@ class Emulator:
         s = self.stat(q.queue_id)
         s["dispatched"] += 1
         s["in_flight"] = q.in_flight
-        self._spawn(self._attempt(t, attempt_no, headers, forced))
+        self._spawn(self._attempt(t, attempt_no, headers))
         dup = self.config["duplicate_deliveries"]
         for i in range(dup):
             s["duplicate_deliveries"] += 1
@@ -800,62 +887,68 @@ class Emulator:
         """One HTTP delivery of the task."""
         return await self.delivery.send(t.method, t.url, t.body, headers, t.deadline)
 
+    def _record_delivery(self, t: Task, attempt_no: int, started: float, outcome: Outcome,
+                         copy: int | None = None) -> float:
+        """Append one delivery (the attempt's own, or duplicate number `copy`) to the history; its end time."""
+        finished = _now()
+        entry: dict = {"attempt": attempt_no, "duplicate": copy is not None}
+        if copy is not None:
+            entry["copy"] = copy
+        entry.update({"started": started, "finished": finished, "duration_s": round(finished - started, 6),
+                      "status": outcome.status, "error": outcome.message or None})
+        self._record(t, entry)
+        return finished
+
+    def _is_live(self, t: Task) -> bool:
+        return t.queue.tasks.get(t.task_id) is t and not t.queue.deleted
+
+    def _succeed(self, t: Task) -> None:
+        self._remove_task(t)
+        self.stat(t.queue.queue_id)["succeeded"] += 1
+
     async def _duplicate(self, t: Task, attempt_no: int, headers: dict, copy: int) -> None:
         started = _now()
-        status, kind, msg = await self._send(t, headers)
-        finished = _now()
-        self._record(t, {"attempt": attempt_no, "duplicate": True, "copy": copy, "started": started,
-                         "finished": finished, "duration_s": round(finished - started, 6),
-                         "status": status, "error": msg or None})
-        q = t.queue
-        if (self.config["duplicate_2xx_ends_task"] and status is not None and 200 <= status < 300
-                and q.tasks.get(t.task_id) is t and not q.deleted):
-            self._remove_task(t)
-            self.stat(q.queue_id)["succeeded"] += 1
+        outcome = await self._send(t, headers)
+        self._record_delivery(t, attempt_no, started, outcome, copy)
+        if self.config["duplicate_2xx_ends_task"] and _is_2xx(outcome.status) and self._is_live(t):
+            self._succeed(t)
 
-    async def _attempt(self, t: Task, attempt_no: int, headers: dict, forced: bool) -> None:
+    async def _attempt(self, t: Task, attempt_no: int, headers: dict) -> None:
         q = t.queue
         started = _now()
         try:
-            status, kind, msg = await self._send(t, headers)
+            outcome = await self._send(t, headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unexpected: treat as a failed attempt, never crash
             log.exception("dispatch failed unexpectedly", extra={"task": t.name})
-            status, kind, msg = None, "INTERNAL", f"{type(exc).__name__}: {exc}"
+            outcome = Outcome(None, "INTERNAL", f"{type(exc).__name__}: {exc}")
         finally:
             q.in_flight -= 1
             t.in_flight -= 1
             self.stat(q.queue_id)["in_flight"] = q.in_flight
             q.wake.set()
-        finished = _now()
-        self._record(t, {"attempt": attempt_no, "duplicate": False, "started": started, "finished": finished,
-                         "duration_s": round(finished - started, 6), "status": status, "error": msg or None})
-        live = q.tasks.get(t.task_id) is t and not q.deleted
-        if status is not None:
-            rpc = rpc_status_for_http(status)
-            message = f"HTTP status code {status}"
-        else:
-            rpc = kind or "UNKNOWN"
-            message = msg
+        finished = self._record_delivery(t, attempt_no, started, outcome)
+        status = outcome.status
+        rpc, message = _rpc_status(outcome)
         if t.last_attempt is not None and t.dispatch_count == attempt_no:
-            t.last_attempt.response_time = finished if status is not None or kind == "DEADLINE_EXCEEDED" else finished
+            t.last_attempt.response_time = finished
             t.last_attempt.status = rpc
             t.last_attempt.message = message
         if status is not None:
             t.response_count += 1
-        if not live:
+        if not self._is_live(t):
             return  # deleted or purged while in flight: the outcome no longer matters
-        if status is not None and 200 <= status < 300:
-            self._remove_task(t)
-            self.stat(q.queue_id)["succeeded"] += 1
+        if _is_2xx(status):
+            self._succeed(t)
             return
         if status is not None and status < 500:
             t.execution_count += 1
-        log.info("attempt failed", extra={"task": t.name, "attempt": attempt_no, "status": status, "error": msg})
+        log.info("attempt failed", extra={"task": t.name, "attempt": attempt_no, "status": status,
+                                          "error": outcome.message})
         if t.in_flight > 0:
             return  # a forced run is still going; its outcome decides
-        self._after_failure(t, status, rpc if status is None else f"{rpc}({RPC_CODE.get(rpc, 2)}): HTTP status code {status}", finished)
+        self._after_failure(t, status, rpc if status is None else f"{rpc}({RPC_CODE.get(rpc, 2)}): {message}", finished)
 
     def _after_failure(self, t: Task, status: int | None, reason: str, now: float) -> None:
         q = t.queue
