@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
-import enum
 import heapq
 import itertools
 import json
 import logging
 import math
-import random
 import re
 import time
 from collections import OrderedDict, deque
@@ -23,31 +21,34 @@ from dataclasses import dataclass, field
 
 from devstack.cloudtasks import protojson as pj
 from devstack.cloudtasks.delivery import Delivery, Outcome
-from devstack.cloudtasks.protojson import HttpMethod, QueueState, TaskView
 from devstack.cloudtasks.errors import (
     RPC_CODE,
-    ApiError,
     already_exists,
     failed_precondition,
     invalid,
     not_found,
     rpc_status_for_http,
 )
+from devstack.cloudtasks.protojson import HttpMethod, QueueState, TaskView
+from devstack.cloudtasks.taskrequest import (
+    TASK_RE,
+    TargetKind,
+    check_task_size,
+    parse_request,
+    schedule_time,
+    task_identity,
+)
 
 log = logging.getLogger("cloudtasks-emulator")
 
 PARENT_RE = re.compile(r"^projects/([A-Za-z0-9:.\-]+)/locations/([A-Za-z0-9_\-]+)$")
 QUEUE_RE = re.compile(r"^projects/([A-Za-z0-9:.\-]+)/locations/([A-Za-z0-9_\-]+)/queues/([^/]+)$")
-TASK_RE = re.compile(r"^(projects/[^/]+/locations/[^/]+/queues/[^/]+)/tasks/([^/]*)$")
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 
-MAX_TASK_BYTES = 100 * 1024  # "The maximum task size is 100KB."
 DEFAULT_DEADLINE_S = 600.0  # HTTP tasks: default 10 minutes
 MAX_DEADLINE_S = 1800.0  # ... in [15 s, 30 min]
 MAX_RATE = 500.0
 MAX_CONCURRENT = 5000
-BODY_METHODS = {"POST", "PUT", "PATCH"}
 # Headers Cloud Tasks computes or reserves; user values for them are dropped.
 RESERVED_HEADER_PREFIXES = ("x-cloudtasks-", "x-google-", "x-appengine-")
 RESERVED_HEADERS = {"host", "content-length", "user-agent", "transfer-encoding", "connection"}
@@ -55,13 +56,6 @@ RESERVED_HEADERS = {"host", "content-length", "user-agent", "transfer-encoding",
 
 def _now() -> float:
     return time.time()
-
-
-class TargetKind(enum.Enum):
-    """What a task's request is for; the value names it in error messages (task.<value>_request)."""
-
-    HTTP = "http"
-    APP_ENGINE = "appengine"  # stored and listed, never delivered locally
 
 
 @dataclass
@@ -219,153 +213,6 @@ def _fake_jwt(claims: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj, separators=(",", ":")).encode()).rstrip(b"=").decode()
 
     return f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': 'cloudtasks-emulator'})}.{b64(claims)}.emulator"
-
-
-# ---------------------------------------------------------------------- CreateTask parsing
-# The steps of Emulator.create_task that need no emulator state, in the order it validates.
-
-
-@dataclass
-class TaskRequest:
-    """A validated httpRequest / appEngineHttpRequest: `json` is stored and echoed back."""
-
-    kind: TargetKind
-    json: dict
-    method: str
-    body: bytes
-    headers: dict
-    url: str = ""
-    auth: dict | None = None  # {"oidcToken": {...}} or {"oauthToken": {...}}
-
-
-def _task_identity(q: Queue, parent: str, name: str) -> tuple[str, str]:
-    """(task id, full name): the given name checked, or a random 19-digit id as Cloud Tasks makes."""
-    if not name:
-        task_id = str(random.randrange(10**18, 10**19))
-        while task_id in q.tasks:
-            task_id = str(random.randrange(10**18, 10**19))
-        return task_id, f"{parent}/tasks/{task_id}"
-    m = TASK_RE.match(name)
-    if not m:
-        raise invalid(f"Invalid task name {name!r}: expected {parent}/tasks/TASK_ID")
-    if m.group(1) != parent:
-        raise invalid(f"Task name {name!r} does not belong to queue {parent}")
-    task_id = m.group(2)
-    if not TASK_ID_RE.match(task_id):
-        raise invalid(
-            f"Invalid TASK_ID {task_id[:80]!r}: only letters, digits, hyphens and underscores, "
-            "1 to 500 characters"
-        )
-    return task_id, name
-
-
-def _parse_request(q: Queue, tj: dict) -> TaskRequest:
-    kind, req = _request_json(q, tj)
-    method = _request_method(req)
-    body = _request_body(req, method)
-    headers = _request_headers(req)
-    request = TaskRequest(kind=kind, json=req, method=method, body=body, headers=headers)
-    if kind is TargetKind.HTTP:
-        request.url, request.auth = _http_target(q, req)
-    else:
-        req["relativeUri"] = _relative_uri(req)
-    return request
-
-
-def _request_json(q: Queue, tj: dict) -> tuple[TargetKind, dict]:
-    """Which of httpRequest / appEngineHttpRequest the task has (a queue httpTarget allows neither)."""
-    http = tj.get("httpRequest")
-    app = tj.get("appEngineHttpRequest")
-    if http is not None and app is not None:
-        raise invalid("Only one of task.http_request and task.app_engine_http_request may be set")
-    if http is None and app is None:
-        if "httpTarget" not in q.extra:
-            raise invalid("task.http_request or task.app_engine_http_request is required")
-        http = {}
-    kind = TargetKind.HTTP if http is not None else TargetKind.APP_ENGINE
-    return kind, dict(pj.expect_obj(http if kind is TargetKind.HTTP else app, f"task.{kind.value}_request"))
-
-
-def _request_method(req: dict) -> str:
-    method = pj.parse_enum(req.get("httpMethod", 0), HttpMethod, "http_method")
-    name = method.name if method else HttpMethod.POST.name
-    req["httpMethod"] = name
-    return name
-
-
-def _request_body(req: dict, method: str) -> bytes:
-    """The base64 body (standard or URL-safe alphabet); only POST, PUT and PATCH may have one."""
-    body_b64 = pj.expect_str(req.get("body"), "body")
-    try:
-        body = base64.b64decode(body_b64.encode(), altchars=b"-_" if ("-" in body_b64 or "_" in body_b64) else None,
-                                validate=True) if body_b64 else b""
-    except Exception:
-        raise invalid("Invalid value at 'task.http_request.body': not valid base64") from None
-    if body and method not in BODY_METHODS:
-        raise invalid(f"A request body is allowed only for POST, PUT or PATCH, not {method}")
-    return body
-
-
-def _request_headers(req: dict) -> dict:
-    headers = pj.expect_obj(req.get("headers"), "headers")
-    for k, v in headers.items():
-        if not isinstance(v, str):
-            raise invalid(f"Invalid value for header {k!r}: expected a string")
-    return headers
-
-
-def _http_target(q: Queue, req: dict) -> tuple[str, dict | None]:
-    """(url, auth) of an HTTP task; a missing URL comes from the queue's httpTarget.uriOverride."""
-    url = pj.expect_str(req.get("url"), "task.http_request.url")
-    target = q.extra.get("httpTarget") or {}
-    if not url and target.get("uriOverride"):
-        url = _url_from_override(target["uriOverride"])
-    if not url:
-        raise invalid("task.http_request.url is required")
-    if not re.match(r"^https?://[^/\s]+", url) or len(url) > 2083:
-        raise invalid(f"Invalid task.http_request.url {url[:100]!r}: must be an absolute http(s) URL of at most 2083 characters")
-    req["url"] = url
-    if req.get("oidcToken") is not None and req.get("oauthToken") is not None:
-        raise invalid("Only one of oidc_token and oauth_token may be set")
-    if req.get("oidcToken") is not None:
-        return url, {"oidcToken": pj.expect_obj(req["oidcToken"], "oidc_token")}
-    if req.get("oauthToken") is not None:
-        return url, {"oauthToken": pj.expect_obj(req["oauthToken"], "oauth_token")}
-    return url, None
-
-
-def _url_from_override(ov: dict) -> str:
-    scheme = "http" if ov.get("scheme") in ("HTTP", 1) else "https"
-    host = ov.get("host", "")
-    port = f":{ov['port']}" if ov.get("port") else ""
-    path = (ov.get("pathOverride") or {}).get("path", "/")
-    return f"{scheme}://{host}{port}{path}" if host else ""
-
-
-def _relative_uri(req: dict) -> str:
-    rel = pj.expect_str(req.get("relativeUri"), "relative_uri") or "/"
-    if not rel.startswith("/"):
-        raise invalid("app_engine_http_request.relative_uri must start with '/'")
-    return rel
-
-
-def _check_task_size(request: TaskRequest, name: str) -> None:
-    """Approximates the serialized task size: body, name, URL, headers and the other request fields."""
-    headers_size = sum(len(k) + len(v) for k, v in request.headers.items())
-    others = {k: v for k, v in request.json.items() if k not in ("body", "headers")}
-    size = len(request.body) + len(name) + len(request.url) + headers_size + len(json.dumps(others))
-    if size > MAX_TASK_BYTES:
-        raise invalid(f"Task size too large: {size} bytes exceeds the maximum task size of {MAX_TASK_BYTES} bytes (100KB)")
-
-
-def _schedule_time(tj: dict, now: float) -> float:
-    """schedule_time: unset or past means now; at most 30 days ahead."""
-    sched = pj.parse_timestamp(tj["scheduleTime"], "task.schedule_time") if tj.get("scheduleTime") else now
-    if sched < now:
-        sched = now
-    if sched > now + 30 * 86400:
-        raise invalid("task.schedule_time cannot be more than 30 days in the future")
-    return sched
 
 
 class Emulator:
@@ -638,17 +485,17 @@ class Emulator:
         if q.state == QueueState.DISABLED:
             raise failed_precondition(f"Queue {q.name} is disabled.")
         now = _now()
-        task_id, name = _task_identity(q, parent, pj.expect_str(tj.get("name"), "task.name"))
-        request = _parse_request(q, tj)
-        _check_task_size(request, name)
-        schedule_time = _schedule_time(tj, now)
+        task_id, name = task_identity(parent, pj.expect_str(tj.get("name"), "task.name"), taken=q.tasks)
+        request = parse_request(tj, q.extra)
+        check_task_size(request, name)
+        when = schedule_time(tj, now)
         deadline = self._dispatch_deadline(tj, name)
         retry = self._task_retry(q, tj)
         self._check_name_free(q, task_id, name, now)
         task = Task(
             queue=q, task_id=task_id, name=name, kind=request.kind, request=request.json, body=request.body,
             method=request.method, url=request.url, headers=dict(request.headers), auth=request.auth,
-            schedule_time=schedule_time, create_time=now, deadline=deadline,
+            schedule_time=when, create_time=now, deadline=deadline,
             retry=retry, retry_json=retry.to_json() if retry else None,
         )
         self._store_task(task)
