@@ -8,44 +8,47 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import heapq
 import itertools
 import json
 import logging
 import math
-import random
 import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from devstack.cloudtasks import protojson as pj
+from devstack.cloudtasks.delivery import Delivery, Outcome
 from devstack.cloudtasks.errors import (
     RPC_CODE,
-    ApiError,
     already_exists,
     failed_precondition,
     invalid,
     not_found,
     rpc_status_for_http,
 )
+from devstack.cloudtasks.protojson import HttpMethod, QueueState, TaskView
+from devstack.cloudtasks.taskrequest import (
+    TASK_RE,
+    TargetKind,
+    check_task_size,
+    parse_request,
+    schedule_time,
+    task_identity,
+)
 
 log = logging.getLogger("cloudtasks-emulator")
 
 PARENT_RE = re.compile(r"^projects/([A-Za-z0-9:.\-]+)/locations/([A-Za-z0-9_\-]+)$")
 QUEUE_RE = re.compile(r"^projects/([A-Za-z0-9:.\-]+)/locations/([A-Za-z0-9_\-]+)/queues/([^/]+)$")
-TASK_RE = re.compile(r"^(projects/[^/]+/locations/[^/]+/queues/[^/]+)/tasks/([^/]*)$")
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,100}$")
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,500}$")
 
-MAX_TASK_BYTES = 100 * 1024  # "The maximum task size is 100KB."
 DEFAULT_DEADLINE_S = 600.0  # HTTP tasks: default 10 minutes
 MAX_DEADLINE_S = 1800.0  # ... in [15 s, 30 min]
 MAX_RATE = 500.0
 MAX_CONCURRENT = 5000
-BODY_METHODS = {"POST", "PUT", "PATCH"}
 # Headers Cloud Tasks computes or reserves; user values for them are dropped.
 RESERVED_HEADER_PREFIXES = ("x-cloudtasks-", "x-google-", "x-appengine-")
 RESERVED_HEADERS = {"host", "content-length", "user-agent", "transfer-encoding", "connection"}
@@ -119,7 +122,7 @@ class Task:
     queue: "Queue"
     task_id: str
     name: str
-    kind: str  # "http" | "appengine"
+    kind: TargetKind
     request: dict  # stored httpRequest / appEngineHttpRequest (JSON form, body base64)
     body: bytes
     method: str
@@ -154,7 +157,7 @@ class Queue:
     rate: float = MAX_RATE
     max_concurrent: int = 1000
     retry: RetryCfg = field(default_factory=RetryCfg)
-    state: int = 1  # RUNNING
+    state: QueueState = QueueState.RUNNING
     purge_time: float | None = None
     extra: dict = field(default_factory=dict)  # appEngineRoutingOverride, httpTarget, stackdriverLoggingConfig
     tasks: dict = field(default_factory=dict)  # task_id -> Task (insertion ordered)
@@ -179,7 +182,7 @@ class Queue:
                 "maxConcurrentDispatches": self.max_concurrent,
             },
             "retryConfig": self.retry.to_json(),
-            "state": pj.enum_out(self.state, pj.QUEUE_STATES, enum_int),
+            "state": pj.enum_out(self.state, enum_int),
         }
         if self.purge_time is not None:
             out["purgeTime"] = pj.format_timestamp(self.purge_time)
@@ -192,6 +195,17 @@ def _new_stats() -> dict:
         "tasks": 0, "created": 0, "dispatched": 0, "succeeded": 0, "retried": 0, "exhausted": 0,
         "deleted": 0, "purged": 0, "in_flight": 0, "duplicate_deliveries": 0,
     }
+
+
+def _is_2xx(status: int | None) -> bool:
+    return status is not None and 200 <= status < 300
+
+
+def _rpc_status(outcome: Outcome) -> tuple[str, str]:
+    """An attempt's google.rpc code name and message, as last_attempt.response_status shows them."""
+    if outcome.status is not None:
+        return rpc_status_for_http(outcome.status), f"HTTP status code {outcome.status}"
+    return outcome.error_kind or "UNKNOWN", outcome.message
 
 
 def _fake_jwt(claims: dict) -> str:
@@ -220,7 +234,7 @@ class Emulator:
         self.history_limit = history_limit
         self.exhausted_log: deque = deque(maxlen=exhausted_limit)
         self.stats: dict[str, dict] = {}
-        self.session: aiohttp.ClientSession | None = None
+        self.delivery = Delivery()
         self._seq = itertools.count()
         self._bg: set[asyncio.Task] = set()
         self._janitor: asyncio.Task | None = None
@@ -228,8 +242,7 @@ class Emulator:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, force_close=False, ttl_dns_cache=60)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        await self.delivery.start()
         self._janitor = asyncio.create_task(self._janitor_loop())
 
     async def close(self) -> None:
@@ -241,8 +254,7 @@ class Emulator:
             t.cancel()
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
-        if self.session:
-            await self.session.close()
+        await self.delivery.close()
 
     async def reset(self) -> None:
         for q in list(self.queues.values()):
@@ -438,7 +450,7 @@ class Emulator:
         self._stop_queue(q)
         del self.queues[name]
 
-    def set_state(self, name: str, state: int) -> Queue:
+    def set_state(self, name: str, state: QueueState) -> Queue:
         q = self.get_queue(name)
         q.state = state
         q.wake.set()
@@ -461,113 +473,55 @@ class Emulator:
         qs = [q for n, q in sorted(self.queues.items()) if n.startswith(parent + "/queues/")]
         if flt:
             m = re.match(r"^\s*state\s*[:=]\s*\"?(\w+)\"?\s*$", flt)
-            if not m or m.group(1) not in pj.QUEUE_STATES:
+            if not m or m.group(1) not in QueueState.__members__:
                 raise invalid(f"Unsupported filter {flt!r} (the emulator supports 'state: RUNNING|PAUSED|DISABLED')")
-            idx = pj.QUEUE_STATES.index(m.group(1))
-            qs = [q for q in qs if q.state == idx]
+            wanted = QueueState[m.group(1)]
+            qs = [q for q in qs if q.state == wanted]
         return qs
 
     # ------------------------------------------------------------------ tasks
     def create_task(self, parent: str, tj: dict) -> Task:
         q = self.get_queue(parent)
-        if q.state == 3:
+        if q.state == QueueState.DISABLED:
             raise failed_precondition(f"Queue {q.name} is disabled.")
         now = _now()
-        name = pj.expect_str(tj.get("name"), "task.name")
-        if name:
-            m = TASK_RE.match(name)
-            if not m:
-                raise invalid(f"Invalid task name {name!r}: expected {parent}/tasks/TASK_ID")
-            if m.group(1) != parent:
-                raise invalid(f"Task name {name!r} does not belong to queue {parent}")
-            task_id = m.group(2)
-            if not TASK_ID_RE.match(task_id):
-                raise invalid(
-                    f"Invalid TASK_ID {task_id[:80]!r}: only letters, digits, hyphens and underscores, "
-                    "1 to 500 characters"
-                )
-        else:
-            task_id = str(random.randrange(10**18, 10**19))
-            while task_id in q.tasks:
-                task_id = str(random.randrange(10**18, 10**19))
-            name = f"{parent}/tasks/{task_id}"
+        task_id, name = task_identity(parent, pj.expect_str(tj.get("name"), "task.name"), taken=q.tasks)
+        request = parse_request(tj, q.extra)
+        check_task_size(request, name)
+        when = schedule_time(tj, now)
+        deadline = self._dispatch_deadline(tj, name)
+        retry = self._task_retry(q, tj)
+        self._check_name_free(q, task_id, name, now)
+        task = Task(
+            queue=q, task_id=task_id, name=name, kind=request.kind, request=request.json, body=request.body,
+            method=request.method, url=request.url, headers=dict(request.headers), auth=request.auth,
+            schedule_time=when, create_time=now, deadline=deadline,
+            retry=retry, retry_json=retry.to_json() if retry else None,
+        )
+        self._store_task(task)
+        return task
 
-        http = tj.get("httpRequest")
-        app = tj.get("appEngineHttpRequest")
-        if http is not None and app is not None:
-            raise invalid("Only one of task.http_request and task.app_engine_http_request may be set")
-        if http is None and app is None:
-            if "httpTarget" in q.extra:
-                http = {}
-            else:
-                raise invalid("task.http_request or task.app_engine_http_request is required")
-        kind = "http" if http is not None else "appengine"
-        req = dict(pj.expect_obj(http if kind == "http" else app, f"task.{kind}_request"))
-        method_idx = pj.parse_enum(req.get("httpMethod", 0), pj.HTTP_METHODS, "http_method")
-        method = pj.HTTP_METHODS[method_idx] if method_idx else "POST"
-        req["httpMethod"] = method
-        body_b64 = pj.expect_str(req.get("body"), "body")
-        try:
-            body = base64.b64decode(body_b64.encode(), altchars=b"-_" if ("-" in body_b64 or "_" in body_b64) else None,
-                                    validate=True) if body_b64 else b""
-        except Exception:
-            raise invalid("Invalid value at 'task.http_request.body': not valid base64") from None
-        if body and method not in BODY_METHODS:
-            raise invalid(f"A request body is allowed only for POST, PUT or PATCH, not {method}")
-        headers = pj.expect_obj(req.get("headers"), "headers")
-        for k, v in headers.items():
-            if not isinstance(v, str):
-                raise invalid(f"Invalid value for header {k!r}: expected a string")
-        url = ""
-        auth = None
-        if kind == "http":
-            url = pj.expect_str(req.get("url"), "task.http_request.url")
-            target = q.extra.get("httpTarget") or {}
-            if not url and target.get("uriOverride"):
-                url = self._url_from_override(target["uriOverride"])
-            if not url:
-                raise invalid("task.http_request.url is required")
-            if not re.match(r"^https?://[^/\s]+", url) or len(url) > 2083:
-                raise invalid(f"Invalid task.http_request.url {url[:100]!r}: must be an absolute http(s) URL of at most 2083 characters")
-            req["url"] = url
-            if req.get("oidcToken") is not None and req.get("oauthToken") is not None:
-                raise invalid("Only one of oidc_token and oauth_token may be set")
-            if req.get("oidcToken") is not None:
-                auth = {"oidcToken": pj.expect_obj(req["oidcToken"], "oidc_token")}
-            elif req.get("oauthToken") is not None:
-                auth = {"oauthToken": pj.expect_obj(req["oauthToken"], "oauth_token")}
-        else:
-            rel = pj.expect_str(req.get("relativeUri"), "relative_uri") or "/"
-            if not rel.startswith("/"):
-                raise invalid("app_engine_http_request.relative_uri must start with '/'")
-            req["relativeUri"] = rel
+    def _dispatch_deadline(self, tj: dict, name: str) -> float:
+        """dispatch_deadline, clamped into [min_dispatch_deadline_seconds, 30 min] (not rejected)."""
+        if tj.get("dispatchDeadline") is None:
+            return DEFAULT_DEADLINE_S
+        requested = pj.parse_duration(tj["dispatchDeadline"], "task.dispatch_deadline")
+        if requested <= 0:
+            return DEFAULT_DEADLINE_S
+        deadline = min(max(requested, self.config["min_dispatch_deadline_seconds"]), MAX_DEADLINE_S)
+        if deadline != requested:
+            log.warning("dispatch_deadline clamped", extra={"task": name, "requested_s": requested, "used_s": deadline})
+        return deadline
 
-        size = len(body) + len(name) + len(url) + sum(len(k) + len(v) for k, v in headers.items()) \
-            + len(json.dumps({k: v for k, v in req.items() if k not in ("body", "headers")}))
-        if size > MAX_TASK_BYTES:
-            raise invalid(f"Task size too large: {size} bytes exceeds the maximum task size of {MAX_TASK_BYTES} bytes (100KB)")
+    def _task_retry(self, q: Queue, tj: dict) -> RetryCfg | None:
+        """The task's own retry_config, its unset fields taken from the queue's."""
+        if tj.get("retryConfig") is None:
+            return None
+        rc = pj.expect_obj(tj["retryConfig"], "task.retry_config")
+        return self.parse_retry(rc, q.retry, set(f"retryConfig.{k}" for k in rc), "task.retry_config")
 
-        sched = pj.parse_timestamp(tj["scheduleTime"], "task.schedule_time") if tj.get("scheduleTime") else now
-        if sched < now:
-            sched = now
-        if sched > now + 30 * 86400:
-            raise invalid("task.schedule_time cannot be more than 30 days in the future")
-        deadline = DEFAULT_DEADLINE_S
-        if tj.get("dispatchDeadline") is not None:
-            d = pj.parse_duration(tj["dispatchDeadline"], "task.dispatch_deadline")
-            if d > 0:
-                lo = self.config["min_dispatch_deadline_seconds"]
-                deadline = min(max(d, lo), MAX_DEADLINE_S)
-                if deadline != d:
-                    log.warning("dispatch_deadline clamped", extra={"task": name, "requested_s": d, "used_s": deadline})
-        retry = None
-        retry_json = None
-        if tj.get("retryConfig") is not None:
-            rc = pj.expect_obj(tj["retryConfig"], "task.retry_config")
-            retry = self.parse_retry(rc, q.retry, set(f"retryConfig.{k}" for k in rc), "task.retry_config")
-            retry_json = retry.to_json()
-
-        # De-duplication: a live task, or one that ended less than tombstone_seconds ago.
+    def _check_name_free(self, q: Queue, task_id: str, name: str, now: float) -> None:
+        """De-duplication: a live task, or one that ended less than tombstone_seconds ago."""
         if task_id in q.tasks:
             raise already_exists(f"The task {name} already exists.")
         ended = self.tombstones.get(name)
@@ -576,25 +530,13 @@ class Emulator:
                 raise already_exists(f"The task {name} was recently deleted or completed; its name cannot be reused yet.")
             del self.tombstones[name]
 
-        task = Task(
-            queue=q, task_id=task_id, name=name, kind=kind, request=req, body=body, method=method, url=url,
-            headers=dict(headers), auth=auth, schedule_time=sched, create_time=now, deadline=deadline,
-            retry=retry, retry_json=retry_json,
-        )
-        q.tasks[task_id] = task
+    def _store_task(self, task: Task) -> None:
+        q = task.queue
+        q.tasks[task.task_id] = task
         s = self.stat(q.queue_id)
         s["created"] += 1
         s["tasks"] = len(q.tasks)
         self._push(task)
-        return task
-
-    @staticmethod
-    def _url_from_override(ov: dict) -> str:
-        scheme = "http" if ov.get("scheme") in ("HTTP", 1) else "https"
-        host = ov.get("host", "")
-        port = f":{ov['port']}" if ov.get("port") else ""
-        path = (ov.get("pathOverride") or {}).get("path", "/")
-        return f"{scheme}://{host}{port}{path}" if host else ""
 
     def get_task(self, name: str) -> Task:
         m = TASK_RE.match(name)
@@ -623,8 +565,6 @@ class Emulator:
                 last = base64.urlsafe_b64decode(page_token.encode()).decode()
             except Exception:
                 raise invalid("Invalid page_token") from None
-            import bisect
-
             start = bisect.bisect_right(ids, last)
         chunk = ids[start:start + page_size]
         nxt = ""
@@ -634,30 +574,30 @@ class Emulator:
 
     def run_task(self, name: str) -> Task:
         t = self.get_task(name)
-        if t.kind != "http":
+        if t.kind is not TargetKind.HTTP:
             raise failed_precondition("RunTask: the emulator cannot dispatch App Engine tasks (no App Engine locally).")
         t.gen += 1  # drop its pending heap entry; a failure reschedules it
-        self._start_attempt(t, forced=True)
+        self._start_attempt(t)
         return t
 
     # ------------------------------------------------------------------ task JSON
-    def task_json(self, t: Task, view: int, enum_int: bool) -> dict:
-        full = view == 2
+    def task_json(self, t: Task, view: TaskView, enum_int: bool) -> dict:
+        full = view == TaskView.FULL
         req = dict(t.request)
-        req["httpMethod"] = pj.enum_out(pj.HTTP_METHODS.index(t.method), pj.HTTP_METHODS, enum_int)
+        req["httpMethod"] = pj.enum_out(HttpMethod[t.method], enum_int)
         if full and t.body:
             req["body"] = base64.b64encode(t.body).decode()
         else:
             req.pop("body", None)
         out = {
             "name": t.name,
-            "httpRequest" if t.kind == "http" else "appEngineHttpRequest": req,
+            "httpRequest" if t.kind is TargetKind.HTTP else "appEngineHttpRequest": req,
             "scheduleTime": pj.format_timestamp(t.schedule_time),
             "createTime": pj.format_timestamp(math.floor(t.create_time)),
             "dispatchDeadline": pj.format_duration(t.deadline),
             "dispatchCount": t.dispatch_count,
             "responseCount": t.response_count,
-            "view": pj.enum_out(2 if full else 1, pj.VIEWS, enum_int),
+            "view": pj.enum_out(TaskView.FULL if full else TaskView.BASIC, enum_int),
         }
         if t.first_attempt:
             out["firstAttempt"] = {"dispatchTime": pj.format_timestamp(t.first_attempt.dispatch_time)}
@@ -677,7 +617,7 @@ class Emulator:
         try:
             while not q.deleted:
                 q.wake.clear()
-                if q.state != 1:
+                if q.state != QueueState.RUNNING:
                     await q.wake.wait()
                     continue
                 # Drop stale heap heads (deleted, rescheduled or force-run tasks).
@@ -708,10 +648,10 @@ class Emulator:
                 _, _, tid, _ = heapq.heappop(q.heap)
                 t = q.tasks[tid]
                 t.gen += 1
-                if t.kind != "http":
+                if t.kind is not TargetKind.HTTP:
                     self._fail_appengine(t)
                     continue
-                self._start_attempt(t, forced=False)
+                self._start_attempt(t)
         except asyncio.CancelledError:
             pass
         except Exception:  # pragma: no cover - keep the failure visible
@@ -769,7 +709,7 @@ class Emulator:
             h["Authorization"] = "Bearer cloudtasks-emulator-oauth-token"
         return h
 
-    def _start_attempt(self, t: Task, forced: bool) -> None:
+    def _start_attempt(self, t: Task) -> None:
         now = _now()
         sched = t.schedule_time
         t.dispatch_count += 1
@@ -784,85 +724,78 @@ class Emulator:
         s = self.stat(q.queue_id)
         s["dispatched"] += 1
         s["in_flight"] = q.in_flight
-        self._spawn(self._attempt(t, attempt_no, headers, forced))
+        self._spawn(self._attempt(t, attempt_no, headers))
         dup = self.config["duplicate_deliveries"]
         for i in range(dup):
             s["duplicate_deliveries"] += 1
             self._spawn(self._duplicate(t, attempt_no, headers, i + 1))
 
-    async def _send(self, t: Task, headers: dict) -> tuple[int | None, str | None, str]:
-        """One HTTP delivery: (status, error_kind, error_message)."""
-        assert self.session is not None
-        try:
-            async with self.session.request(
-                t.method, t.url, data=t.body or None, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=t.deadline), allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                return resp.status, None, ""
-        except asyncio.TimeoutError:
-            return None, "DEADLINE_EXCEEDED", f"no response within the dispatch deadline ({t.deadline:g}s)"
-        except aiohttp.ClientError as exc:
-            return None, "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
-        except OSError as exc:
-            return None, "UNAVAILABLE", f"{type(exc).__name__}: {exc}"
+    async def _send(self, t: Task, headers: dict) -> Outcome:
+        """One HTTP delivery of the task."""
+        return await self.delivery.send(t.method, t.url, t.body, headers, t.deadline)
+
+    def _record_delivery(self, t: Task, attempt_no: int, started: float, outcome: Outcome,
+                         copy: int | None = None) -> float:
+        """Append one delivery (the attempt's own, or duplicate number `copy`) to the history; its end time."""
+        finished = _now()
+        entry: dict = {"attempt": attempt_no, "duplicate": copy is not None}
+        if copy is not None:
+            entry["copy"] = copy
+        entry.update({"started": started, "finished": finished, "duration_s": round(finished - started, 6),
+                      "status": outcome.status, "error": outcome.message or None})
+        self._record(t, entry)
+        return finished
+
+    def _is_live(self, t: Task) -> bool:
+        return t.queue.tasks.get(t.task_id) is t and not t.queue.deleted
+
+    def _succeed(self, t: Task) -> None:
+        self._remove_task(t)
+        self.stat(t.queue.queue_id)["succeeded"] += 1
 
     async def _duplicate(self, t: Task, attempt_no: int, headers: dict, copy: int) -> None:
         started = _now()
-        status, kind, msg = await self._send(t, headers)
-        finished = _now()
-        self._record(t, {"attempt": attempt_no, "duplicate": True, "copy": copy, "started": started,
-                         "finished": finished, "duration_s": round(finished - started, 6),
-                         "status": status, "error": msg or None})
-        q = t.queue
-        if (self.config["duplicate_2xx_ends_task"] and status is not None and 200 <= status < 300
-                and q.tasks.get(t.task_id) is t and not q.deleted):
-            self._remove_task(t)
-            self.stat(q.queue_id)["succeeded"] += 1
+        outcome = await self._send(t, headers)
+        self._record_delivery(t, attempt_no, started, outcome, copy)
+        if self.config["duplicate_2xx_ends_task"] and _is_2xx(outcome.status) and self._is_live(t):
+            self._succeed(t)
 
-    async def _attempt(self, t: Task, attempt_no: int, headers: dict, forced: bool) -> None:
+    async def _attempt(self, t: Task, attempt_no: int, headers: dict) -> None:
         q = t.queue
         started = _now()
         try:
-            status, kind, msg = await self._send(t, headers)
+            outcome = await self._send(t, headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unexpected: treat as a failed attempt, never crash
             log.exception("dispatch failed unexpectedly", extra={"task": t.name})
-            status, kind, msg = None, "INTERNAL", f"{type(exc).__name__}: {exc}"
+            outcome = Outcome(None, "INTERNAL", f"{type(exc).__name__}: {exc}")
         finally:
             q.in_flight -= 1
             t.in_flight -= 1
             self.stat(q.queue_id)["in_flight"] = q.in_flight
             q.wake.set()
-        finished = _now()
-        self._record(t, {"attempt": attempt_no, "duplicate": False, "started": started, "finished": finished,
-                         "duration_s": round(finished - started, 6), "status": status, "error": msg or None})
-        live = q.tasks.get(t.task_id) is t and not q.deleted
-        if status is not None:
-            rpc = rpc_status_for_http(status)
-            message = f"HTTP status code {status}"
-        else:
-            rpc = kind or "UNKNOWN"
-            message = msg
+        finished = self._record_delivery(t, attempt_no, started, outcome)
+        status = outcome.status
+        rpc, message = _rpc_status(outcome)
         if t.last_attempt is not None and t.dispatch_count == attempt_no:
-            t.last_attempt.response_time = finished if status is not None or kind == "DEADLINE_EXCEEDED" else finished
+            t.last_attempt.response_time = finished
             t.last_attempt.status = rpc
             t.last_attempt.message = message
         if status is not None:
             t.response_count += 1
-        if not live:
+        if not self._is_live(t):
             return  # deleted or purged while in flight: the outcome no longer matters
-        if status is not None and 200 <= status < 300:
-            self._remove_task(t)
-            self.stat(q.queue_id)["succeeded"] += 1
+        if _is_2xx(status):
+            self._succeed(t)
             return
         if status is not None and status < 500:
             t.execution_count += 1
-        log.info("attempt failed", extra={"task": t.name, "attempt": attempt_no, "status": status, "error": msg})
+        log.info("attempt failed", extra={"task": t.name, "attempt": attempt_no, "status": status,
+                                          "error": outcome.message})
         if t.in_flight > 0:
             return  # a forced run is still going; its outcome decides
-        self._after_failure(t, status, rpc if status is None else f"{rpc}({RPC_CODE.get(rpc, 2)}): HTTP status code {status}", finished)
+        self._after_failure(t, status, rpc if status is None else f"{rpc}({RPC_CODE.get(rpc, 2)}): {message}", finished)
 
     def _after_failure(self, t: Task, status: int | None, reason: str, now: float) -> None:
         q = t.queue

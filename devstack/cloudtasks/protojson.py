@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from devstack.cloudtasks.errors import invalid
 
@@ -11,9 +13,39 @@ _TS_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})$"
 )
 
-HTTP_METHODS = ["HTTP_METHOD_UNSPECIFIED", "POST", "GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]
-QUEUE_STATES = ["STATE_UNSPECIFIED", "RUNNING", "PAUSED", "DISABLED"]
-VIEWS = ["VIEW_UNSPECIFIED", "BASIC", "FULL"]
+
+
+class HttpMethod(enum.IntEnum):
+    """google.cloud.tasks.v2.HttpMethod."""
+
+    HTTP_METHOD_UNSPECIFIED = 0
+    POST = 1
+    GET = 2
+    HEAD = 3
+    PUT = 4
+    DELETE = 5
+    PATCH = 6
+    OPTIONS = 7
+
+
+class QueueState(enum.IntEnum):
+    """google.cloud.tasks.v2.Queue.State."""
+
+    STATE_UNSPECIFIED = 0
+    RUNNING = 1
+    PAUSED = 2
+    DISABLED = 3
+
+
+class TaskView(enum.IntEnum):
+    """google.cloud.tasks.v2.Task.View: BASIC leaves the request body out."""
+
+    VIEW_UNSPECIFIED = 0
+    BASIC = 1
+    FULL = 2
+
+
+ProtoEnum = TypeVar("ProtoEnum", bound=enum.IntEnum)
 
 
 def parse_timestamp(value, field: str) -> float:
@@ -66,23 +98,26 @@ def format_duration(seconds: float) -> str:
     return f"{sign}{secs}.{frac:09d}s"
 
 
-def parse_enum(value, names: list[str], field: str) -> int:
+def parse_enum(value, kind: type[ProtoEnum], field: str) -> ProtoEnum:
+    """A proto3 JSON enum value: its name, its number, or its number as a string."""
+    numbers = {member.value for member in kind}
     if isinstance(value, bool):
         raise invalid(f"Invalid value at '{field}' ({value!r})")
     if isinstance(value, int):
-        if 0 <= value < len(names):
-            return value
+        if value in numbers:
+            return kind(value)
         raise invalid(f"Invalid value at '{field}' ({value}): unknown enum number")
     if isinstance(value, str):
-        if value in names:
-            return names.index(value)
-        if value.isdigit() and int(value) < len(names):
-            return int(value)
-    raise invalid(f"Invalid value at '{field}' ({value!r}): expected one of {', '.join(names)}")
+        if value in kind.__members__:
+            return kind[value]
+        if value.isdigit() and int(value) in numbers:
+            return kind(int(value))
+    raise invalid(f"Invalid value at '{field}' ({value!r}): expected one of {', '.join(kind.__members__)}")
 
 
-def enum_out(index: int, names: list[str], as_int: bool):
-    return index if as_int else names[index]
+def enum_out(value: enum.IntEnum, as_int: bool) -> int | str:
+    """An enum in a response: its number with `$alt=json;enum-encoding=int`, else its name."""
+    return int(value) if as_int else value.name
 
 
 def parse_int(value, field: str, lo: int | None = None, hi: int | None = None) -> int:

@@ -79,14 +79,14 @@ def _enum_int(request: web.Request) -> bool:
     return "enum-encoding=int" in request.query.get("$alt", "")
 
 
-def _view(request: web.Request, body: dict | None = None) -> int:
+def _view(request: web.Request, body: dict | None = None) -> pj.TaskView:
     raw = request.query.get("responseView") or request.query.get("response_view")
     if raw is None and body:
         raw = body.get("responseView")
     if raw in (None, ""):
-        return 1
-    v = pj.parse_enum(int(raw) if isinstance(raw, str) and raw.isdigit() else raw, pj.VIEWS, "response_view")
-    return v or 1
+        return pj.TaskView.BASIC
+    v = pj.parse_enum(int(raw) if isinstance(raw, str) and raw.isdigit() else raw, pj.TaskView, "response_view")
+    return v or pj.TaskView.BASIC
 
 
 class Api:
@@ -146,11 +146,11 @@ class Api:
 
     async def pause_queue(self, request, name):
         await _body(request)
-        return _json(self.emu.set_state(name, 2).to_json(_enum_int(request)))
+        return _json(self.emu.set_state(name, pj.QueueState.PAUSED).to_json(_enum_int(request)))
 
     async def resume_queue(self, request, name):
         await _body(request)
-        return _json(self.emu.set_state(name, 1).to_json(_enum_int(request)))
+        return _json(self.emu.set_state(name, pj.QueueState.RUNNING).to_json(_enum_int(request)))
 
     async def purge_queue(self, request, name):
         await _body(request)

@@ -2,7 +2,8 @@
 
 The emulator runs as a subprocess on a free 127.0.0.1 port for the whole session; tests talk to it
 only through the official client (REST transport) and the /_emulator inspection API. Targets are
-small aiohttp servers on 127.0.0.1 that record every delivery.
+small servers on 127.0.0.1 that record every delivery: Target (aiohttp, by path) and
+ConnectionTarget (raw HTTP/1.1, by connection, for keep-alive behaviour).
 """
 
 from __future__ import annotations
@@ -26,18 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "demo-emulator"
 LOCATION = "us-central1"
 PARENT = f"projects/{PROJECT}/locations/{LOCATION}"
-
-
-def poll(fn, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    """Call fn until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +97,40 @@ def make_queue(tasks_client):
             pass
 
 
-class Target:
+class ServerThread:
+    """An asyncio server on a thread and event loop of its own, started by the constructor:
+    subclasses set their state first, then call super().__init__(); `_serve()` starts listening
+    and returns the port, `_stop()` stops."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.port = self.loop.run_until_complete(self._serve())
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self) -> int:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Target(ServerThread):
     """A recording HTTP target. Behaviour per path:
     /ok -> 200; /fail -> 500; /status/{code} -> code; /slow/{seconds} -> sleep then 200;
     /hold/{seconds} -> sleep then 200 while tracking concurrency;
@@ -122,28 +144,22 @@ class Target:
         self.concurrent = 0
         self.max_concurrent = 0
         self._seen: set[str] = set()
-        self._lock = threading.Lock()
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        ready.wait(10)
+        super().__init__()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
+    async def _serve(self) -> int:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        self.loop.run_until_complete(self.runner.setup())
+        await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -191,17 +207,113 @@ class Target:
         with self._lock:
             return sum(1 for r in self.requests if r["path"].startswith(prefix))
 
-    def close(self) -> None:
-        async def stop():
-            await self.runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
 
 @pytest.fixture
 def target():
     t = Target()
     yield t
     t.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection of ConnectionTarget: parses requests, asks the target
+    what to do with each, and answers or drops the connection."""
+
+    def __init__(self, target: "ConnectionTarget", index: int):
+        self.target = target
+        self.index = index
+        self.buffer = b""
+        self.served = 0  # requests read on this connection so far
+        self.idle_since: float | None = None  # end of the last response; None before the first
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_since is not None and not self.buffer:
+            idle = time.monotonic() - self.idle_since
+            if self.target.closes_idle(idle):
+                # The keep-alive timer fired as the request arrived: closed unread, never handled.
+                self.target.note("stale_drops")
+                self.transport.close()
+                return
+        self.buffer += data
+        while self._handle_one():
+            pass
+
+    def _handle_one(self) -> bool:
+        head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        if len(rest) < length:
+            return False
+        self.buffer = rest[length:]
+        self.served += 1
+        self.target.record({"connection": self.index, "nth_on_connection": self.served,
+                            "task": headers.get("x-cloudtasks-taskname"),
+                            "retry_count": headers.get("x-cloudtasks-taskretrycount")})
+        status = self.target.answer(self.index, self.served)
+        if status is None:  # the handler ran, then the process died before answering
+            self.transport.close()
+            return False
+        self.transport.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok".encode())
+        self.idle_since = time.monotonic()
+        return True
+
+
+class ConnectionTarget(ServerThread):
+    """An HTTP target that sees connections: `closes_idle(idle_s)` says whether a request arriving
+    on a connection idle that long finds it already closed; `answer(connection, nth)` gives the
+    status for the nth request on a connection (None: close it unanswered after reading)."""
+
+    def __init__(self, closes_idle=lambda idle_s: False, answer=lambda connection, nth: 200):
+        self.closes_idle = closes_idle
+        self.answer = answer
+        self.requests: list[dict] = []
+        self.counts = {"connections": 0, "stale_drops": 0}
+        super().__init__()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def _protocol(self) -> _Connection:
+        with self._lock:
+            self.counts["connections"] += 1
+            return _Connection(self, self.counts["connections"])
+
+    async def _serve(self) -> int:
+        self.server = await self.loop.create_server(self._protocol, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        self.server.close()
+
+    def note(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def record(self, request: dict) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def for_task(self, task_id: str) -> list[dict]:
+        with self._lock:
+            return [r for r in self.requests if r["task"] == task_id]
+
+
+
+@pytest.fixture
+def connection_target():
+    targets: list[ConnectionTarget] = []
+
+    def make(**kw) -> ConnectionTarget:
+        targets.append(ConnectionTarget(**kw))
+        return targets[-1]
+
+    yield make
+    for t in targets:
+        t.close()
