@@ -21,6 +21,7 @@ from rich.text import Text
 from typer._click.exceptions import UsageError  # typer bundles its own click
 from typer.core import TyperGroup
 
+from shared.durations import format_duration
 from shared.exceptions import ConflictError, NotFoundError, UpcfanError
 
 EXIT_OK = 0
@@ -183,15 +184,6 @@ def exit_code_for(status: str | None) -> int:
     }.get(status or "", EXIT_OK)
 
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 _STATUS_STYLE = {"completed": "green", "completed_with_failures": "yellow", "failed": "red", "cancelled": "magenta",
                  "running": "cyan", "ingesting": "blue"}
 
@@ -225,7 +217,7 @@ def render_status(view: dict[str, Any]) -> Group:
     footer = Text(
         f"rate {rate:.1f} items/s" if rate is not None else "rate –",
     )
-    footer.append(f"   ETA {_fmt_duration(view.get('eta_s'))}")
+    footer.append(f"   ETA {format_duration(view.get('eta_s'), exact=True)}")
     footer.append("   stall: ")
     footer.append("YES" if view.get("stalled") else "no", style="bold red" if view.get("stalled") else "green")
     return Group(header, progress_row, table, footer)
