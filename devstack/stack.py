@@ -41,6 +41,7 @@ from devstack.procs import (
     alive,
     who_listens,
 )
+from shared import envfile
 
 PROJECT = "demo-upcfan"
 HOST = "127.0.0.1"
@@ -264,25 +265,12 @@ def base_process_env() -> dict[str, str]:
     return env
 
 
-def write_env_file(env: dict[str, str]) -> None:
-    tmp = paths.STACK_ENV.with_suffix(".tmp")
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    tmp.replace(paths.STACK_ENV)
-
-
 def read_env_file(path: Path | None = None) -> dict[str, str] | None:
-    path = path or paths.STACK_ENV
+    """This stack's stack.env (or `path`), None when there is none (the stack is down)."""
     try:
-        text = path.read_text()
+        return envfile.read_env_file(path or paths.STACK_ENV)
     except OSError:
         return None
-    env = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip()
-    return env
 
 
 # ---------------------------------------------------------------- setup steps
@@ -615,7 +603,7 @@ def _up(skip: set[str], timeout_s: float, log) -> dict[str, str]:
     for c in comps:
         record_children(c.name)
     _write_state(ports, comps, t0, skip)
-    write_env_file(env)
+    envfile.write_env_file(paths.STACK_ENV, env)
     log(f"stack ready in {time.time() - t0:.1f}s; env in {paths.STACK_ENV}, logs in {paths.LOG_DIR}")
     return env
 

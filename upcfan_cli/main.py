@@ -22,6 +22,7 @@ from typer._click.exceptions import UsageError  # typer bundles its own click
 from typer.core import TyperGroup
 
 from shared.durations import format_duration
+from shared.envfile import load_env_file
 from shared.exceptions import ConflictError, NotFoundError, UpcfanError
 
 EXIT_OK = 0
@@ -90,22 +91,6 @@ def _ops():
 
 
 # ---------------------------------------------------------------- environment
-
-
-def load_env_file(path: Path) -> dict[str, str]:
-    """KEY=value lines (comments, blanks and `export ` prefixes allowed) into os.environ."""
-    loaded: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        loaded[key.strip()] = value
-    os.environ.update(loaded)
-    return loaded
 
 
 def _default_env_file() -> Path | None:
