@@ -227,7 +227,7 @@ def allocate_ports() -> dict[str, int]:
 
 
 def stack_env(ports: dict[str, int]) -> dict[str, str]:
-    """The contract written to .local/stack.env (see /work/shared/DESIGN.md "Local stack contract")."""
+    """The contract written to .local/stack.env (docs/architecture.md, "Local stack contract")."""
     from shared.config import CONTROL_QUEUE, ITEM_QUEUE, load_settings
 
     location = os.environ.get("UPCFAN_LOCATION", load_settings().location)
