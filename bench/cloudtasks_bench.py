@@ -1,14 +1,16 @@
 """Benchmark the local Cloud Tasks emulator (127.0.0.1 only, bounded to well under 2 minutes).
 
 Phases:
-1. official-client creates: N named tasks into a *paused* queue with the official client (REST
-   transport) from a thread pool (default) or a process pool -> creates/s;
-2. raw-HTTP creates: the same REST call over pooled http.client connections (no proto-plus /
-   requests overhead), to separate client overhead from emulator cost;
+1. official-client creates: up to N named tasks into a *paused* queue with the official client (REST
+   transport) from a thread pool (default) or a process pool, for --client-seconds -> creates/s;
+2. raw-HTTP creates: --raw-tasks more with the same REST call over pooled http.client connections
+   (no proto-plus / requests overhead), to separate client overhead from emulator cost;
 3. dispatch: resume the queue and time delivery of all tasks to a trivial local HTTP target
    (aiohttp, in a separate process) -> dispatches/s, limited by the queue's rate (default 500/s).
 
-Usage: python bench/cloudtasks_bench.py [--tasks 20000] [--workers 8] [--mode threads|processes]
+Every process it starts (emulator, target, process pool) is stopped before it returns.
+
+Usage: python bench/cloudtasks_bench.py [--tasks 20000] [--workers 4] [--mode threads|processes]
        [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT (else one is started)]
 The last stdout line is a JSON object with the results.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
@@ -36,9 +39,12 @@ from devstack.procs import stop_process  # noqa: E402
 
 PARENT = "projects/demo-bench/locations/us-central1"
 HARD_LIMIT_S = 110.0
+RAW_PHASE_S = 45.0
+TARGET_READY = "BENCH_TARGET_READY"
 
 
-def _target_main(port_q) -> None:
+def serve_target() -> None:
+    """The dispatch target (`--serve-target`): answers 200 to anything; prints its ready line."""
     import asyncio
 
     from aiohttp import web
@@ -53,23 +59,21 @@ def _target_main(port_q) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
         await site.start()
-        port_q.put(site._server.sockets[0].getsockname()[1])
+        print(f"{TARGET_READY} http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(run())
 
 
-def _start_emulator() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def start_helper(cleanup: contextlib.ExitStack, argv: list[str], ready_word: str) -> str:
+    """Start a helper process that is stopped when `cleanup` closes; return the URL of its ready line."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cleanup.callback(stop_process, proc)
     line = proc.stdout.readline()
-    if "READY" not in line:
-        proc.kill()
-        raise RuntimeError(f"emulator failed to start: {line!r}")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, line.split()[1].replace("http://", "")
+    if ready_word not in line:
+        raise RuntimeError(f"{argv[1:3]} failed to start: {line!r}")
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # never a full pipe
+    return line.split()[1]
 
 
 _local = threading.local()
@@ -128,7 +132,7 @@ def _run_pool(fn, host, queue, url, total, workers, mode, deadline) -> tuple[int
     return done, time.perf_counter() - t0
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--raw-tasks", type=int, default=5_000)
@@ -136,23 +140,14 @@ def main() -> int:
     ap.add_argument("--mode", choices=["threads", "processes"], default="threads")
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--concurrency", type=int, default=1000)
-    ap.add_argument("--client-seconds", type=float, default=25.0,
-                    help="time budget of the official-client phase; raw HTTP creates the rest")
+    ap.add_argument("--client-seconds", type=float, default=25.0, help="time budget of the official-client phase")
     ap.add_argument("--host", default="")
-    args = ap.parse_args()
-    started = time.time()
-    client_deadline = started + args.client_seconds
+    ap.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args()
 
-    proc = None
-    host = args.host
-    if not host:
-        proc, host = _start_emulator()
-    emu.wait_ready(host, 10)
-    port_q: mp.Queue = mp.get_context("spawn").Queue()
-    tproc = mp.get_context("spawn").Process(target=_target_main, args=(port_q,), daemon=True)
-    tproc.start()
-    url = f"http://127.0.0.1:{port_q.get(timeout=15)}/task"
 
+def measure(args, host: str, url: str, started: float, cleanup: contextlib.ExitStack) -> dict:
+    """The three phases on a fresh paused queue (deleted when `cleanup` closes)."""
     from google.cloud import tasks_v2
 
     from shared.clients import make_tasks_client
@@ -163,43 +158,68 @@ def main() -> int:
     client.create_queue(parent=PARENT, queue=tasks_v2.Queue(
         name=queue, rate_limits=tasks_v2.RateLimits(max_dispatches_per_second=args.rate,
                                                     max_concurrent_dispatches=args.concurrency)))
+    cleanup.callback(_delete_queue, client, queue)
     client.pause_queue(name=queue)
-    result: dict = {"tasks": args.tasks, "workers": args.workers, "mode": args.mode, "rate_limit": args.rate,
-                    "cpus": os.cpu_count()}
-    try:
-        n, dt = _run_pool(_create_batch, host, queue, url, args.tasks, args.workers, args.mode, client_deadline)
-        result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1))
-        print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers})", flush=True)
+    result: dict = {"tasks": args.tasks, "raw_tasks": args.raw_tasks, "workers": args.workers, "mode": args.mode,
+                    "rate_limit": args.rate, "cpus": os.cpu_count()}
 
-        # Raw HTTP creates the rest of the tasks into the same queue (ids that cannot collide).
-        raw_n = max(args.tasks - n, 0)
-        raw_deadline = time.time() + 45
-        rn, rdt = _run_pool(_raw_batch, host, queue, url, raw_n, args.workers, "threads", raw_deadline) \
-            if raw_n else (0, 1e-9)
-        result.update(raw_creates=rn, raw_create_s=round(rdt, 3), raw_creates_per_s=round(rn / rdt, 1) if rn else None)
-        print(f"raw HTTP:        {rn} creates in {rdt:.2f}s = {rn / rdt:,.0f}/s (threads x{args.workers})", flush=True)
-        n += rn
+    n, dt = _run_pool(_create_batch, host, queue, url, args.tasks, args.workers, args.mode,
+                      started + args.client_seconds)
+    result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1))
+    print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers})", flush=True)
 
-        t0 = time.perf_counter()
-        client.resume_queue(name=queue)
-        dispatch_deadline = time.monotonic() + max(10.0, started + HARD_LIMIT_S - time.time())
-        succeeded = 0
-        while time.monotonic() < dispatch_deadline:
-            succeeded = emu.queue_stats(host, qid).get("succeeded", 0)
-            if succeeded >= n:
-                break
-            time.sleep(0.05)
-        ddt = time.perf_counter() - t0
-        st = emu.queue_stats(host, qid)
-        result.update(dispatched=st.get("dispatched"), succeeded=succeeded, dispatch_s=round(ddt, 3),
-                      dispatches_per_s=round(succeeded / ddt, 1), retried=st.get("retried"))
-        print(f"dispatch:        {succeeded} delivered in {ddt:.2f}s = {succeeded / ddt:,.0f}/s "
-              f"(queue rate {args.rate:g}/s)", flush=True)
+    # Its own task count (ids that cannot collide with the client's), not what the client phase left.
+    rn, rdt = _run_pool(_raw_batch, host, queue, url, args.raw_tasks, args.workers, "threads",
+                        time.time() + RAW_PHASE_S)
+    if rn == 0:
+        raise RuntimeError("the raw-HTTP phase created no task: no baseline for the client's creates")
+    result.update(raw_creates=rn, raw_create_s=round(rdt, 3), raw_creates_per_s=round(rn / rdt, 1))
+    print(f"raw HTTP:        {rn} creates in {rdt:.2f}s = {rn / rdt:,.0f}/s (threads x{args.workers})", flush=True)
+
+    result.update(dispatch(client, host, queue, qid, n + rn, started))
+    print(f"dispatch:        {result['succeeded']} delivered in {result['dispatch_s']:.2f}s = "
+          f"{result['dispatches_per_s']:,.0f}/s (queue rate {args.rate:g}/s)", flush=True)
+    return result
+
+
+def _delete_queue(client, queue: str) -> None:
+    with contextlib.suppress(Exception):  # best effort: must not hide the error that ended the bench
         client.delete_queue(name=queue)
-    finally:
-        stop_process(tproc)
-        if proc:
-            stop_process(proc)
+
+
+def dispatch(client, host: str, queue: str, qid: str, total: int, started: float) -> dict:
+    """Resume the queue and time until all `total` tasks were delivered (or the hard limit)."""
+    t0 = time.perf_counter()
+    client.resume_queue(name=queue)
+    deadline = time.monotonic() + max(10.0, started + HARD_LIMIT_S - time.time())
+    succeeded = 0
+    while time.monotonic() < deadline:
+        succeeded = emu.queue_stats(host, qid).get("succeeded", 0)
+        if succeeded >= total:
+            break
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    st = emu.queue_stats(host, qid)
+    return {"dispatched": st.get("dispatched"), "succeeded": succeeded, "dispatch_s": round(elapsed, 3),
+            "dispatches_per_s": round(succeeded / elapsed, 1), "retried": st.get("retried")}
+
+
+def main() -> int:
+    args = _parse_args()
+    if args.serve_target:
+        serve_target()
+        return 0
+    started = time.time()
+    with contextlib.ExitStack() as cleanup:  # closes in reverse: queue deleted, then target and emulator stopped
+        host = args.host or start_helper(
+            cleanup,
+            [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1", "--port", "0",
+             "--log-level", "WARNING"],
+            "READY",
+        ).replace("http://", "")
+        emu.wait_ready(host, 10)
+        url = start_helper(cleanup, [sys.executable, __file__, "--serve-target"], TARGET_READY) + "/task"
+        result = measure(args, host, url, started, cleanup)
     result["total_s"] = round(time.time() - started, 2)
     print(json.dumps(result), flush=True)
     return 0

@@ -32,16 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def load_stack_env() -> dict:
-    env_file = ROOT / ".local" / "stack.env"
-    if not env_file.exists():
+    from devstack import paths
+    from shared.envfile import load_env_file
+
+    if not paths.STACK_ENV.exists():
         sys.exit("the local stack is not running: scripts/dev up")
-    env = {}
-    for line in env_file.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip()
-    os.environ.update(env)
-    return env
+    return load_env_file(paths.STACK_ENV)
 
 
 def make_upcs(n: int, seed: int) -> bytes:

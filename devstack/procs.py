@@ -67,11 +67,18 @@ def who_listens(port: int) -> str:
     try:
         for conn in psutil.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-                p = psutil.Process(conn.pid)
-                return f"pid {conn.pid} ({' '.join(p.cmdline())[:120]})"
+                return describe_process(psutil.Process(conn.pid))
     except (psutil.Error, OSError):
         pass
     return "another process"
+
+
+def describe_process(proc: psutil.Process) -> str:
+    """'pid N (its command line)', for messages that name a process."""
+    try:
+        return f"pid {proc.pid} ({' '.join(proc.cmdline())[:120]})"
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:
@@ -220,18 +227,43 @@ def alive(info: dict) -> bool:
 
 def tagged_processes() -> list[psutil.Process]:
     """Processes of this checkout's stack, found by the environment tag (children included)."""
-    tag = stack_tag()
+    return processes_with_env(TAG_VAR, stack_tag())
+
+
+def processes_with_env(var: str, value: str) -> list[psutil.Process]:
+    """Live processes (other than this one) whose environment holds var=value: what a tool started,
+    including children whose parent died."""
     me = os.getpid()
     found = []
     for proc in psutil.process_iter(["pid"]):
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(TAG_VAR) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+            if proc.environ().get(var) == value and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def end_processes(procs: list[psutil.Process], grace_s: float = 8.0) -> None:
+    """SIGTERM each; SIGKILL (with its whole group when it leads one) whatever is left after `grace_s`."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, remaining = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in remaining:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL) if os.getpgid(proc.pid) == proc.pid else None
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(remaining, timeout=3.0)
 
 
 def stop_all(grace_s: float = 8.0) -> list[str]:
@@ -262,22 +294,7 @@ def stop_all(grace_s: float = 8.0) -> list[str]:
                 os.killpg(pgid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    for proc in victims.values():
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, remaining = psutil.wait_procs(list(victims.values()), timeout=grace_s)
-    for proc in remaining:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL) if os.getpgid(proc.pid) == proc.pid else None
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(remaining, timeout=3.0)
+    end_processes(list(victims.values()), grace_s)
     for pid_file in paths.RUN_DIR.glob("*.pid") if paths.RUN_DIR.exists() else []:
         pid_file.unlink(missing_ok=True)
     return names

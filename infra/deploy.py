@@ -51,6 +51,7 @@ MODULE_DISTS = {
     "tenacity": "tenacity",
     "pydantic": "pydantic",
     "aiohttp": "aiohttp",
+    "dotenv": "python-dotenv",
 }
 # Come with a distribution above (or with the runtime) and need no pin of their own.
 TRANSITIVE = {"flask", "werkzeug", "google.api_core", "google.auth", "google.protobuf", "google.rpc",

@@ -21,6 +21,8 @@ from rich.text import Text
 from typer._click.exceptions import UsageError  # typer bundles its own click
 from typer.core import TyperGroup
 
+from shared.durations import format_duration
+from shared.envfile import load_env_file
 from shared.exceptions import ConflictError, NotFoundError, UpcfanError
 
 EXIT_OK = 0
@@ -89,22 +91,6 @@ def _ops():
 
 
 # ---------------------------------------------------------------- environment
-
-
-def load_env_file(path: Path) -> dict[str, str]:
-    """KEY=value lines (comments, blanks and `export ` prefixes allowed) into os.environ."""
-    loaded: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        loaded[key.strip()] = value
-    os.environ.update(loaded)
-    return loaded
 
 
 def _default_env_file() -> Path | None:
@@ -183,15 +169,6 @@ def exit_code_for(status: str | None) -> int:
     }.get(status or "", EXIT_OK)
 
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 _STATUS_STYLE = {"completed": "green", "completed_with_failures": "yellow", "failed": "red", "cancelled": "magenta",
                  "running": "cyan", "ingesting": "blue"}
 
@@ -225,7 +202,7 @@ def render_status(view: dict[str, Any]) -> Group:
     footer = Text(
         f"rate {rate:.1f} items/s" if rate is not None else "rate –",
     )
-    footer.append(f"   ETA {_fmt_duration(view.get('eta_s'))}")
+    footer.append(f"   ETA {format_duration(view.get('eta_s'), exact=True)}")
     footer.append("   stall: ")
     footer.append("YES" if view.get("stalled") else "no", style="bold red" if view.get("stalled") else "green")
     return Group(header, progress_row, table, footer)

@@ -1,0 +1,242 @@
+"""bench/run's driver: each bench in its own process with a time limit, tabulated against same-run
+baselines into bench/results.md; fails when a bench is broken or leaves a process running.
+
+`--only NAME` re-measures those benches and keeps the other benches' results (with their dates) from
+the current bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from devstack.procs import describe_process, end_processes, processes_with_env  # noqa: E402
+
+BENCHES = ["cloudtasks", "ingest", "worker", "sweeper", "marketplace"]
+RESULTS = ROOT / "bench" / "results.md"
+# Set in every bench's environment (and so in every process a bench starts): what is still running
+# with this run's value once all benches returned was left behind.
+RUN_TAG = "UPCFAN_BENCH_RUN"
+EXIT_GRACE_S = 5.0  # a bench's children may still be exiting when it returns
+
+
+@dataclass
+class BenchRun:
+    name: str
+    result: dict | None
+    code: int | str
+    took_s: float
+    tail: str
+    measured_at: str  # "YYYY-MM-DD HH:MM UTC" of the run that measured it
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def last_json(text: str) -> dict | None:
+    """The BENCH_RESULT line, else the last stdout line that is a JSON object."""
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("BENCH_RESULT "):
+            line = line[len("BENCH_RESULT "):]
+        if line.startswith("{"):
+            try:
+                found = json.loads(line)
+            except ValueError:
+                continue
+    return found
+
+
+def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
+    """(bench, measure, this run vs same-run baseline, ratio, goal) rows; verdict computed."""
+    out = []
+
+    def add(measure, detail, ratio, goal_text, ok):
+        out.append((name, measure, detail, ratio, f"{goal_text} {'ok' if ok else 'MISSED'}"))
+
+    if name == "cloudtasks":
+        c, raw = r.get("client_creates_per_s"), r.get("raw_creates_per_s")
+        if c and raw:
+            out.append((name, "official-client creates vs raw-HTTP creates", f"{c:,.0f}/s vs {raw:,.0f}/s",
+                        f"{c / raw:.2f}", "(no goal stated; client overhead)"))
+        d = r.get("dispatches_per_s")
+        rate = r.get("rate_limit") or r.get("rate") or 500.0
+        if d:
+            add("dispatch rate vs queue max_dispatches_per_second", f"{d:,.0f}/s vs {rate:g}/s", f"{d / rate:.2f}",
+                "≥ 0.9 of the queue rate", d / rate >= 0.9)
+    elif name == "ingest":
+        if r.get("ratio") is not None:  # null when run with --rss-only
+            add("fan-out (upload → all tasks) vs bare CreateTask loop",
+                f"{r['fanout_s']:.1f} s vs {r['baseline_s']:.1f} s for {r['upcs']:,} tasks", f"{r['ratio']:.2f}",
+                f"≥ {r.get('goal_ratio', 0.8)}", r["ratio"] >= r.get("goal_ratio", 0.8))
+        add("peak RSS 1M lines vs 10k lines",
+            f"{r['rss_large_kib'] / 1024:.0f} MiB vs {r['rss_small_kib'] / 1024:.0f} MiB", f"{r['rss_ratio']:.2f}",
+            f"≤ {r.get('goal_rss_ratio', 1.2)}", r["rss_ratio"] <= r.get("goal_rss_ratio", 1.2))
+    elif name == "worker":
+        add("process_item_delivery vs bare claim+complete txns",
+            f"{r['core_items_per_s']:,.1f}/s vs {r['baseline_items_per_s']:,.1f}/s", f"{r['ratio']:.2f}",
+            "≥ 0.5", r["ratio"] >= 0.5)
+        if r.get("transactions_per_item") is not None:
+            tpi = r["transactions_per_item"]
+            add("transactions per item (happy path)", f"{tpi:.2f}", f"{tpi / 2:.2f}", "= 2 per item", abs(tpi - 2) < 0.05)
+    elif name == "marketplace":
+        add("sandbox marketplace req/s (3,000 requests, 50 clients)", f"{r['req_per_s']:,}/s",
+            f"{r['req_per_s'] / 500:.2f}", "≥ 500 req/s", r["req_per_s"] >= 500)
+    elif name == "sweeper":
+        budget = r.get("read_budget") or 3 * r.get("stalled", 100)
+        for s in r.get("sweeps", []):
+            add(f"sweep '{s['sweep']}' over {r.get('jobs', 0):,} jobs ({r.get('stalled')} stalled)",
+                f"{s['ms']:.0f} ms, {s['documents_read']} reads vs budget {budget}",
+                f"{s['documents_read'] / budget:.2f}", "< 2000 ms and reads ≤ budget",
+                s["ms"] < 2000 and s["documents_read"] <= budget)
+    return out
+
+
+def run_bench(name: str, timeout_s: float, env: dict[str, str]) -> BenchRun:
+    """One bench in its own process; SIGINT at the time limit so its own cleanup runs, then SIGKILL."""
+    script = ROOT / "bench" / f"{name}_bench.py"
+    if not script.exists():
+        return BenchRun(name, None, "missing", 0.0, "", now_utc())
+    print(f"== {name}: {script.relative_to(ROOT)}", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        code: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        code = "timeout"
+    took = time.monotonic() - t0
+    sys.stdout.write(out)
+    print(f"== {name}: exit {code} in {took:.0f} s", flush=True)
+    return BenchRun(name, last_json(out) if code == 0 else None, code, took, (out + err)[-1500:], now_utc())
+
+
+def previous_runs(path: Path) -> dict[str, BenchRun]:
+    """The results kept in an earlier results.md (raw result lines, wall times, when measured)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    file_date = re.search(r"^- date: (.+)$", text, re.M)
+    measured = dict(re.findall(r"(\w+) (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", _line_after(text, "Measured: ")))
+    took = {n: float(s) for n, s in re.findall(r"(\w+) (\d+) s", _line_after(text, "Per-bench wall time: "))}
+    raw = text.split("Raw result lines:", 1)[-1] if "Raw result lines:" in text else ""
+    runs = {}
+    for name, payload in re.findall(r"^(\w+): (\{.*\})$", raw, re.M):
+        when = measured.get(name) or (file_date.group(1).strip() if file_date else "?")
+        runs[name] = BenchRun(name, json.loads(payload), 0, took.get(name, 0.0), "", when)
+    return runs
+
+
+def _line_after(text: str, prefix: str) -> str:
+    return next((line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)), "")
+
+
+def leftover_processes(run_id: str) -> list[str]:
+    """Processes the benches started that still run (after EXIT_GRACE_S); they are ended here."""
+    procs = processes_with_env(RUN_TAG, run_id)
+    _, still_running = psutil.wait_procs(procs, timeout=EXIT_GRACE_S)
+    described = [describe_process(p) for p in still_running]
+    end_processes(still_running)
+    return described
+
+
+def results_table(runs: list[BenchRun]) -> list[tuple[str, ...]]:
+    table = [("bench", "measure", "this run vs same-run baseline", "ratio", "goal")]
+    for run in runs:
+        if run.result is None:
+            table.append((run.name, "BROKEN", f"exit {run.code} after {run.took_s:.0f} s; no result line", "-", "-"))
+        else:
+            rows = rows_for(run.name, run.result)
+            table.extend(rows or [(run.name, "no recognised fields", json.dumps(run.result)[:80], "-", "-")])
+    return table
+
+
+def machine_lines() -> list[str]:
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return [
+        f"- machine: {os.cpu_count()} CPUs (nproc), {mem_kib / 1024 / 1024:.1f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+        f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(other sessions share this machine and its stack)",
+    ]
+
+
+def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[str], left: list[str]) -> str:
+    md = ["# Benchmark results", "", f"- date: {now_utc()}", *machine_lines(),
+          "- produced by `bench/run`; every ratio is against a baseline measured in the same run"]
+    if kept:
+        md.append(f"- not re-run this time, kept from the previous results: {', '.join(kept)} (see Measured)")
+    md += ["", "| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in table[0]) + "|"]
+    md += ["| " + " | ".join(str(v).replace("|", "\\|") for v in r) + " |" for r in table[1:]]
+    md += ["", "Per-bench wall time: " + ", ".join(f"{r.name} {r.took_s:.0f} s" for r in runs),
+           "", "Measured: " + ", ".join(f"{r.name} {r.measured_at}" for r in runs)]
+    for r in runs:
+        if r.result is None:
+            md += ["", f"## {r.name}: BROKEN (exit {r.code})", "", "```", r.tail.strip(), "```"]
+    if left:
+        md += ["", "## LEFT RUNNING by the benches (ended by bench/run)", ""] + [f"- {p}" for p in left]
+    md += ["", "Raw result lines:", "", "```"]
+    md += [f"{r.name}: {json.dumps(r.result)}" for r in runs if r.result is not None]
+    return "\n".join(md + ["```", ""])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench/run")
+    ap.add_argument("--only", action="append", choices=BENCHES, default=[])
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per benchmark")
+    args = ap.parse_args()
+    run_id = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{RUN_TAG: run_id})
+    fresh = {name: run_bench(name, args.timeout, env) for name in args.only or BENCHES}
+    left = leftover_processes(run_id)
+    previous = previous_runs(RESULTS) if args.only else {}
+    kept = [n for n in BENCHES if n not in fresh and n in previous]
+    runs = [fresh.get(n) or previous[n] for n in BENCHES if n in fresh or n in kept]
+
+    table = results_table(runs)
+    widths = [max(len(str(r[i])) for r in table) for i in range(5)]
+    print()
+    for r in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    RESULTS.write_text(results_md(runs, table, kept, left))
+    print("\nwrote bench/results.md")
+    if left:
+        print("bench/run: FAILED: processes left running by the benches (now ended):\n  " + "\n  ".join(left))
+    return 1 if left or any(r.result is None for r in fresh.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

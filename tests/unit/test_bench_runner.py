@@ -1,0 +1,56 @@
+"""bench/runner.py: a process a bench leaves running is found and ended; `--only` keeps the other results."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+
+RUNNER = Path(__file__).resolve().parents[2] / "bench" / "runner.py"
+spec = importlib.util.spec_from_file_location("bench_runner", RUNNER)
+runner = sys.modules["bench_runner"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(runner)
+
+
+def test_a_process_left_by_a_bench_is_reported_and_ended():
+    run_id = uuid.uuid4().hex
+    # Started the way a bench's helper is: inherits the run tag; its parent returns without stopping it.
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            env={**os.environ, runner.RUN_TAG: run_id})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             env={**os.environ, runner.RUN_TAG: "another-run"})
+    try:
+        reported = runner.leftover_processes(run_id)
+        assert reported == [f"pid {left.pid} ({sys.executable} -c import time; time.sleep(120))"]
+        assert left.wait(timeout=10) is not None
+        assert other.poll() is None  # another run's process is not touched
+        assert runner.leftover_processes(run_id) == []
+    finally:
+        for p in (left, other):
+            p.kill()
+            p.wait()
+
+
+def test_only_reruns_keep_the_other_benches_results(tmp_path):
+    kept = runner.BenchRun("marketplace", {"bench": "marketplace", "req_per_s": 3481}, 0, 2.0, "", "2026-11-23 14:22 UTC")
+    fresh = runner.BenchRun("cloudtasks", {"client_creates_per_s": 300.0, "raw_creates_per_s": 1800.0,
+                                           "dispatches_per_s": 520.0, "rate_limit": 500.0}, 0, 50.0, "",
+                            "2026-11-24 09:00 UTC")
+    path = tmp_path / "results.md"
+    runs = [fresh, kept]
+    path.write_text(runner.results_md(runs, runner.results_table(runs), ["marketplace"], []))
+
+    previous = runner.previous_runs(path)
+    assert previous["marketplace"].result == kept.result
+    assert previous["marketplace"].measured_at == "2026-11-23 14:22 UTC"
+    assert previous["marketplace"].took_s == 2.0
+    assert previous["cloudtasks"].measured_at == "2026-11-24 09:00 UTC"
+    table = runner.results_table(list(previous.values()))
+    assert [r[1] for r in table[1:]] == [
+        "official-client creates vs raw-HTTP creates", "dispatch rate vs queue max_dispatches_per_second",
+        "sandbox marketplace req/s (3,000 requests, 50 clients)"]
+
