@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from shared.config import settings as _settings
+from shared.durations import format_duration
 from shared.retry import SLACK
 
 # Slack answers 429 with Retry-After; we wait in-process only for short waits (at most
@@ -22,18 +23,6 @@ SEVERITY_EMOJI = {"CRITICAL": ":red_circle:", "WARNING": ":warning:", "INFO": ":
 def escape(text: Any) -> str:
     """Escape Slack's control characters (& < >) in any user-derived string."""
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def format_duration(seconds: float) -> str:
-    """'2h 05m' / '17m' / '45s' — how long a job has been stalled, for humans."""
-    seconds = max(0, int(seconds))
-    hours, rem = divmod(seconds, 3600)
-    minutes, secs = divmod(rem, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m"
-    return f"{secs}s"
 
 
 @dataclass(frozen=True)
