@@ -25,6 +25,8 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from devstack.procs import run_local_server
+
 log = logging.getLogger("event_bridge")
 
 EVENT_TYPE = "google.cloud.storage.object.v1.finalized"
@@ -297,13 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     bridge = Bridge(
         args.pubsub, args.subscription, args.target, args.storage_url, args.deliveries_file, args.max_attempts
     )
-    web.run_app(
-        make_app(bridge),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=lambda _msg: print(f"event_bridge ready on http://{args.host}:{args.port}", flush=True),
-    )
+    run_local_server(make_app(bridge), "event_bridge", args.host, args.port)
 
 
 if __name__ == "__main__":

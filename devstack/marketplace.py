@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from devstack.procs import run_local_server
+
 DOMAIN = "API_INVENTORY"
 _BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Soylent", "Hooli", "Stark", "Wayne")
 _NOUNS = ("Widget", "Gadget", "Sprocket", "Gizmo", "Doohickey", "Thingamajig", "Contraption", "Device")
@@ -350,14 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for injected random faults")
     parser.add_argument("--enforce-unique-sku", action="store_true")
     args = parser.parse_args(argv)
-    web.run_app(
-        make_app(seed=args.seed, enforce_unique_sku=args.enforce_unique_sku),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        backlog=1024,
-        print=lambda _msg: print(f"marketplace ready on http://{args.host}:{args.port}", flush=True),
-    )
+    run_local_server(make_app(seed=args.seed, enforce_unique_sku=args.enforce_unique_sku), "marketplace",
+                     args.host, args.port, backlog=1024)
 
 
 if __name__ == "__main__":

@@ -298,3 +298,11 @@ def stop_all(grace_s: float = 8.0) -> list[str]:
     for pid_file in paths.RUN_DIR.glob("*.pid") if paths.RUN_DIR.exists() else []:
         pid_file.unlink(missing_ok=True)
     return names
+
+
+def run_local_server(app, name: str, host: str, port: int, **kwargs) -> None:
+    """Serve an aiohttp app of the local stack until stopped; its "ready" line is what the stack waits for."""
+    from aiohttp import web
+
+    web.run_app(app, host=host, port=port, access_log=None,
+                print=lambda _msg: print(f"{name} ready on http://{host}:{port}", flush=True), **kwargs)

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
+from devstack.procs import run_local_server
+
 SINK_KEY = web.AppKey("sink", dict)
 
 
@@ -90,13 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    web.run_app(
-        make_app(),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=lambda _msg: print(f"slack_sink ready on http://{args.host}:{args.port}", flush=True),
-    )
+    run_local_server(make_app(), "slack_sink", args.host, args.port)
 
 
 if __name__ == "__main__":
