@@ -81,41 +81,33 @@ def _counts(job_id: str) -> dict[str, int]:
 # ---------------------------------------------------------------- status
 
 
-def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any]:
-    """One job's status, totals, live per-status counts, percent, rate, ETA, stall flag and times."""
-    now = now or _now()
-    job = _load_job(job_id).doc
-    status = job.get("status")
-    totals = {k: int(v or 0) for k, v in (job.get("totals") or {}).items()}
+def _progress_figures(job: dict[str, Any], finished: int, items_total: int | None,
+                      now: dt.datetime) -> tuple[float | None, float | None, float | None]:
+    """Percent done, items finished per second since fan-out, and the ETA of the rest (None when unknown)."""
+    if items_total is None:
+        return None, None, None
+    percent = 100.0 if items_total == 0 else round(min(100.0, 100.0 * finished / items_total), 2)
     fanout_done_at = job.get("fanout_done_at")
-    counts = _counts(job_id)
-    items_total = totals.get("items") if fanout_done_at else None
+    elapsed = (now - fanout_done_at).total_seconds() if isinstance(fanout_done_at, dt.datetime) else 0
+    end = job.get("completed_at") or job.get("cancelled_at")
+    if isinstance(end, dt.datetime) and isinstance(fanout_done_at, dt.datetime):
+        elapsed = min(elapsed, (end - fanout_done_at).total_seconds())
+    rate = round(finished / elapsed, 3) if elapsed > 0 else None
+    remaining = max(0, items_total - finished)
+    running = job.get("status") in (JobStatus.RUNNING.value, JobStatus.INGESTING.value)
+    eta_s = round(remaining / rate, 1) if rate and remaining and running else None
+    return percent, rate, eta_s
 
-    finished = counts["succeeded"] + counts["failed"] + counts["cancelled"]
-    open_ = counts["queued"] + counts["processing"]
-    percent = None
-    rate = None
-    eta_s = None
-    if items_total is not None:
-        percent = 100.0 if items_total == 0 else round(min(100.0, 100.0 * finished / items_total), 2)
-        elapsed = (now - fanout_done_at).total_seconds() if isinstance(fanout_done_at, dt.datetime) else 0
-        end = job.get("completed_at") or job.get("cancelled_at")
-        if isinstance(end, dt.datetime) and isinstance(fanout_done_at, dt.datetime):
-            elapsed = min(elapsed, (end - fanout_done_at).total_seconds())
-        if elapsed > 0:
-            rate = round(finished / elapsed, 3)
-        remaining = max(0, items_total - finished)
-        if rate and remaining and status in (JobStatus.RUNNING.value, JobStatus.INGESTING.value):
-            eta_s = round(remaining / rate, 1)
 
-    # What became of every data line; for a cancelled job, items that never finished are cancelled
-    # (their tasks drain as no-ops).
+def _line_outcome(status: str | None, totals: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+    """What became of every data line; for a cancelled job, items that never finished are cancelled
+    (their tasks drain as no-ops)."""
     cancelled = counts["cancelled"]
-    pending = open_ + counts["never_claimed"]
+    pending = counts["queued"] + counts["processing"] + counts["never_claimed"]
     if status == JobStatus.CANCELLED.value:
         cancelled += pending
         pending = 0
-    outcome = {
+    return {
         "lines": totals.get("lines", 0),
         "succeeded": counts["succeeded"],
         "failed": counts["failed"],
@@ -124,6 +116,19 @@ def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any
         "cancelled": cancelled,
         "pending": pending,
     }
+
+
+def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """One job's status, totals, live per-status counts, percent, rate, ETA, stall flag and times."""
+    now = now or _now()
+    job = _load_job(job_id).doc
+    status = job.get("status")
+    totals = {k: int(v or 0) for k, v in (job.get("totals") or {}).items()}
+    fanout_done_at = job.get("fanout_done_at")
+    counts = _counts(job_id)
+    finished = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    percent, rate, eta_s = _progress_figures(job, finished, totals.get("items") if fanout_done_at else None, now)
+    outcome = _line_outcome(status, totals, counts)
     stall = job.get("stall")
     return _jsonable(
         {

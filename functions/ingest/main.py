@@ -37,68 +37,82 @@ def _is_cloudevent(request: Request) -> bool:
 
 @functions_framework.http
 def ingest(request: Request):
-    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
-
     path = request.path.rstrip("/")
     if request.method != "POST":
         return jsonify({"error": {"code": "method_not_allowed", "message": "use POST"}}), 405
     try:
         if path == "/fanout":
-            from pydantic import ValidationError
-
-            from shared.payloads import ChunkTask, describe_validation_error
-
-            try:
-                chunk = ChunkTask.model_validate(request.get_json(silent=True))
-            except ValidationError as exc:
-                # 200: a malformed chunk task can never succeed, so Cloud Tasks must not retry it.
-                message = f"chunk task payload is malformed and can never succeed: {describe_validation_error(exc)}"
-                log_event("bad_chunk_payload", severity="ERROR", error=message,
-                          body=request.get_data(as_text=True)[:200])
-                return jsonify({"error": {"code": "bad_payload", "message": message}}), 200
-            result = core.process_chunk(chunk)
-            return jsonify(result.__dict__), 200
+            return _chunk_task(request)
         if path not in ("", "/api/batch/process"):
             return jsonify({"error": {"code": "not_found", "message": f"no route {request.path}"}}), 404
         if _is_cloudevent(request):
-            event = from_http(dict(request.headers), request.get_data())
-            if event["type"] != FINALIZED:
-                log_event("event_ignored", event_type=event["type"], event_id=event["id"])
-                return jsonify({"ignored": event["type"]}), 200
-            data = event.data if isinstance(event.data, dict) else {}
-            try:
-                result = core.handle_finalize_event(data, event_id=event["id"])
-            except SourceObjectNotFoundError as exc:
-                # Overwritten or deleted before we ran: that generation's data is gone for good and a
-                # newer generation has its own event, so retrying this one would only spin.
-                log_event("event_object_gone", severity="WARNING", event_id=event["id"], error=exc.message)
-                return jsonify({"ignored": exc.message}), 200
-            except BadRequestError as exc:
-                if exc.code != "unknown_handler":
-                    raise
-                # The object's upcfan-handler metadata names no handler: only a new upload can fix that.
-                log_event("event_unknown_handler", severity="ERROR", event_id=event["id"], error=exc.message)
-                return jsonify({"ignored": exc.message}), 200
-            if result is None:
-                return jsonify({"ignored": "bucket not watched"}), 200
-            # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
-            return jsonify(result.to_dict()), 200 if result.error else 202
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            return jsonify({"error": {"code": "bad_json",
-                                      "message": "body must be a JSON object {gcs_path, handler}"}}), 400
-        from pydantic import ValidationError
-
-        from shared import operations
-        from shared.process_request import ProcessFileRequest
-
-        try:
-            # Strict: JSON true/false only (no "yes" or 1), as this trigger has always required.
-            process = ProcessFileRequest.model_validate(body, strict=True)
-        except ValidationError as exc:
-            return _invalid_body(exc.errors())
-        result = operations.submit(process, source="http")
-        return jsonify(result.to_dict()), 422 if result.error else 202
+            return _finalize_event(request)
+        return _process_request(request)
     except UpcfanError as exc:
         log_event("ingest_error", severity="WARNING", code=exc.code, error=exc.message)
         return _error(exc)
+
+
+def _chunk_task(request: Request):
+    """`POST /fanout`: one chunk task from the control queue."""
+    from pydantic import ValidationError
+
+    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
+    from shared.payloads import ChunkTask, describe_validation_error
+
+    try:
+        chunk = ChunkTask.model_validate(request.get_json(silent=True))
+    except ValidationError as exc:
+        # 200: a malformed chunk task can never succeed, so Cloud Tasks must not retry it.
+        message = f"chunk task payload is malformed and can never succeed: {describe_validation_error(exc)}"
+        log_event("bad_chunk_payload", severity="ERROR", error=message, body=request.get_data(as_text=True)[:200])
+        return jsonify({"error": {"code": "bad_payload", "message": message}}), 200
+    result = core.process_chunk(chunk)
+    return jsonify(result.__dict__), 200
+
+
+def _finalize_event(request: Request):
+    """An Eventarc CloudEvent: a finalized object in the watched bucket becomes a job."""
+    from shared import ingest as core
+
+    event = from_http(dict(request.headers), request.get_data())
+    if event["type"] != FINALIZED:
+        log_event("event_ignored", event_type=event["type"], event_id=event["id"])
+        return jsonify({"ignored": event["type"]}), 200
+    data = event.data if isinstance(event.data, dict) else {}
+    try:
+        result = core.handle_finalize_event(data, event_id=event["id"])
+    except SourceObjectNotFoundError as exc:
+        # Overwritten or deleted before we ran: that generation's data is gone for good and a
+        # newer generation has its own event, so retrying this one would only spin.
+        log_event("event_object_gone", severity="WARNING", event_id=event["id"], error=exc.message)
+        return jsonify({"ignored": exc.message}), 200
+    except BadRequestError as exc:
+        if exc.code != "unknown_handler":
+            raise
+        # The object's upcfan-handler metadata names no handler: only a new upload can fix that.
+        log_event("event_unknown_handler", severity="ERROR", event_id=event["id"], error=exc.message)
+        return jsonify({"ignored": exc.message}), 200
+    if result is None:
+        return jsonify({"ignored": "bucket not watched"}), 200
+    # A file that cannot be read is the uploader's problem, not a reason for Eventarc to retry.
+    return jsonify(result.to_dict()), 200 if result.error else 202
+
+
+def _process_request(request: Request):
+    """`POST {gcs_path, handler}`: the HTTP trigger."""
+    from pydantic import ValidationError
+
+    from shared import operations
+    from shared.process_request import ProcessFileRequest
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return jsonify({"error": {"code": "bad_json", "message": "body must be a JSON object {gcs_path, handler}"}}), 400
+    try:
+        # Strict: JSON true/false only (no "yes" or 1), as this trigger has always required.
+        process = ProcessFileRequest.model_validate(body, strict=True)
+    except ValidationError as exc:
+        return _invalid_body(exc.errors())
+    result = operations.submit(process, source="http")
+    return jsonify(result.to_dict()), 422 if result.error else 202
