@@ -1,4 +1,9 @@
-"""`python -m infra plan|apply --project P --region R [--bucket B] [--item-queue-shards N]`."""
+"""`python -m infra plan|apply|secrets --project P --region R [--bucket B] [--item-queue-shards N]`.
+
+`secrets` checks that every secret the selected functions mount has a value (adding one from
+`--secret-file ID=PATH` where none exists) and exits non-zero naming each missing one; scripts/deploy
+runs it before any function deploy.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from infra.clients import Clients
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m infra", description="Plan or apply upcfan's cloud resources.")
-    p.add_argument("command", choices=["plan", "apply"])
+    p.add_argument("command", choices=["plan", "apply", "secrets"])
     p.add_argument("--project", required=True)
     p.add_argument("--region", required=True)
     p.add_argument("--bucket", default="", help="watched bucket (default: UPCFAN_BUCKET)")
@@ -24,7 +29,32 @@ def parse(argv=None) -> argparse.Namespace:
                    help="skip resources that need the functions deployed (invokers, scheduler, eventarc)")
     p.add_argument("--only", action="append", default=[],
                    help="only resource kinds starting with this (e.g. cloudtasks); repeatable")
+    p.add_argument("--functions", default=",".join(model.FUNCTIONS),
+                   help="secrets: only the secrets these functions mount (comma list)")
+    p.add_argument("--secret-file", action="append", default=[], metavar="SECRET_ID=PATH",
+                   help="secrets: add the value in PATH to SECRET_ID if it has none yet (repeatable)")
     return p.parse_args(argv)
+
+
+def secret_files(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        secret_id, sep, path = pair.partition("=")
+        if not sep or secret_id not in model.SECRETS or not path:
+            raise SystemExit(f"--secret-file {pair!r}: expected SECRET_ID=PATH with SECRET_ID one of {list(model.SECRETS)}")
+        out[secret_id] = path
+    return out
+
+
+def secrets_main(args, clients: Clients, echo) -> int:
+    from infra.resources.secrets import require_values
+
+    fns = [f for f in args.functions.split(",") if f]
+    needed = sorted({secret for fn in fns for _, secret in model.FUNCTION_SECRETS.get(fn, ())})
+    problems = require_values(clients.get("secrets"), args.project, needed, secret_files(args.secret_file), echo)
+    for problem in problems:
+        echo(f"missing: {problem}")
+    return 1 if problems else 0
 
 
 def select(args, resources):
@@ -44,6 +74,8 @@ def main(argv=None, clients: Clients | None = None, out=None) -> int:
     resources = select(args, stack.build(desired))
     clients = clients or Clients()
     echo = lambda s: print(s, file=out)  # noqa: E731
+    if args.command == "secrets":
+        return secrets_main(args, clients, echo)
     if args.command == "plan":
         changes = runner.plan(resources, clients)
         for c in changes:

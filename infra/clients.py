@@ -164,8 +164,11 @@ class IamAdminRest(_Rest):
         )
 
     def get_iam_policy(self, request):
-        body = {"options": {"requestedPolicyVersion": 3}}
-        return _policy_from_json(self._call("POST", f"{request.resource}:getIamPolicy", body))
+        # POST with an empty body: the requested policy version is a query parameter
+        # (`options.requestedPolicyVersion`), as for Cloud Run below, not a body field.
+        return _policy_from_json(
+            self._call("POST", f"{request.resource}:getIamPolicy", params={"options.requestedPolicyVersion": 3})
+        )
 
     def set_iam_policy(self, request):
         return _policy_from_json(

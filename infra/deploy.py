@@ -81,13 +81,12 @@ def function_specs(shards: int) -> list[FunctionSpec]:
     ingest_conc = 4
     return [
         FunctionSpec("ingest", "ingest", "ingest", "1Gi", "1", CONTROL_QUEUE.dispatch_deadline_s, ingest_conc,
-                     0, math.ceil(control_conc / ingest_conc) + 2),
+                     0, math.ceil(control_conc / ingest_conc) + 2, secrets=model.FUNCTION_SECRETS["ingest"]),
         FunctionSpec("worker", "worker", "worker", "512Mi", "1", ITEM_QUEUE.dispatch_deadline_s, worker_conc,
-                     1, math.ceil((item_conc + control_conc) / worker_conc),
-                     secrets=(("UPCFAN_MARKETPLACE_API_KEY", model.MARKETPLACE_SECRET),)),
+                     1, math.ceil((item_conc + control_conc) / worker_conc), secrets=model.FUNCTION_SECRETS["worker"]),
         FunctionSpec("sweeper", "sweeper", "sweeper", "512Mi", "1", 300, 1, 0, 1,
-                     secrets=(("UPCFAN_SLACK_WEBHOOK_URL", model.SLACK_SECRET),)),
-        FunctionSpec("api", "api", "api", "512Mi", "1", 60, 20, 0, 5),
+                     secrets=model.FUNCTION_SECRETS["sweeper"]),
+        FunctionSpec("api", "api", "api", "512Mi", "1", 60, 20, 0, 5, secrets=model.FUNCTION_SECRETS["api"]),
     ]
 
 
@@ -184,7 +183,7 @@ def build(fn: str, source_root: Path, build_root: Path) -> tuple[Path, str]:
 
 # ---- commands ------------------------------------------------------------------------------
 
-def env_vars(d: model.Desired, marketplace_url: str) -> dict[str, str]:
+def env_vars(d: model.Desired, marketplace_url: str, default_handler: str) -> dict[str, str]:
     env = {
         "GOOGLE_CLOUD_PROJECT": d.project,
         "UPCFAN_LOCATION": d.region,
@@ -195,6 +194,9 @@ def env_vars(d: model.Desired, marketplace_url: str) -> dict[str, str]:
         "UPCFAN_WORKER_URL": d.function_url("worker"),
         "UPCFAN_BUCKET": d.bucket,
         "UPCFAN_TASK_SERVICE_ACCOUNT": d.sa_email("tasks_invoker"),
+        # What a dropped file runs when neither its request nor its object metadata names a
+        # handler: an explicit deploy setting (unset, the code's default would be a dry run).
+        "UPCFAN_DEFAULT_HANDLER": default_handler,
     }
     if marketplace_url:
         env["UPCFAN_MARKETPLACE_URL"] = marketplace_url
@@ -238,6 +240,36 @@ def infra_cmd(action: str, d: model.Desired, before_deploy: bool) -> list[str]:
     return cmd
 
 
+def secrets_cmd(d: model.Desired, fns: list[str], secret_files: list[str]) -> list[str]:
+    """`python -m infra secrets`: every secret these functions mount has a value, or a refusal naming it."""
+    cmd = [sys.executable, "-m", "infra", "secrets", f"--project={d.project}", f"--region={d.region}",
+           f"--functions={','.join(fns)}"]
+    return cmd + [f"--secret-file={pair}" for pair in secret_files]
+
+
+def handler_needs_marketplace(name: str) -> bool:
+    from shared.handlers.dry_run import DryRunHandler
+
+    return name != DryRunHandler.name
+
+
+def handler_mode(name: str) -> str:
+    """How deploy states the mode of dropped files."""
+    if not handler_needs_marketplace(name):
+        return f"{name} (DRY RUN: items are checked, nothing is sent to the marketplace)"
+    return f"{name} (LIVE: items are sent to the marketplace)"
+
+
+def describe(spec: FunctionSpec, d: model.Desired, env: dict[str, str]) -> list[str]:
+    """A function's resulting configuration, as deploy prints it (values of secrets never appear)."""
+    lines = [f"function {spec.name}: service account {d.sa_email(spec.service_account_role)}, "
+             f"timeout {spec.timeout_s}s, concurrency {spec.concurrency}, "
+             f"instances {spec.min_instances}..{spec.max_instances}"]
+    lines += [f"  env {k}={v}" for k, v in env.items()]
+    lines += [f"  secret {var} <- {secret}:latest" for var, secret in spec.secrets]
+    return lines
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/deploy", description="Build and deploy upcfan's functions.")
     p.add_argument("--project", required=True)
@@ -245,6 +277,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--bucket", default="")
     p.add_argument("--item-queue-shards", type=int, default=None)
     p.add_argument("--marketplace-url", default="")
+    from shared.handlers.registry import known_handler_names
+
+    p.add_argument("--default-handler", required=True, choices=known_handler_names(),
+                   help="the handler a dropped file runs when neither its request nor its object metadata "
+                        "names one (dry_run = dry run, marketplace_draft = live); required: the mode of "
+                        "production is a deploy decision")
+    p.add_argument("--secret-file", action="append", default=[], metavar="SECRET_ID=PATH",
+                   help="value for a secret that has none yet (first deploy); repeatable")
     p.add_argument("--functions", default=",".join(model.FUNCTIONS), help="comma list (default: all)")
     p.add_argument("--source-root", type=Path, default=REPO_ROOT)
     p.add_argument("--build-dir", type=Path, default=None, help="default: <source-root>/build")
@@ -254,6 +294,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """In order: infra (service accounts, queues, secret containers, grants that need no function),
+    every mounted secret has a value (or stop before any deploy, naming it), each function built
+    and deployed, then infra again (invokers on the new services, scheduler, Eventarc)."""
     args = parse(argv)
     d = model.from_settings(args.project, args.region, bucket=args.bucket, item_queue_shards=args.item_queue_shards)
     fns = [f for f in args.functions.split(",") if f]
@@ -262,22 +305,31 @@ def main(argv=None) -> int:
         raise SystemExit(f"deploy: unknown functions {unknown}")
     specs = [s for s in function_specs(d.item_queue_shards) if s.name in fns]
     build_root = args.build_dir or (args.source_root / "build")
-    env = env_vars(d, args.marketplace_url)
+    if handler_needs_marketplace(args.default_handler) and not args.marketplace_url:
+        raise SystemExit(f"deploy: --default-handler {args.default_handler} sends items to the marketplace: "
+                         f"give --marketplace-url")
+    env = env_vars(d, args.marketplace_url, args.default_handler)
+    print(f"dropped files run: {handler_mode(args.default_handler)}", flush=True)
 
-    def run(cmd: list[str]) -> None:
+    def run(cmd: list[str], step: str) -> None:
         print(("DRY-RUN " if args.dry_run else "+ ") + shlex.join(cmd), flush=True)
         if not args.dry_run:
-            subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+            try:
+                subprocess.run(cmd, check=True, cwd=REPO_ROOT)
+            except subprocess.CalledProcessError as exc:
+                raise SystemExit(f"deploy: stopped at {step} (exit {exc.returncode}); see the messages above") from exc
 
     if not args.skip_infra:
-        run(infra_cmd("apply", d, before_deploy=True))
+        run(infra_cmd("apply", d, before_deploy=True), "infra apply --before-deploy")
+    run(secrets_cmd(d, fns, args.secret_file), "the secret values check, before any function deploy")
     for spec in specs:
         out, digest = build(spec.name, args.source_root, build_root)
         print(f"build {spec.name}: {out} sha256:{digest}", flush=True)
-        run(gcloud_deploy(spec, d, out, digest, env))
+        print("\n".join(describe(spec, d, env)), flush=True)
+        run(gcloud_deploy(spec, d, out, digest, env), f"deploying {spec.name}")
     if not args.skip_infra:
         # invokers on the now-existing services, the scheduler job and the Eventarc trigger
-        run(infra_cmd("apply", d, before_deploy=False))
+        run(infra_cmd("apply", d, before_deploy=False), "infra apply (after deploy)")
     return 0
 
 

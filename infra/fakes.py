@@ -185,6 +185,7 @@ class FakeSecrets(IamHolder):
     def __init__(self):
         super().__init__()
         self.secrets: dict[str, Any] = {}
+        self.values: dict[str, list[bytes]] = {}  # secret name -> enabled version payloads
 
     def _has_policy(self, resource):
         return resource in self.secrets
@@ -207,8 +208,19 @@ class FakeSecrets(IamHolder):
         _merge(self.secrets[request.secret.name], request.secret, request.update_mask.paths)
         return self.secrets[request.secret.name]
 
-    def add_secret_version(self, request):  # pragma: no cover - infra must never call this
-        raise AssertionError("infra must never add a secret value")
+    def list_secret_versions(self, request):
+        if request.parent not in self.secrets:
+            raise gexc.NotFound(request.parent)
+        assert request.filter == "state:ENABLED"
+        return [f"{request.parent}/versions/{i + 1}" for i in range(len(self.values.get(request.parent, [])))]
+
+    def add_secret_version(self, request):
+        """Only `python -m infra secrets --secret-file` adds a value (never `apply`). The value is kept
+        (tests check it) but never recorded: recorded requests end up in fixtures."""
+        if request.parent not in self.secrets:
+            raise gexc.NotFound(request.parent)
+        self._record("add_secret_version", {"parent": request.parent})
+        self.values.setdefault(request.parent, []).append(bytes(request.payload.data))
 
 
 class FakeFirestoreAdmin(Recorder):

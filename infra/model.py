@@ -31,6 +31,75 @@ SA_IDS = {
     "eventarc_invoker": "upcfan-eventarc-invoker",
 }
 
+# Secrets each function mounts (`--set-secrets ENV=secret:latest`), and why. A function that sends
+# job notes to Slack needs the webhook: the job-finished note is sent by whichever function sees
+# the job finish (`shared/progress.py::check_job_progress`, called by the worker's /progress, by
+# ingest when fan-out ends and by the API's operations), and the sweeper sends stall alerts.
+SLACK_ENV = "UPCFAN_SLACK_WEBHOOK_URL"
+MARKETPLACE_ENV = "UPCFAN_MARKETPLACE_API_KEY"
+FUNCTION_SECRETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ingest": ((SLACK_ENV, SLACK_SECRET),),
+    "worker": ((MARKETPLACE_ENV, MARKETPLACE_SECRET), (SLACK_ENV, SLACK_SECRET)),
+    "sweeper": ((SLACK_ENV, SLACK_SECRET),),
+    "api": ((SLACK_ENV, SLACK_SECRET),),
+}
+SECRETS = (SLACK_SECRET, MARKETPLACE_SECRET)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One IAM grant: `role` to the service account `account` (a key of SA_IDS) on `target`.
+
+    Targets: "project", "item_queues" (every shard), "item_queue:0" (the first shard only),
+    "control_queue", "bucket", "secret:<id>", "sa:<account>" (a service account as a resource),
+    "run:<function>" (the Cloud Run service behind a function; exists only after deploy).
+    """
+
+    account: str
+    role: str
+    target: str
+    why: str
+
+
+def _secret_grants() -> list[Grant]:
+    return [Grant(fn, "roles/secretmanager.secretAccessor", f"secret:{secret}",
+                  f"Cloud Run reads {env} from this secret when an instance starts")
+            for fn, pairs in FUNCTION_SECRETS.items() for env, secret in pairs]
+
+
+# Least privilege: every grant names the calls that need it (infra/permissions.py checks that
+# each call a function makes is covered, and docs/operations.md lists them per account).
+GRANTS: tuple[Grant, ...] = (
+    # Firestore has no finer grant than the project.
+    *(Grant(fn, "roles/datastore.user", "project", "Firestore reads, writes and transactions")
+      for fn in FUNCTIONS),
+    Grant("eventarc_invoker", "roles/eventarc.eventReceiver", "project",
+          "required by Eventarc for a trigger's identity to receive events"),
+    # Enqueue rights per queue, not project-wide.
+    Grant("ingest", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: one task per item (fan-out)"),
+    Grant("ingest", "roles/cloudtasks.viewer", "item_queues",
+          "GetTask on AlreadyExists: which line owns an existing item task (shared/ingest.py::_existing_task_line)"),
+    Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed)"),
+    Grant("api", "roles/cloudtasks.viewer", "item_queue:0", "GetQueue: /health checks the first item queue"),
+    Grant("ingest", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: chunk tasks (/fanout)"),
+    Grant("worker", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: progress checks (/progress)"),
+    Grant("api", "roles/cloudtasks.enqueuer", "control_queue",
+          "CreateTask: chunk tasks of a file submitted with POST /api/batch/process"),
+    Grant("ingest", "roles/storage.objectViewer", "bucket", "read the dropped file (stat, plan, chunk ranges)"),
+    Grant("api", "roles/storage.objectViewer", "bucket",
+          "POST /api/batch/process stats and plans the file itself"),
+    *_secret_grants(),
+    # Creating a task with an OIDC token "acts as" the tasks-invoker account.
+    *(Grant(fn, "roles/iam.serviceAccountUser", "sa:tasks_invoker",
+            "CreateTask with an OIDC token of upcfan-tasks-invoker (iam.serviceAccounts.actAs)")
+      for fn in ("ingest", "worker", "api")),
+    # After deploy: each caller may invoke only its target service.
+    Grant("tasks_invoker", "roles/run.invoker", "run:worker", "Cloud Tasks delivers item tasks and /progress"),
+    Grant("tasks_invoker", "roles/run.invoker", "run:ingest", "Cloud Tasks delivers chunk tasks (/fanout)"),
+    Grant("eventarc_invoker", "roles/run.invoker", "run:ingest", "Eventarc delivers GCS finalize events"),
+    Grant("scheduler_invoker", "roles/run.invoker", "run:sweeper", "Cloud Scheduler runs the sweep"),
+)
+
 SCHEDULER_JOB = "upcfan-sweeper"
 EVENTARC_TRIGGER = "upcfan-ingest-finalize"
 FINALIZE_EVENT = "google.cloud.storage.object.v1.finalized"
@@ -75,6 +144,34 @@ class Desired:
     def run_service_path(self, function: str) -> str:
         # A gen2 function runs as the Cloud Run service of the same name.
         return f"{self.location_path}/services/{function}"
+
+    def sa_path(self, role: str) -> str:
+        return f"projects/{self.project}/serviceAccounts/{self.sa_email(role)}"
+
+    def bucket_path(self) -> str:
+        return f"projects/_/buckets/{self.bucket}"
+
+    def target_resources(self, target: str) -> list[str]:
+        """The IAM resource names a `Grant.target` (or a call's target) stands for."""
+        kind, _, arg = target.partition(":")
+        queues = [f"{self.location_path}/queues/{q.name}" for q in self.queue_specs()]
+        if kind == "project":
+            return [f"projects/{self.project}"]
+        if kind == "item_queues":
+            return queues[:-1]
+        if kind == "item_queue":
+            return [queues[int(arg)]]
+        if kind == "control_queue":
+            return [queues[-1]]
+        if kind == "bucket":
+            return [self.bucket_path()] if self.bucket else []
+        if kind == "secret":
+            return [self.secret_path(arg)]
+        if kind == "sa":
+            return [self.sa_path(arg)]
+        if kind == "run":
+            return [self.run_service_path(arg)]
+        raise ValueError(f"unknown grant target {target!r}")
 
     def with_changes(self, **kw) -> "Desired":
         return replace(self, **kw)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.clients import ServiceAccountSpec
-from infra.model import (EVENTARC_TRIGGER, FINALIZE_EVENT, MARKETPLACE_SECRET, SA_IDS, SCHEDULER_JOB,
-                         SLACK_SECRET, Desired)
+from infra.model import (EVENTARC_TRIGGER, FINALIZE_EVENT, GRANTS, SA_IDS, SCHEDULER_JOB, SECRETS,
+                         Desired)
 from infra.resources.base import Resource
 from infra.resources.eventarc import FinalizeTrigger
 from infra.resources.firestore import load_index_file
@@ -38,6 +38,36 @@ def _sa(d: Desired, role: str) -> str:
     return f"serviceAccount:{d.sa_email(role)}"
 
 
+def _holder(d: Desired, target: str) -> tuple[str, dict]:
+    """Client name and IamBindings options for the resources a grant target names."""
+    kind, _, arg = target.partition(":")
+    if kind == "project":
+        return "projects", {}
+    if kind in ("item_queues", "item_queue", "control_queue"):
+        return "tasks", {}
+    if kind == "bucket":
+        return "storage_iam", {"missing_hint": f"bucket {d.bucket} does not exist"}
+    if kind == "secret":
+        return "secrets", {}
+    if kind == "sa":
+        return "iam", {}
+    if kind == "run":
+        return "run", {"after_deploy": True, "missing_hint": f"function {arg} not deployed yet (run scripts/deploy)"}
+    raise ValueError(f"unknown grant target {target!r}")
+
+
+def iam_bindings(d: Desired, grants=GRANTS) -> tuple[list[IamBindings], list[IamBindings]]:
+    """One IamBindings per policy holder, in first-grant order: (before deploy, after deploy)."""
+    holders: dict[str, tuple[str, dict, list]] = {}
+    for g in grants:
+        client_name, opts = _holder(d, g.target)
+        for resource in d.target_resources(g.target):
+            holders.setdefault(resource, (client_name, opts, []))[2].append((g.role, _sa(d, g.account)))
+    out = [IamBindings(resource, client_name, bindings, **opts)
+           for resource, (client_name, opts, bindings) in holders.items()]
+    return [b for b in out if not b.after_deploy], [b for b in out if b.after_deploy]
+
+
 def build(d: Desired, index_file: Path | None = INDEX_FILE) -> list[Resource]:
     out: list[Resource] = []
 
@@ -49,48 +79,13 @@ def build(d: Desired, index_file: Path | None = INDEX_FILE) -> list[Resource]:
     qs = queues(d)
     out.extend(qs)
     # 3. secret containers (values are added by an operator)
-    out.append(SecretContainer(d.project, SLACK_SECRET, d.labels))
-    out.append(SecretContainer(d.project, MARKETPLACE_SECRET, d.labels))
+    out.extend(SecretContainer(d.project, secret, d.labels) for secret in SECRETS)
 
-    # 4. least-privilege IAM
-    out.append(IamBindings(f"projects/{d.project}", "projects", [
-        ("roles/datastore.user", _sa(d, "ingest")),
-        ("roles/datastore.user", _sa(d, "worker")),
-        ("roles/datastore.user", _sa(d, "sweeper")),
-        ("roles/datastore.user", _sa(d, "api")),
-        # Required for an Eventarc trigger's identity to receive events.
-        ("roles/eventarc.eventReceiver", _sa(d, "eventarc_invoker")),
-    ]))
-    # Enqueue rights per queue, not project-wide: ingest fans out to every queue, the worker
-    # only asks for progress checks (control queue), the API creates retry rounds (items) and
-    # progress checks (control).
-    item_qs, control_q = qs[:-1], qs[-1]
-    for q in item_qs:
-        out.append(IamBindings(q.name, "tasks", [
-            ("roles/cloudtasks.enqueuer", _sa(d, "ingest")),
-            ("roles/cloudtasks.enqueuer", _sa(d, "api")),
-        ]))
-    out.append(IamBindings(control_q.name, "tasks", [
-        ("roles/cloudtasks.enqueuer", _sa(d, "ingest")),
-        ("roles/cloudtasks.enqueuer", _sa(d, "worker")),
-        ("roles/cloudtasks.enqueuer", _sa(d, "api")),
-    ]))
-    if d.bucket:
-        out.append(IamBindings(f"projects/_/buckets/{d.bucket}", "storage_iam", [
-            ("roles/storage.objectViewer", _sa(d, "ingest")),
-        ], missing_hint=f"bucket {d.bucket} does not exist"))
-    out.append(IamBindings(d.secret_path(SLACK_SECRET), "secrets", [
-        ("roles/secretmanager.secretAccessor", _sa(d, "sweeper")),
-    ]))
-    out.append(IamBindings(d.secret_path(MARKETPLACE_SECRET), "secrets", [
-        ("roles/secretmanager.secretAccessor", _sa(d, "worker")),
-    ]))
-    # Creating a task with an OIDC token "acts as" the tasks-invoker account.
-    out.append(IamBindings(f"projects/{d.project}/serviceAccounts/{d.sa_email('tasks_invoker')}", "iam", [
-        ("roles/iam.serviceAccountUser", _sa(d, "ingest")),
-        ("roles/iam.serviceAccountUser", _sa(d, "worker")),
-        ("roles/iam.serviceAccountUser", _sa(d, "api")),
-    ]))
+    # 4. least-privilege IAM (model.GRANTS: each grant says which calls need it). Secret
+    # accessor grants come before the functions: Cloud Run refuses a revision whose service
+    # account cannot read a secret it mounts.
+    before, after = iam_bindings(d)
+    out.extend(before)
 
     # 5. Firestore indexes and TTL policies
     if index_file is not None and Path(index_file).exists():
@@ -99,13 +94,7 @@ def build(d: Desired, index_file: Path | None = INDEX_FILE) -> list[Resource]:
         out.extend(ttls)
 
     # 6. after the functions exist: invokers on their one target service, scheduler, eventarc
-    def invoker(fn: str, roles: list[str]) -> IamBindings:
-        return IamBindings(d.run_service_path(fn), "run", [("roles/run.invoker", _sa(d, r)) for r in roles],
-                           after_deploy=True, missing_hint=f"function {fn} not deployed yet (run scripts/deploy)")
-
-    out.append(invoker("worker", ["tasks_invoker"]))
-    out.append(invoker("ingest", ["tasks_invoker", "eventarc_invoker"]))
-    out.append(invoker("sweeper", ["scheduler_invoker"]))
+    out.extend(after)
     job = SweeperJob(d.location_path, SCHEDULER_JOB, d.function_url("sweeper"), d.sa_email("scheduler_invoker"),
                      d.sweep_schedule)
     job.after_deploy = True

@@ -58,3 +58,58 @@ class SecretContainer(Resource):
                 update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
             )
         )
+
+
+# ---- values: checked before any function deploy (`python -m infra secrets`) ----------------
+
+ADD_HINT = "printf %s \"$VALUE\" | gcloud secrets versions add {secret} --data-file=- --project {project}"
+
+
+def has_enabled_version(client, secret_path: str) -> bool:
+    """True when the secret has an enabled version (what `--set-secrets …:latest` resolves)."""
+    from google.cloud import secretmanager_v1
+
+    versions = client.list_secret_versions(
+        request=secretmanager_v1.ListSecretVersionsRequest(parent=secret_path, filter="state:ENABLED", page_size=1))
+    return any(True for _ in versions)
+
+
+def require_values(client, project: str, secret_ids: list[str], files: dict[str, str],
+                   echo=lambda s: None) -> list[str]:
+    """Check each secret has a value; add one from an operator's file where it has none.
+
+    Returns the problems (empty when every secret can be mounted). A value only ever comes from
+    a file the operator names (`--secret-file ID=PATH`), is never printed, and is added only to
+    a secret with no enabled version: rotation stays an explicit `gcloud secrets versions add`.
+    """
+    from google.cloud import secretmanager_v1
+
+    problems = []
+    for secret_id in secret_ids:
+        path = f"projects/{project}/secrets/{secret_id}"
+        try:
+            present = has_enabled_version(client, path)
+        except gexc.NotFound:
+            problems.append(f"secret {secret_id} does not exist: run `python -m infra apply --before-deploy` first")
+            continue
+        if present:
+            if secret_id in files:
+                echo(f"secret {secret_id}: has a value; --secret-file ignored (rotate with "
+                     f"`gcloud secrets versions add`, docs/operations.md)")
+            else:
+                echo(f"secret {secret_id}: has a value")
+            continue
+        if secret_id in files:
+            with open(files[secret_id], "rb") as fh:
+                data = fh.read().rstrip(b"\r\n")
+            if not data:
+                problems.append(f"secret {secret_id}: file {files[secret_id]} is empty")
+                continue
+            client.add_secret_version(request=secretmanager_v1.AddSecretVersionRequest(
+                parent=path, payload=secretmanager_v1.SecretPayload(data=data)))
+            echo(f"secret {secret_id}: value added from {files[secret_id]}")
+            continue
+        problems.append(f"secret {secret_id} has no value (no enabled version), and a function mounts it: add one "
+                        f"with `{ADD_HINT.format(secret=secret_id, project=project)}` or pass "
+                        f"`--secret-file {secret_id}=PATH` to scripts/deploy")
+    return problems

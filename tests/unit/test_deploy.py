@@ -1,6 +1,7 @@
 """scripts/deploy --dry-run: builds locally, prints every command, runs none; the printed
 gcloud commands keep invokers authenticated, name service accounts, size timeouts to the
-queues' dispatch deadlines and pass the Slack URL only as a secret reference."""
+queues' dispatch deadlines and pass the Slack URL only as a secret reference; the order puts the
+secret values check before any function deploy; the mode of dropped files is a required setting."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def source_root(tmp_path):
     return root
 
 
-def run_dry(source_root: Path, tmp_path: Path, *extra: str) -> tuple[str, Path]:
+def run_dry(source_root: Path, tmp_path: Path, *extra: str, default_handler: str = "dry_run",
+            expect_rc: int = 0) -> tuple[str, Path]:
     # A gcloud on PATH that leaves a marker if anything ever runs it.
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
@@ -56,10 +58,13 @@ def run_dry(source_root: Path, tmp_path: Path, *extra: str) -> tuple[str, Path]:
     env.pop("UPCFAN_ITEM_QUEUE_SHARDS", None)
     proc = subprocess.run(
         [str(SCRIPT), "--project", "demo-prod", "--region", "us-central1", "--bucket", "upcfan-drop",
-         "--source-root", str(source_root), "--build-dir", str(tmp_path / "build"), "--dry-run", *extra],
+         "--source-root", str(source_root), "--build-dir", str(tmp_path / "build"), "--dry-run",
+         *(["--default-handler", default_handler] if default_handler else []), *extra],
         capture_output=True, text=True, env=env, timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == expect_rc, proc.stderr
+    if expect_rc:
+        return proc.stderr, tmp_path / "build"
     assert not marker.exists(), "dry run executed gcloud"
     return proc.stdout, tmp_path / "build"
 
@@ -81,13 +86,60 @@ def test_script_is_executable():
     assert os.access(SCRIPT, os.X_OK)
 
 
-def test_dry_run_prints_every_command_and_runs_none(source_root, tmp_path):
+def test_dry_run_prints_every_command_in_order_and_runs_none(source_root, tmp_path):
     out, build = run_dry(source_root, tmp_path, "--item-queue-shards", "4")
     lines = [l for l in out.splitlines() if l.startswith("DRY-RUN ")]
-    assert len(lines) == 6  # infra apply (before), 4 deploys, infra apply (after)
+    # infra apply (before), the secret values check, 4 deploys, infra apply (after)
+    assert len(lines) == 7
     assert "-m infra apply" in lines[0] and "--before-deploy" in lines[0]
+    assert "-m infra secrets" in lines[1] and f"--functions={','.join(model.FUNCTIONS)}" in lines[1]
+    assert all("gcloud functions deploy" in l for l in lines[2:6])
     assert "-m infra apply" in lines[-1] and "--before-deploy" not in lines[-1]
     assert set(deploy_commands(out)) == set(model.FUNCTIONS)
+
+
+def test_order_secret_containers_then_values_then_functions_then_grants():
+    """The first deploy: containers exist (apply --before-deploy) and every mounted secret has a
+    value (or deploy stops, naming it) before the first `--set-secrets ...:latest` deploy."""
+    steps = []
+
+    def fake_run(cmd, check, cwd):
+        steps.append(cmd)
+        if "secrets" in cmd:
+            raise subprocess.CalledProcessError(1, cmd)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deploy.subprocess, "run", fake_run)
+        mp.setattr(deploy, "build", lambda *a: pytest.fail("built a function before the secrets check"))
+        with pytest.raises(SystemExit, match="secret values check, before any function deploy"):
+            deploy.main(["--project", "p", "--region", "r", "--default-handler", "dry_run"])
+    assert [c[3] for c in steps] == ["apply", "secrets"] and "--before-deploy" in steps[0]
+
+
+def test_dry_run_prints_each_functions_env_and_secrets(source_root, tmp_path):
+    out, _ = run_dry(source_root, tmp_path)
+    d = model.Desired(project="demo-prod", region="us-central1")
+    for fn in model.FUNCTIONS:
+        block = out.split(f"function {fn}: service account {d.sa_email(fn)}", 1)[1].split("DRY-RUN", 1)[0]
+        assert "  env UPCFAN_DEFAULT_HANDLER=dry_run" in block and "  env GOOGLE_CLOUD_PROJECT=demo-prod" in block
+        for var, secret in model.FUNCTION_SECRETS[fn]:
+            assert f"  secret {var} <- {secret}:latest" in block
+
+
+def test_mode_of_dropped_files_is_a_required_printed_setting(source_root, tmp_path):
+    err, _ = run_dry(source_root, tmp_path, default_handler="", expect_rc=2)
+    assert "--default-handler" in err
+    out, _ = run_dry(source_root, tmp_path)
+    assert out.splitlines()[0] == "dropped files run: dry_run (DRY RUN: items are checked, nothing is sent to the marketplace)"
+    for flags in deploy_commands(out).values():
+        assert "UPCFAN_DEFAULT_HANDLER=dry_run" in flags["--set-env-vars"]
+    err, _ = run_dry(source_root, tmp_path, default_handler="marketplace_draft", expect_rc=1)
+    assert "give --marketplace-url" in err
+    out, _ = run_dry(source_root, tmp_path, "--marketplace-url", "https://mp.example.invalid",
+                     default_handler="marketplace_draft")
+    assert "dropped files run: marketplace_draft (LIVE" in out
+    err, _ = run_dry(source_root, tmp_path, default_handler="nonsense", expect_rc=2)
+    assert "invalid choice" in err
 
 
 def test_deploys_are_authenticated_with_dedicated_service_accounts(source_root, tmp_path):
@@ -122,11 +174,11 @@ def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, 
     out, _ = run_dry(source_root, tmp_path)
     assert "SECRETVALUE" not in out and "example.invalid" not in out
     cmds = deploy_commands(out)
-    assert cmds["sweeper"]["--set-secrets"] == f"UPCFAN_SLACK_WEBHOOK_URL={model.SLACK_SECRET}:latest"
+    # every function sends job notes (worker, ingest, api: job finished; sweeper: stall alerts)
     for fn, flags in cmds.items():
         assert "SLACK" not in flags["--set-env-vars"]
-        if fn != "sweeper":
-            assert model.SLACK_SECRET not in flags.get("--set-secrets", "")
+        assert f"UPCFAN_SLACK_WEBHOOK_URL={model.SLACK_SECRET}:latest" in flags["--set-secrets"].split(",")
+        assert (model.MARKETPLACE_SECRET in flags["--set-secrets"]) == (fn == "worker")
 
 
 def test_build_dir_vendors_shared_pins_requirements_and_hash_labels_it(source_root, tmp_path):

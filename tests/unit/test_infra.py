@@ -192,10 +192,19 @@ def test_least_privilege_bindings():
     for q in ("upcfan-items", "upcfan-items-1"):
         assert tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.enqueuer") == sorted([sa("ingest"), sa("api")])
     assert sa("worker") in tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.enqueuer")
+    # GetTask (ingest, on AlreadyExists) and GetQueue (api /health) need the viewer role; the api's
+    # viewer grant is on the one queue /health reads.
+    for q in ("upcfan-items", "upcfan-items-1"):
+        viewers = tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.viewer")
+        assert viewers == (sorted([sa("ingest"), sa("api")]) if q == "upcfan-items" else [sa("ingest")])
+    assert tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.viewer") == []
     sec = fakes["secrets"]
-    assert sec.members(d.secret_path(model.SLACK_SECRET), "roles/secretmanager.secretAccessor") == [sa("sweeper")]
+    # Every function sends job notes to Slack; only the worker talks to the marketplace.
+    assert sec.members(d.secret_path(model.SLACK_SECRET), "roles/secretmanager.secretAccessor") == sorted(
+        sa(fn) for fn in model.FUNCTIONS)
     assert sec.members(d.secret_path(model.MARKETPLACE_SECRET), "roles/secretmanager.secretAccessor") == [sa("worker")]
-    assert fakes["storage_iam"].members(f"projects/_/buckets/{BUCKET}", "roles/storage.objectViewer") == [sa("ingest")]
+    assert fakes["storage_iam"].members(f"projects/_/buckets/{BUCKET}", "roles/storage.objectViewer") == sorted(
+        [sa("ingest"), sa("api")])
     tasks_sa = f"projects/{PROJECT}/serviceAccounts/{d.sa_email('tasks_invoker')}"
     assert sa("ingest") in fakes["iam"].members(tasks_sa, "roles/iam.serviceAccountUser")
     roles = {b.role for b in fakes["projects"]._policies[f"projects/{PROJECT}"].bindings}
@@ -341,3 +350,177 @@ def test_iam_apply_retries_a_member_that_does_not_exist_yet_then_succeeds():
 
     with pytest.raises(gexc.BadRequest):
         other.apply(Broken(), other.plan(Broken()))
+
+
+# ---- permissions: every call each function makes is covered by what the model grants ---------
+
+from infra import permissions  # noqa: E402
+from infra.model import GRANTS, Grant  # noqa: E402
+
+
+def test_role_facts_as_google_documents_them():
+    # The enqueuer role can create tasks (and see their full view) but not read tasks or queues.
+    enq, viewer = permissions.ROLE_PERMISSIONS["roles/cloudtasks.enqueuer"], permissions.ROLE_PERMISSIONS["roles/cloudtasks.viewer"]
+    assert enq == {"cloudtasks.tasks.create", "cloudtasks.tasks.fullView"}
+    assert {"cloudtasks.tasks.get", "cloudtasks.queues.get"} <= viewer and "cloudtasks.tasks.fullView" not in viewer
+    assert permissions.METHOD_PERMISSIONS["cloudtasks.GetTask(FULL)"] == {"cloudtasks.tasks.get", "cloudtasks.tasks.fullView"}
+    # every role the model grants has its permissions on record
+    assert {g.role for g in GRANTS} <= set(permissions.ROLE_PERMISSIONS)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_every_call_of_every_function_is_covered_by_its_grants(shards):
+    assert permissions.gaps(desired(item_queue_shards=shards)) == []
+
+
+@pytest.mark.parametrize("removed, expect", [
+    # defect 1: ingest's GetTask on AlreadyExists
+    (("ingest", "roles/cloudtasks.viewer"), "ingest (upcfan-ingest@demo-prod.iam.gserviceaccount.com): "
+                                            "cloudtasks.GetTask(FULL) on projects/demo-prod/locations/us-central1/"
+                                            "queues/upcfan-items needs ['cloudtasks.tasks.get']"),
+    # defect 3: the api's /health GetQueue
+    (("api", "roles/cloudtasks.viewer"), "cloudtasks.GetQueue on projects/demo-prod/locations/us-central1/queues/"
+                                         "upcfan-items needs ['cloudtasks.queues.get']"),
+    # defect 2: the api plans the file itself
+    (("api", "roles/storage.objectViewer"), "storage.objects.get on projects/_/buckets/upcfan-drop"),
+    # defect 5: job notes from the worker
+    (("worker", "roles/secretmanager.secretAccessor"), "secret:upcfan-slack-webhook"),
+])
+def test_removing_a_grant_shows_the_gap_it_closed(removed, expect):
+    kept = tuple(g for g in GRANTS if (g.account, g.role) != removed)
+    found = "\n".join(permissions.gaps(desired(item_queue_shards=2), grants=kept))
+    assert expect in found or expect.replace("secret:", "projects/demo-prod/secrets/") in found, found
+
+
+def test_the_old_enqueuer_only_model_had_the_gaps():
+    old = tuple(g for g in GRANTS if g.role != "roles/cloudtasks.viewer"
+                and not (g.account == "api" and g.role == "roles/storage.objectViewer"))
+    found = permissions.gaps(desired(), grants=old)
+    assert any(f.startswith("ingest ") and "GetTask" in f for f in found)
+    assert any(f.startswith("api ") and "GetQueue" in f for f in found)
+    assert any(f.startswith("api ") and "storage.objects.get" in f for f in found)
+
+
+def test_project_grants_cover_every_resource_in_the_project():
+    d = desired()
+    grants = (Grant("api", "roles/cloudtasks.viewer", "project", "test"),)
+    assert permissions.granted_roles(d, "api", d.target_resources("item_queue:0")[0], grants) == {"roles/cloudtasks.viewer"}
+    assert permissions.granted_roles(d, "ingest", d.target_resources("item_queue:0")[0], grants) == set()
+
+
+def test_calls_table_points_at_code_that_exists():
+    for fn, calls in permissions.FUNCTION_CALLS.items():
+        assert fn in model.FUNCTIONS
+        for call in calls:
+            assert call.method in permissions.METHOD_PERMISSIONS
+            path, _, names = call.where.partition("::")
+            src = stack.REPO_ROOT / path.split(" ")[0]
+            assert src.exists(), call.where
+            for name in names.split(" ")[0:1]:
+                if name:
+                    assert f"def {name.split('.')[-1]}" in src.read_text(), call.where
+
+
+def test_every_cloud_tasks_and_storage_method_the_code_calls_is_in_the_table():
+    """A new client method in shared/ (e.g. delete_task) fails here until its permission is on record."""
+    import re
+
+    known = {"create_task": "cloudtasks.CreateTask", "get_task": "cloudtasks.GetTask(FULL)",
+             "get_queue": "cloudtasks.GetQueue", "get_blob": "storage.objects.get",
+             "download_as_bytes": "storage.objects.get"}
+    seen = set()
+    for src in (stack.REPO_ROOT / "shared").rglob("*.py"):
+        text = src.read_text()
+        seen |= set(re.findall(r"tasks_client\(\)\.(\w+)\(", text))
+        if "storage_client()" in text:
+            seen |= set(re.findall(r"\b(?:blob|bucket)\.(\w+)\(", text)) | set(re.findall(r"\)\.(get_blob)\(", text))
+    seen -= {"blob", "bucket"}  # references, no call
+    assert seen - set(known) == set(), f"add these methods to infra/permissions.py: {sorted(seen - set(known))}"
+    assert set(known.values()) <= set(permissions.METHOD_PERMISSIONS)
+
+
+def test_every_function_that_sends_job_notes_mounts_and_may_read_the_slack_secret():
+    for fn in model.FUNCTIONS:
+        assert (model.SLACK_ENV, model.SLACK_SECRET) in model.FUNCTION_SECRETS[fn]
+        assert any(g.account == fn and g.role == "roles/secretmanager.secretAccessor"
+                   and g.target == f"secret:{model.SLACK_SECRET}" for g in GRANTS), fn
+
+
+def test_operations_doc_has_the_generated_table_per_service_account():
+    text = (stack.REPO_ROOT / "docs" / "operations.md").read_text()
+    assert permissions.docs_tables() in text, "regenerate with: python -c 'from infra.permissions import docs_tables; print(docs_tables())'"
+    for sa_id in model.SA_IDS.values():
+        assert f"#### `{sa_id}`" in text
+
+
+# ---- the service-account IAM read (defect 12) ----------------------------------------------
+
+def test_service_account_iam_read_sends_the_policy_version_as_a_query_parameter():
+    from google.iam.v1 import iam_policy_pb2
+
+    from infra.clients import IamAdminRest
+
+    class Resp:
+        status_code, content, text = 200, b"{}", "{}"
+
+        def json(self):
+            return {"version": 1, "etag": "BwU=", "bindings": [{"role": "roles/iam.serviceAccountUser",
+                                                                "members": ["serviceAccount:a@p.iam.gserviceaccount.com"]}]}
+
+    class Session:
+        def __init__(self):
+            self.requests = []
+
+        def request(self, method, url, json=None, params=None, timeout=None):
+            self.requests.append({"method": method, "url": url, "json": json, "params": params})
+            return Resp()
+
+    session = Session()
+    resource = "projects/p/serviceAccounts/a@p.iam.gserviceaccount.com"
+    policy = IamAdminRest(session).get_iam_policy(iam_policy_pb2.GetIamPolicyRequest(resource=resource))
+    assert session.requests == [{"method": "POST", "url": f"https://iam.googleapis.com/v1/{resource}:getIamPolicy",
+                                 "json": None, "params": {"options.requestedPolicyVersion": 3}}]
+    assert [b.role for b in policy.bindings] == ["roles/iam.serviceAccountUser"]
+
+
+# ---- secret values before any function deploy (defect 11) -----------------------------------
+
+def _secrets_cli(fakes, *extra):
+    out = io.StringIO()
+    rc = cli.main(["secrets", "--project", PROJECT, "--region", REGION, *extra],
+                  clients=Clients(overrides=fakes), out=out)
+    return rc, out.getvalue()
+
+
+def test_secrets_check_refuses_naming_each_secret_without_a_value(tmp_path):
+    fakes = fake_clients(BUCKET)
+    rc, text = _secrets_cli(fakes)
+    assert rc == 1 and "does not exist: run `python -m infra apply --before-deploy` first" in text
+    runner.apply(stack.build(desired()), Clients(overrides=fakes))  # containers, no values
+    rc, text = _secrets_cli(fakes)
+    assert rc == 1
+    for secret in model.SECRETS:
+        assert f"missing: secret {secret} has no value" in text and f"gcloud secrets versions add {secret}" in text
+    rc, text = _secrets_cli(fakes, "--functions", "sweeper")  # only what the deployed functions mount
+    assert rc == 1 and model.SLACK_SECRET in text and model.MARKETPLACE_SECRET not in text
+
+
+def test_secrets_check_adds_a_first_value_from_a_file_and_never_prints_it(tmp_path):
+    fakes = fake_clients(BUCKET)
+    runner.apply(stack.build(desired()), Clients(overrides=fakes))
+    slack, key = tmp_path / "slack", tmp_path / "key"
+    slack.write_text("https://hooks.example.invalid/T0/B0/SEKRIT\n")
+    key.write_text("KEYVALUE")
+    rc, text = _secrets_cli(fakes, "--secret-file", f"{model.SLACK_SECRET}={slack}",
+                            "--secret-file", f"{model.MARKETPLACE_SECRET}={key}")
+    assert rc == 0, text
+    assert "SEKRIT" not in text and "KEYVALUE" not in text
+    d = desired()
+    assert fakes["secrets"].values[d.secret_path(model.SLACK_SECRET)] == [b"https://hooks.example.invalid/T0/B0/SEKRIT"]
+    assert "SEKRIT" not in json.dumps(fakes["secrets"].recorded())
+    # a second run adds nothing (rotation is an explicit `gcloud secrets versions add`)
+    rc, text = _secrets_cli(fakes, "--secret-file", f"{model.SLACK_SECRET}={slack}")
+    assert rc == 0 and "--secret-file ignored" in text
+    assert len(fakes["secrets"].values[d.secret_path(model.SLACK_SECRET)]) == 1
+    with pytest.raises(SystemExit, match="SECRET_ID=PATH"):
+        _secrets_cli(fakes, "--secret-file", "not-a-secret=/x")
