@@ -7,7 +7,10 @@ need). The build directory's content hash is printed and set as the `upcfan-buil
 
 Sizing (see docs/operations.md, "Function sizing"): every number is derived from the queue
 specs in shared/config.py so the functions never throttle what the queues dispatch:
-- worker timeout = item queue dispatch_deadline; ingest timeout = control queue dispatch_deadline;
+- a function's timeout = the largest dispatch deadline of the task kinds calling it
+  (`shared.deadlines.function_timeout_s`): worker = item deadline, ingest = chunk deadline;
+- THREADS (gunicorn's threads in functions-framework, default CPUs x 4) = concurrency, set in
+  each function's env here and read by the local stack (devstack/stack.py) from the same spec;
 - worker max_instances * concurrency >= shards * item max_concurrent + control max_concurrent;
 - ingest max_instances * concurrency >= control max_concurrent, plus headroom for events/POSTs.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from infra import model
 from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+from shared.deadlines import function_timeout_s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,9 +84,9 @@ def function_specs(shards: int) -> list[FunctionSpec]:
     worker_conc = 80
     ingest_conc = 4
     return [
-        FunctionSpec("ingest", "ingest", "ingest", "1Gi", "1", CONTROL_QUEUE.dispatch_deadline_s, ingest_conc,
+        FunctionSpec("ingest", "ingest", "ingest", "1Gi", "1", function_timeout_s("ingest"), ingest_conc,
                      0, math.ceil(control_conc / ingest_conc) + 2),
-        FunctionSpec("worker", "worker", "worker", "512Mi", "1", ITEM_QUEUE.dispatch_deadline_s, worker_conc,
+        FunctionSpec("worker", "worker", "worker", "512Mi", "1", function_timeout_s("worker"), worker_conc,
                      1, math.ceil((item_conc + control_conc) / worker_conc),
                      secrets=(("UPCFAN_MARKETPLACE_API_KEY", model.MARKETPLACE_SECRET),)),
         FunctionSpec("sweeper", "sweeper", "sweeper", "512Mi", "1", 300, 1, 0, 1,

@@ -106,8 +106,8 @@ def test_timeouts_cover_dispatch_deadlines_and_capacity_covers_queues(source_roo
         out, _ = run_dry(source_root, tmp_path, "--item-queue-shards", str(shards))
         cmds = deploy_commands(out)
         t = {fn: int(f["--timeout"].rstrip("s")) for fn, f in cmds.items()}
-        assert t["worker"] >= ITEM_QUEUE.dispatch_deadline_s
-        assert t["ingest"] >= CONTROL_QUEUE.dispatch_deadline_s
+        assert t["worker"] == ITEM_QUEUE.dispatch_deadline_s
+        assert t["ingest"] == CONTROL_QUEUE.dispatch_deadline_s
         w = cmds["worker"]
         capacity = int(w["--max-instances"]) * int(w["--concurrency"])
         assert capacity >= shards * ITEM_QUEUE.rate.max_concurrent_dispatches + CONTROL_QUEUE.rate.max_concurrent_dispatches
