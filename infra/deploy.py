@@ -77,6 +77,16 @@ class FunctionSpec:
     max_instances: int
     secrets: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def threads(self) -> int:
+        """functions-framework's THREADS: one request per thread, so an instance serves what Cloud Run
+        sends it (`--concurrency`); unset, gunicorn runs CPUs x 4 threads and queues the rest."""
+        return self.concurrency
+
+    def env(self) -> dict[str, str]:
+        """This function's own env on top of the shared one (deploy and the local stack both use it)."""
+        return {"THREADS": str(self.threads)}
+
 
 def function_specs(shards: int) -> list[FunctionSpec]:
     item_conc = shards * ITEM_QUEUE.rate.max_concurrent_dispatches
@@ -223,7 +233,7 @@ def gcloud_deploy(spec: FunctionSpec, d: model.Desired, source: Path, build_hash
         f"--memory={spec.memory}", f"--cpu={spec.cpu}", f"--timeout={spec.timeout_s}s",
         f"--concurrency={spec.concurrency}",
         f"--min-instances={spec.min_instances}", f"--max-instances={spec.max_instances}",
-        _env_flag(env),
+        _env_flag({**env, **spec.env()}),
         f"--update-labels=app=upcfan,upcfan-build={build_hash}",
         "--quiet",
     ]
