@@ -68,9 +68,9 @@ def queue_task_count(host: str, queue_path: str) -> int:
 
 def baseline_create_loop(n: int, threads: int, queue_path: str) -> float:
     """Bare concurrent CreateTask loop with the official client: the ceiling for fan-out."""
-    from shared.tasks import TaskSpec, create_task
+    from shared.tasks import ITEM_TASK, TaskSpec, create_task
 
-    specs = [TaskSpec(task_id=f"base-{os.getpid()}-{i}", url="http://127.0.0.1:9/none",
+    specs = [TaskSpec(task_id=f"base-{os.getpid()}-{i}", kind=ITEM_TASK, url="http://127.0.0.1:9/none",
                       payload={"job_id": "baseline", "gtin": f"{i:014d}", "upc": "x", "line": i, "round": 1})
              for i in range(n)]
     t0 = time.perf_counter()

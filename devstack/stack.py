@@ -505,15 +505,17 @@ def _functions(plan: _Plan) -> Iterator[Component]:
     """The four functions, each in functions-framework with the stack env."""
     if "functions" in plan.skip:
         return
+    from infra.deploy import function_specs
+
+    deployed = {spec.name: spec for spec in function_specs(shards=1)}
     for name in FUNCTIONS:
         if name in plan.skip:
             continue
         source = paths.REPO_ROOT / "functions" / name / "main.py"
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
-        # functions-framework serves THREADS concurrent requests per process (default 4 per core);
-        # the queues' local concurrency is sized to match.
-        env = {**plan.env, "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name, "THREADS": "32"}
+        # The function's own env as deploy sets it (THREADS = its concurrency: infra/deploy.py).
+        env = {**plan.env, **deployed[name].env(), "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name}
         yield plan.component(
             name,
             [

@@ -7,7 +7,10 @@ need). The build directory's content hash is printed and set as the `upcfan-buil
 
 Sizing (see docs/operations.md, "Function sizing"): every number is derived from the queue
 specs in shared/config.py so the functions never throttle what the queues dispatch:
-- worker timeout = item queue dispatch_deadline; ingest timeout = control queue dispatch_deadline;
+- a function's timeout = the largest dispatch deadline of the task kinds calling it
+  (`shared.deadlines.function_timeout_s`): worker = item deadline, ingest = chunk deadline;
+- THREADS (gunicorn's threads in functions-framework, default CPUs x 4) = concurrency, set in
+  each function's env here and read by the local stack (devstack/stack.py) from the same spec;
 - worker max_instances * concurrency >= shards * item max_concurrent + control max_concurrent;
 - ingest max_instances * concurrency >= control max_concurrent, plus headroom for events/POSTs.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from infra import model
 from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+from shared.deadlines import function_timeout_s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +77,16 @@ class FunctionSpec:
     max_instances: int
     secrets: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def threads(self) -> int:
+        """functions-framework's THREADS: one request per thread, so an instance serves what Cloud Run
+        sends it (`--concurrency`); unset, gunicorn runs CPUs x 4 threads and queues the rest."""
+        return self.concurrency
+
+    def env(self) -> dict[str, str]:
+        """This function's own env on top of the shared one (deploy and the local stack both use it)."""
+        return {"THREADS": str(self.threads)}
+
 
 def function_specs(shards: int) -> list[FunctionSpec]:
     item_conc = shards * ITEM_QUEUE.rate.max_concurrent_dispatches
@@ -80,9 +94,9 @@ def function_specs(shards: int) -> list[FunctionSpec]:
     worker_conc = 80
     ingest_conc = 4
     return [
-        FunctionSpec("ingest", "ingest", "ingest", "1Gi", "1", CONTROL_QUEUE.dispatch_deadline_s, ingest_conc,
+        FunctionSpec("ingest", "ingest", "ingest", "1Gi", "1", function_timeout_s("ingest"), ingest_conc,
                      0, math.ceil(control_conc / ingest_conc) + 2, secrets=model.FUNCTION_SECRETS["ingest"]),
-        FunctionSpec("worker", "worker", "worker", "512Mi", "1", ITEM_QUEUE.dispatch_deadline_s, worker_conc,
+        FunctionSpec("worker", "worker", "worker", "512Mi", "1", function_timeout_s("worker"), worker_conc,
                      1, math.ceil((item_conc + control_conc) / worker_conc), secrets=model.FUNCTION_SECRETS["worker"]),
         FunctionSpec("sweeper", "sweeper", "sweeper", "512Mi", "1", 300, 1, 0, 1,
                      secrets=model.FUNCTION_SECRETS["sweeper"]),
@@ -221,7 +235,7 @@ def gcloud_deploy(spec: FunctionSpec, d: model.Desired, source: Path, build_hash
         f"--memory={spec.memory}", f"--cpu={spec.cpu}", f"--timeout={spec.timeout_s}s",
         f"--concurrency={spec.concurrency}",
         f"--min-instances={spec.min_instances}", f"--max-instances={spec.max_instances}",
-        _env_flag(env),
+        _env_flag({**env, **spec.env()}),
         f"--update-labels=app=upcfan,upcfan-build={build_hash}",
         "--quiet",
     ]

@@ -31,6 +31,8 @@ class QueueSpec:
     name: str
     retry: RetryConfig
     rate: RateLimits
+    # The dispatch deadline of the queue's tasks (Cloud Tasks keeps it per task, default 10 min):
+    # set on every task by its kind (`shared.tasks.TaskKind`); budgets in `shared/deadlines.py`.
     dispatch_deadline_s: int
     # The local stack runs one process per function where production autoscales instances:
     # in-flight dispatches beyond what that process serves would only wait in its socket backlog.
@@ -42,7 +44,8 @@ ITEM_QUEUE = QueueSpec(
     name="upcfan-items",
     retry=RetryConfig(max_attempts=8, min_backoff_s=1.0, max_backoff_s=60.0, max_doublings=4),
     rate=RateLimits(max_dispatches_per_second=500.0, max_concurrent_dispatches=1000),
-    dispatch_deadline_s=120,
+    # > the worker's worst case on an item's last attempt (`shared/deadlines.py`: ~160 s).
+    dispatch_deadline_s=180,
 )
 
 # Control tasks (file chunks, job progress checks) live apart so a backlog of items never
@@ -51,9 +54,13 @@ CONTROL_QUEUE = QueueSpec(
     name="upcfan-control",
     retry=RetryConfig(max_attempts=20, min_backoff_s=1.0, max_backoff_s=30.0, max_doublings=3),
     rate=RateLimits(max_dispatches_per_second=50.0, max_concurrent_dispatches=20),
-    dispatch_deadline_s=600,
+    dispatch_deadline_s=600,  # chunk tasks (ingest /fanout)
     local_max_concurrent_dispatches=8,
 )
+
+# Progress checks ride the control queue but call the worker, whose timeout is the item deadline:
+# their own deadline stays inside it (`shared/deadlines.py` checks budget < deadline <= timeout).
+PROGRESS_DISPATCH_DEADLINE_S = 120
 
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})

@@ -31,7 +31,7 @@ from shared.naming import chunk_task_name_for, job_id_for, task_name_for
 from shared.payloads import ChunkTask, ItemTask, describe_validation_error
 from shared.progress import check_job_progress
 from shared.store import Store, default_store
-from shared.tasks import TaskSpec, create_task, get_task_payload, item_queue_for
+from shared.tasks import CHUNK_TASK, ITEM_TASK, TaskSpec, create_task, get_task_payload, item_queue_for
 
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
@@ -215,7 +215,7 @@ def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:
         payload = ChunkTask(job_id=job_id, bucket=obj.bucket, object=obj.name, generation=str(obj.generation),
                             start=chunk.start, end=chunk.end, first_line=chunk.first_line, index=chunk.index)
         created += create_task(s.control_queue_path, TaskSpec(task_id=chunk_task_name_for(job_id, chunk.start),
-                                                              url=f"{s.ingest_url}/fanout", payload=payload.to_body()))
+                                                              kind=CHUNK_TASK, payload=payload.to_body()))
     store.update_job(job_id, {"planned_at": _now(), "updated_at": _now()})
     log_event("job_planned", job_id=job_id, chunks=len(plan.chunks), chunk_tasks_created=created,
               raw_lines=plan.raw_lines, format=plan.format.kind, size=plan.size)
@@ -339,7 +339,7 @@ def _enqueue_items(store: Store, job_id: str, candidates: list[_Candidate], resu
         task_id = task_name_for(job_id, c.gtin, round_)
         if on_task:
             on_task(task_id)
-        spec = TaskSpec(task_id=task_id, url=s.worker_url,
+        spec = TaskSpec(task_id=task_id, kind=ITEM_TASK,
                         payload=ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_).to_body())
         if create_task(item_queue_for(task_id), spec):
             return c, "created"

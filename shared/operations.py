@@ -346,10 +346,9 @@ def _pages(items, size: int | None = None):
 
 def _create_item_tasks(job_id: str, items: list[Item], round_: int) -> int:
     """Create one task per item for `round_`; AlreadyExists (a resumed round) counts as enqueued."""
-    from shared.tasks import TaskSpec, create_task, item_queue_for
+    from shared.tasks import ITEM_TASK, TaskSpec, create_task, item_queue_for
 
-    url = settings().worker_url
-    specs = [TaskSpec(task_id=task_name_for(job_id, i.gtin, round_), url=url,
+    specs = [TaskSpec(task_id=task_name_for(job_id, i.gtin, round_), kind=ITEM_TASK,
                       payload=ItemTask(job_id=job_id, gtin=i.gtin, upc=i.doc.get("upc"), line=i.doc.get("line"),
                                        round=round_).to_body())
              for i in items]

@@ -10,19 +10,60 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from shared.clients import tasks_client
-from shared.config import settings
+from shared.config import CONTROL_QUEUE, ITEM_QUEUE, PROGRESS_DISPATCH_DEADLINE_S, QueueSpec, settings
 from shared.log import log_event
 from shared.retry import TASK_API
 
+
+@dataclass(frozen=True)
+class TaskKind:
+    """A kind of task: the queue it goes to, the function and route it calls, its dispatch deadline.
+
+    Every task is created with its kind, so its deadline and its OIDC audience are decided here and
+    nowhere else (a task without an explicit deadline gets Cloud Tasks' 10 minutes, far past the
+    worker's timeout). `shared/deadlines.py` proves each kind's worst case fits its deadline."""
+
+    name: str
+    queue: QueueSpec
+    function: str  # the target function; its service URL is the OIDC audience
+    route: str  # path under the service URL, "" for its root
+    dispatch_deadline_s: int
+
+    def service_url(self) -> str:
+        """The target function's URL (UPCFAN_WORKER_URL / UPCFAN_INGEST_URL), no trailing slash."""
+        return getattr(settings(), f"{self.function}_url")
+
+
+ITEM_TASK = TaskKind("item", ITEM_QUEUE, "worker", "", ITEM_QUEUE.dispatch_deadline_s)
+CHUNK_TASK = TaskKind("chunk", CONTROL_QUEUE, "ingest", "/fanout", CONTROL_QUEUE.dispatch_deadline_s)
+PROGRESS_TASK = TaskKind("progress", CONTROL_QUEUE, "worker", "/progress", PROGRESS_DISPATCH_DEADLINE_S)
+TASK_KINDS = (ITEM_TASK, CHUNK_TASK, PROGRESS_TASK)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One HTTP task to create: its short id, target, JSON payload and optional schedule."""
+    """One HTTP task to create: its short id, kind, JSON payload and optional schedule.
+
+    `url` defaults to the kind's service URL + route; give it only to aim elsewhere (benchmarks)."""
 
     task_id: str
-    url: str
+    kind: TaskKind
     payload: dict[str, Any]
     schedule_time: dt.datetime | None = None
-    dispatch_deadline_s: int | None = None
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            object.__setattr__(self, "url", self.kind.service_url() + self.kind.route)
+
+    def audience(self) -> str:
+        """The OIDC `aud`: the target service's URL (Cloud Run checks `aud` against it), i.e. the task
+        URL without query and without the kind's route (`…/fanout`, `…/progress`). A gen2 function's
+        cloudfunctions.net URL keeps its `/<function>` path: that path is part of the service URL."""
+        base = self.url.split("?")[0]
+        if self.kind.route and base.endswith(self.kind.route):
+            base = base[: -len(self.kind.route)]
+        return base.rstrip("/")
 
 
 def shard_for(task_id: str, shards: int) -> int:
@@ -49,14 +90,13 @@ def _build_task(queue_path: str, spec: TaskSpec):
     )
     sa = settings().task_service_account
     if sa:
-        http_request.oidc_token = tasks_v2.OidcToken(service_account_email=sa, audience=spec.url.split("?")[0])
+        http_request.oidc_token = tasks_v2.OidcToken(service_account_email=sa, audience=spec.audience())
     task = tasks_v2.Task(name=f"{queue_path}/tasks/{spec.task_id}", http_request=http_request)
     if spec.schedule_time is not None:
         ts = timestamp_pb2.Timestamp()
         ts.FromDatetime(spec.schedule_time.astimezone(dt.timezone.utc).replace(tzinfo=None))
         task.schedule_time = ts
-    if spec.dispatch_deadline_s:
-        task.dispatch_deadline = duration_pb2.Duration(seconds=spec.dispatch_deadline_s)
+    task.dispatch_deadline = duration_pb2.Duration(seconds=spec.kind.dispatch_deadline_s)
     return task
 
 

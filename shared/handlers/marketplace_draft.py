@@ -15,8 +15,12 @@ from shared.naming import idempotency_key_for
 
 MARKETPLACE_ID = "EBAY_US"
 OFFER_EXISTS_ERROR_ID = "25002"
+# Per call. An item makes at most MAX_CALLS calls (catalog lookup, inventory upsert, offer lookup,
+# offer create, and a second offer lookup when the create meets an existing offer);
+# `shared/deadlines.py` counts them with these timeouts into the item task's time budget.
 CONNECT_TIMEOUT_S = 3.0
-READ_TIMEOUT_S = 20.0
+READ_TIMEOUT_S = 10.0
+MAX_CALLS = 5
 
 _local = threading.local()
 

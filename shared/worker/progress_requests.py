@@ -44,7 +44,7 @@ def request_progress_check(job_id: str, now: float) -> str | None:
 
     Returns the task id asked for, or None when skipped; never raises.
     """
-    from shared.tasks import TaskSpec, create_task
+    from shared.tasks import PROGRESS_TASK, TaskSpec, create_task
 
     s = settings()
     window_s = s.progress_check_s if s.progress_check_s > 0 else 5.0
@@ -57,7 +57,7 @@ def request_progress_check(job_id: str, now: float) -> str | None:
         return None
     spec = TaskSpec(
         task_id=task_id,
-        url=s.worker_url + "/progress",
+        kind=PROGRESS_TASK,
         payload=ProgressTask(job_id=job_id).to_body(),
         schedule_time=utc((window + 1) * window_s + 1.0),
     )

@@ -158,8 +158,8 @@ def test_timeouts_cover_dispatch_deadlines_and_capacity_covers_queues(source_roo
         out, _ = run_dry(source_root, tmp_path, "--item-queue-shards", str(shards))
         cmds = deploy_commands(out)
         t = {fn: int(f["--timeout"].rstrip("s")) for fn, f in cmds.items()}
-        assert t["worker"] >= ITEM_QUEUE.dispatch_deadline_s
-        assert t["ingest"] >= CONTROL_QUEUE.dispatch_deadline_s
+        assert t["worker"] == ITEM_QUEUE.dispatch_deadline_s
+        assert t["ingest"] == CONTROL_QUEUE.dispatch_deadline_s
         w = cmds["worker"]
         capacity = int(w["--max-instances"]) * int(w["--concurrency"])
         assert capacity >= shards * ITEM_QUEUE.rate.max_concurrent_dispatches + CONTROL_QUEUE.rate.max_concurrent_dispatches
@@ -167,6 +167,25 @@ def test_timeouts_cover_dispatch_deadlines_and_capacity_covers_queues(source_roo
         assert int(i["--max-instances"]) * int(i["--concurrency"]) >= CONTROL_QUEUE.rate.max_concurrent_dispatches
         assert f"UPCFAN_ITEM_QUEUE_SHARDS={shards}" in w["--set-env-vars"]
         assert cmds["sweeper"]["--max-instances"] == "1"
+
+
+def _env_of(flags: dict[str, str]) -> dict[str, str]:
+    body = flags["--set-env-vars"]
+    sep = "@" if body.startswith("^@^") else ","
+    return dict(kv.split("=", 1) for kv in body.removeprefix("^@^").split(sep))
+
+
+def test_threads_are_set_to_concurrency_and_the_local_stack_runs_the_same(source_root, tmp_path):
+    """Unset, functions-framework runs CPUs x 4 gunicorn threads whatever --concurrency says."""
+    from devstack import stack
+
+    out, _ = run_dry(source_root, tmp_path)
+    deployed = {fn: _env_of(flags)["THREADS"] for fn, flags in deploy_commands(out).items()}
+    assert deployed == {fn: flags["--concurrency"] for fn, flags in deploy_commands(out).items()}
+    plan = stack._Plan(ports={name: 1 for name in stack.PORT_NAMES}, env={}, skip=set(),
+                       java=Path("/nonexistent"), sdk_root=None)
+    local = {c.name: c.env["THREADS"] for c in stack._functions(plan)}
+    assert local == deployed
 
 
 def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, monkeypatch):
