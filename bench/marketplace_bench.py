@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def _free_port() -> int:
 def main() -> None:
     """The marketplace as its own process (as in the stack) serves >= 500 req/s on this machine."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    token = secrets.token_urlsafe(16)  # the marketplace routes require it, as in the stack
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), UPCFAN_MARKETPLACE_TOKEN=token)
     proc = subprocess.Popen(
         [sys.executable, "-m", "devstack.marketplace", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -52,7 +54,7 @@ def main() -> None:
         async def hammer(n: int, concurrency: int) -> float:
             sem = asyncio.Semaphore(concurrency)
             conn = aiohttp.TCPConnector(limit=concurrency)
-            async with aiohttp.ClientSession(connector=conn) as s:
+            async with aiohttp.ClientSession(connector=conn, headers={"Authorization": f"Bearer {token}"}) as s:
 
                 async def one(i: int) -> int:
                     async with sem:

@@ -6,7 +6,10 @@ Routes the worker's handler calls (keep them exactly so):
   GET  /sell/inventory/v1/offer?sku={sku}        -> 200 {"offers": [...], "total": n}
   POST /sell/inventory/v1/offer  (Idempotency-Key) -> 201 {"offerId"}; a seen key replays the first answer
 
-Control routes: GET /_stats, GET|POST /_faults, GET|POST /_config, GET /_listings, POST /_reset, GET /_health.
+Like eBay, the marketplace routes require `Authorization: Bearer <token>` (the token given at start:
+env UPCFAN_MARKETPLACE_TOKEN, or --token; --no-auth opens them); without it they answer 401 with an
+eBay-style OAuth error and count `unauthorized_calls`. The control routes (`/_...`) stay open:
+GET /_stats, GET|POST /_faults, GET|POST /_config, GET /_listings, POST /_reset, GET /_health.
 It is deliberately naive: a second offer for the same SKU is accepted (unless `enforce_unique_sku`)
 so tests can count duplicates with `skus_with_duplicates`.
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import hmac
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from aiohttp import web
 from devstack.procs import run_local_server
 
 DOMAIN = "API_INVENTORY"
+TOKEN_VAR = "UPCFAN_MARKETPLACE_TOKEN"
 _BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Soylent", "Hooli", "Stark", "Wayne")
 _NOUNS = ("Widget", "Gadget", "Sprocket", "Gizmo", "Doohickey", "Thingamajig", "Contraption", "Device")
 _ADJECTIVES = ("Deluxe", "Compact", "Premium", "Classic", "Portable", "Heavy-Duty", "Eco", "Smart")
@@ -89,10 +95,18 @@ class Faults:
 class Marketplace:
     """All state of the sandbox; one instance per app, touched only from the event loop."""
 
-    def __init__(self, seed: int | None = None, enforce_unique_sku: bool = False) -> None:
+    def __init__(self, seed: int | None = None, enforce_unique_sku: bool = False, token: str | None = None) -> None:
         self._seed = seed
         self._default_enforce = enforce_unique_sku
+        self._token = token  # None: marketplace routes open (--no-auth)
         self.reset()
+
+    def authorized(self, header: str | None) -> bool:
+        """True when auth is off or `header` is `Bearer <token>` (compared in constant time)."""
+        if self._token is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token.encode())
 
     def reset(self) -> None:
         self.rng = random.Random(self._seed)
@@ -114,6 +128,7 @@ class Marketplace:
             "rejected_duplicates": 0,
             "offers_without_inventory_item": 0,
             "requests": 0,
+            "unauthorized_calls": 0,
         }
 
     def stats(self) -> dict:
@@ -188,10 +203,22 @@ async def _apply_faults(m: Marketplace, key: str | None) -> web.Response | None:
     return None
 
 
+def unauthorized_body() -> dict:
+    """eBay's answer to a missing or invalid OAuth token (HTTP 401)."""
+    return {"errors": [{"errorId": 1001, "domain": "OAuth", "category": "REQUEST", "message": "Invalid access token",
+                        "longMessage": "Invalid access token. Check the value of the Authorization HTTP request header."}]}
+
+
 @web.middleware
-async def _count_requests(request: web.Request, handler):
+async def _count_and_authorize(request: web.Request, handler):
+    """Marketplace routes: counted in `requests`, and refused (401, `unauthorized_calls`) without the
+    bearer token. Control routes (`/_...`) are neither counted nor checked."""
     if not request.path.startswith("/_"):
-        request.app[MARKET_KEY].counters["requests"] += 1
+        m = request.app[MARKET_KEY]
+        m.counters["requests"] += 1
+        if not m.authorized(request.headers.get("Authorization")):
+            m.counters["unauthorized_calls"] += 1
+            return web.json_response(unauthorized_body(), status=401, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
@@ -326,9 +353,10 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "component": "marketplace"})
 
 
-def make_app(seed: int | None = None, enforce_unique_sku: bool = False) -> web.Application:
-    app = web.Application(middlewares=[_count_requests])
-    app[MARKET_KEY] = Marketplace(seed=seed, enforce_unique_sku=enforce_unique_sku)
+def make_app(seed: int | None = None, enforce_unique_sku: bool = False, *, token: str | None) -> web.Application:
+    """The sandbox; `token` is the bearer token its marketplace routes require (None: open, say so)."""
+    app = web.Application(middlewares=[_count_and_authorize])
+    app[MARKET_KEY] = Marketplace(seed=seed, enforce_unique_sku=enforce_unique_sku, token=token)
     r = app.router
     r.add_get("/catalog/v1/product/{gtin}", get_product)
     r.add_put("/sell/inventory/v1/inventory_item/{sku}", put_inventory_item)
@@ -351,9 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--seed", type=int, default=None, help="seed for injected random faults")
     parser.add_argument("--enforce-unique-sku", action="store_true")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--token", help=f"bearer token the marketplace routes require (prefer env {TOKEN_VAR}: "
+                                      "an argument is visible to every local user)")
+    auth.add_argument("--no-auth", action="store_true", help="marketplace routes need no token")
     args = parser.parse_args(argv)
-    run_local_server(make_app(seed=args.seed, enforce_unique_sku=args.enforce_unique_sku), "marketplace",
-                     args.host, args.port, backlog=1024)
+    token = None if args.no_auth else (args.token or os.environ.get(TOKEN_VAR, "").strip())
+    if token == "":
+        parser.error(f"no token: set {TOKEN_VAR} (or --token), or pass --no-auth to leave the routes open")
+    app = make_app(seed=args.seed, enforce_unique_sku=args.enforce_unique_sku, token=token)
+    run_local_server(app, "marketplace", args.host, args.port, backlog=1024)
 
 
 if __name__ == "__main__":

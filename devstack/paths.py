@@ -12,6 +12,7 @@ LOG_DIR = LOCAL / "logs"
 # Installed tools stay in the checkout's .local even when a stack runs from another UPCFAN_LOCAL_DIR.
 NODE_DIR = REPO_ROOT / ".local" / "node"  # firebase-tools, installed by scripts/bootstrap (npm ci)
 STACK_ENV = LOCAL / "stack.env"
+SECRETS_ENV = LOCAL / "secrets.env"  # this run's secrets (mode 0600, never printed); not in stack.env
 STATE_FILE = RUN_DIR / "stack.json"
 LOCK_FILE = LOCAL / "stack.lock"
 USERS_DIR = LOCAL / "users"  # test sessions using a stack they may not have started

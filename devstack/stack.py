@@ -18,6 +18,7 @@ import fcntl
 import glob
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,26 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
     }
 
 
+# ---------------------------------------------------------------- local secrets
+# The values deploy mounts from Secret Manager, made up for this run. A function gets a secret under
+# the same variable, and only if deploy mounts it on that function (infra/deploy.py, function_specs).
+
+MARKETPLACE_API_KEY = "UPCFAN_MARKETPLACE_API_KEY"
+
+
+def write_local_secrets() -> None:
+    """A fresh random marketplace token in .local/secrets.env (mode 0600); its value is never printed."""
+    envfile.write_env_file(paths.SECRETS_ENV, {MARKETPLACE_API_KEY: secrets.token_urlsafe(32)}, mode=0o600)
+
+
+def read_local_secrets() -> dict[str, str]:
+    """This run's secrets ({} when none were written, e.g. the stack is down)."""
+    try:
+        return envfile.read_env_file(paths.SECRETS_ENV)
+    except OSError:
+        return {}
+
+
 def base_process_env() -> dict[str, str]:
     """The caller's environment minus anything pointing at another stack."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
@@ -383,6 +404,7 @@ class _Plan:
     skip: set[str]
     java: Path
     sdk_root: Path | None  # only looked up when a gcloud emulator (firestore, pubsub) runs
+    secrets: dict[str, str]  # .local/secrets.env: never in argv (logged) nor in stack.env
 
     def url(self, name: str) -> str:
         return f"http://{HOST}:{self.ports[name]}"
@@ -493,11 +515,16 @@ def _cloudtasks(plan: _Plan) -> Iterator[Component]:
 
 
 def _sinks(plan: _Plan) -> Iterator[Component]:
-    """The Slack sink and the sandbox marketplace (devstack.<name>)."""
+    """The Slack sink and the sandbox marketplace (devstack.<name>); the marketplace requires the
+    worker's API key as its bearer token."""
+    from devstack.marketplace import TOKEN_VAR
+
+    token = {"marketplace": {TOKEN_VAR: plan.secrets.get(MARKETPLACE_API_KEY, "")}}
     for name in SINKS:
         if name not in plan.skip:
             yield plan.component(
-                name, [sys.executable, "-m", f"devstack.{name}", "--host", HOST, "--port", str(plan.ports[name])]
+                name, [sys.executable, "-m", f"devstack.{name}", "--host", HOST, "--port", str(plan.ports[name])],
+                env=token.get(name, {}),
             )
 
 
@@ -514,8 +541,9 @@ def _functions(plan: _Plan) -> Iterator[Component]:
         source = paths.REPO_ROOT / "functions" / name / "main.py"
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
-        # The function's own env as deploy sets it (THREADS = its concurrency: infra/deploy.py).
+        # The function's own env and secrets as deploy sets them (THREADS = its concurrency: infra/deploy.py).
         env = {**plan.env, **deployed[name].env(), "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name}
+        env.update({var: plan.secrets[var] for var, _secret in deployed[name].secrets if var in plan.secrets})
         yield plan.component(
             name,
             [
@@ -537,7 +565,7 @@ def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str])
     """The stack's processes for these ports and env, less `skip` ('functions' = all four)."""
     java = java_home()
     sdk_root = gcloud_sdk_root() if ({"firestore", "pubsub"} - skip) else None
-    plan = _Plan(ports=ports, env=env, skip=skip, java=java, sdk_root=sdk_root)
+    plan = _Plan(ports=ports, env=env, skip=skip, java=java, sdk_root=sdk_root, secrets=read_local_secrets())
     return [component for step in COMPONENT_STEPS for component in step(plan)]
 
 
@@ -601,6 +629,7 @@ def _up(skip: set[str], timeout_s: float, log) -> dict[str, str]:
         log("a partial or different stack is running: stopping it first")
         _down(log=log)
     _clear_run_files()
+    write_local_secrets()
     t0 = time.time()
     ports = allocate_ports()
     env = stack_env(ports)
@@ -680,6 +709,7 @@ def _down(log=print) -> list[str]:
     names = stop_all()
     (paths.LOCAL / "started-by-tests").unlink(missing_ok=True)
     paths.STACK_ENV.unlink(missing_ok=True)
+    paths.SECRETS_ENV.unlink(missing_ok=True)
     paths.STATE_FILE.unlink(missing_ok=True)
     log(f"stack stopped ({', '.join(names) if names else 'nothing was running'})")
     return names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 
@@ -98,6 +98,9 @@ class Settings:
     ingest_url: str
     worker_url: str
     marketplace_url: str
+    # Bearer token sent on every marketplace call (a Secret Manager secret in production, the local
+    # stack's .local/secrets.env locally); never logged, and left out of the repr.
+    marketplace_api_key: str = field(repr=False)
     slack_webhook_url: str
     bucket: str
     # The handler a job runs when neither its request nor its object's metadata chooses one
@@ -151,6 +154,7 @@ def load_settings() -> Settings:
         ingest_url=os.environ.get("UPCFAN_INGEST_URL", "").rstrip("/"),
         worker_url=os.environ.get("UPCFAN_WORKER_URL", "").rstrip("/"),
         marketplace_url=os.environ.get("UPCFAN_MARKETPLACE_URL", "").rstrip("/"),
+        marketplace_api_key=os.environ.get("UPCFAN_MARKETPLACE_API_KEY", "").strip(),
         slack_webhook_url=os.environ.get("UPCFAN_SLACK_WEBHOOK_URL", ""),
         bucket=os.environ.get("UPCFAN_BUCKET", ""),
         default_handler=os.environ.get("UPCFAN_DEFAULT_HANDLER", "").strip() or None,

@@ -11,8 +11,8 @@ from shared.exceptions import ItemError, PermanentItemError, RetryableItemError
 # Status → (code, retryable) for answers that are not 2xx; 404 depends on the step (see below).
 _STATUS_CODES: dict[int, tuple[str, bool]] = {
     400: ("marketplace_rejected", False),
-    401: ("marketplace_auth", False),
-    403: ("marketplace_auth", False),
+    401: ("marketplace_unauthorized", False),
+    403: ("marketplace_unauthorized", False),
     404: ("marketplace_not_found", False),
     409: ("marketplace_conflict", False),
     422: ("marketplace_rejected", False),
@@ -21,7 +21,7 @@ _STATUS_CODES: dict[int, tuple[str, bool]] = {
 
 _WHY = {
     "marketplace_rejected": "the marketplace rejected the request",
-    "marketplace_auth": "the marketplace refused our credentials",
+    "marketplace_unauthorized": "the marketplace refused our credentials",
     "marketplace_not_found": "the marketplace does not know this resource",
     "product_not_found": "the marketplace catalog has no product for this GTIN",
     "marketplace_conflict": "the marketplace reports a conflicting resource",
@@ -50,8 +50,10 @@ def marketplace_error_text(response: requests.Response) -> tuple[str, str | None
     return "no error message in body", None
 
 
-def classify_response(step: str, method: str, path: str, response: requests.Response) -> ItemError:
-    """An `ItemError` for a non-2xx answer: what failed, where (step, method, path, status), why."""
+def classify_response(step: str, method: str, path: str, response: requests.Response, *,
+                      credential: str | None = None) -> ItemError:
+    """An `ItemError` for a non-2xx answer: what failed, where (step, method, path, status), why.
+    `credential` says which credential a 401/403 refused (named, never its value)."""
     status = response.status_code
     if status in _STATUS_CODES:
         code, retryable = _STATUS_CODES[status]
@@ -65,7 +67,8 @@ def classify_response(step: str, method: str, path: str, response: requests.Resp
     where = f"{step}: {method} {path} answered {status}"
     if error_id:
         where += f" (errorId {error_id})"
-    message = f"{where}: {their_message}; {_WHY.get(code, 'unexpected answer')}"
+    why = credential if code == "marketplace_unauthorized" and credential else _WHY.get(code, "unexpected answer")
+    message = f"{where}: {their_message}; {why}"
     details: dict[str, Any] = {"step": step, "status": status}
     if error_id:
         details["error_id"] = error_id

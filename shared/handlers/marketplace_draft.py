@@ -8,7 +8,7 @@ from typing import Any
 import requests
 
 from shared.config import settings
-from shared.exceptions import LeaseLostError, PermanentItemError, RetryableItemError
+from shared.exceptions import ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers.base import ItemContext, ItemHandler
 from shared.handlers.errors import classify_exception, classify_response
 from shared.naming import idempotency_key_for
@@ -21,6 +21,7 @@ OFFER_EXISTS_ERROR_ID = "25002"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
 MAX_CALLS = 5
+API_KEY_VAR = "UPCFAN_MARKETPLACE_API_KEY"
 
 _local = threading.local()
 
@@ -35,15 +36,31 @@ def _session() -> requests.Session:
     return session
 
 
+def _redacted(error: ItemError, key: str) -> ItemError:
+    """`error` with any echo of the API key in its message removed (a marketplace may quote a header)."""
+    if key and key in error.message:
+        error.message = error.message.replace(key, "[redacted]")
+        error.args = (error.message,)
+    return error
+
+
 class MarketplaceDraftHandler(ItemHandler):
     """SKU = GTIN-14. The offer is created only when none exists for the SKU, with an idempotency
-    key of job_id:gtin so a replayed POST (lost answer, second delivery) cannot list twice."""
+    key of job_id:gtin so a replayed POST (lost answer, second delivery) cannot list twice.
+    Every call carries `Authorization: Bearer <UPCFAN_MARKETPLACE_API_KEY>`; the key is never logged
+    nor put in an error message."""
 
     name = "marketplace_draft"
 
-    def __init__(self, base_url: str | None = None, timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)):
+    def __init__(self, base_url: str | None = None, timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                 api_key: str | None = None):
         self._base_url = base_url
         self._timeout = timeout
+        self._api_key = api_key
+
+    @property
+    def api_key(self) -> str:
+        return self._api_key if self._api_key is not None else settings().marketplace_api_key
 
     @property
     def base_url(self) -> str:
@@ -102,13 +119,19 @@ class MarketplaceDraftHandler(ItemHandler):
         offer_id = offers[0].get("offerId") if offers and isinstance(offers[0], dict) else None
         return str(offer_id) if offer_id else "unknown"
 
-    def _call(self, step: str, method: str, path: str, *, ok: tuple[int, ...], **kwargs: Any) -> Any:
+    def _call(self, step: str, method: str, path: str, *, ok: tuple[int, ...], headers: dict | None = None,
+              **kwargs: Any) -> Any:
+        key = self.api_key
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            response = _session().request(method, self.base_url + path, timeout=self._timeout, **kwargs)
+            response = _session().request(method, self.base_url + path, timeout=self._timeout,
+                                          headers={**(headers or {}), **auth}, **kwargs)
         except requests.RequestException as exc:
-            raise classify_exception(step, method, path, exc) from exc
+            raise _redacted(classify_exception(step, method, path, exc), key) from exc
         if response.status_code not in ok:
-            raise classify_response(step, method, path, response)
+            refused = (f"the marketplace rejected the API key in {API_KEY_VAR}" if key
+                       else f"no API key was sent: {API_KEY_VAR} is not set")
+            raise _redacted(classify_response(step, method, path, response, credential=refused), key)
         if response.status_code == 204 or not response.content:
             return {}
         try:

@@ -1,4 +1,4 @@
-"""Sandbox marketplace: eBay Inventory API shape, idempotency keys, duplicate counting, fault injection."""
+"""Sandbox marketplace: eBay Inventory API shape, bearer token, idempotency keys, duplicate counting, faults."""
 
 from __future__ import annotations
 
@@ -16,11 +16,15 @@ import pytest
 import requests
 from aiohttp import web
 
-from devstack.marketplace import fake_product, make_app
+from devstack.marketplace import TOKEN_VAR, fake_product, make_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GTIN = "00012345678905"
 OFFER = "/sell/inventory/v1/offer"
+TOKEN = "functional-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+api = requests.Session()  # what the worker's handler sends: every call with the bearer token
+api.headers.update(AUTH)
 
 
 def _free_port() -> int:
@@ -60,33 +64,33 @@ class _Server:
 
 @pytest.fixture
 def mk():
-    with _Server(make_app(seed=7)) as srv:
+    with _Server(make_app(seed=7, token=TOKEN)) as srv:
         yield srv.url
 
 
 def _offer(url, sku=GTIN, key=None):
-    headers = {"Idempotency-Key": key} if key else {}
+    headers = {**AUTH, "Idempotency-Key": key} if key else AUTH
     body = {"sku": sku, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
     return requests.post(url + OFFER, json=body, headers=headers, timeout=10)
 
 
 def test_catalog_is_deterministic(mk):
-    r = requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10)
+    r = api.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10)
     assert r.status_code == 200
     assert r.json() == fake_product(GTIN)
     assert set(r.json()) == {"gtin", "title", "brand"}
-    assert requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10).json() == r.json()
-    assert requests.get(f"{mk}/catalog/v1/product/not-a-gtin", timeout=10).status_code == 400
+    assert api.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10).json() == r.json()
+    assert api.get(f"{mk}/catalog/v1/product/not-a-gtin", timeout=10).status_code == 400
 
 
 def test_inventory_put_offer_get_and_create(mk):
-    r = requests.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={"product": {"title": "x"}}, timeout=10)
+    r = api.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={"product": {"title": "x"}}, timeout=10)
     assert r.status_code == 204
-    assert requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json() == {"offers": [], "total": 0}
+    assert api.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json() == {"offers": [], "total": 0}
     created = _offer(mk, key="job-1:" + GTIN)
     assert created.status_code == 201
     offer_id = created.json()["offerId"]
-    listed = requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json()
+    listed = api.get(mk + OFFER, params={"sku": GTIN}, timeout=10).json()
     assert listed["total"] == 1
     assert listed["offers"][0]["offerId"] == offer_id
     assert listed["offers"][0]["sku"] == GTIN and listed["offers"][0]["status"] == "UNPUBLISHED"
@@ -157,9 +161,9 @@ def test_fail_gtins_and_latency_gtins(mk):
     assert set_["fail_gtins"] == {GTIN: 400}  # keys normalised to GTIN-14
     assert requests.get(f"{mk}/_faults", timeout=10).json() == set_
     for resp in (
-        requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10),
-        requests.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={}, timeout=10),
-        requests.get(mk + OFFER, params={"sku": GTIN}, timeout=10),
+        api.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10),
+        api.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={}, timeout=10),
+        api.get(mk + OFFER, params={"sku": GTIN}, timeout=10),
         _offer(mk, key="x"),
     ):
         assert resp.status_code == 400
@@ -184,7 +188,7 @@ def test_concurrent_same_key_creates_one_offer(mk):
     async def go():
         async with aiohttp.ClientSession() as s:
             body = {"sku": GTIN, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
-            reqs = [s.post(mk + OFFER, json=body, headers={"Idempotency-Key": "same"}) for _ in range(50)]
+            reqs = [s.post(mk + OFFER, json=body, headers={**AUTH, "Idempotency-Key": "same"}) for _ in range(50)]
             resps = await asyncio.gather(*reqs)
             out = [(r.status, await r.json()) for r in resps]
             for r in resps:
@@ -195,3 +199,60 @@ def test_concurrent_same_key_creates_one_offer(mk):
     assert {status for status, _ in out} == {201}
     assert len({body["offerId"] for _, body in out}) == 1
     assert requests.get(f"{mk}/_stats", timeout=10).json()["listings"] == 1
+
+
+def test_marketplace_routes_require_the_bearer_token_and_count_refusals(mk):
+    """Like eBay: no token, a wrong one or another scheme is 401 before any effect; `/_...` stays open."""
+    body = {"sku": GTIN, "marketplaceId": "EBAY_US", "format": "FIXED_PRICE", "availableQuantity": 1}
+    refused = [
+        requests.get(f"{mk}/catalog/v1/product/{GTIN}", timeout=10),
+        requests.post(mk + OFFER, json=body, headers={"Authorization": "Bearer wrong"}, timeout=10),
+        requests.put(f"{mk}/sell/inventory/v1/inventory_item/{GTIN}", json={}, timeout=10,
+                     headers={"Authorization": f"Basic {TOKEN}"}),
+        requests.get(mk + OFFER, params={"sku": GTIN}, headers={"Authorization": TOKEN}, timeout=10),
+    ]
+    for r in refused:
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        err = r.json()["errors"][0]
+        assert err["errorId"] == 1001 and err["domain"] == "OAuth" and err["message"] == "Invalid access token"
+        assert TOKEN not in r.text
+    assert requests.get(f"{mk}/_health", timeout=10).status_code == 200  # control routes: no token
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["unauthorized_calls"] == 4 and stats["requests"] == 4
+    assert stats["listings"] == 0 and stats["inventory_items"] == 0 and stats["create_calls"] == 0
+    assert _offer(mk, key="k").status_code == 201
+    stats = requests.get(f"{mk}/_stats", timeout=10).json()
+    assert stats["unauthorized_calls"] == 4 and stats["requests"] == 5 and stats["listings"] == 1
+
+
+def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
+    return subprocess.Popen([sys.executable, "-m", "devstack.marketplace", *argv], env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_the_process_refuses_to_start_without_a_token_unless_told_no_auth():
+    port = _free_port()
+    env = {TOKEN_VAR: ""}
+    proc = _start(["--port", str(port)], env)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and TOKEN_VAR in out and "--no-auth" in out
+
+    proc = _start(["--port", str(port)], {TOKEN_VAR: TOKEN})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:  # poll its health probe, bounded by the deadline
+            try:
+                if requests.get(f"{url}/_health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "marketplace did not start"
+            time.sleep(0.1)
+        assert requests.get(f"{url}/catalog/v1/product/{GTIN}", timeout=10).status_code == 401
+        assert api.get(f"{url}/catalog/v1/product/{GTIN}", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert TOKEN not in out  # its log never shows the token

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from devstack.testing import poll
+from shared.envfile import read_env_file
 
 pytestmark = pytest.mark.integration
 
@@ -138,6 +140,42 @@ def test_task_from_official_client_reaches_worker_with_cloudtasks_headers(stack_
     assert worker_log.exists()
 
 
+def test_the_marketplace_key_is_a_local_secret_the_worker_sends(stack_env, upload, firestore_db, marketplace):
+    """Issue 14, defect 4: the worker gets the key as deploy mounts it (UPCFAN_MARKETPLACE_API_KEY, from
+    .local/secrets.env, worker only); the marketplace requires it, so a live job's listings prove it is sent."""
+    from devstack import paths
+    from devstack.marketplace import TOKEN_VAR
+    from devstack.testing import component_env, fresh_upcs, gtin14
+    from shared.model import JOBS
+    from shared.naming import job_id_for
+
+    key = read_env_file(paths.SECRETS_ENV)["UPCFAN_MARKETPLACE_API_KEY"]
+    assert stat.S_IMODE(paths.SECRETS_ENV.stat().st_mode) == 0o600
+    assert key not in paths.STACK_ENV.read_text() and key not in stack_env.values()
+    assert component_env("worker")["UPCFAN_MARKETPLACE_API_KEY"] == key
+    assert component_env("marketplace")[TOKEN_VAR] == key
+    for name in ("ingest", "sweeper", "api"):  # deploy mounts it on the worker only
+        assert "UPCFAN_MARKETPLACE_API_KEY" not in component_env(name), name
+
+    before = marketplace.stats()
+    upcs = fresh_upcs(3)
+    bucket, name, generation = upload("\n".join(upcs) + "\n")  # no metadata: the stack's live default handler
+    job_id = job_id_for(bucket, name, generation)
+    job = poll(lambda: (lambda d: d if d.get("status", "").startswith("completed") else None)(
+        (firestore_db.collection(JOBS).document(job_id).get().to_dict() or {})), 60, 0.2, f"job {job_id} to finish")
+    assert job["status"] == "completed", job
+    assert marketplace.stats()["unauthorized_calls"] == before["unauthorized_calls"]  # 0 unless a test made one
+    for upc in upcs:
+        assert len(marketplace.listings(gtin14(upc))) == 1, upc
+
+    # Without the token the same marketplace refuses, and counts it.
+    url = stack_env["UPCFAN_MARKETPLACE_URL"]
+    assert requests.get(f"{url}/catalog/v1/product/{gtin14(upcs[0])}", timeout=10).status_code == 401
+    assert marketplace.stats()["unauthorized_calls"] == before["unauthorized_calls"] + 1
+    for log in Path(stack_env["UPCFAN_STACK_LOGS"]).glob("*.log"):
+        assert key not in log.read_text(errors="replace"), log
+
+
 def test_scripts_dev_down_leaves_no_process(tmp_path):
     """A private stack (own .local dir, own ports) goes up and down; no process of it survives."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
@@ -157,6 +195,10 @@ def test_scripts_dev_down_leaves_no_process(tmp_path):
             recorded[kid["pid"]] = kid
     assert len(recorded) >= 9  # 9 components + firebase's java
     assert (tmp_path / "local" / "stack.env").exists()
+    secrets_env = tmp_path / "local" / "secrets.env"
+    assert stat.S_IMODE(secrets_env.stat().st_mode) == 0o600
+    key = read_env_file(secrets_env)["UPCFAN_MARKETPLACE_API_KEY"]
+    assert len(key) >= 32 and key not in up.stdout + up.stderr  # `up` prints stack.env, never a secret
     st = run("status")
     assert st.returncode == 0, st.stdout + st.stderr
 
@@ -181,4 +223,5 @@ def test_scripts_dev_down_leaves_no_process(tmp_path):
             pass
     assert tagged == []
     assert not (tmp_path / "local" / "stack.env").exists()
+    assert not secrets_env.exists()
     assert run("status").returncode == 1

@@ -183,9 +183,11 @@ def test_threads_are_set_to_concurrency_and_the_local_stack_runs_the_same(source
     deployed = {fn: _env_of(flags)["THREADS"] for fn, flags in deploy_commands(out).items()}
     assert deployed == {fn: flags["--concurrency"] for fn, flags in deploy_commands(out).items()}
     plan = stack._Plan(ports={name: 1 for name in stack.PORT_NAMES}, env={}, skip=set(),
-                       java=Path("/nonexistent"), sdk_root=None)
-    local = {c.name: c.env["THREADS"] for c in stack._functions(plan)}
-    assert local == deployed
+                       java=Path("/nonexistent"), sdk_root=None, secrets={"UPCFAN_MARKETPLACE_API_KEY": "k"})
+    functions = {c.name: c.env for c in stack._functions(plan)}
+    assert {name: env["THREADS"] for name, env in functions.items()} == deployed
+    # and the secrets deploy mounts, with the local value: the marketplace key on the worker only
+    assert {name for name, env in functions.items() if "UPCFAN_MARKETPLACE_API_KEY" in env} == {"worker"}
 
 
 def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, monkeypatch):

@@ -78,3 +78,24 @@ def test_load_sets_the_environment(tmp_path, monkeypatch):
     write_env_file(path, {"UPCFAN_TEST_MARKER": "from-file"})
     assert load_env_file(path) == {"UPCFAN_TEST_MARKER": "from-file"}
     assert os.environ["UPCFAN_TEST_MARKER"] == "from-file"
+
+
+def test_a_secrets_file_is_private_from_its_creation(tmp_path, monkeypatch):
+    """mode=0o600: never readable by others, not even for a moment, whatever the umask or an old file."""
+    path = tmp_path / "secrets.env"
+    path.write_text("OLD=1\n")
+    path.chmod(0o644)
+    seen = []
+    import shared.envfile as envfile
+
+    real_set_key = envfile.set_key
+    monkeypatch.setattr(envfile, "set_key", lambda p, *a, **k: (seen.append(os.stat(p).st_mode & 0o777),
+                                                                 real_set_key(p, *a, **k))[1])
+    old_umask = os.umask(0)
+    try:
+        write_env_file(path, {"UPCFAN_MARKETPLACE_API_KEY": "s3cret", "B": "2"}, mode=0o600)
+    finally:
+        os.umask(old_umask)
+    assert seen and set(seen) == {0o600}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert read_env_file(path) == {"UPCFAN_MARKETPLACE_API_KEY": "s3cret", "B": "2"}

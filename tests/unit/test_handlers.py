@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import json
 import threading
@@ -223,8 +224,8 @@ def _ebay(error_id, message):
     "step,status,code,retryable",
     [
         ("offer create", 400, "marketplace_rejected", False),
-        ("offer create", 401, "marketplace_auth", False),
-        ("offer create", 403, "marketplace_auth", False),
+        ("offer create", 401, "marketplace_unauthorized", False),
+        ("offer create", 403, "marketplace_unauthorized", False),
         ("catalog lookup", 404, "product_not_found", False),
         ("offer lookup", 404, "marketplace_not_found", False),
         ("offer create", 409, "marketplace_conflict", False),
@@ -407,6 +408,91 @@ def test_marketplace_timeout_and_refused_are_retryable(fake_market):
         listener.close()
 
 
+KEY = "k3y-Only-The-Marketplace-May-See"
+
+
+def test_marketplace_sends_the_api_key_as_bearer_on_every_call(fake_market, monkeypatch):
+    """Defect 4 of issue 14: deploy mounted UPCFAN_MARKETPLACE_API_KEY and no call carried it."""
+    from shared import config
+
+    script, url = fake_market
+    _happy(script)
+    monkeypatch.setenv("UPCFAN_MARKETPLACE_API_KEY", KEY)
+    config.settings.cache_clear()
+    try:
+        assert config.settings().marketplace_api_key == KEY and KEY not in repr(config.settings())
+        MarketplaceDraftHandler(url).handle(ctx())
+    finally:
+        config.settings.cache_clear()
+    assert [(m, p.split("?")[0]) for m, p, _, _ in script.requests] == [PRODUCT, INVENTORY, OFFERS, CREATE]
+    assert {h.get("Authorization") for _, _, h, _ in script.requests} == {f"Bearer {KEY}"}
+    assert script.requests[-1][2]["Idempotency-Key"] == f"job-1:{GTIN}"  # merged with the call's own headers
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("key,why", [(KEY, "rejected the API key in UPCFAN_MARKETPLACE_API_KEY"),
+                                     ("", "no API key was sent: UPCFAN_MARKETPLACE_API_KEY is not set")])
+def test_marketplace_refused_credential_is_permanent_and_named_not_printed(fake_market, status, key, why):
+    script, url = fake_market
+    _happy(script)
+    # A marketplace that quotes the header it refused: the key must not reach the item's error.
+    script.on(*INVENTORY, (status, _ebay(1001, f"Invalid access token: Bearer {key}")))
+    with pytest.raises(PermanentItemError) as exc:
+        MarketplaceDraftHandler(url, api_key=key).handle(ctx())
+    assert exc.value.code == "marketplace_unauthorized" and not exc.value.retryable
+    assert exc.value.message.startswith(f"inventory item upsert: PUT /sell/inventory/v1/inventory_item/{GTIN} "
+                                        f"answered {status} (errorId 1001)")
+    assert exc.value.message.endswith(why)
+    if key:
+        assert KEY not in exc.value.message and KEY not in str(exc.value)
+    else:
+        assert all("Authorization" not in h for _, _, h, _ in script.requests)
+
+
+def test_a_delivery_never_logs_the_api_key(fake_market, monkeypatch, caplog, capsys):
+    """Capture everything one refused and one successful delivery log: the key is not in it."""
+    import logging
+
+    from shared import config
+    from shared.events import Event
+    from shared.log import JsonFormatter
+    from shared.payloads import ItemTask
+    from shared.store.memory import MemoryStore
+    from shared.worker import job_cache, process_item_delivery
+
+    script, url = fake_market
+    _happy(script)
+    script.on(*PRODUCT, (401, _ebay(1001, f"Invalid access token: Authorization: Bearer {KEY}")), (200, {}))
+    monkeypatch.setenv("UPCFAN_MARKETPLACE_URL", url)
+    monkeypatch.setenv("UPCFAN_MARKETPLACE_API_KEY", KEY)
+    config.settings.cache_clear()
+    caplog.set_level(logging.DEBUG)
+    store = MemoryStore()
+    outcomes = []
+    try:
+        for job_id in ("job-refused", "job-ok"):
+            store.create_job({"job_id": job_id, "status": "running", "options": {"handler": "marketplace_draft"},
+                              "round": 1}, Event("created", "test", dt.datetime.now(dt.timezone.utc)))
+            job_cache.JOB_CACHE.clear()
+            task = ItemTask(job_id=job_id, gtin=GTIN, upc="012345678905", line=1, round=1)
+            outcomes.append(process_item_delivery(task.model_dump(), {"X-CloudTasks-TaskName": job_id}, store=store))
+    finally:
+        config.settings.cache_clear()
+        job_cache.JOB_CACHE.clear()
+    refused, ok = (store.get_item(j, GTIN) for j in ("job-refused", "job-ok"))
+    assert refused.status == "failed" and refused.doc["error"]["code"] == "marketplace_unauthorized"
+    assert "UPCFAN_MARKETPLACE_API_KEY" in refused.doc["error"]["message"]
+    assert ok.status == "succeeded"
+    assert any(h.get("Authorization") == f"Bearer {KEY}" for _, _, h, _ in script.requests)  # it was sent
+    captured = capsys.readouterr()
+    logged = [JsonFormatter().format(r) for r in caplog.records]  # the lines Cloud Logging would get
+    assert any("marketplace_unauthorized" in line for line in logged)  # the refusal was logged...
+    for text in (*logged, caplog.text, captured.out, captured.err,  # ...without the key, anywhere
+                 json.dumps([o.body for o in outcomes], default=str),
+                 json.dumps([refused.doc, ok.doc], default=str)):
+        assert KEY not in text
+
+
 def test_marketplace_not_configured_is_permanent(monkeypatch):
     from shared import config
 
@@ -423,13 +509,16 @@ def test_marketplace_not_configured_is_permanent(monkeypatch):
 # --- contract with the local sandbox marketplace (devstack), when present -------------------------
 
 
+SANDBOX_TOKEN = "sandbox-token-for-unit-tests"
+
+
 @pytest.fixture
 def sandbox():
     mp = pytest.importorskip("devstack.marketplace")
     from aiohttp import web
 
     loop = asyncio.new_event_loop()
-    app = mp.make_app(seed=1)
+    app = mp.make_app(seed=1, token=SANDBOX_TOKEN)
     runner = web.AppRunner(app)
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -445,7 +534,7 @@ def sandbox():
 
 
 def test_sandbox_contract_one_listing_across_repeats(sandbox):
-    handler = MarketplaceDraftHandler(sandbox)
+    handler = MarketplaceDraftHandler(sandbox, api_key=SANDBOX_TOKEN)
     first = handler.handle(ctx())
     assert first["created"] is True and first["sku"] == GTIN
     second = handler.handle(ctx(attempt=2))
@@ -457,5 +546,13 @@ def test_sandbox_contract_one_listing_across_repeats(sandbox):
 def test_sandbox_contract_injected_failure_message(sandbox):
     requests.post(sandbox + "/_faults", json={"fail_gtins": {GTIN: 400}}, timeout=5).raise_for_status()
     with pytest.raises(PermanentItemError) as exc:
-        MarketplaceDraftHandler(sandbox).handle(ctx())
+        MarketplaceDraftHandler(sandbox, api_key=SANDBOX_TOKEN).handle(ctx())
     assert exc.value.code == "marketplace_rejected" and "Injected failure" in exc.value.message
+
+
+def test_sandbox_contract_wrong_key_is_unauthorized_and_counted(sandbox):
+    with pytest.raises(PermanentItemError) as exc:
+        MarketplaceDraftHandler(sandbox, api_key="not-the-token").handle(ctx())
+    assert exc.value.code == "marketplace_unauthorized" and "Invalid access token" in exc.value.message
+    stats = requests.get(sandbox + "/_stats", timeout=5).json()
+    assert stats["unauthorized_calls"] == 1 and stats["listings"] == 0
