@@ -241,7 +241,9 @@ def test_process_status_jobs_and_items_listings(api, upload, stack_env):
 def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gtin_faults):
     upcs = fresh_upcs(8)
     slow = gtin14(upcs[0])
-    gtin_faults(latency={slow: 2000})  # ~8 s for this item's four marketplace calls: the job stays running
+    # ~24 s for this item's four marketplace calls (6 s each, inside the handler's 10 s read timeout):
+    # the job surely still runs when the retry and the cancel arrive, even on a loaded machine.
+    gtin_faults(latency={slow: 6000})
     job_id = upload_job(upload, upcs)
     api.wait(job_id, {"running", "ingesting"}, 60)
 

@@ -230,7 +230,10 @@ def test_refused_retry_exits_3_and_unknown_job_exits_2(cli, small_job):
 
 def test_cancel_is_idempotent_and_exits_5_when_watched(cli, tmp_path, gtin_faults):
     upcs = fresh_upcs(6)
-    gtin_faults(latency={gtin14(upcs[0]): 2000})  # one slow item keeps the job running for seconds
+    # One slow item keeps the job running for ~24 s (4 marketplace calls x 6 s, each inside the
+    # handler's 10 s read timeout): far longer than a few CLI calls take even on a loaded machine
+    # (2 s per call once lost this race to the job's completion under a load of 15 on 2 cores).
+    gtin_faults(latency={gtin14(upcs[0]): 6000})
     job_id = cli.submit(write_upcs(tmp_path, upcs))
     cli.wait(job_id, {"running"}, 60)
     first = cli("cancel", job_id)
@@ -260,7 +263,7 @@ def test_status_watch_in_a_real_terminal_under_tmux(cli, tmp_path, gtin_faults):
     if not tmux:
         pytest.skip("tmux is not installed (apt-get install -y tmux); the rich-recording test covers the rendering")
     upcs = fresh_upcs(6)
-    gtin_faults(latency={gtin14(upcs[0]): 1500})  # keeps the job running while we look at the bar
+    gtin_faults(latency={gtin14(upcs[0]): 3000})  # ~12 s: keeps the job running while we look at the bar
     job_id = cli.submit(write_upcs(tmp_path, upcs))
     socket = str(tmp_path / "tmux.sock")  # a private server, its socket removed with tmp_path
     script = tmp_path / "watch.sh"
