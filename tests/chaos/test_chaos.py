@@ -168,8 +168,12 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
         emu_before = s.emulator_stats()["queues"].get("upcfan-items", {})
         sweeper.start()
 
-        job_a, name_a, gen_a = upload(env, f"chaos/{stamp}-main.txt", main_body)
+        # The file to cancel goes first: its items then queue ahead of the main file's 5,000 on the
+        # shared item queue, so "mid-run" comes within the poll below whatever the ingest capacity
+        # (ingest serves THREADS = its deployed concurrency, 4, so chunks of different files no
+        # longer all fan out at once and the last file's items wait behind the others').
         job_b, _, _ = upload(env, f"chaos/{stamp}-cancel.txt", ("\n".join(cancel_upcs) + "\n").encode())
+        job_a, name_a, gen_a = upload(env, f"chaos/{stamp}-main.txt", main_body)
         job_c, _, _ = upload(env, f"chaos/{stamp}-retry.txt", ("\n".join(retry_upcs) + "\n").encode())
 
         # Duplicate finalize events (the bridge's own event, re-sent 3x at once) and an HTTP re-trigger.
