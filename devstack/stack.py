@@ -541,8 +541,10 @@ def _functions(plan: _Plan) -> Iterator[Component]:
         source = paths.REPO_ROOT / "functions" / name / "main.py"
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
-        # The function's own env and secrets as deploy sets them (THREADS = its concurrency: infra/deploy.py).
-        env = {**plan.env, **deployed[name].env(), "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name}
+        # The function's own env and secrets as deploy sets them (THREADS = its concurrency: infra/deploy.py),
+        # in as many gunicorn workers as production would run instances for the local queues' load.
+        env = {**plan.env, **deployed[name].env(), "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name,
+               "WORKERS": str(local_instances(name, deployed[name].threads))}
         env.update({var: plan.secrets[var] for var, _secret in deployed[name].secrets if var in plan.secrets})
         yield plan.component(
             name,
@@ -555,6 +557,21 @@ def _functions(plan: _Plan) -> Iterator[Component]:
             ],
             env=env,
         )  # fmt: skip
+
+
+def local_instances(function: str, threads: int) -> int:
+    """How many instances of `function` the local stack runs (functions-framework's WORKERS).
+
+    One local process per function would stand for a whole autoscaled service with the capacity of
+    one instance: ingest (4 requests per instance, as deployed) would then serve 4 of the control
+    queue's 8 local dispatches and leave the rest waiting behind long chunks, where Cloud Run scales
+    out. So each function runs as many gunicorn workers (each an instance: its own threads, pools and
+    caches) as the local queues that call it can keep busy."""
+    from shared.tasks import TASK_KINDS
+
+    queues = {kind.queue.name: kind.queue for kind in TASK_KINDS if kind.function == function}
+    inflow = sum(queue.local_max_concurrent_dispatches for queue in queues.values())
+    return max(1, -(-inflow // threads))
 
 
 # In start order; each yields nothing for what `skip` leaves out.

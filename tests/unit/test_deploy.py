@@ -188,6 +188,14 @@ def test_threads_are_set_to_concurrency_and_the_local_stack_runs_the_same(source
     assert {name: env["THREADS"] for name, env in functions.items()} == deployed
     # and the secrets deploy mounts, with the local value: the marketplace key on the worker only
     assert {name for name, env in functions.items() if "UPCFAN_MARKETPLACE_API_KEY" in env} == {"worker"}
+    # One local process per function stands for its instances: enough workers to serve what the local
+    # queues dispatch at once (ingest: 8 chunk tasks at 4 per instance, where Cloud Run scales out).
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+
+    capacity = {name: int(env["WORKERS"]) * int(env["THREADS"]) for name, env in functions.items()}
+    assert capacity["ingest"] >= CONTROL_QUEUE.local_max_concurrent_dispatches and functions["ingest"]["WORKERS"] == "2"
+    assert capacity["worker"] >= ITEM_QUEUE.local_max_concurrent_dispatches + CONTROL_QUEUE.local_max_concurrent_dispatches
+    assert functions["api"]["WORKERS"] == functions["sweeper"]["WORKERS"] == "1"
 
 
 def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, monkeypatch):
