@@ -9,6 +9,10 @@ import requests
 
 pytestmark = pytest.mark.integration
 
+# The emulator compiles firestore.rules on the first client request: under load that one call took
+# longer than 10 s (two CI runs on 2 cores), so the calls get time enough for it.
+RULES_CALL_TIMEOUT_S = 60
+
 
 def _docs_url(env: dict) -> str:
     return (
@@ -24,20 +28,20 @@ def test_client_reads_and_writes_are_denied(stack_env, firestore_db, collection)
     body = {"fields": {"x": {"stringValue": "client"}}}
 
     # No "Authorization: Bearer owner": a client request, subject to the rules.
-    create = requests.post(f"{base}/{collection}", params={"documentId": doc_id}, json=body, timeout=10)
+    create = requests.post(f"{base}/{collection}", params={"documentId": doc_id}, json=body, timeout=RULES_CALL_TIMEOUT_S)
     assert create.status_code == 403, create.text
     assert create.json()["error"]["status"] == "PERMISSION_DENIED"
 
     # The server SDK (admin, rules bypassed) can write it; the client still can't read or change it.
     firestore_db.collection(collection).document(doc_id).set({"x": "server"})
     try:
-        get = requests.get(f"{base}/{collection}/{doc_id}", timeout=10)
+        get = requests.get(f"{base}/{collection}/{doc_id}", timeout=RULES_CALL_TIMEOUT_S)
         assert get.status_code == 403, get.text
-        patch = requests.patch(f"{base}/{collection}/{doc_id}", json=body, timeout=10)
+        patch = requests.patch(f"{base}/{collection}/{doc_id}", json=body, timeout=RULES_CALL_TIMEOUT_S)
         assert patch.status_code == 403, patch.text
-        delete = requests.delete(f"{base}/{collection}/{doc_id}", timeout=10)
+        delete = requests.delete(f"{base}/{collection}/{doc_id}", timeout=RULES_CALL_TIMEOUT_S)
         assert delete.status_code == 403, delete.text
-        listing = requests.get(f"{base}/{collection}", timeout=10)
+        listing = requests.get(f"{base}/{collection}", timeout=RULES_CALL_TIMEOUT_S)
         assert listing.status_code == 403, listing.text
         assert firestore_db.collection(collection).document(doc_id).get().to_dict() == {"x": "server"}
     finally:
@@ -50,7 +54,7 @@ def test_owner_requests_bypass_rules(stack_env):
     base = _docs_url(stack_env)
     owner = {"Authorization": "Bearer owner"}
     resp = requests.post(
-        f"{base}/rules_probe", params={"documentId": doc_id}, json={"fields": {}}, headers=owner, timeout=10
+        f"{base}/rules_probe", params={"documentId": doc_id}, json={"fields": {}}, headers=owner, timeout=RULES_CALL_TIMEOUT_S
     )
     assert resp.status_code == 200, resp.text
-    requests.delete(f"{base}/rules_probe/{doc_id}", headers=owner, timeout=10)
+    requests.delete(f"{base}/rules_probe/{doc_id}", headers=owner, timeout=RULES_CALL_TIMEOUT_S)
