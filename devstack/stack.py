@@ -29,8 +29,9 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devstack import paths
+from devstack import identity, paths
 from devstack.procs import (
     Component,
     StackError,
@@ -46,7 +47,13 @@ from devstack.procs import (
 )
 from shared import envfile
 
+if TYPE_CHECKING:
+    from infra.deploy import FunctionSpec
+    from infra.model import Desired
+
 PROJECT = "demo-upcfan"
+# The mode of dropped files in the local stack: live, against the sandbox marketplace.
+LOCAL_DEFAULT_HANDLER = "marketplace_draft"
 HOST = "127.0.0.1"
 BUCKET = "upcfan-uploads"
 GCS_TOPIC = "upcfan-gcs-finalize"
@@ -254,9 +261,20 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_BRIDGE_URL": url("bridge"),
         "UPCFAN_GCS_TOPIC": f"projects/{PROJECT}/topics/{GCS_TOPIC}",
         "UPCFAN_GCS_SUBSCRIPTION": f"projects/{PROJECT}/subscriptions/{BRIDGE_SUBSCRIPTION}",
-        "UPCFAN_DEFAULT_HANDLER": "marketplace_draft",
+        "UPCFAN_DEFAULT_HANDLER": LOCAL_DEFAULT_HANDLER,
         "UPCFAN_STACK_LOGS": str(paths.LOG_DIR),
+        # Who the CLI, tests and scripts are: the local operator (devstack/identity.py).
+        "UPCFAN_OPERATOR_TOKEN": identity.mint(identity.OPERATOR_EMAIL),
     }
+
+
+def local_desired(ports: dict[str, int], location: str) -> Desired:
+    """The production model (infra/model.py) of this local project: its accounts, grants, queues,
+    bucket and the functions' URLs, from which each function's env is derived as deploy derives it."""
+    from infra.model import Desired
+
+    return Desired(project=PROJECT, region=location, bucket=BUCKET, item_queue_shards=1,
+                   service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS})
 
 
 # ---------------------------------------------------------------- local secrets
@@ -264,11 +282,14 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
 # the same variable, and only if deploy mounts it on that function (infra/deploy.py, function_specs).
 
 MARKETPLACE_API_KEY = "UPCFAN_MARKETPLACE_API_KEY"
+SLACK_WEBHOOK = "UPCFAN_SLACK_WEBHOOK_URL"
 
 
-def write_local_secrets() -> None:
-    """A fresh random marketplace token in .local/secrets.env (mode 0600); its value is never printed."""
-    envfile.write_env_file(paths.SECRETS_ENV, {MARKETPLACE_API_KEY: secrets.token_urlsafe(32)}, mode=0o600)
+def write_local_secrets(ports: dict[str, int]) -> None:
+    """This run's secret values in .local/secrets.env (mode 0600; values are never printed): a fresh
+    random marketplace token, and the Slack webhook (the local sink) that deploy mounts as a secret."""
+    values = {MARKETPLACE_API_KEY: secrets.token_urlsafe(32), SLACK_WEBHOOK: f"http://{HOST}:{ports['slack_sink']}"}
+    envfile.write_env_file(paths.SECRETS_ENV, values, mode=0o600)
 
 
 def read_local_secrets() -> dict[str, str]:
@@ -529,7 +550,7 @@ def _sinks(plan: _Plan) -> Iterator[Component]:
 
 
 def _functions(plan: _Plan) -> Iterator[Component]:
-    """The four functions, each in functions-framework with the stack env."""
+    """The four functions, each in functions-framework with the env deploy would give it."""
     if "functions" in plan.skip:
         return
     from infra.deploy import function_specs
@@ -541,11 +562,6 @@ def _functions(plan: _Plan) -> Iterator[Component]:
         source = paths.REPO_ROOT / "functions" / name / "main.py"
         if not source.exists():
             raise StackError(f"{source} is missing: cannot start the {name} function (or --skip {name})")
-        # The function's own env and secrets as deploy sets them (THREADS = its concurrency: infra/deploy.py),
-        # in as many gunicorn workers as production would run instances for the local queues' load.
-        env = {**plan.env, **deployed[name].env(), "PYTHONPATH": str(paths.REPO_ROOT), "UPCFAN_FUNCTION": name,
-               "WORKERS": str(local_instances(name, deployed[name].threads))}
-        env.update({var: plan.secrets[var] for var, _secret in deployed[name].secrets if var in plan.secrets})
         yield plan.component(
             name,
             [
@@ -555,8 +571,36 @@ def _functions(plan: _Plan) -> Iterator[Component]:
                 "--host", HOST,
                 "--port", str(plan.ports[name]),
             ],
-            env=env,
+            env=function_env(plan, deployed[name]),
         )  # fmt: skip
+
+
+# What a function process gets locally beyond its deployed env: where the emulators are, who it is
+# (the access token of its service account), and how many instances one local process stands for.
+LOCAL_RUNTIME_ENV = ("GCLOUD_PROJECT", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
+                     "CLOUD_TASKS_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
+LOCAL_ONLY_ENV = (*LOCAL_RUNTIME_ENV, "UPCFAN_LOCAL_ACCESS_TOKEN", "WORKERS", "PYTHONPATH", "UPCFAN_FUNCTION")
+
+
+def function_env(plan: _Plan, spec: FunctionSpec) -> dict[str, str]:
+    """A function's env: exactly what deploy sets (`infra.deploy.env_vars` on this stack's model, the
+    function's own env such as THREADS, the secrets deploy mounts on it, from .local/secrets.env),
+    plus `LOCAL_ONLY_ENV`. tests/unit/test_deploy.py fails if the two diverge."""
+    from infra.deploy import env_vars
+
+    desired = local_desired(plan.ports, plan.env.get("UPCFAN_LOCATION", "us-central1"))
+    env = {k: plan.env[k] for k in LOCAL_RUNTIME_ENV if k in plan.env}
+    env.update(env_vars(desired, plan.url("marketplace"), LOCAL_DEFAULT_HANDLER))
+    env.update(spec.env())
+    env.update({var: plan.secrets[var] for var, _secret in spec.secrets if var in plan.secrets})
+    env.update({
+        "UPCFAN_LOCAL_ACCESS_TOKEN": identity.mint(desired.sa_email(spec.service_account_role)),
+        "PYTHONPATH": str(paths.REPO_ROOT),
+        "UPCFAN_FUNCTION": spec.name,
+        # as many gunicorn workers as production would run instances for the local queues' load
+        "WORKERS": str(local_instances(spec.name, spec.threads)),
+    })
+    return env
 
 
 def local_instances(function: str, threads: int) -> int:
@@ -646,9 +690,9 @@ def _up(skip: set[str], timeout_s: float, log) -> dict[str, str]:
         log("a partial or different stack is running: stopping it first")
         _down(log=log)
     _clear_run_files()
-    write_local_secrets()
     t0 = time.time()
     ports = allocate_ports()
+    write_local_secrets(ports)
     env = stack_env(ports)
     base = base_process_env()
     comps = build_components(ports, env, skip)

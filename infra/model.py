@@ -118,12 +118,16 @@ class Desired:
     sweep_schedule: str = "*/5 * * * *"
     url_template: str = DEFAULT_URL_TEMPLATE
     labels: dict = field(default_factory=lambda: dict(LABELS))
+    # Per-function URLs that the template cannot express (the local stack: one port per function).
+    service_urls: dict = field(default_factory=dict)
 
     # ---- names -------------------------------------------------------------------------
     def sa_email(self, role: str) -> str:
         return f"{SA_IDS[role]}@{self.project}.iam.gserviceaccount.com"
 
     def function_url(self, function: str) -> str:
+        if function in self.service_urls:
+            return self.service_urls[function]
         return self.url_template.format(region=self.region, project=self.project, function=function)
 
     @property

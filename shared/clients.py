@@ -19,14 +19,31 @@ def firestore_client():
     return firestore.Client(project=settings().project)
 
 
+# Against the local stack a caller proves who it is as it would to Google: a bearer token on every
+# call. A function process gets its service account's token (UPCFAN_LOCAL_ACCESS_TOKEN, set by the
+# stack), anything else the operator's (UPCFAN_OPERATOR_TOKEN, from .local/stack.env).
+LOCAL_IDENTITY_VARS = ("UPCFAN_LOCAL_ACCESS_TOKEN", "UPCFAN_OPERATOR_TOKEN")
+
+
+def local_credentials():
+    """Credentials for the local emulators: the caller's local token, else anonymous (refused where
+    the stack enforces IAM)."""
+    token = next((os.environ[v] for v in LOCAL_IDENTITY_VARS if os.environ.get(v)), "")
+    if token:
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(token=token)
+    from google.auth.credentials import AnonymousCredentials
+
+    return AnonymousCredentials()
+
+
 @lru_cache(maxsize=1)
 def storage_client():
     from google.cloud import storage
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project=settings().project, credentials=AnonymousCredentials())
+        return storage.Client(project=settings().project, credentials=local_credentials())
     return storage.Client(project=settings().project)
 
 
@@ -41,13 +58,12 @@ def make_tasks_client(emulator_host: str = ""):
 
     if emulator_host:
         from google.api_core.client_options import ClientOptions
-        from google.auth.credentials import AnonymousCredentials
 
         endpoint = emulator_host if emulator_host.startswith("http") else f"http://{emulator_host}"
         client = tasks_v2.CloudTasksClient(
             transport="rest",
             client_options=ClientOptions(api_endpoint=endpoint),
-            credentials=AnonymousCredentials(),
+            credentials=local_credentials(),
         )
         _tune_rest_session(getattr(client._transport, "_session", None))
         return client

@@ -175,27 +175,53 @@ def _env_of(flags: dict[str, str]) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in body.removeprefix("^@^").split(sep))
 
 
-def test_threads_are_set_to_concurrency_and_the_local_stack_runs_the_same(source_root, tmp_path):
-    """Unset, functions-framework runs CPUs x 4 gunicorn threads whatever --concurrency says."""
+def _local_functions_env() -> dict[str, dict[str, str]]:
     from devstack import stack
 
+    plan = stack._Plan(ports={name: 1000 + i for i, name in enumerate(stack.PORT_NAMES)},
+                       env={"UPCFAN_LOCATION": "us-central1", "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1"},
+                       skip=set(), java=Path("/nonexistent"), sdk_root=None,
+                       secrets={"UPCFAN_MARKETPLACE_API_KEY": "k", "UPCFAN_SLACK_WEBHOOK_URL": "http://127.0.0.1:2"})
+    return {c.name: c.env for c in stack._functions(plan)}
+
+
+def test_threads_are_set_to_concurrency_and_the_local_stack_runs_the_same(source_root, tmp_path):
+    """Unset, functions-framework runs CPUs x 4 gunicorn threads whatever --concurrency says."""
     out, _ = run_dry(source_root, tmp_path)
     deployed = {fn: _env_of(flags)["THREADS"] for fn, flags in deploy_commands(out).items()}
     assert deployed == {fn: flags["--concurrency"] for fn, flags in deploy_commands(out).items()}
-    plan = stack._Plan(ports={name: 1 for name in stack.PORT_NAMES}, env={}, skip=set(),
-                       java=Path("/nonexistent"), sdk_root=None, secrets={"UPCFAN_MARKETPLACE_API_KEY": "k"})
-    functions = {c.name: c.env for c in stack._functions(plan)}
+    functions = _local_functions_env()
     assert {name: env["THREADS"] for name, env in functions.items()} == deployed
     # and the secrets deploy mounts, with the local value: the marketplace key on the worker only
     assert {name for name, env in functions.items() if "UPCFAN_MARKETPLACE_API_KEY" in env} == {"worker"}
     # One local process per function stands for its instances: enough workers to serve what the local
     # queues dispatch at once (ingest: 8 chunk tasks at 4 per instance, where Cloud Run scales out).
-    from shared.config import CONTROL_QUEUE, ITEM_QUEUE
-
     capacity = {name: int(env["WORKERS"]) * int(env["THREADS"]) for name, env in functions.items()}
     assert capacity["ingest"] >= CONTROL_QUEUE.local_max_concurrent_dispatches and functions["ingest"]["WORKERS"] == "2"
     assert capacity["worker"] >= ITEM_QUEUE.local_max_concurrent_dispatches + CONTROL_QUEUE.local_max_concurrent_dispatches
     assert functions["api"]["WORKERS"] == functions["sweeper"]["WORKERS"] == "1"
+
+
+def test_each_function_runs_locally_with_exactly_the_env_and_secrets_deploy_sets(source_root, tmp_path):
+    """One deployment model: a function's local env is its deployed env (`--set-env-vars`) and mounted
+    secrets (`--set-secrets`), with the local project's values, plus only the documented local-only
+    variables (where the emulators are, the function's identity, instances per process)."""
+    from devstack import identity, stack
+
+    out, _ = run_dry(source_root, tmp_path, "--marketplace-url", "https://api.example.invalid",
+                     default_handler="marketplace_draft")
+    local = _local_functions_env()
+    for fn, flags in deploy_commands(out).items():
+        deployed = set(_env_of(flags)) | {pair.split("=", 1)[0] for pair in flags["--set-secrets"].split(",")}
+        assert set(local[fn]) - set(stack.LOCAL_ONLY_ENV) == deployed, fn
+        # the same values where they do not name the project or a URL
+        for var in ("THREADS", "UPCFAN_ITEM_QUEUE_NAME", "UPCFAN_CONTROL_QUEUE_NAME", "UPCFAN_ITEM_QUEUE_SHARDS",
+                    "UPCFAN_DEFAULT_HANDLER", "UPCFAN_LOCATION"):
+            assert local[fn][var] == _env_of(flags)[var], (fn, var)
+        # each process runs as its own service account, the one deploy gives the function
+        token = identity.claims(local[fn]["UPCFAN_LOCAL_ACCESS_TOKEN"])
+        assert token.email == flags["--service-account"].replace("demo-prod", stack.PROJECT), fn
+        assert local[fn]["UPCFAN_TASK_SERVICE_ACCOUNT"].startswith(model.SA_IDS["tasks_invoker"] + "@")
 
 
 def test_slack_url_is_a_secret_reference_never_a_literal(source_root, tmp_path, monkeypatch):
