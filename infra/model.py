@@ -81,13 +81,13 @@ GRANTS: tuple[Grant, ...] = (
           "GetTask on AlreadyExists: which line owns an existing item task (shared/ingest.py::_existing_task_line)"),
     Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed)"),
     Grant("api", "roles/cloudtasks.viewer", "item_queue:0", "GetQueue: /health checks the first item queue"),
-    Grant("ingest", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: chunk tasks (/fanout)"),
+    Grant("ingest", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: plan tasks (/plan), chunk tasks (/fanout)"),
     Grant("worker", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: progress checks (/progress)"),
     Grant("api", "roles/cloudtasks.enqueuer", "control_queue",
-          "CreateTask: chunk tasks of a file submitted with POST /api/batch/process"),
+          "CreateTask: the plan task of a file submitted with POST /api/batch/process"),
     Grant("ingest", "roles/storage.objectViewer", "bucket", "read the dropped file (stat, plan, chunk ranges)"),
     Grant("api", "roles/storage.objectViewer", "bucket",
-          "POST /api/batch/process stats and plans the file itself"),
+          "POST /api/batch/process stats the file (a 404 names a missing one; ingest's plan task reads it)"),
     *_secret_grants(),
     # Creating a task with an OIDC token "acts as" the tasks-invoker account.
     *(Grant(fn, "roles/iam.serviceAccountUser", "sa:tasks_invoker",
@@ -95,7 +95,7 @@ GRANTS: tuple[Grant, ...] = (
       for fn in ("ingest", "worker", "api")),
     # After deploy: each caller may invoke only its target service.
     Grant("tasks_invoker", "roles/run.invoker", "run:worker", "Cloud Tasks delivers item tasks and /progress"),
-    Grant("tasks_invoker", "roles/run.invoker", "run:ingest", "Cloud Tasks delivers chunk tasks (/fanout)"),
+    Grant("tasks_invoker", "roles/run.invoker", "run:ingest", "Cloud Tasks delivers plan tasks (/plan) and chunk tasks (/fanout)"),
     Grant("eventarc_invoker", "roles/run.invoker", "run:ingest", "Eventarc delivers GCS finalize events"),
     Grant("scheduler_invoker", "roles/run.invoker", "run:sweeper", "Cloud Scheduler runs the sweep"),
 )

@@ -76,8 +76,9 @@ _SLACK = Call("secretmanager.AccessSecretVersion", f"secret:{model.SLACK_SECRET}
 FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
     "ingest": (
         *_FIRESTORE,
-        Call("storage.objects.get", "bucket", "shared/gcs.py::GcsObject.stat and read_range"),
-        Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::_plan_and_enqueue (chunk tasks)"),
+        Call("storage.objects.get", "bucket", "shared/gcs.py::GcsObject.stat and read"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::submit_job (plan task) and "
+                                                       "_plan_and_enqueue (chunk tasks)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/ingest.py::process_chunk (item tasks)"),
         Call("cloudtasks.GetTask(FULL)", "item_queues", "shared/tasks.py::get_task_payload via "
                                                         "shared/ingest.py::_existing_task_line"),
@@ -98,8 +99,8 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
     ),
     "api": (
         *_FIRESTORE,
-        Call("storage.objects.get", "bucket", "shared/ingest.py::submit_job (POST /api/batch/process)"),
-        Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::_plan_and_enqueue (chunk tasks)"),
+        Call("storage.objects.get", "bucket", "shared/ingest.py::submit_job (POST /api/batch/process stats the file)"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::submit_job (plan task)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_item_tasks (retry rounds)"),
         Call("cloudtasks.GetQueue", "item_queue:0", "shared/operations.py::health (/health)"),
         _ACT_AS,

@@ -11,7 +11,7 @@ For every task kind (`shared.tasks.TASK_KINDS`):
   run; on an item's last attempt nothing re-drives the item afterwards.
 - deadline <= timeout: the function never kills a request Cloud Tasks is still waiting for. A
   function's timeout is the largest deadline of the kinds that call it (worker: items and progress
-  checks; ingest: chunks); `infra/deploy.py` takes it from here.
+  checks; ingest: plans and chunks); `infra/deploy.py` takes it from here.
 
 The budgets add the waits and outbound calls the code bounds (per-call timeouts, retry policies'
 waits, the last attempt's wait cap) plus a stated allowance for the store and Cloud Tasks calls
@@ -28,7 +28,7 @@ from shared.alerts import MAX_RETRY_AFTER_WAIT_S, WEBHOOK_TIMEOUT_S
 from shared.config import load_settings
 from shared.handlers import marketplace_draft
 from shared.retry import SLACK, STORE_MUST_COMMIT, STORE_TRANSACTION, TASK_API, RetryPolicy
-from shared.tasks import CHUNK_TASK, ITEM_TASK, PROGRESS_TASK, TASK_KINDS, TaskKind
+from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, TASK_KINDS, TaskKind
 from shared.worker.lease import LAST_ATTEMPT_POLL_S, LAST_ATTEMPT_WAIT_MAX_S
 
 # Time of the store and Cloud Tasks calls themselves (claim, complete, job read, count aggregations,
@@ -40,6 +40,12 @@ STORE_CALLS_ALLOWANCE_S = 15.0
 # a bound (a chunk that overruns is dispatched again and resumes: task names deduplicate).
 SHORTEST_LINE_BYTES = 9
 CREATE_TASK_NOMINAL_S = 0.1
+
+# A plan streams the whole file once: up to max_lines lines of this many bytes (a UPC with a few CSV
+# columns), downloaded and scanned at this rate (scanning alone measured ~100 MB/s in memory, so the
+# download dominates), then one CreateTask per chunk, one at a time.
+PLAN_LINE_BYTES = 64
+PLAN_READ_BYTES_PER_S = 10e6
 
 
 def retry_waits_s(policy: RetryPolicy) -> float:
@@ -81,7 +87,15 @@ def chunk_estimate_s() -> float:
     return lines / s.fanout_threads * CREATE_TASK_NOMINAL_S + STORE_CALLS_ALLOWANCE_S
 
 
-BUDGETS = {ITEM_TASK.name: item_budget_s, PROGRESS_TASK.name: progress_budget_s, CHUNK_TASK.name: chunk_estimate_s}
+def plan_estimate_s() -> float:
+    """A plan of the largest file ingest accepts (an estimate: see PLAN_READ_BYTES_PER_S)."""
+    s = load_settings()
+    size = s.max_lines * PLAN_LINE_BYTES
+    return size / PLAN_READ_BYTES_PER_S + size / s.chunk_bytes * CREATE_TASK_NOMINAL_S + STORE_CALLS_ALLOWANCE_S
+
+
+BUDGETS = {ITEM_TASK.name: item_budget_s, PROGRESS_TASK.name: progress_budget_s, CHUNK_TASK.name: chunk_estimate_s,
+           PLAN_TASK.name: plan_estimate_s}
 
 
 def budget_s(kind: TaskKind) -> float:

@@ -1,8 +1,10 @@
 """Ingest: an object generation becomes one job, byte-range chunk tasks, and one named task per UPC.
 
-Flow: `submit_job` (event or HTTP) creates `jobs/{job_id}` once (create-if-absent), scans the file
-once in blocks (binary/UTF-8 checks, line count, chunk boundaries at line starts) and creates one
-chunk task per ~`chunk_bytes`. Each chunk task (`process_chunk`) classifies its lines and creates
+Flow: `submit_job` (event or HTTP) stats the object, creates `jobs/{job_id}` once (create-if-absent)
+and one named plan task, and answers at once. The plan task (`plan_job`) scans the file once in blocks
+(binary/UTF-8 checks, line count, chunk boundaries at line starts) and creates one chunk task per
+~`chunk_bytes`: a large file is never read inside the request or event that started the job, whose
+sender would time out and send it again. Each chunk task (`process_chunk`) classifies its lines and creates
 the item tasks, then records its totals; the last chunk sums them into the job (`fanout_done`).
 Every step is idempotent, so a re-delivered event, a re-sent request or a retried chunk never
 creates a second job or a second task.
@@ -20,18 +22,18 @@ from pydantic import ValidationError
 
 from shared.config import settings
 from shared.events import Event
-from shared.exceptions import UnreadableFileError
+from shared.exceptions import SourceObjectNotFoundError, UnreadableFileError
 from shared.gcs import GcsObject, parse_gcs_path
 from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
 from shared.model import JobStatus
-from shared.naming import chunk_task_name_for, job_id_for, task_name_for
-from shared.payloads import ChunkTask, ItemTask, describe_validation_error
+from shared.naming import chunk_task_name_for, job_id_for, plan_task_name_for, task_name_for
+from shared.payloads import ChunkTask, ItemTask, PlanTask, describe_validation_error
 from shared.progress import check_job_progress
 from shared.store import Store, default_store
-from shared.tasks import CHUNK_TASK, ITEM_TASK, TaskSpec, create_task, get_task_payload, item_queue_for
+from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, TaskSpec, create_task, get_task_payload, item_queue_for
 
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
@@ -97,7 +99,7 @@ def resolve_options(obj: GcsObject, choice: HandlerChoice | None = None) -> dict
 
 def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: str = "http",
                generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
-    """Create (or find) the job for one object generation and enqueue its chunk tasks."""
+    """Create (or find) the job for one object generation and enqueue its plan task."""
     bucket, name = parse_gcs_path(gcs_path)
     obj = GcsObject.stat(bucket, name, generation)
     job_id = job_id_for(bucket, name, obj.generation)
@@ -122,10 +124,12 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
         doc = existing.doc if existing else doc
         log_event("job_exists", job_id=job_id, gcs_path=obj.gcs_path, generation=obj.generation, source=source,
                   status=doc.get("status"))
-    # A job still ingesting without its chunk plan recorded crashed (or is racing) before fan-out
-    # began: planning again is safe because chunk task names are deterministic.
+    # Not planned yet: (re)create the job's one plan task. Its name is deterministic, so a repeated
+    # event or request while the plan is queued or running adds nothing.
     if doc.get("status") == JobStatus.INGESTING.value and not doc.get("planned_at"):
-        doc = _plan_and_enqueue(store, job_id, obj)
+        plan_created = create_task(settings().control_queue_path, TaskSpec(
+            task_id=plan_task_name_for(job_id), kind=PLAN_TASK, payload=PlanTask(job_id=job_id).to_body()))
+        log_event("plan_requested", job_id=job_id, created=plan_created)
     return SubmitResult(job_id=job_id, created=created, status=doc.get("status"), gcs_path=obj.gcs_path,
                         generation=obj.generation, error=doc.get("error"))
 
@@ -198,6 +202,27 @@ def _text_for_sniff(raw: RawLine) -> str | None:
     except UnicodeDecodeError:
         return ""
     return None if (not text or text.startswith("#")) else text
+
+
+def plan_job(task: PlanTask, store: Store | None = None) -> dict:
+    """The plan task: stream the job's object generation (named by the job document) and create its
+    chunk tasks. Idempotent: a planned or finished job is left as it is. A generation that is gone
+    (replaced or deleted before planning) fails the job: no retry can bring that data back."""
+    store = store or default_store()
+    job = store.get_job(task.job_id)
+    if job is None:
+        log_event("plan_skipped", severity="WARNING", job_id=task.job_id, reason="job not found")
+        return {}
+    if job.status != JobStatus.INGESTING.value or job.doc.get("planned_at"):
+        log_event("plan_skipped", job_id=task.job_id, reason=f"job is {job.status}, planned_at "
+                                                             f"{job.doc.get('planned_at')}")
+        return job.doc
+    doc = job.doc
+    try:
+        obj = GcsObject.stat(doc["bucket"], doc["object"], doc["generation"])
+        return _plan_and_enqueue(store, task.job_id, obj)
+    except SourceObjectNotFoundError as exc:
+        return _fail_job(store, task.job_id, {"code": "object_generation_gone", "message": exc.message}, _now())
 
 
 def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:

@@ -36,6 +36,11 @@ def chunk_task_name_for(job_id: str, start_byte: int) -> str:
     return f"{_short_hash(f'{job_id}:c{start_byte}', 4)}-{job_id}-c{start_byte}"
 
 
+def plan_task_name_for(job_id: str) -> str:
+    """The one planning task of a job: repeated events and requests for a generation plan it once."""
+    return f"{_short_hash(f'{job_id}:plan', 4)}-{job_id}-plan"
+
+
 def progress_task_name_for(job_id: str, bucket_index: int) -> str:
     """One completion check per job per time bucket: task-name dedup throttles the checks."""
     return f"{_short_hash(f'{job_id}:p{bucket_index}', 4)}-{job_id}-p{bucket_index}"

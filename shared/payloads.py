@@ -29,6 +29,13 @@ class ItemTask(TaskPayload):
     round: int = Field(ge=1)
 
 
+class PlanTask(TaskPayload):
+    """Plan a job's file (one streaming pass, chunk tasks out): ingest's `/plan` task. Only the job id:
+    what to read (bucket, object, generation) comes from the job document."""
+
+    job_id: str = _JOB_ID
+
+
 class ChunkTask(TaskPayload):
     """A byte range [start, end) of one object generation: ingest's `/fanout` task."""
 

@@ -35,9 +35,12 @@ class TaskKind:
 
 
 ITEM_TASK = TaskKind("item", ITEM_QUEUE, "worker", "", ITEM_QUEUE.dispatch_deadline_s)
+# Planning streams the whole file (up to max_lines), so it runs as a task with the chunk deadline,
+# never inside the request or event that started the job.
+PLAN_TASK = TaskKind("plan", CONTROL_QUEUE, "ingest", "/plan", CONTROL_QUEUE.dispatch_deadline_s)
 CHUNK_TASK = TaskKind("chunk", CONTROL_QUEUE, "ingest", "/fanout", CONTROL_QUEUE.dispatch_deadline_s)
 PROGRESS_TASK = TaskKind("progress", CONTROL_QUEUE, "worker", "/progress", PROGRESS_DISPATCH_DEADLINE_S)
-TASK_KINDS = (ITEM_TASK, CHUNK_TASK, PROGRESS_TASK)
+TASK_KINDS = (ITEM_TASK, PLAN_TASK, CHUNK_TASK, PROGRESS_TASK)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Ingest function: a GCS finalize CloudEvent or `POST {gcs_path}` becomes a job; `/fanout` runs a chunk."""
+"""Ingest function: a GCS finalize CloudEvent or `POST {gcs_path}` becomes a job; `/plan` plans its file,
+`/fanout` runs a chunk."""
 
 import functions_framework
 from cloudevents.http import from_http
@@ -43,6 +44,8 @@ def ingest(request: Request):
     try:
         if path == "/fanout":
             return _chunk_task(request)
+        if path == "/plan":
+            return _plan_task(request)
         if path not in ("", "/api/batch/process"):
             return jsonify({"error": {"code": "not_found", "message": f"no route {request.path}"}}), 404
         if _is_cloudevent(request):
@@ -53,22 +56,44 @@ def ingest(request: Request):
         return _error(exc)
 
 
-def _chunk_task(request: Request):
-    """`POST /fanout`: one chunk task from the control queue."""
+def _task_payload(request: Request, model, kind: str):
+    """The task body as `model`, or the 200 `bad_payload` answer: a malformed task can never succeed,
+    so Cloud Tasks must not retry it."""
     from pydantic import ValidationError
 
-    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
-    from shared.payloads import ChunkTask, describe_validation_error
+    from shared.payloads import describe_validation_error
 
     try:
-        chunk = ChunkTask.model_validate(request.get_json(silent=True))
+        return model.model_validate(request.get_json(silent=True)), None
     except ValidationError as exc:
-        # 200: a malformed chunk task can never succeed, so Cloud Tasks must not retry it.
-        message = f"chunk task payload is malformed and can never succeed: {describe_validation_error(exc)}"
-        log_event("bad_chunk_payload", severity="ERROR", error=message, body=request.get_data(as_text=True)[:200])
-        return jsonify({"error": {"code": "bad_payload", "message": message}}), 200
+        message = f"{kind} task payload is malformed and can never succeed: {describe_validation_error(exc)}"
+        log_event(f"bad_{kind}_payload", severity="ERROR", error=message, body=request.get_data(as_text=True)[:200])
+        return None, (jsonify({"error": {"code": "bad_payload", "message": message}}), 200)
+
+
+def _chunk_task(request: Request):
+    """`POST /fanout`: one chunk task from the control queue."""
+    from shared import ingest as core  # lazy: clients and heavy imports stay out of cold start
+    from shared.payloads import ChunkTask
+
+    chunk, refused = _task_payload(request, ChunkTask, "chunk")
+    if refused:
+        return refused
     result = core.process_chunk(chunk)
     return jsonify(result.__dict__), 200
+
+
+def _plan_task(request: Request):
+    """`POST /plan`: plan a job's file (the job's one plan task from the control queue)."""
+    from shared import ingest as core
+    from shared.payloads import PlanTask
+
+    task, refused = _task_payload(request, PlanTask, "plan")
+    if refused:
+        return refused
+    doc = core.plan_job(task)
+    return jsonify({"job_id": task.job_id, "status": doc.get("status"), "chunks_total": doc.get("chunks_total"),
+                    "error": doc.get("error")}), 200
 
 
 def _finalize_event(request: Request):

@@ -142,13 +142,21 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
         job_id = r.json()["job_id"]
         from google.cloud import tasks_v2
 
-        chunk_tasks = [t for t in tasks_client.list_tasks(request=tasks_v2.ListTasksRequest(
-            parent=control, response_view=tasks_v2.Task.View.FULL)) if job_id in t.name]
-        assert len(chunk_tasks) == 1
-        payload = json.loads(chunk_tasks[0].http_request.body)
+        from shared.payloads import PlanTask
+
+        def job_tasks(suffix: str) -> list:
+            return [t for t in tasks_client.list_tasks(request=tasks_v2.ListTasksRequest(
+                parent=control, response_view=tasks_v2.Task.View.FULL)) if job_id in t.name and t.name.endswith(suffix)]
+
         for k, v in stack_env.items():
             monkeypatch.setenv(k, v)
         reset_clients()
+        # The request only queued the job's plan task; plan here (the queued one finds the job planned).
+        assert len(job_tasks("-plan")) == 1
+        ingest.plan_job(PlanTask(job_id=job_id))
+        chunk_tasks = job_tasks("-c0")
+        assert len(chunk_tasks) == 1
+        payload = json.loads(chunk_tasks[0].http_request.body)
         with pytest.raises(RuntimeError, match="injected crash"):
             ingest.process_chunk(payload, crash_after_tasks=50)
     finally:

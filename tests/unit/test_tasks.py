@@ -7,7 +7,7 @@ import pytest
 
 from shared import config
 from shared.config import CONTROL_QUEUE, ITEM_QUEUE, PROGRESS_DISPATCH_DEADLINE_S
-from shared.tasks import CHUNK_TASK, ITEM_TASK, PROGRESS_TASK, TASK_KINDS, TaskSpec, _build_task
+from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, TASK_KINDS, TaskSpec, _build_task
 
 SA = "upcfan-tasks-invoker@demo-prod.iam.gserviceaccount.com"
 QUEUE = "projects/demo-prod/locations/us-central1/queues/upcfan-items"
@@ -70,6 +70,7 @@ def test_a_task_cannot_be_specified_without_its_kind():
 def test_each_kind_takes_its_deadline_from_its_queue_unless_it_calls_another_function():
     assert ITEM_TASK.queue is ITEM_QUEUE and ITEM_TASK.dispatch_deadline_s == ITEM_QUEUE.dispatch_deadline_s
     assert CHUNK_TASK.queue is CONTROL_QUEUE and CHUNK_TASK.dispatch_deadline_s == CONTROL_QUEUE.dispatch_deadline_s
+    assert PLAN_TASK.queue is CONTROL_QUEUE and PLAN_TASK.dispatch_deadline_s == CONTROL_QUEUE.dispatch_deadline_s
     # progress checks ride the control queue to the worker: their deadline fits the worker's timeout
     assert PROGRESS_TASK.queue is CONTROL_QUEUE and PROGRESS_TASK.dispatch_deadline_s <= ITEM_QUEUE.dispatch_deadline_s
-    assert {k.name for k in TASK_KINDS} == {"item", "chunk", "progress"}
+    assert {k.name for k in TASK_KINDS} == {"item", "plan", "chunk", "progress"}
