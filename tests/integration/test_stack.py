@@ -176,6 +176,27 @@ def test_the_marketplace_key_is_a_local_secret_the_worker_sends(stack_env, uploa
         assert key not in log.read_text(errors="replace"), log
 
 
+def test_job_notes_reach_slack_through_the_mounted_webhook_secret(stack_env, upload, firestore_db, slack_sink):
+    """Issue 14, defect 5: only the sweeper got the webhook in production, so job notes never left. Locally
+    each function gets UPCFAN_SLACK_WEBHOOK_URL exactly as deploy mounts it (a secret, from
+    .local/secrets.env, on every function), and a finished job's note arrives through it."""
+    from devstack import paths
+    from devstack.testing import component_env, fresh_upcs
+    from infra.model import FUNCTION_SECRETS, SLACK_ENV
+    from shared.naming import job_id_for
+
+    webhook = read_env_file(paths.SECRETS_ENV)[SLACK_ENV]
+    for name in ("ingest", "worker", "sweeper", "api"):
+        assert (SLACK_ENV, "upcfan-slack-webhook") in FUNCTION_SECRETS[name], name
+        assert component_env(name)[SLACK_ENV] == webhook, name
+
+    bucket, name, generation = upload("\n".join(fresh_upcs(2)) + "\n", metadata={"upcfan-handler": "dry_run"})
+    job_id = job_id_for(bucket, name, generation)
+    notes = poll(lambda: [m for m in slack_sink.messages() if job_id in (m.get("text") or "")], 60, 0.3,
+                 f"the job-finished note of {job_id}")
+    assert notes[0]["text"].startswith("INFO: upcfan job") and len(notes) == 1, notes
+
+
 def test_scripts_dev_down_leaves_no_process(tmp_path):
     """A private stack (own .local dir, own ports) goes up and down; no process of it survives."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
