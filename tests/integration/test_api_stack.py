@@ -15,6 +15,7 @@ import requests
 
 from devstack.cloudtasks import client as ct
 from devstack.testing import fresh_upcs, gtin14, poll
+from shared.handlers import marketplace_draft
 from shared.naming import job_id_for, task_name_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -98,6 +99,11 @@ def gtin_faults(marketplace):
     for key in ("fail_gtins", "latency_gtins"):
         spec[key] = {g: v for g, v in current[key].items() if g not in mine[key]}
     marketplace.faults(**spec)
+
+
+# Longer than the marketplace handler's read timeout: an item whose calls take this long never
+# succeeds, and keeps its job running (attempt after attempt) until the test cancels it.
+STALLED_CALL_MS = int((marketplace_draft.READ_TIMEOUT_S + 5) * 1000)
 
 
 def upload_job(upload, lines: list[str], **kw) -> str:
@@ -241,11 +247,12 @@ def test_process_status_jobs_and_items_listings(api, upload, stack_env):
 def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gtin_faults):
     upcs = fresh_upcs(8)
     slow = gtin14(upcs[0])
-    # ~24 s for this item's four marketplace calls (6 s each, inside the handler's 10 s read timeout):
-    # the job surely still runs when the retry and the cancel arrive, even on a loaded machine.
-    gtin_faults(latency={slow: 6000})
+    # This item's marketplace calls outlast the handler's read timeout, so each of its attempts fails
+    # retryably and the job runs for minutes: it surely still runs when the retry and the cancel arrive,
+    # however loaded the machine. Waiting for "running" (fan-out done) makes every item count below.
+    gtin_faults(latency={slow: STALLED_CALL_MS})
     job_id = upload_job(upload, upcs)
-    api.wait(job_id, {"running", "ingesting"}, 60)
+    api.wait(job_id, {"running"}, 120)
 
     r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
     assert r.status_code == 409, r.text

@@ -230,12 +230,14 @@ def test_refused_retry_exits_3_and_unknown_job_exits_2(cli, small_job):
 
 def test_cancel_is_idempotent_and_exits_5_when_watched(cli, tmp_path, gtin_faults):
     upcs = fresh_upcs(6)
-    # One slow item keeps the job running for ~24 s (4 marketplace calls x 6 s, each inside the
-    # handler's 10 s read timeout): far longer than a few CLI calls take even on a loaded machine
-    # (2 s per call once lost this race to the job's completion under a load of 15 on 2 cores).
-    gtin_faults(latency={gtin14(upcs[0]): 6000})
+    # One item's marketplace calls outlast the handler's read timeout, so it fails retryably attempt
+    # after attempt and the job runs until it is cancelled, however slow the CLI calls are (a 24 s slow
+    # item once lost this race to the job's completion under a load of 13 on 2 cores).
+    from shared.handlers.marketplace_draft import READ_TIMEOUT_S
+
+    gtin_faults(latency={gtin14(upcs[0]): int((READ_TIMEOUT_S + 5) * 1000)})
     job_id = cli.submit(write_upcs(tmp_path, upcs))
-    cli.wait(job_id, {"running"}, 60)
+    cli.wait(job_id, {"running"}, 120)
     first = cli("cancel", job_id)
     assert first.returncode == EXIT_OK and f"job {job_id} cancelled" in first.stdout, first.stdout + first.stderr
     again = cli("cancel", job_id)
