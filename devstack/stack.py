@@ -579,7 +579,8 @@ def _functions(plan: _Plan) -> Iterator[Component]:
 # (the access token of its service account), and how many instances one local process stands for.
 LOCAL_RUNTIME_ENV = ("GCLOUD_PROJECT", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
                      "CLOUD_TASKS_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
-LOCAL_ONLY_ENV = (*LOCAL_RUNTIME_ENV, "UPCFAN_LOCAL_ACCESS_TOKEN", "WORKERS", "PYTHONPATH", "UPCFAN_FUNCTION")
+# K_SERVICE: Cloud Run sets it to the service's name in every instance.
+LOCAL_ONLY_ENV = (*LOCAL_RUNTIME_ENV, "UPCFAN_LOCAL_ACCESS_TOKEN", "WORKERS", "PYTHONPATH", "K_SERVICE")
 
 
 def function_env(plan: _Plan, spec: FunctionSpec) -> dict[str, str]:
@@ -596,7 +597,7 @@ def function_env(plan: _Plan, spec: FunctionSpec) -> dict[str, str]:
     env.update({
         "UPCFAN_LOCAL_ACCESS_TOKEN": identity.mint(desired.sa_email(spec.service_account_role)),
         "PYTHONPATH": str(paths.REPO_ROOT),
-        "UPCFAN_FUNCTION": spec.name,
+        "K_SERVICE": spec.name,
         # as many gunicorn workers as production would run instances for the local queues' load
         "WORKERS": str(local_instances(spec.name, spec.threads)),
     })

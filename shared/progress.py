@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from typing import Any
 
+from shared.events import Event
 from shared.job_state import COMPLETABLE, Completion
 from shared.log import log_event
 from shared.model import TERMINAL_ITEM_STATUSES, Job
@@ -47,16 +49,22 @@ def _complete(store: Store, job_id: str, at: dt.datetime, counts: dict[str, int]
         raise
 
 
-def _notify_finished(job_id: str, job: Job, final: str, counts: dict[str, int]) -> None:
-    """One Slack note when a job first finishes. Only the check whose transaction made the job final
-    gets here, and only for round 1: a job leaves round 1 only through a retry round, which needs a
-    final job, so round 1 finishes exactly once (retry rounds are not announced again). Never raises."""
+def _notify_finished(store: Store, job_id: str, job: Job, final: str, counts: dict[str, int], at: dt.datetime) -> None:
+    """One Slack note when a job first finishes, and its outcome in the job's events (`job_finished_note`:
+    what an operator or `scripts/smoke` reads to know the note left). Only the check whose transaction
+    made the job final gets here, and only for round 1: a job leaves round 1 only through a retry round,
+    which needs a final job, so round 1 finishes exactly once (retry rounds are not announced again).
+    Never raises."""
     try:
         if job.round != 1:
             return
         from shared.alerts import notify_job_finished
 
-        notify_job_finished({**job.doc, "job_id": job.job_id or job_id, "status": final, "counts": counts})
+        result = notify_job_finished({**job.doc, "job_id": job.job_id or job_id, "status": final, "counts": counts})
+        # The actor is the function that completed the job (Cloud Run sets K_SERVICE to the service name).
+        store.record_event(job_id, Event("job_finished_note", os.environ.get("K_SERVICE") or "progress", at,
+                                         {"sent": result.ok, "status": result.status, "error": result.error},
+                                         event_id="job_finished_note"))
     except Exception as exc:  # noqa: BLE001 - a notice must never fail or repeat the progress check
         log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id,
                   error=f"{type(exc).__name__}: {exc}"[:300])
@@ -86,7 +94,7 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
         completion = _complete(store, job_id, at, counts)
         if completion.final:
             log_event("job_completed", job_id=job_id, status=completion.final, counts=counts, total_items=total_items)
-            _notify_finished(job_id, completion.job or job, completion.final, counts)
+            _notify_finished(store, job_id, completion.job or job, completion.final, counts, at)
             return {**out, "status": completion.final, "completed": True}
         # Another check completed it between our read and our transaction.
         return {**out, "status": "already_final"}

@@ -77,7 +77,8 @@ def job_db(monkeypatch):
     for gtin, status in (("00000000000017", "succeeded"), ("00000000000024", "succeeded"), ("00000000000031", "failed")):
         store.transact_item("seed", "j1", gtin, lambda _, g=gtin, st=status: (None, Create({"gtin": g, "status": st})))
     sent: list[dict] = []
-    monkeypatch.setattr(alerts, "notify_job_finished", lambda job, **kw: sent.append(job))
+    monkeypatch.setattr(alerts, "notify_job_finished",
+                        lambda job, **kw: sent.append(job) or alerts.SlackPostResult(ok=True, status=200))
     return store, sent
 
 
@@ -91,6 +92,9 @@ def test_progress_notifies_once_right_after_the_final_transition(job_db):
     for _ in range(3):
         progress.check_job_progress("j1", store=db)
     assert len(sent) == 1
+    # The outcome is in the job's events, where an operator (and scripts/smoke) can see the note left.
+    notes = [doc for event_id, doc in db.events["j1"] if event_id == "job_finished_note"]
+    assert [(n["type"], n["details"]["sent"], n["details"]["status"]) for n in notes] == [("job_finished_note", True, 200)]
 
 
 def test_a_retry_round_finishing_is_not_announced_again(job_db):
