@@ -349,16 +349,18 @@ def create_bucket(gcs_port: int, bucket: str = BUCKET) -> None:
         raise StackError(f"gcs: cannot create bucket {bucket}: {status} {text[:200]}")
 
 
-def create_queues(tasks_port: int, location: str) -> None:
-    """Create the product's queues from shared.config with the official client (REST to the emulator)."""
+def create_queues(tasks_port: int, location: str, operator_token: str) -> None:
+    """Create the product's queues from shared.config with the official client (REST to the emulator),
+    as the local operator (the emulator enforces IAM)."""
     from google.api_core import exceptions as gexc
     from google.cloud import tasks_v2
+    from google.oauth2.credentials import Credentials
     from google.protobuf import duration_pb2
 
     from shared.clients import make_tasks_client
     from shared.config import CONTROL_QUEUE, ITEM_QUEUE
 
-    client = make_tasks_client(f"{HOST}:{tasks_port}")
+    client = make_tasks_client(f"{HOST}:{tasks_port}", credentials=Credentials(token=operator_token))
     parent = f"projects/{PROJECT}/locations/{location}"
     for spec in (ITEM_QUEUE, CONTROL_QUEUE):
         r = spec.retry
@@ -529,9 +531,11 @@ def _cloudtasks(plan: _Plan) -> Iterator[Component]:
         raise StackError("devstack/cloudtasks (the Cloud Tasks emulator) is missing: pull, or --skip cloudtasks")
     yield plan.component(
         "cloudtasks",
-        [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"])],
+        [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"]),
+         "--iam-policy", "local", "--location", plan.env["UPCFAN_LOCATION"], "--iam-log-dir", str(paths.RUN_DIR)],
         env=dict(plan.env),
-        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"]),
+        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"],
+                                    plan.env["UPCFAN_OPERATOR_TOKEN"]),
     )
 
 
@@ -715,6 +719,9 @@ def _clear_run_files() -> None:
     paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
     paths.STACK_ENV.unlink(missing_ok=True)
     paths.DELIVERIES_FILE.unlink(missing_ok=True)
+    from devstack.iam import clear_call_logs
+
+    clear_call_logs()
 
 
 def _start_until_ready(comps: list[Component], base_env: dict[str, str], timeout_s: float, log) -> None:
