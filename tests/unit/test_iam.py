@@ -205,3 +205,85 @@ def test_standalone_emulator_is_open():
             r = await client.get("/v2/projects/p/locations/l/queues")
             return r.status
     assert run(go()) == 200
+
+
+# ---------------------------------------------------------------- the GCS gate
+
+from devstack import gcs_gate  # noqa: E402
+
+
+@pytest.mark.parametrize("method,path,expected", [
+    ("GET", "/storage/v1/b/upcfan-uploads/o/a%2Fb.csv", [("storage.objects.get", "projects/_/buckets/upcfan-uploads")]),
+    ("GET", "/download/storage/v1/b/bk/o/a%2Fb.csv", [("storage.objects.get", "projects/_/buckets/bk")]),
+    ("GET", "/storage/v1/b/bk/o", [("storage.objects.list", "projects/_/buckets/bk")]),
+    ("POST", "/upload/storage/v1/b/bk/o", [("storage.objects.create", "projects/_/buckets/bk")]),
+    ("DELETE", "/storage/v1/b/bk/o/x", [("storage.objects.delete", "projects/_/buckets/bk")]),
+    ("PATCH", "/storage/v1/b/bk/o/x", [("storage.objects.update", "projects/_/buckets/bk")]),
+    ("POST", "/storage/v1/b", [("storage.buckets.create", "projects/demo-upcfan")]),
+    ("GET", "/storage/v1/b/bk", [("storage.buckets.get", "projects/_/buckets/bk")]),
+    ("POST", "/storage/v1/b/src/o/x/rewriteTo/b/dst/o/y", [("storage.objects.get", "projects/_/buckets/src"),
+                                                           ("storage.objects.create", "projects/_/buckets/dst")]),
+])
+def test_gate_classifies_json_api_calls(method, path, expected):
+    assert gcs_gate.classify(method, path, {}, "demo-upcfan") == expected
+
+
+def test_gate_resumable_upload_needs_a_known_session():
+    assert gcs_gate.upload_id("http://h/upload/storage/v1/b/bk/o?uploadType=resumable&upload_id=abc") == "abc"
+    assert gcs_gate.upload_id("http://h/upload/resumable/xyz") == "xyz"
+    assert gcs_gate.classify("PUT", "/upload/resumable/xyz", {}, "p", {"xyz": "bk"}) == [
+        ("storage.objects.create", "projects/_/buckets/bk")]
+    with pytest.raises(gcs_gate.Unclassified):
+        gcs_gate.classify("PUT", "/upload/resumable/nope", {}, "p", {})
+    with pytest.raises(gcs_gate.Unclassified):
+        gcs_gate.classify("POST", "/batch/storage/v1", {}, "p")
+
+
+async def _through_gate(policy, tmp_path, method, path, token, data=b""):
+    from aiohttp import web
+
+    seen = []
+
+    async def upstream(request):
+        seen.append((request.method, request.raw_path, await request.read(), request.headers.get("Authorization")))
+        return web.Response(body=b"x" * 300_000, headers={"X-Upstream": "1"})
+
+    up_app = web.Application()
+    up_app.router.add_route("*", "/{tail:.*}", upstream)
+    async with TestServer(up_app) as up_server:
+        enforcer = iam.Enforcer(policy, iam.CallLog(tmp_path, "gcs_gate", policy))
+        async with TestClient(TestServer(gcs_gate.make_app(str(up_server.make_url("/")), enforcer))) as client:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            resp = await client.request(method, path, data=data, headers=headers)
+            body = await resp.read()
+            return resp.status, body, resp.headers, seen
+
+
+def test_gate_proxies_an_allowed_call_and_streams_the_body(policy, tmp_path):
+    """Defect 2 (the api reading the bucket): allowed with the model's storage.objectViewer grant."""
+    path = f"/storage/v1/b/{policy.desired.bucket}/o/in%2Ffile.txt?alt=media"
+    status, body, headers, seen = run(_through_gate(policy, tmp_path, "GET", path, identity.mint(sa(policy, "api"))))
+    assert status == 200 and len(body) == 300_000 and headers["X-Upstream"] == "1"
+    assert seen[0][1] == path  # the encoded path reaches fake-gcs-server unchanged
+    status, _, _, seen = run(_through_gate(policy, tmp_path, "POST", "/upload/storage/v1/b/x/o?uploadType=media",
+                                           identity.mint(identity.OPERATOR_EMAIL), data=b"a" * 70_000))
+    assert status == 200 and len(seen[0][2]) == 70_000
+
+
+def test_gate_denies_as_cloud_storage_does(policy, tmp_path):
+    """Defect 2: without storage.objectViewer the api gets Cloud Storage's 403 body."""
+    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/storage.objectViewer:bucket"))
+    path = f"/storage/v1/b/{p.desired.bucket}/o/f.txt"
+    status, body, _, seen = run(_through_gate(p, tmp_path, "GET", path, identity.mint(sa(p, "api"))))
+    err = json.loads(body)["error"]
+    assert status == 403 and not seen
+    assert err["message"] == (f"{sa(p, 'api')} does not have storage.objects.get access to the Google Cloud Storage "
+                              "object. Permission 'storage.objects.get' denied on resource (or it may not exist).")
+    assert err["errors"][0]["reason"] == "forbidden"
+    # the worker has no storage grant at all; writes are nobody's but the operator's
+    assert run(_through_gate(policy, tmp_path, "GET", path, identity.mint(sa(policy, "worker"))))[0] == 403
+    assert run(_through_gate(policy, tmp_path, "DELETE", path, identity.mint(sa(policy, "ingest"))))[0] == 403
+    status, body, _, _ = run(_through_gate(policy, tmp_path, "GET", path, None))
+    assert status == 401 and json.loads(body)["error"]["message"].startswith("Anonymous caller does not have")
+    assert run(_through_gate(policy, tmp_path, "GET", path, "junk"))[0] == 401
+    assert run(_through_gate(policy, tmp_path, "POST", "/batch/storage/v1", identity.mint(sa(policy, "api"))))[0] == 403
