@@ -10,7 +10,9 @@ methods seen with their resources, counts and the role that granted each, and re
   static table the docs and `gaps()` are built from is then incomplete).
 
 Calls denied by a component started with grants dropped on purpose (`UPCFAN_IAM_DROP_GRANTS`, the
-tests that prove a missing grant fails) are listed apart and are not findings.
+tests that prove a missing grant fails) are listed apart and are not findings, as are denials a
+library tolerates (`infra.permissions.TOLERATED_DENIALS`, e.g. google-cloud-storage's background
+bucket metadata read).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from infra import model
-from infra.permissions import FUNCTION_CALLS
+from infra.permissions import FUNCTION_CALLS, TOLERATED_DENIALS
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Report:
     lines: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     expected_denials: list[str] = field(default_factory=list)
+    tolerated: list[str] = field(default_factory=list)
 
 
 def _merge(entries: list[dict]) -> dict[tuple, dict]:
@@ -57,7 +60,9 @@ def audit(entries: list[dict], policy) -> Report:
             report.lines.append(f"  {method:<30} {resource}  x{value['count']}  {verdict}")
             where = f"{account} ({principal}): {method} on {resource} x{value['count']}"
             if not allowed:
-                if dropped:
+                if method in TOLERATED_DENIALS:
+                    report.tolerated.append(f"{where}: {TOLERATED_DENIALS[method]}")
+                elif dropped:
                     report.expected_denials.append(f"{where}: denied with grants dropped for a test ({', '.join(dropped)})")
                 else:
                     report.findings.append(f"denied: {where} (missing {', '.join(missing)})")
@@ -78,6 +83,9 @@ def render(report: Report, source: str) -> str:
     out = [f"IAM call log: {source}", "", *report.lines, ""]
     if report.expected_denials:
         out += ["denied on purpose (a test dropped these grants):", *(f"  {d}" for d in report.expected_denials), ""]
+    if report.tolerated:
+        out += ["denied and tolerated by the caller (infra.permissions.TOLERATED_DENIALS):",
+                *(f"  {d}" for d in report.tolerated), ""]
     if report.findings:
         out += [f"{len(report.findings)} finding(s):", *(f"  {f}" for f in report.findings)]
     else:

@@ -140,6 +140,15 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
     ),
 }
 
+# Calls a library makes on its own that the model deliberately does not grant, and that the library
+# tolerates being refused (as it is in Google Cloud): `python -m infra audit` lists their denials
+# apart instead of as findings.
+TOLERATED_DENIALS: dict[str, str] = {
+    "storage.buckets.get": "google-cloud-storage (3.x, google/cloud/storage/_bucket_metadata_cache.py) fetches "
+                           "the bucket's metadata in the background for its telemetry and, on 403, caches a "
+                           "fallback; roles/storage.objectViewer has no storage.buckets.get, on purpose",
+}
+
 
 def granted_roles(d: model.Desired, account: str, resource: str, grants=model.GRANTS) -> set[str]:
     """Roles `account` holds on `resource`, directly or on the project (IAM inheritance)."""

@@ -83,3 +83,11 @@ def test_a_call_the_model_does_not_grant_or_function_calls_does_not_list_is_a_fi
 def test_no_log_exits_2(tmp_path):
     code, out = run_audit(tmp_path / "none")
     assert code == 2 and "no IAM call log" in out
+
+
+def test_a_tolerated_library_denial_is_listed_apart(tmp_path):
+    """google-cloud-storage reads bucket metadata in the background and tolerates the 403."""
+    write_log(tmp_path / "run", [line("ingest", "storage.buckets.get", "projects/_/buckets/upcfan-uploads",
+                                      allowed=False, missing=("storage.buckets.get",))])
+    code, out = run_audit(tmp_path / "run")
+    assert code == 0 and "tolerated by the caller" in out and "_bucket_metadata_cache" in out
