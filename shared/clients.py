@@ -52,8 +52,9 @@ def tasks_client():
     return make_tasks_client(os.environ.get("CLOUD_TASKS_EMULATOR_HOST", ""))
 
 
-def make_tasks_client(emulator_host: str = ""):
-    """The official Cloud Tasks client; against an emulator it uses the REST transport over http."""
+def make_tasks_client(emulator_host: str = "", credentials=None):
+    """The official Cloud Tasks client; against an emulator it uses the REST transport over http, with
+    `credentials` (default: `local_credentials()`)."""
     from google.cloud import tasks_v2
 
     if emulator_host:
@@ -63,7 +64,7 @@ def make_tasks_client(emulator_host: str = ""):
         client = tasks_v2.CloudTasksClient(
             transport="rest",
             client_options=ClientOptions(api_endpoint=endpoint),
-            credentials=local_credentials(),
+            credentials=credentials or local_credentials(),
         )
         _tune_rest_session(getattr(client._transport, "_session", None))
         return client

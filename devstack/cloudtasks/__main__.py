@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+from pathlib import Path
 import sys
 import time
 
@@ -39,14 +41,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duplicate-deliveries", type=int, default=0, help="extra copies of every dispatch (chaos)")
     p.add_argument("--min-dispatch-deadline", type=float, default=15.0,
                    help="lower clamp for dispatch_deadline in seconds (Cloud Tasks: 15)")
+    p.add_argument("--iam-policy", choices=["none", "local"], default="none",
+                   help="local: enforce the local stack's IAM policy (devstack/iam.py) on every /v2 call; "
+                        "none: open (standalone use, conformance tests)")
+    p.add_argument("--location", default=os.environ.get("UPCFAN_LOCATION", "us-central1"),
+                   help="the local project's location (for --iam-policy local)")
+    p.add_argument("--iam-log-dir", default="", help="where the call log goes (default: the stack's run dir)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def _enforcer(args):
+    if args.iam_policy == "none":
+        return None
+    from devstack import iam, paths
+
+    policy = iam.local_policy(args.location)
+    log_dir = Path(args.iam_log_dir) if args.iam_log_dir else paths.RUN_DIR
+    logging.getLogger("cloudtasks-emulator").info(
+        "iam enforced", extra={"project": policy.desired.project, "dropped_grants": list(policy.dropped)})
+    return iam.Enforcer(policy, iam.CallLog(log_dir, "cloudtasks", policy))
 
 
 async def _serve(args) -> None:
     emu = Emulator(tombstone_seconds=args.tombstone_seconds, duplicate_deliveries=args.duplicate_deliveries,
                    min_dispatch_deadline=args.min_dispatch_deadline)
-    app = make_app(emu)
+    app = make_app(emu, _enforcer(args))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
@@ -57,7 +77,7 @@ async def _serve(args) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"CLOUDTASKS_EMULATOR_READY http://{args.host}:{port} "
-          f"(tombstone_seconds={args.tombstone_seconds:g})", flush=True)
+          f"(tombstone_seconds={args.tombstone_seconds:g}, iam_policy={args.iam_policy})", flush=True)
     await stop.wait()
     logging.getLogger("cloudtasks-emulator").info("shutting down")
     await runner.cleanup()

@@ -14,10 +14,12 @@ from aiohttp import web
 from devstack.cloudtasks import protojson as pj
 from devstack.cloudtasks.emulator import Emulator
 from devstack.cloudtasks.errors import ApiError, invalid, not_found
+from devstack.iam import Denied, Enforcer
 
 log = logging.getLogger("cloudtasks-emulator")
 
 EMU_KEY = web.AppKey("emulator", Emulator)
+ENFORCER_KEY = web.AppKey("enforcer", Enforcer)
 
 _Q = r"projects/[^/]+/locations/[^/]+/queues/[^/:]+"
 _T = _Q + r"/tasks/[^/:]+"
@@ -89,9 +91,76 @@ def _view(request: web.Request, body: dict | None = None) -> pj.TaskView:
     return v or pj.TaskView.BASIC
 
 
+# Each route's API method (a key of infra.permissions.METHOD_PERMISSIONS); a FULL response view adds
+# `cloudtasks.tasks.fullView` ("(FULL)" methods). The resource is the queue (or location, project).
+_METHODS = {
+    "create_queue": "CreateQueue", "list_queues": "ListQueues", "get_queue": "GetQueue",
+    "update_queue": "UpdateQueue", "delete_queue": "DeleteQueue", "pause_queue": "PauseQueue",
+    "resume_queue": "ResumeQueue", "purge_queue": "PurgeQueue", "create_task": "CreateTask",
+    "list_tasks": "ListTasks", "get_task": "GetTask", "delete_task": "DeleteTask", "run_task": "RunTask",
+    "get_location": "GetLocation", "list_locations": "ListLocations",
+}
+_HAS_VIEW = {"create_task", "list_tasks", "get_task", "run_task"}
+_NO_TOKEN = ("Request is missing required authentication credential. Expected OAuth 2 access token, login "
+             "cookie or other valid authentication credential.")
+_BAD_TOKEN = ("Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie "
+              "or other valid authentication credential.")
+
+
+async def _iam_checks(request: web.Request, handler: str, groups: dict[str, str]) -> list[tuple[str, str]]:
+    """The (method, resource) pairs Google checks for this call, in its order."""
+    path = groups.get("name") or groups.get("parent")
+    resource = path.split("/tasks/")[0] if handler in ("get_task", "delete_task", "run_task") else path
+    method = "cloudtasks." + _METHODS[handler]
+    body: dict = {}
+    if handler in ("create_task", "run_task"):
+        try:
+            body = await _body(request)
+        except ApiError:
+            body = {}  # the handler reports the bad body after the permission check
+    if handler in _HAS_VIEW:
+        try:
+            if _view(request, body) == pj.TaskView.FULL:
+                method += "(FULL)"
+        except (ApiError, ValueError):
+            pass
+    checks = [(method, resource)]
+    if handler == "create_task":
+        task = body.get("task") if isinstance(body.get("task"), dict) else {}
+        http = task.get("httpRequest") if isinstance(task.get("httpRequest"), dict) else {}
+        oidc = http.get("oidcToken") if isinstance(http.get("oidcToken"), dict) else {}
+        email = oidc.get("serviceAccountEmail")
+        if isinstance(email, str) and email:
+            # Cloud Tasks "Create HTTP target tasks": the caller needs iam.serviceAccounts.actAs on
+            # the account whose OIDC token the task will carry.
+            checks.append(("iam.actAs(oidc_token)", f"projects/{path.split('/')[1]}/serviceAccounts/{email}"))
+    return checks
+
+
+def _denied(exc: Denied) -> ApiError:
+    if exc.status == 401:
+        return ApiError("UNAUTHENTICATED", f"{_NO_TOKEN if 'no bearer' in exc.detail else _BAD_TOKEN} "
+                                           f"(local stack: {exc.detail})")
+    # The message Google's APIs give for a missing permission (IAM "Permission error messages").
+    return ApiError("PERMISSION_DENIED", f'The principal (user or service account) lacks IAM permission '
+                                         f'"{exc.permission}" for the resource "{exc.resource}" '
+                                         f'(or the resource may not exist).')
+
+
 class Api:
-    def __init__(self, emu: Emulator):
+    def __init__(self, emu: Emulator, enforcer: Enforcer | None = None):
         self.emu = emu
+        self.enforcer = enforcer
+
+    async def _authorize(self, request: web.Request, handler: str, groups: dict[str, str]) -> None:
+        checks = await _iam_checks(request, handler, groups)
+        try:
+            self.enforcer.authorize(request.headers.get("Authorization"), checks)
+        except Denied as exc:
+            log.warning("iam denied", extra={"principal": exc.email or "<unauthenticated>", "method": exc.method,
+                                             "resource": exc.resource, "permission": exc.permission,
+                                             "http": exc.status})
+            raise _denied(exc) from None
 
     async def dispatch(self, request: web.Request) -> web.Response:
         path = request.match_info["tail"]
@@ -102,6 +171,8 @@ class Api:
             if mm:
                 matched_path = True
                 if m == method:
+                    if self.enforcer is not None:
+                        await self._authorize(request, h, mm.groupdict())
                     return await getattr(self, h)(request, **mm.groupdict())
         if matched_path:
             raise ApiError("UNIMPLEMENTED", f"Method {method} is not supported on /v2/{path}")
@@ -263,10 +334,12 @@ async def emu_reset(request):
     return _json({"ok": True})
 
 
-def make_app(emu: Emulator) -> web.Application:
+def make_app(emu: Emulator, enforcer: Enforcer | None = None) -> web.Application:
+    """`enforcer`: check every /v2 call against an IAM policy (the local stack); None: open (the
+    emulator's own conformance tests). The /_emulator inspection API is always open."""
     app = web.Application(middlewares=[error_middleware], client_max_size=8 * 1024 * 1024)
     app[EMU_KEY] = emu
-    api = Api(emu)
+    api = Api(emu, enforcer)
     app.router.add_route("*", "/v2/{tail:.*}", api.dispatch)
     app.router.add_get("/_emulator/health", emu_health)
     app.router.add_get("/_emulator/config", emu_get_config)
@@ -281,6 +354,8 @@ def make_app(emu: Emulator) -> web.Application:
 
     async def on_cleanup(_app):
         await emu.close()
+        if enforcer is not None:
+            enforcer.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

@@ -11,7 +11,7 @@ import requests
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import fresh_upcs, gtin14, poll
+from devstack.testing import bounce_component, fresh_upcs, gtin14, poll
 from shared import ingest
 from shared.clients import reset_clients
 from shared.model import CHUNKS, ITEMS, JOBS, LINES
@@ -127,17 +127,22 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
     control = stack_env["UPCFAN_CONTROL_QUEUE"]
     upcs = fresh_upcs(120)
     text = "\n".join(upcs + upcs[:10]) + "\n"  # 10 in-file duplicates
-    # Outside the watched bucket so no finalize event races this test; submitted over HTTP instead.
-    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
-    if not bucket.exists():
-        bucket.create()
+    # In the watched bucket (the only one ingest may read), submitted over HTTP while no finalize
+    # event can race it (the event, delivered later, finds the job).
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"])
     blob = bucket.blob(f"crash/{random.randrange(10**9)}.txt")
     blob.metadata = {"upcfan-test-mode": "true"}
-    blob.upload_from_string(text)
     tasks_client.pause_queue(name=control)
     try:
-        r = requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{bucket.name}/{blob.name}"},
-                          timeout=60)
+        answers = []
+
+        def submit():
+            blob.upload_from_string(text)
+            answers.append(requests.post(stack_env["UPCFAN_INGEST_URL"],
+                                         json={"gcs_path": f"gs://{bucket.name}/{blob.name}"}, timeout=60))
+
+        without_finalize_events(submit)
+        r = answers[0]
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         from google.cloud import tasks_v2
@@ -173,15 +178,26 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
     assert len(items) == 120 and all(i.get("attempt") == 1 and i.get("status") == "succeeded" for i in items)
 
 
-def manual_object(storage_client, stack_env, metadata: dict | None) -> str:
-    """gs:// path of a fresh two-UPC object outside the watched bucket (no finalize event starts a job)."""
-    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
-    if not bucket.exists():
-        bucket.create()
-    blob = bucket.blob(f"handlers/{random.randrange(10**9)}.txt")
+def without_finalize_events(fn) -> None:
+    """Run `fn` with the event bridge stopped: an object dropped in the watched bucket (the only bucket
+    the functions may read) starts no job until the bridge is back; Pub/Sub keeps the notification,
+    whose event then finds the job `fn` created."""
+    bounce_component("bridge", while_down=fn)
+
+
+def manual_object(storage_client, stack_env, metadata: dict | None, submit) -> list:
+    """Answers of `submit(gcs_path)` for a fresh two-UPC object in the watched bucket, made before any
+    finalize event can start a job for it."""
+    blob = storage_client.bucket(stack_env["UPCFAN_BUCKET"]).blob(f"handlers/{random.randrange(10**9)}.txt")
     blob.metadata = metadata
-    blob.upload_from_string("\n".join(fresh_upcs(2)) + "\n")
-    return f"gs://{bucket.name}/{blob.name}"
+    answers: list = []
+
+    def run():
+        blob.upload_from_string("\n".join(fresh_upcs(2)) + "\n")
+        answers.extend(submit(f"gs://{blob.bucket.name}/{blob.name}"))
+
+    without_finalize_events(run)
+    return answers
 
 
 @pytest.mark.parametrize("metadata,body,handler", [
@@ -193,8 +209,8 @@ def manual_object(storage_client, stack_env, metadata: dict | None) -> str:
 ])
 def test_http_trigger_records_the_chosen_handler_by_name(stack_env, firestore_db, storage_client, metadata, body,
                                                          handler):
-    path = manual_object(storage_client, stack_env, metadata)
-    r = requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": path, **body}, timeout=60)
+    [r] = manual_object(storage_client, stack_env, metadata, lambda path: [
+        requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": path, **body}, timeout=60)])
     assert r.status_code == 202, r.text
     job = wait_job(firestore_db, r.json()["job_id"], {"completed"})
     assert job["options"] == {"handler": handler}
@@ -202,9 +218,10 @@ def test_http_trigger_records_the_chosen_handler_by_name(stack_env, firestore_db
 
 def test_unknown_handler_is_refused_over_http_and_acknowledged_as_an_event(stack_env, firestore_db, storage_client,
                                                                           upload, bridge):
-    path = manual_object(storage_client, stack_env, {"upcfan-handler": "nope"})
-    for body in ({"gcs_path": path}, {"gcs_path": path, "handler": "nope"}):
-        r = requests.post(stack_env["UPCFAN_INGEST_URL"], json=body, timeout=60)
+    answers = manual_object(storage_client, stack_env, {"upcfan-handler": "nope"}, lambda path: [
+        requests.post(stack_env["UPCFAN_INGEST_URL"], json=body, timeout=60)
+        for body in ({"gcs_path": path}, {"gcs_path": path, "handler": "nope"})])
+    for r in answers:
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_handler", r.text
         assert "dry_run" in r.json()["error"]["message"] and "marketplace_draft" in r.json()["error"]["message"]
     # Dropped in the watched bucket: the event is answered 200 (a retry could not help) and makes no job.

@@ -210,10 +210,12 @@ def tasks_client(stack_env):
 
 @pytest.fixture(scope="module")
 def storage_client(stack_env):
-    from google.auth.credentials import AnonymousCredentials
+    """The storage client as the local operator (the stack's GCS gate refuses anonymous calls)."""
     from google.cloud import storage
 
-    return storage.Client(project=stack_env["GOOGLE_CLOUD_PROJECT"], credentials=AnonymousCredentials())
+    from shared.clients import local_credentials
+
+    return storage.Client(project=stack_env["GOOGLE_CLOUD_PROJECT"], credentials=local_credentials())
 
 
 @pytest.fixture(scope="module")

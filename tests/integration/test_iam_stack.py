@@ -1,0 +1,168 @@
+"""IAM enforced on the real stack: with one of the model's grants dropped, the call that needs it fails
+as Google fails it (PERMISSION_DENIED in the function's own log and in the stack's call log); with the
+model's grants, the same scenario passes. One restart of the Cloud Tasks emulator and the GCS gate with
+all three grants dropped (`UPCFAN_IAM_DROP_GRANTS`, devstack/iam.py), the three denied scenarios, one
+restart with the model, the three passing scenarios.
+
+Defects of issue 14 these would have caught: 1 (ingest cannot read tasks: a GTIN repeated in another
+chunk), 2 (POST /api/batch/process cannot read the bucket), 3 (/health always 503).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import requests
+
+from devstack import iam, stack
+from devstack.testing import bounce_component, fresh_upcs, poll
+from infra import cli
+from shared.model import JOBS, LINES
+from shared.naming import job_id_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+DROPPED = ("ingest:roles/cloudtasks.viewer:item_queues", "api:roles/storage.objectViewer:bucket",
+           "api:roles/cloudtasks.viewer:item_queue:0")
+DRY_RUN = {"upcfan-test-mode": "true"}
+
+
+class PolicySwitch:
+    """Restarts the emulator and the gate with some grants dropped (or none), queues recreated."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.current: tuple[str, ...] = ()
+
+    def set(self, dropped: tuple[str, ...]) -> None:
+        if dropped == self.current:
+            return
+        extra = {iam.DROP_GRANTS_ENV: ",".join(dropped)}
+        for name in ("cloudtasks", "gcs_gate"):
+            bounce_component(name, extra_env=extra)
+        port = int(self.env["CLOUD_TASKS_EMULATOR_HOST"].rsplit(":", 1)[1])
+        stack.create_queues(port, self.env["UPCFAN_LOCATION"], self.env["UPCFAN_OPERATOR_TOKEN"])
+        self.current = dropped
+
+
+@pytest.fixture(scope="module")
+def policy(stack_env):
+    switch = PolicySwitch(stack_env)
+    try:
+        yield switch
+    finally:
+        switch.set(())  # the next module runs with the model's grants
+
+
+def operator_headers(env) -> dict[str, str]:
+    return {"Authorization": f"Bearer {env['UPCFAN_OPERATOR_TOKEN']}"}
+
+
+def log_tail(name: str, since: int) -> str:
+    path = stack.paths.log_path(name)
+    with open(path, "rb") as fh:
+        fh.seek(since)
+        return fh.read().decode(errors="replace")
+
+
+def log_size(name: str) -> int:
+    path = stack.paths.log_path(name)
+    return path.stat().st_size if path.exists() else 0
+
+
+def denied_calls(account: str, method: str) -> int:
+    return sum(e["count"] for e in iam.read_call_log()
+               if e["account"] == account and e["method"] == method and not e["allowed"])
+
+
+def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
+    def get():
+        snap = db.collection(JOBS).document(job_id).get()
+        doc = snap.to_dict() if snap.exists else None
+        return doc if doc and doc.get("status") in statuses else None
+
+    return poll(get, timeout_s, 0.3, f"job {job_id} to reach {statuses}")
+
+
+def cross_chunk_duplicate_file(upc: str, other: str) -> str:
+    """`upc` on line 1 and again past the first chunk (UPCFAN_CHUNK_BYTES, 256 KiB by default),
+    with comment lines (skipped, no task) between: two chunks, one GTIN in both."""
+    padding = ("# " + "x" * 125 + "\n") * 2200  # ~282 KB
+    return f"{upc}\n{padding}{upc}\n{other}\n"
+
+
+def scenario_ingest_reads_a_task_of_another_chunk(granted, env, upload, firestore_db):
+    """Defect 1: the second chunk's CreateTask hits AlreadyExists; ingest reads the task (GetTask FULL)."""
+    upc, other = fresh_upcs(2)
+    before, denied_before = log_size("ingest"), denied_calls("ingest", "cloudtasks.GetTask(FULL)")
+    bucket, name, generation = upload(cross_chunk_duplicate_file(upc, other), metadata=DRY_RUN)
+    job_id = job_id_for(bucket, name, generation)
+    if not granted:
+        poll(lambda: 'lacks IAM permission \\"cloudtasks.tasks.get\\"' in log_tail("ingest", before)
+             or 'lacks IAM permission "cloudtasks.tasks.get"' in log_tail("ingest", before),
+             90, 0.5, "PERMISSION_DENIED on cloudtasks.tasks.get in ingest's log")
+        # Over REST, google-api-core raises Forbidden for the 403 PERMISSION_DENIED body.
+        assert "google.api_core.exceptions.Forbidden: 403 GET" in log_tail("ingest", before)
+        assert denied_calls("ingest", "cloudtasks.GetTask(FULL)") > denied_before
+        doc = firestore_db.collection(JOBS).document(job_id).get().to_dict()
+        assert doc["status"] == "ingesting" and not doc.get("fanout_done_at")
+        requests.post(f"{env['UPCFAN_API_URL']}/api/batch/jobs/{job_id}/cancel", headers=operator_headers(env),
+                      timeout=30)  # the job would stay ingesting for ever: the sweeper need not flag it
+        return
+    job = wait_job(firestore_db, job_id, {"completed"})
+    assert job["totals"] == {"lines": 3, "items": 2, "invalid": 0, "duplicate": 1, "skipped": 2200}
+    dup = [d.to_dict() for d in firestore_db.collection(JOBS).document(job_id).collection(LINES).stream()]
+    # Chunks run concurrently: whichever created the task first owns it; the other line is its duplicate.
+    assert [(d["outcome"], {d["line"], d["duplicate_of_line"]}) for d in dup] == [("duplicate", {1, 2202})]
+
+
+def scenario_api_reads_the_bucket(granted, env, upload, firestore_db):
+    """Defect 2: POST /api/batch/process stats and plans the file as upcfan-api."""
+    bucket, name, _ = upload("\n".join(fresh_upcs(2)) + "\n", metadata=DRY_RUN)
+    gate_before = log_size("gcs_gate")
+    r = requests.post(f"{env['UPCFAN_API_URL']}/api/batch/process", json={"gcs_path": f"gs://{bucket}/{name}"},
+                      headers=operator_headers(env), timeout=60)
+    if not granted:
+        assert r.status_code >= 400, r.text
+        assert denied_calls("api", "storage.objects.get") > 0  # the gate refused upcfan-api's read
+        assert '"principal": "upcfan-api@' in log_tail("gcs_gate", gate_before)
+        return
+    assert r.status_code in (200, 202), r.text
+
+
+def scenario_health_reads_the_first_item_queue(granted, env, upload, firestore_db):
+    """Defect 3: /health calls GetQueue on the first item queue as upcfan-api."""
+    r = requests.get(f"{env['UPCFAN_API_URL']}/health", headers=operator_headers(env), timeout=30)
+    if not granted:
+        assert r.status_code == 503, r.text
+        assert denied_calls("api", "cloudtasks.GetQueue") > 0
+        return
+    assert r.status_code == 200, r.text
+
+
+SCENARIOS = {
+    "defect1-ingest-get-task": scenario_ingest_reads_a_task_of_another_chunk,
+    "defect2-api-reads-bucket": scenario_api_reads_the_bucket,
+    "defect3-health-get-queue": scenario_health_reads_the_first_item_queue,
+}
+# All denied cases first, then all granted ones: two restarts in all.
+CASES = [(granted, key) for granted in (False, True) for key in SCENARIOS]
+
+
+@pytest.mark.parametrize("granted,scenario", CASES,
+                         ids=[f"{'granted' if g else 'dropped'}-{k}" for g, k in CASES])
+def test_a_missing_grant_fails_as_in_google_cloud(granted, scenario, policy, stack_env, upload, firestore_db):
+    policy.set(() if granted else DROPPED)
+    SCENARIOS[scenario](granted, stack_env, upload, firestore_db)
+
+
+def test_audit_of_the_stack_is_clean(stack_env, policy):
+    """Every call a function made was granted by the model and is listed in FUNCTION_CALLS (the
+    denials above, made under dropped grants, are listed apart)."""
+    policy.set(())
+    out = io.StringIO()
+    code = cli.main(["audit", "--run-dir", str(Path(stack_env["UPCFAN_STACK_LOGS"]).parent / "run")], out=out)
+    assert code == 0, out.getvalue()
+    assert "upcfan-ingest@" in out.getvalue() and "denied on purpose" in out.getvalue()
