@@ -57,6 +57,8 @@ PROJECT = "demo-upcfan"
 LOCAL_DEFAULT_HANDLER = "marketplace_draft"
 HOST = "127.0.0.1"
 BUCKET = "upcfan-uploads"
+# Files submitted over HTTP without a finalize event (tests use it so no event races their request).
+SUBMIT_BUCKET = f"{BUCKET}-manual"
 GCS_TOPIC = "upcfan-gcs-finalize"
 BRIDGE_SUBSCRIPTION = "upcfan-ingest-bridge"
 FIRESTORE_MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
@@ -252,6 +254,7 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "CLOUD_TASKS_EMULATOR_HOST": f"{HOST}:{ports['cloudtasks']}",
         "PUBSUB_EMULATOR_HOST": f"{HOST}:{ports['pubsub']}",
         "UPCFAN_BUCKET": BUCKET,
+        "UPCFAN_SUBMIT_BUCKETS": SUBMIT_BUCKET,
         "UPCFAN_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{ITEM_QUEUE.name}",
         "UPCFAN_CONTROL_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{CONTROL_QUEUE.name}",
         "UPCFAN_API_URL": url("api"),
@@ -279,7 +282,8 @@ def local_desired(ports: dict[str, int], location: str) -> Desired:
     from infra.model import Desired
 
     return Desired(project=PROJECT, region=location, bucket=BUCKET, item_queue_shards=1,
-                   service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS})
+                   service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS},
+                   submit_buckets=(SUBMIT_BUCKET,))
 
 
 # ---------------------------------------------------------------- local secrets

@@ -67,7 +67,11 @@ def _chunk_task(request: Request):
         message = f"chunk task payload is malformed and can never succeed: {describe_validation_error(exc)}"
         log_event("bad_chunk_payload", severity="ERROR", error=message, body=request.get_data(as_text=True)[:200])
         return jsonify({"error": {"code": "bad_payload", "message": message}}), 200
-    result = core.process_chunk(chunk)
+    try:
+        result = core.process_chunk(chunk)
+    except core.ChunkPayloadMismatchError as exc:
+        # 200: the task names another object than its job; a retry would name it again.
+        return jsonify({"error": exc.to_dict()}), 200
     return jsonify(result.__dict__), 200
 
 
