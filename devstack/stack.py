@@ -269,6 +269,9 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_GCS_TOPIC": f"projects/{PROJECT}/topics/{GCS_TOPIC}",
         "UPCFAN_GCS_SUBSCRIPTION": f"projects/{PROJECT}/subscriptions/{BRIDGE_SUBSCRIPTION}",
         "UPCFAN_DEFAULT_HANDLER": LOCAL_DEFAULT_HANDLER,
+        # Tasks created from outside the stack (the CLI's retry-failed) carry this OIDC identity, as the
+        # functions' tasks do: every function is private.
+        "UPCFAN_TASK_SERVICE_ACCOUNT": local_desired(ports, location).sa_email("tasks_invoker"),
         "UPCFAN_STACK_LOGS": str(paths.LOG_DIR),
         # Who the CLI, tests and scripts are: the local operator (devstack/identity.py). Its `aud` is
         # gcloud's, as in `gcloud auth print-identity-token`, so it also invokes the private functions.
