@@ -6,6 +6,9 @@ This process pulls them and POSTs each as a binary-mode CloudEvent
 A message is acked only after a 2xx (or a 4xx, which is logged: retrying a rejected event is
 pointless); 5xx and connection errors retry with backoff, then the message is nacked so Pub/Sub
 redelivers it. A message already delivered (2xx) is never delivered again (one event per finalize).
+Like an Eventarc trigger, each delivery carries an ID token of the trigger's service account
+(`--invoker-email`, the model's `upcfan-eventarc-invoker`) whose `aud` is the target service's URL
+(`--audience`), which ingest's invoker gate (devstack/gate.py) checks as Cloud Run does.
 
 `GET /_deliveries` lists every delivery (headers, body, attempts); `GET /_health`; `POST /_reset`.
 """
@@ -25,6 +28,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from devstack import identity
 from devstack.procs import run_local_server
 
 log = logging.getLogger("event_bridge")
@@ -90,6 +94,8 @@ class Bridge:
         deliveries_file: Path | None = None,
         max_attempts: int = 8,
         concurrency: int = 16,
+        invoker_email: str = "",
+        audience: str = "",
     ) -> None:
         self.pubsub = f"http://{pubsub_host}" if not pubsub_host.startswith("http") else pubsub_host
         self.subscription = subscription
@@ -97,6 +103,8 @@ class Bridge:
         self.storage_url = storage_url
         self.deliveries_file = deliveries_file
         self.max_attempts = max_attempts
+        self.invoker_email = invoker_email
+        self.audience = audience or target.rstrip("/")
         self.sem = asyncio.Semaphore(concurrency)
         self.deliveries: list[dict] = []
         self.delivered_ids: set[str] = set()
@@ -192,7 +200,8 @@ class Bridge:
             status: int | str
             try:
                 async with session.post(
-                    self.target, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=60)
+                    self.target, data=payload, headers={**headers, **self._auth()},
+                    timeout=aiohttp.ClientTimeout(total=60),
                 ) as resp:
                     status = resp.status
                     text = (await resp.text())[:300]
@@ -220,6 +229,14 @@ class Bridge:
             await self._extend(session, ack_id, 0)
         entry["finished_at"] = time.time()
         self._record(entry)
+
+    def _auth(self) -> dict[str, str]:
+        """The trigger's ID token (fresh per attempt; none without an invoker email)."""
+        if not self.invoker_email:
+            return {}
+        token = identity.mint(self.invoker_email, self.audience, ttl_s=identity.ID_TOKEN_TTL_S,
+                              issuer=identity.GOOGLE_ISSUER)
+        return {"Authorization": f"Bearer {token}"}
 
     async def _ack(self, session: aiohttp.ClientSession, ack_id: str) -> None:
         try:
@@ -294,10 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage-url", default="", help="GCS emulator URL for selfLink/mediaLink")
     parser.add_argument("--deliveries-file", type=Path, default=None)
     parser.add_argument("--max-attempts", type=int, default=8)
+    parser.add_argument("--invoker-email", default="", help="the trigger's service account (sends its ID token)")
+    parser.add_argument("--audience", default="", help="the ID token's aud (default: the target without a trailing /)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     bridge = Bridge(
-        args.pubsub, args.subscription, args.target, args.storage_url, args.deliveries_file, args.max_attempts
+        args.pubsub, args.subscription, args.target, args.storage_url, args.deliveries_file, args.max_attempts,
+        invoker_email=args.invoker_email, audience=args.audience,
     )
     run_local_server(make_app(bridge), "event_bridge", args.host, args.port)
 

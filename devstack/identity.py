@@ -26,6 +26,10 @@ ACCEPTED_ISSUERS = (ISSUER, GOOGLE_ISSUER)
 # A person running the CLI, tests and scripts against the local stack. In Google Cloud that is an
 # engineer's own account with project-level roles; locally it holds every permission (an owner).
 OPERATOR_EMAIL = "operator@upcfan.localhost"
+# What `gcloud auth print-identity-token` puts in `aud` (gcloud's own OAuth client): Cloud Run accepts
+# such a token from a caller that may invoke the service ("Authenticating developers"), so the local
+# operator's token carries it and every function's gate (devstack/gate.py) accepts it.
+GCLOUD_AUDIENCE = "32555940559.apps.googleusercontent.com"
 ACCESS_TOKEN_TTL_S = 7 * 24 * 3600  # outlives any stack run: access tokens are minted once per `up`
 ID_TOKEN_TTL_S = 3600  # Google's ID tokens last an hour
 

@@ -9,7 +9,8 @@ Components (names are also log names, `.local/logs/<name>.log`):
   cloudtasks   devstack.cloudtasks emulator (queues created with the official client)
   slack_sink   devstack.slack_sink
   marketplace  devstack.marketplace
-  ingest, worker, sweeper, api   functions-framework processes
+  ingest, worker, sweeper, api   functions-framework processes behind the invoker gate (devstack.function_host)
+  scheduler    devstack.scheduler: the sweeper's Cloud Scheduler job (paused unless UPCFAN_SCHEDULER=live)
 """
 
 from __future__ import annotations
@@ -57,13 +58,16 @@ PROJECT = "demo-upcfan"
 LOCAL_DEFAULT_HANDLER = "marketplace_draft"
 HOST = "127.0.0.1"
 BUCKET = "upcfan-uploads"
+# Files submitted over HTTP without a finalize event (tests use it so no event races their request).
+SUBMIT_BUCKET = f"{BUCKET}-manual"
 GCS_TOPIC = "upcfan-gcs-finalize"
 BRIDGE_SUBSCRIPTION = "upcfan-ingest-bridge"
 FIRESTORE_MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
 FUNCTIONS = ("ingest", "worker", "sweeper", "api")
 EMULATORS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks")
 SINKS = ("slack_sink", "marketplace")
-COMPONENTS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS)
+COMPONENTS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS,
+              "scheduler")
 # Extra ports firebase-tools wants (hub, logging, websocket); pinned so two stacks never collide.
 PORT_NAMES = (*COMPONENTS, "firebase_hub", "firebase_logging", "firestore_ws")
 # Used with UPCFAN_DEVSTACK_PORTS=fixed (each checked before start); otherwise free ports are picked.
@@ -80,6 +84,7 @@ DEFAULT_PORTS = {
     "worker": 8102,
     "sweeper": 8103,
     "api": 8100,
+    "scheduler": 8104,
     "firebase_hub": 4400,
     "firebase_logging": 4500,
     "firestore_ws": 9150,
@@ -252,6 +257,7 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "CLOUD_TASKS_EMULATOR_HOST": f"{HOST}:{ports['cloudtasks']}",
         "PUBSUB_EMULATOR_HOST": f"{HOST}:{ports['pubsub']}",
         "UPCFAN_BUCKET": BUCKET,
+        "UPCFAN_SUBMIT_BUCKETS": SUBMIT_BUCKET,
         "UPCFAN_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{ITEM_QUEUE.name}",
         "UPCFAN_CONTROL_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{CONTROL_QUEUE.name}",
         "UPCFAN_API_URL": url("api"),
@@ -262,12 +268,17 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_SLACK_WEBHOOK_URL": url("slack_sink"),
         "UPCFAN_MARKETPLACE_URL": url("marketplace"),
         "UPCFAN_BRIDGE_URL": url("bridge"),
+        "UPCFAN_SCHEDULER_URL": url("scheduler"),
         "UPCFAN_GCS_TOPIC": f"projects/{PROJECT}/topics/{GCS_TOPIC}",
         "UPCFAN_GCS_SUBSCRIPTION": f"projects/{PROJECT}/subscriptions/{BRIDGE_SUBSCRIPTION}",
         "UPCFAN_DEFAULT_HANDLER": LOCAL_DEFAULT_HANDLER,
+        # Tasks created from outside the stack (the CLI's retry-failed) carry this OIDC identity, as the
+        # functions' tasks do: every function is private.
+        "UPCFAN_TASK_SERVICE_ACCOUNT": local_desired(ports, location).sa_email("tasks_invoker"),
         "UPCFAN_STACK_LOGS": str(paths.LOG_DIR),
-        # Who the CLI, tests and scripts are: the local operator (devstack/identity.py).
-        "UPCFAN_OPERATOR_TOKEN": identity.mint(identity.OPERATOR_EMAIL),
+        # Who the CLI, tests and scripts are: the local operator (devstack/identity.py). Its `aud` is
+        # gcloud's, as in `gcloud auth print-identity-token`, so it also invokes the private functions.
+        "UPCFAN_OPERATOR_TOKEN": identity.mint(identity.OPERATOR_EMAIL, audience=identity.GCLOUD_AUDIENCE),
     }
 
 
@@ -277,7 +288,8 @@ def local_desired(ports: dict[str, int], location: str) -> Desired:
     from infra.model import Desired
 
     return Desired(project=PROJECT, region=location, bucket=BUCKET, item_queue_shards=1,
-                   service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS})
+                   service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS},
+                   submit_buckets=(SUBMIT_BUCKET,))
 
 
 # ---------------------------------------------------------------- local secrets
@@ -409,6 +421,7 @@ HEALTH_PROBES = {
     "gcs": HealthProbe("/storage/v1/b"),
     "gcs_gate": HealthProbe("/_health"),
     "bridge": HealthProbe("/_health"),
+    "scheduler": HealthProbe("/_health"),
     "cloudtasks": HealthProbe("/_emulator/health"),
     **{name: HealthProbe("/_health") for name in SINKS},
     **{name: HealthProbe("/", any_answer=True) for name in FUNCTIONS},
@@ -535,6 +548,9 @@ def _bridge(plan: _Plan) -> Iterator[Component]:
             "--target", env["UPCFAN_INGEST_URL"] + "/",
             "--storage-url", env["STORAGE_EMULATOR_HOST"],
             "--deliveries-file", str(paths.DELIVERIES_FILE),
+            # as the Eventarc trigger: an ID token of its service account for ingest's service URL
+            "--invoker-email", local_desired(plan.ports, env["UPCFAN_LOCATION"]).sa_email("eventarc_invoker"),
+            "--audience", env["UPCFAN_INGEST_URL"],
         ],
         env={"PYTHONPATH": str(paths.REPO_ROOT)},
         after=("pubsub",),
@@ -572,7 +588,8 @@ def _sinks(plan: _Plan) -> Iterator[Component]:
 
 
 def _functions(plan: _Plan) -> Iterator[Component]:
-    """The four functions, each in functions-framework with the env deploy would give it."""
+    """The four functions, each as functions-framework runs it with the env deploy would give it, behind
+    the local stand-in for Cloud Run's invoker check and request timeout (devstack.function_host)."""
     if "functions" in plan.skip:
         return
     from infra.deploy import function_specs
@@ -587,14 +604,28 @@ def _functions(plan: _Plan) -> Iterator[Component]:
         yield plan.component(
             name,
             [
-                venv_bin("functions-framework"),
+                sys.executable, "-m", "devstack.function_host",
                 "--source", str(source),
                 "--target", name,
                 "--host", HOST,
                 "--port", str(plan.ports[name]),
+                *gate_args(plan, deployed[name]),
             ],
             env=function_env(plan, deployed[name]),
         )  # fmt: skip
+
+
+def gate_args(plan: _Plan, spec: FunctionSpec) -> list[str]:
+    """The front end Cloud Run puts before the function (devstack/gate.py), from the model: the service
+    URL as the token audience, the emails with run.invoker on it, the function's timeout."""
+    from devstack.gate import invokers_of
+
+    desired = local_desired(plan.ports, plan.env.get("UPCFAN_LOCATION", "us-central1"))
+    args = ["--function", spec.name, "--service-url", desired.function_url(spec.name),
+            "--timeout-s", str(spec.timeout_s)]
+    for email in sorted(invokers_of(desired, spec.name)):
+        args += ["--invoker", email]
+    return args
 
 
 # What a function process gets locally beyond its deployed env: where the emulators are, who it is
@@ -641,8 +672,31 @@ def local_instances(function: str, threads: int) -> int:
     return max(1, -(-inflow // threads))
 
 
+def _scheduler(plan: _Plan) -> Iterator[Component]:
+    """devstack.scheduler: the sweeper job exactly as infra creates it (infra/resources/scheduler.py).
+    Paused unless UPCFAN_SCHEDULER=live (scripts/dev sets it): a background sweep in a test stack
+    could post Slack alerts or flag a job in the middle of a test that counts them; tests and
+    scripts run it with `POST /_run`."""
+    if "scheduler" in plan.skip:
+        return
+    from infra.model import SCHEDULER_JOB
+    from infra.resources.scheduler import SweeperJob
+
+    d = local_desired(plan.ports, plan.env["UPCFAN_LOCATION"])
+    job = SweeperJob(d.location_path, SCHEDULER_JOB, d.function_url("sweeper"), d.sa_email("scheduler_invoker"),
+                     d.sweep_schedule).desired()
+    target = job["http_target"]
+    argv = [sys.executable, "-m", "devstack.scheduler", "--host", HOST, "--port", str(plan.ports["scheduler"]),
+            "--job", SCHEDULER_JOB, "--uri", target["uri"], "--audience", target["oidc_token"]["audience"],
+            "--invoker-email", target["oidc_token"]["service_account_email"], "--schedule", job["schedule"],
+            "--attempt-deadline-s", str(job["attempt_deadline"])]
+    if os.environ.get("UPCFAN_SCHEDULER", "paused") != "live":
+        argv.append("--paused")
+    yield plan.component("scheduler", argv, env={"PYTHONPATH": str(paths.REPO_ROOT)})
+
+
 # In start order; each yields nothing for what `skip` leaves out.
-COMPONENT_STEPS = (_firestore, _pubsub, _gcs, _gcs_gate, _bridge, _cloudtasks, _sinks, _functions)
+COMPONENT_STEPS = (_firestore, _pubsub, _gcs, _gcs_gate, _bridge, _cloudtasks, _sinks, _functions, _scheduler)
 
 
 def build_components(ports: dict[str, int], env: dict[str, str], skip: set[str]) -> list[Component]:

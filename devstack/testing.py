@@ -89,6 +89,56 @@ def poll(fn, timeout_s: float = 30.0, interval_s: float = 0.1, what: str = "cond
         time.sleep(interval_s)
 
 
+# ---------------------------------------------------------------- calling the functions
+# Every function is private (devstack/gate.py, as Cloud Run with --no-allow-unauthenticated): a caller
+# from outside the stack sends the local operator's token, as an engineer sends
+# `gcloud auth print-identity-token`. Tests, benches and scripts call function URLs only through these.
+
+OPERATOR_TOKEN = "UPCFAN_OPERATOR_TOKEN"
+
+
+def operator_headers(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`Authorization: Bearer <UPCFAN_OPERATOR_TOKEN>` of this stack (`env`, else os.environ)."""
+    token = (env if env is not None else os.environ).get(OPERATOR_TOKEN)
+    if not token:
+        raise RuntimeError(f"{OPERATOR_TOKEN} is not set: is the stack up (.local/stack.env)?")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def operator_session(env: dict[str, str] | None = None) -> requests.Session:
+    """A requests.Session that calls the stack's functions as the local operator (one per thread:
+    Sessions are not thread-safe)."""
+    session = requests.Session()
+    session.headers.update(operator_headers(env))
+    return session
+
+
+class Scheduler:
+    """The local Cloud Scheduler's control routes (devstack/scheduler.py): the sweeper job."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def run(self, timeout_s: float = 330.0) -> dict:
+        """Run the sweeper job now (as `gcloud scheduler jobs run`) and return its outcome:
+        {"status": the sweeper's HTTP status, "response": its body, "duration_s", ...}."""
+        resp = requests.post(f"{self.url}/_run", timeout=timeout_s)
+        resp.raise_for_status()
+        return resp.json()
+
+    def job(self) -> dict:
+        return requests.get(f"{self.url}/_job", timeout=10).json()
+
+    def runs(self) -> list[dict]:
+        return requests.get(f"{self.url}/_runs", timeout=10).json()["runs"]
+
+    def pause(self) -> dict:
+        return requests.post(f"{self.url}/_pause", timeout=10).json()
+
+    def resume(self) -> dict:
+        return requests.post(f"{self.url}/_resume", timeout=10).json()
+
+
 class Marketplace:
     """The sandbox marketplace's control routes."""
 

@@ -207,6 +207,10 @@ def env_vars(d: model.Desired, marketplace_url: str, default_handler: str) -> di
         "UPCFAN_INGEST_URL": d.function_url("ingest"),
         "UPCFAN_WORKER_URL": d.function_url("worker"),
         "UPCFAN_BUCKET": d.bucket,
+        # The only buckets a job may be planned from besides UPCFAN_BUCKET (trust boundary of
+        # POST /api/batch/process and the ingest HTTP trigger); set even when empty, so deploy
+        # replaces an older list.
+        "UPCFAN_SUBMIT_BUCKETS": ",".join(d.submit_buckets),
         "UPCFAN_TASK_SERVICE_ACCOUNT": d.sa_email("tasks_invoker"),
         # What a dropped file runs when neither its request nor its object metadata names a
         # handler: an explicit deploy setting (unset, the code's default would be a dry run).

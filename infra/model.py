@@ -120,6 +120,8 @@ class Desired:
     labels: dict = field(default_factory=lambda: dict(LABELS))
     # Per-function URLs that the template cannot express (the local stack: one port per function).
     service_urls: dict = field(default_factory=dict)
+    # Buckets files may also be submitted from (over HTTP), unwatched; readable like `bucket`.
+    submit_buckets: tuple = ()
 
     # ---- names -------------------------------------------------------------------------
     def sa_email(self, role: str) -> str:
@@ -152,8 +154,8 @@ class Desired:
     def sa_path(self, role: str) -> str:
         return f"projects/{self.project}/serviceAccounts/{self.sa_email(role)}"
 
-    def bucket_path(self) -> str:
-        return f"projects/_/buckets/{self.bucket}"
+    def bucket_path(self, bucket: str = "") -> str:
+        return f"projects/_/buckets/{bucket or self.bucket}"
 
     def target_resources(self, target: str) -> list[str]:
         """The IAM resource names a `Grant.target` (or a call's target) stands for."""
@@ -167,8 +169,8 @@ class Desired:
             return [queues[int(arg)]]
         if kind == "control_queue":
             return [queues[-1]]
-        if kind == "bucket":
-            return [self.bucket_path()] if self.bucket else []
+        if kind == "bucket":  # the watched bucket and the submit-only ones: ingest and the API read them alike
+            return [self.bucket_path(b) for b in (self.bucket, *self.submit_buckets) if b]
         if kind == "secret":
             return [self.secret_path(arg)]
         if kind == "sa":
@@ -190,5 +192,6 @@ def from_settings(project: str, region: str, bucket: str = "", item_queue_shards
     shards = item_queue_shards if item_queue_shards is not None else s.item_queue_shards
     item = replace(ITEM_QUEUE, name=s.item_queue)
     control = replace(CONTROL_QUEUE, name=s.control_queue)
+    kw.setdefault("submit_buckets", s.submit_buckets)  # UPCFAN_SUBMIT_BUCKETS where deploy runs
     return Desired(project=project, region=region, bucket=bucket or s.bucket,
                    item_queue_shards=shards, item_queue=item, control_queue=control, **kw)

@@ -103,6 +103,9 @@ class Settings:
     marketplace_api_key: str = field(repr=False)
     slack_webhook_url: str
     bucket: str
+    # Further buckets a file may be submitted from (POST /api/batch/process, the ingest HTTP trigger)
+    # without being watched (UPCFAN_SUBMIT_BUCKETS, comma list). Every other bucket is refused.
+    submit_buckets: tuple[str, ...]
     # The handler a job runs when neither its request nor its object's metadata chooses one
     # (UPCFAN_DEFAULT_HANDLER). Unset, the deprecated boolean defaults below choose, as before names.
     default_handler: str | None
@@ -129,6 +132,11 @@ class Settings:
     systemic_threshold: int
     # Operator
     max_retry_rounds: int
+
+    @property
+    def allowed_buckets(self) -> tuple[str, ...]:
+        """The buckets a job may read: the watched one, then the submit-only ones (none configured: any)."""
+        return tuple(dict.fromkeys(b for b in (self.bucket, *self.submit_buckets) if b))
 
     def queue_path(self, queue_name: str) -> str:
         return f"projects/{self.project}/locations/{self.location}/queues/{queue_name}"
@@ -157,6 +165,7 @@ def load_settings() -> Settings:
         marketplace_api_key=os.environ.get("UPCFAN_MARKETPLACE_API_KEY", "").strip(),
         slack_webhook_url=os.environ.get("UPCFAN_SLACK_WEBHOOK_URL", ""),
         bucket=os.environ.get("UPCFAN_BUCKET", ""),
+        submit_buckets=tuple(b.strip() for b in os.environ.get("UPCFAN_SUBMIT_BUCKETS", "").split(",") if b.strip()),
         default_handler=os.environ.get("UPCFAN_DEFAULT_HANDLER", "").strip() or None,
         default_create_drafts=_env_bool("UPCFAN_DEFAULT_CREATE_DRAFTS", False),
         default_test_mode=_env_bool("UPCFAN_DEFAULT_TEST_MODE", True),

@@ -28,6 +28,13 @@ class BadRequestError(UpcfanError):
     http_status = 400
 
 
+class ForbiddenError(UpcfanError):
+    """The request names something this deployment must not touch (e.g. a bucket it does not serve)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFoundError(UpcfanError):
     code = "not_found"
     http_status = 404

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from shared.config import settings
 from shared.events import Event
-from shared.exceptions import SourceObjectNotFoundError, UnreadableFileError
+from shared.exceptions import ForbiddenError, SourceObjectNotFoundError, UnreadableFileError, UpcfanError
 from shared.gcs import GcsObject, parse_gcs_path
 from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
@@ -101,6 +101,7 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
                generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
     """Create (or find) the job for one object generation and enqueue its plan task."""
     bucket, name = parse_gcs_path(gcs_path)
+    check_bucket_allowed(bucket)
     obj = GcsObject.stat(bucket, name, generation)
     job_id = job_id_for(bucket, name, obj.generation)
     store = default_store()
@@ -132,6 +133,27 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
         log_event("plan_requested", job_id=job_id, created=plan_created)
     return SubmitResult(job_id=job_id, created=created, status=doc.get("status"), gcs_path=obj.gcs_path,
                         generation=obj.generation, error=doc.get("error"))
+
+
+def check_bucket_allowed(bucket: str) -> None:
+    """Trust boundary: a job is only ever planned from a configured bucket (the watched one or a
+    submit-only one), whatever else the caller's account could read. ForbiddenError (403) names them."""
+    allowed = settings().allowed_buckets
+    if bucket in allowed:
+        return
+    if not allowed:
+        raise ForbiddenError(f"bucket {bucket!r} is not accepted: no bucket is configured (UPCFAN_BUCKET)",
+                             code="bucket_not_allowed")
+    raise ForbiddenError(f"bucket {bucket!r} is not accepted; files are only processed from "
+                         f"{', '.join(allowed)} (UPCFAN_BUCKET, UPCFAN_SUBMIT_BUCKETS)",
+                         code="bucket_not_allowed", details={"allowed_buckets": list(allowed)})
+
+
+class ChunkPayloadMismatchError(UpcfanError):
+    """A chunk task names another object than its job: planning reads the job document only."""
+
+    code = "bad_payload"
+    http_status = 200  # answered 200: a retry would name the same object, so it can never succeed
 
 
 def handle_finalize_event(data: dict[str, Any], event_id: str = "") -> SubmitResult | None:
@@ -306,7 +328,9 @@ def process_chunk(payload: ChunkTask | dict[str, Any], *, crash_after_tasks: int
     if job.status == JobStatus.FAILED.value:
         result.skipped_reason = "job failed"
         return result
-    candidates, line_records = _classify_chunk(chunk, FileFormat.from_dict(job.doc["plan"]["format"]), result)
+    source = _job_object(job.doc, chunk)
+    candidates, line_records = _classify_chunk(chunk, source, FileFormat.from_dict(job.doc["plan"]["format"]),
+                                               result)
     if job.status != JobStatus.CANCELLED.value and candidates:
         todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
         line_records += _enqueue_items(store, chunk.job_id, todo, result, on_task)
@@ -327,9 +351,23 @@ def _chunk_task(payload: dict[str, Any]) -> ChunkTask:
                                   code="bad_payload") from None
 
 
-def _classify_chunk(chunk: ChunkTask, fmt: FileFormat, result: ChunkResult) -> tuple[list[_Candidate], list[dict]]:
+def _job_object(job: dict[str, Any], chunk: ChunkTask) -> GcsObject:
+    """The object the job was created for, from its document (never from the task payload, which a
+    task creator could point at any object the ingest account can read); a payload that names
+    another object is refused."""
+    bucket, name, generation = job.get("bucket"), job.get("object"), str(job.get("generation"))
+    if (chunk.bucket, chunk.object, str(chunk.generation)) != (bucket, name, generation):
+        message = (f"chunk task of job {chunk.job_id} names gs://{chunk.bucket}/{chunk.object}#{chunk.generation}, "
+                   f"but the job is gs://{bucket}/{name}#{generation}; refused (planning reads the job document)")
+        log_event("chunk_payload_mismatch", severity="ERROR", job_id=chunk.job_id, start=chunk.start, error=message)
+        raise ChunkPayloadMismatchError(message)
+    return GcsObject(bucket=bucket, name=name, generation=int(generation), size=chunk.end)
+
+
+def _classify_chunk(chunk: ChunkTask, source: GcsObject, fmt: FileFormat,
+                    result: ChunkResult) -> tuple[list[_Candidate], list[dict]]:
     """Every line starting in the chunk: skipped, invalid, a duplicate within the chunk, or a candidate item."""
-    obj = GcsObject(bucket=chunk.bucket, name=chunk.object, generation=int(chunk.generation), size=chunk.end)
+    obj = source
     first_seen: dict[str, int] = {}
     candidates: list[_Candidate] = []
     line_records: list[dict] = []

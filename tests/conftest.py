@@ -77,6 +77,22 @@ def bridge(stack_env):
     return Bridge(stack_env["UPCFAN_BRIDGE_URL"])
 
 
+@pytest.fixture(scope="session")
+def operator(stack_env):
+    """requests.Session that calls the functions as the local operator (UPCFAN_OPERATOR_TOKEN)."""
+    from devstack.testing import operator_session
+
+    return operator_session(stack_env)
+
+
+@pytest.fixture(scope="session")
+def scheduler(stack_env):
+    """The local Cloud Scheduler's sweeper job: run(), job(), runs(), pause(), resume()."""
+    from devstack.testing import Scheduler
+
+    return Scheduler(stack_env["UPCFAN_SCHEDULER_URL"])
+
+
 @pytest.fixture
 def upload(stack_env, storage_client):
     """upload(data, name=None, content_type="text/csv", metadata=None, bucket=None) -> (bucket, name, generation).

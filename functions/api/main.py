@@ -56,20 +56,20 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def _actor(request: Request) -> str:
-    """Who asked: an explicit header, else the email in the (platform-verified) ID token, else 'api'."""
-    explicit = (request.headers.get("X-Upcfan-Actor") or "").strip()
-    if explicit:
-        return explicit[:200]
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer ") and auth.count(".") == 2:
+    """Who asked, for the audit trail: the email of the ID token Cloud Run verified before the request
+    reached us (the service is private; Cloud Run checks `X-Serverless-Authorization` instead of
+    `Authorization` when both are sent, and passes both through). Never a header a caller can set."""
+    header = request.headers.get("X-Serverless-Authorization") or request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.count(".") == 2:
         try:
-            payload = auth.split(" ", 1)[1].split(".")[1]
+            payload = token.split(".")[1]
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            if isinstance(claims, dict) and isinstance(claims.get("email"), str):
+            if isinstance(claims, dict) and isinstance(claims.get("email"), str) and claims["email"]:
                 return claims["email"][:200]
         except (ValueError, UnicodeDecodeError):
             pass
-    return "api"
+    return "unauthenticated"  # only without Cloud Run's front end (never deployed that way)
 
 
 def _ops():

@@ -79,7 +79,11 @@ def _chunk_task(request: Request):
     chunk, refused = _task_payload(request, ChunkTask, "chunk")
     if refused:
         return refused
-    result = core.process_chunk(chunk)
+    try:
+        result = core.process_chunk(chunk)
+    except core.ChunkPayloadMismatchError as exc:
+        # 200: the task names another object than its job; a retry would name it again.
+        return jsonify({"error": exc.to_dict()}), 200
     return jsonify(result.__dict__), 200
 
 

@@ -24,6 +24,7 @@ import requests
 from stdnum import ean
 
 from chaos_stack import CHAOS_WORKER_ENV, ChaosStack
+from devstack.testing import operator_headers
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -60,9 +61,9 @@ def poll(fn, timeout_s: float, what: str, interval_s: float = 0.5):
 class Sweeper(threading.Thread):
     """POSTs the sweeper every `every_s` seconds until stopped (bounded count)."""
 
-    def __init__(self, url: str, every_s: float = 3.0, max_runs: int = 400):
+    def __init__(self, url: str, headers: dict[str, str], every_s: float = 3.0, max_runs: int = 400):
         super().__init__(daemon=True, name="chaos-sweeper")
-        self.url, self.every_s, self.max_runs = url, every_s, max_runs
+        self.url, self.headers, self.every_s, self.max_runs = url, headers, every_s, max_runs
         self.stop_event = threading.Event()
         self.runs = 0
         self.statuses: dict[int, int] = {}
@@ -70,7 +71,7 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         while self.runs < self.max_runs and not self.stop_event.is_set():
             try:
-                status = requests.post(self.url + "/", json={}, timeout=60).status_code
+                status = requests.post(self.url + "/", json={}, headers=self.headers, timeout=60).status_code
             except requests.RequestException:
                 status = -1
             self.runs += 1
@@ -151,7 +152,8 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
                    "duplicate": len(dups)}
 
     faults = {"status": 503, "error_rate": 0.0, "fail_gtins": {}, "latency_gtins": {}}
-    sweeper = Sweeper(env["UPCFAN_SWEEPER_URL"])
+    auth = operator_headers(env)  # every function is private: the test calls them as the local operator
+    sweeper = Sweeper(env["UPCFAN_SWEEPER_URL"], auth)
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     try:
@@ -182,8 +184,9 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
                                  if d["outcome"] == "delivered"], 60, "the bridge's finalize delivery")[0]
         with ThreadPoolExecutor(4) as pool:
             resends = list(pool.map(lambda _: requests.post(env["UPCFAN_INGEST_URL"] + "/", json=delivery["body"],
-                                                            headers=delivery["headers"], timeout=120), range(3)))
-            http = pool.submit(requests.post, api + "/api/batch/process",
+                                                            headers={**delivery["headers"], **auth}, timeout=120),
+                                    range(3)))
+            http = pool.submit(requests.post, api + "/api/batch/process", headers=auth,
                                json={"gcs_path": f"gs://{env['UPCFAN_BUCKET']}/{name_a}"}, timeout=120).result()
         assert all(r.status_code in (200, 202) and r.json()["job_id"] == job_a for r in resends), \
             [(r.status_code, r.text[:200]) for r in resends]
@@ -193,7 +196,7 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
         # Cancel job B mid-run: after fan-out and some items done, well before the end.
         poll(lambda: job_of(db, job_b).get("fanout_done_at") and item_counts(db, job_b)["succeeded"] >= 50,
              300, "job B to be running with items done")
-        r = requests.post(f"{api}/api/batch/jobs/{job_b}/cancel", json={}, timeout=60)
+        r = requests.post(f"{api}/api/batch/jobs/{job_b}/cancel", json={}, headers=auth, timeout=60)
         assert r.status_code == 200, r.text
         phases["cancel_b"] = time.monotonic() - t0
 
@@ -219,7 +222,7 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
         assert failed_c >= N_PERMANENT
         faults.update(fail_gtins={})
         s.market("/_faults", faults)
-        r = requests.post(f"{api}/api/batch/jobs/{job_c}/retry-failed", json={}, timeout=120)
+        r = requests.post(f"{api}/api/batch/jobs/{job_c}/retry-failed", json={}, headers=auth, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["items_requeued"] == failed_c
 
@@ -297,7 +300,7 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
         before = {k: {g: ut for g, (ut, _) in items_of(db, j).items()} for k, j in jobs.items()}
         # (`counts` is a snapshot a late progress-check task may still refresh; items are compared instead)
         jobs_before = {k: {f: docs[k].get(f) for f in ("status", "totals", "round")} for k in jobs}
-        r = requests.post(env["UPCFAN_SWEEPER_URL"] + "/", json={}, timeout=120)
+        r = requests.post(env["UPCFAN_SWEEPER_URL"] + "/", json={}, headers=auth, timeout=120)
         assert r.status_code == 200, r.text
         after = {k: {g: ut for g, (ut, _) in items_of(db, j).items()} for k, j in jobs.items()}
         assert after == before

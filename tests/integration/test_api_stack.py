@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import fresh_upcs, gtin14, poll
+from devstack.testing import fresh_upcs, gtin14, operator_session, poll
 from shared.handlers import marketplace_draft
 from shared.naming import job_id_for, task_name_for
 
@@ -30,14 +30,17 @@ MAX_ROUNDS = 3  # UPCFAN_MAX_RETRY_ROUNDS default
 
 
 class Api:
-    def __init__(self, url: str) -> None:
+    """The private API, called as the local operator."""
+
+    def __init__(self, url: str, env: dict[str, str]) -> None:
         self.url = url.rstrip("/")
+        self.session = operator_session(env)
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(f"{self.url}{path}", timeout=30, **kw)
+        return self.session.get(f"{self.url}{path}", timeout=30, **kw)
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(f"{self.url}{path}", timeout=60, **kw)
+        return self.session.post(f"{self.url}{path}", timeout=60, **kw)
 
     def status(self, job_id: str) -> dict:
         r = self.get(f"/api/batch/status/{job_id}")
@@ -74,7 +77,7 @@ def api(stack_env, tasks_client):
     if queue.state == tasks_v2.Queue.State.PAUSED:
         pytest.fail(f"the item queue {stack_env['UPCFAN_QUEUE']} of this stack is PAUSED (a bench parks tasks "
                     "there), so no job can finish; run on a stack of your own: UPCFAN_LOCAL_DIR=.local/mine")
-    return Api(stack_env["UPCFAN_API_URL"])
+    return Api(stack_env["UPCFAN_API_URL"], stack_env)
 
 
 @pytest.fixture
@@ -138,7 +141,7 @@ def test_health_openapi_and_route_errors(api):
     ("POST", "/api/batch/jobs/{j}/cancel"), ("POST", "/api/batch/jobs/{j}/retry-failed")])
 def test_unknown_job_is_404_with_a_message(api, method, path):
     job_id = f"no-such-job-{uuid.uuid4().hex[:8]}"
-    r = requests.request(method, f"{api.url}{path.format(j=job_id)}", timeout=30)
+    r = api.session.request(method, f"{api.url}{path.format(j=job_id)}", timeout=30)
     assert r.status_code == 404, r.text
     err = r.json()["error"]
     assert err["code"] == "job_not_found" and job_id in err["message"] and "not found" in err["message"]
@@ -177,6 +180,18 @@ def test_process_runs_the_named_handler(api, stack_env, storage_client):
     assert r.status_code == 202 and r.json()["created"] is True, r.text
     view = api.wait(r.json()["job_id"])
     assert view["status"] == "completed" and view["options"] == {"handler": "dry_run"}
+
+
+def test_process_refuses_a_bucket_that_is_not_configured_with_403(api, stack_env, storage_client):
+    """Issue 14, item 9: POST /api/batch/process planned a file from any bucket the API's account could read."""
+    bucket = storage_client.bucket(f"upcfan-elsewhere-{uuid.uuid4().hex[:8]}")
+    bucket.create()
+    bucket.blob("f.txt").upload_from_string("\n".join(fresh_upcs(2)) + "\n")
+    r = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/f.txt"})
+    assert r.status_code == 403, r.text
+    err = r.json()["error"]
+    assert err["code"] == "bucket_not_allowed" and bucket.name in err["message"]
+    assert stack_env["UPCFAN_BUCKET"] in err["message"] and stack_env["UPCFAN_SUBMIT_BUCKETS"] in err["message"]
 
 
 def test_process_missing_object_is_404(api, stack_env):
@@ -244,7 +259,7 @@ def test_process_status_jobs_and_items_listings(api, upload, stack_env):
     assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_retry"
 
 
-def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gtin_faults):
+def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gtin_faults, firestore_db):
     upcs = fresh_upcs(8)
     slow = gtin14(upcs[0])
     # This item's marketplace calls outlast the handler's read timeout, so each of its attempts fails
@@ -258,12 +273,18 @@ def test_retry_on_a_running_job_is_409_and_cancel_is_idempotent(api, upload, gti
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "job_not_final" and "still" in r.json()["error"]["message"]
 
-    first = api.post(f"/api/batch/jobs/{job_id}/cancel", headers={"X-Upcfan-Actor": "alice"})
+    first = api.post(f"/api/batch/jobs/{job_id}/cancel", headers={"X-Upcfan-Actor": "alice"})  # ignored
     assert first.status_code == 200, first.text
     assert first.json()["status"] == "cancelled" and first.json()["already_cancelled"] is False
     again = api.post(f"/api/batch/jobs/{job_id}/cancel")
     assert again.status_code == 200 and again.json()["already_cancelled"] is True
     assert again.json()["items_cancelled"] == 0
+    # Issue 14, item 9: the audit actor is the verified caller (the operator's token), not the header.
+    from devstack.identity import OPERATOR_EMAIL
+    from shared.model import EVENTS, JOBS
+
+    events = [e.to_dict() for e in firestore_db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
+    assert [e["actor"] for e in events if e["type"] == "cancelled"] == [OPERATOR_EMAIL], events
 
     view = api.wait(job_id, {"cancelled"}, 60)
     assert view["status"] == "cancelled" and view["outcome"]["pending"] == 0
@@ -293,7 +314,7 @@ def test_retry_failed_reruns_only_failed_items_once_then_rounds_run_out(
 
     # Round 2: the marketplace now accepts the flaky GTIN; only the two failed items run again.
     gtin_faults(clear_fail=[g_flaky])
-    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed", headers={"X-Upcfan-Actor": "ops@example.com"})
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
     assert r.status_code == 200, r.text
     assert r.json()["round"] == 2 and r.json()["items_requeued"] == 2 and r.json()["tasks_created"] == 2
     view = api.wait(job_id)

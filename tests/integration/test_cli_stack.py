@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from devstack.testing import fresh_upcs, gtin14, poll
+from devstack.testing import fresh_upcs, gtin14, operator_headers, poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -54,7 +54,7 @@ class Cli:
         return re.search(r"; job (\S+)", r.stdout).group(1)
 
     def view(self, job_id: str) -> dict | None:
-        r = requests.get(f"{self.api_url}/api/batch/status/{job_id}", timeout=10)
+        r = requests.get(f"{self.api_url}/api/batch/status/{job_id}", headers=operator_headers(), timeout=10)
         return r.json() if r.status_code == 200 else None
 
     def wait(self, job_id: str, statuses=FINAL, timeout_s: float = 120.0) -> dict:

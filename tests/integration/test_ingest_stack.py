@@ -11,7 +11,7 @@ import requests
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import bounce_component, fresh_upcs, gtin14, poll
+from devstack.testing import fresh_upcs, gtin14, poll
 from shared import ingest
 from shared.clients import reset_clients
 from shared.model import CHUNKS, ITEMS, JOBS, LINES
@@ -39,7 +39,7 @@ def cloudevent_headers(bucket: str, name: str, event_id: str) -> dict:
             "ce-subject": f"objects/{name}", "ce-time": "2026-11-23T00:00:00Z", "content-type": "application/json"}
 
 
-def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(stack_env, firestore_db, upload, bridge):
+def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(operator, stack_env, firestore_db, upload, bridge):
     upcs = fresh_upcs(40)
     bucket, name, generation = upload("\n".join(upcs) + "\n", metadata={"upcfan-test-mode": "true"})
     job_id = job_id_for(bucket, name, generation)
@@ -50,9 +50,9 @@ def test_repeated_events_and_http_trigger_make_one_job_and_one_task_per_upc(stac
 
     # The same finalize event three more times, then the HTTP trigger for the same object.
     body = json.dumps({"bucket": bucket, "name": name, "generation": generation}).encode()
-    answers = [requests.post(stack_env["UPCFAN_INGEST_URL"], data=body,
+    answers = [operator.post(stack_env["UPCFAN_INGEST_URL"], data=body,
                              headers=cloudevent_headers(bucket, name, "dup-1"), timeout=60) for _ in range(3)]
-    answers.append(requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{bucket}/{name}"},
+    answers.append(operator.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{bucket}/{name}"},
                                  timeout=60))
     assert all(a.status_code == 202 and a.json()["job_id"] == job_id for a in answers), [a.text for a in answers]
     assert all(a.json()["created"] is False for a in answers)
@@ -114,35 +114,30 @@ def test_binary_file_fails_the_job_with_a_reason_and_enqueues_nothing(stack_env,
     assert not job.get("chunks_total")
 
 
-def test_missing_object_is_a_404_naming_the_path(stack_env):
-    r = requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{stack_env['UPCFAN_BUCKET']}/nope.txt"},
+def test_missing_object_is_a_404_naming_the_path(operator, stack_env):
+    r = operator.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{stack_env['UPCFAN_BUCKET']}/nope.txt"},
                       timeout=30)
     assert r.status_code == 404 and "nope.txt" in r.json()["error"]["message"]
 
 
 def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missing_task(
-        stack_env, firestore_db, tasks_client, storage_client, monkeypatch):
+        operator, stack_env, firestore_db, tasks_client, storage_client, monkeypatch):
     """A chunk dies after creating some of its tasks; Cloud Tasks retries it; totals stay exact."""
     host = stack_env["CLOUD_TASKS_EMULATOR_HOST"]
     control = stack_env["UPCFAN_CONTROL_QUEUE"]
     upcs = fresh_upcs(120)
     text = "\n".join(upcs + upcs[:10]) + "\n"  # 10 in-file duplicates
-    # In the watched bucket (the only one ingest may read), submitted over HTTP while no finalize
-    # event can race it (the event, delivered later, finds the job).
-    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"])
+    # Outside the watched bucket so no finalize event races this test; submitted over HTTP instead.
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
     blob = bucket.blob(f"crash/{random.randrange(10**9)}.txt")
     blob.metadata = {"upcfan-test-mode": "true"}
+    blob.upload_from_string(text)
     tasks_client.pause_queue(name=control)
     try:
-        answers = []
-
-        def submit():
-            blob.upload_from_string(text)
-            answers.append(requests.post(stack_env["UPCFAN_INGEST_URL"],
-                                         json={"gcs_path": f"gs://{bucket.name}/{blob.name}"}, timeout=60))
-
-        without_finalize_events(submit)
-        r = answers[0]
+        r = operator.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": f"gs://{bucket.name}/{blob.name}"},
+                          timeout=60)
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
         from google.cloud import tasks_v2
@@ -178,26 +173,15 @@ def test_crash_midway_through_a_chunk_then_retry_gives_no_duplicate_and_no_missi
     assert len(items) == 120 and all(i.get("attempt") == 1 and i.get("status") == "succeeded" for i in items)
 
 
-def without_finalize_events(fn) -> None:
-    """Run `fn` with the event bridge stopped: an object dropped in the watched bucket (the only bucket
-    the functions may read) starts no job until the bridge is back; Pub/Sub keeps the notification,
-    whose event then finds the job `fn` created."""
-    bounce_component("bridge", while_down=fn)
-
-
-def manual_object(storage_client, stack_env, metadata: dict | None, submit) -> list:
-    """Answers of `submit(gcs_path)` for a fresh two-UPC object in the watched bucket, made before any
-    finalize event can start a job for it."""
-    blob = storage_client.bucket(stack_env["UPCFAN_BUCKET"]).blob(f"handlers/{random.randrange(10**9)}.txt")
+def manual_object(storage_client, stack_env, metadata: dict | None) -> str:
+    """gs:// path of a fresh two-UPC object outside the watched bucket (no finalize event starts a job)."""
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
+    blob = bucket.blob(f"handlers/{random.randrange(10**9)}.txt")
     blob.metadata = metadata
-    answers: list = []
-
-    def run():
-        blob.upload_from_string("\n".join(fresh_upcs(2)) + "\n")
-        answers.extend(submit(f"gs://{blob.bucket.name}/{blob.name}"))
-
-    without_finalize_events(run)
-    return answers
+    blob.upload_from_string("\n".join(fresh_upcs(2)) + "\n")
+    return f"gs://{bucket.name}/{blob.name}"
 
 
 @pytest.mark.parametrize("metadata,body,handler", [
@@ -207,21 +191,20 @@ def manual_object(storage_client, stack_env, metadata: dict | None, submit) -> l
     ({"upcfan-create-drafts": "false"}, {}, "dry_run"),  # a deprecated metadata boolean over the named default
     (None, {}, "marketplace_draft"),  # the local stack's UPCFAN_DEFAULT_HANDLER
 ])
-def test_http_trigger_records_the_chosen_handler_by_name(stack_env, firestore_db, storage_client, metadata, body,
+def test_http_trigger_records_the_chosen_handler_by_name(operator, stack_env, firestore_db, storage_client, metadata, body,
                                                          handler):
-    [r] = manual_object(storage_client, stack_env, metadata, lambda path: [
-        requests.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": path, **body}, timeout=60)])
+    path = manual_object(storage_client, stack_env, metadata)
+    r = operator.post(stack_env["UPCFAN_INGEST_URL"], json={"gcs_path": path, **body}, timeout=60)
     assert r.status_code == 202, r.text
     job = wait_job(firestore_db, r.json()["job_id"], {"completed"})
     assert job["options"] == {"handler": handler}
 
 
-def test_unknown_handler_is_refused_over_http_and_acknowledged_as_an_event(stack_env, firestore_db, storage_client,
+def test_unknown_handler_is_refused_over_http_and_acknowledged_as_an_event(operator, stack_env, firestore_db, storage_client,
                                                                           upload, bridge):
-    answers = manual_object(storage_client, stack_env, {"upcfan-handler": "nope"}, lambda path: [
-        requests.post(stack_env["UPCFAN_INGEST_URL"], json=body, timeout=60)
-        for body in ({"gcs_path": path}, {"gcs_path": path, "handler": "nope"})])
-    for r in answers:
+    path = manual_object(storage_client, stack_env, {"upcfan-handler": "nope"})
+    for body in ({"gcs_path": path}, {"gcs_path": path, "handler": "nope"}):
+        r = operator.post(stack_env["UPCFAN_INGEST_URL"], json=body, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_handler", r.text
         assert "dry_run" in r.json()["error"]["message"] and "marketplace_draft" in r.json()["error"]["message"]
     # Dropped in the watched bucket: the event is answered 200 (a retry could not help) and makes no job.
@@ -233,8 +216,8 @@ def test_unknown_handler_is_refused_over_http_and_acknowledged_as_an_event(stack
     assert not firestore_db.collection(JOBS).document(job_id_for(bucket, name, generation)).get().exists
 
 
-def test_event_for_an_overwritten_generation_is_acknowledged_not_retried(stack_env):
+def test_event_for_an_overwritten_generation_is_acknowledged_not_retried(operator, stack_env):
     body = json.dumps({"bucket": stack_env["UPCFAN_BUCKET"], "name": "gone.txt", "generation": "1"}).encode()
-    r = requests.post(stack_env["UPCFAN_INGEST_URL"], data=body,
+    r = operator.post(stack_env["UPCFAN_INGEST_URL"], data=body,
                       headers=cloudevent_headers(stack_env["UPCFAN_BUCKET"], "gone.txt", "gone-1"), timeout=30)
     assert r.status_code == 200 and "gone.txt" in r.json()["ignored"]

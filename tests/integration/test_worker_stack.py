@@ -27,6 +27,7 @@ import requests
 
 from devstack.cloudtasks import client as ct
 from devstack.testing import (
+    operator_headers,
     bounce_component,
     component_alive,
     component_env,
@@ -105,7 +106,7 @@ def histories(item: dict) -> list[str]:
 def assert_accounted(api: str, db, job_id: str, lines: int) -> dict:
     """Issue 6 #7: succeeded + failed + cancelled + invalid + duplicate == lines, nothing pending,
     from the API's status and from the items themselves."""
-    status = requests.get(f"{api}/api/batch/status/{job_id}", timeout=30).json()
+    status = requests.get(f"{api}/api/batch/status/{job_id}", headers=operator_headers(), timeout=30).json()
     o = status["outcome"]
     assert o["pending"] == 0, status
     assert o["succeeded"] + o["failed"] + o["cancelled"] + o["invalid"] + o["duplicate"] == o["lines"] == lines, o
@@ -478,7 +479,7 @@ def test_cancel_mid_run_cancels_the_rest_and_loses_nothing(
             ran.append(g)
         poll(lambda: count_items_by_status(firestore_db, job_id)["succeeded"] == run_first, 30, 0.2,
              "the first items to succeed")
-        r = requests.post(f"{api}/api/batch/jobs/{job_id}/cancel", json={}, timeout=30)
+        r = requests.post(f"{api}/api/batch/jobs/{job_id}/cancel", json={}, headers=operator_headers(), timeout=30)
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
         assert r.json()["already_cancelled"] is False
         # A worker may use a job snapshot up to JOB_CACHE_TTL_S old: run one more task per poll tick

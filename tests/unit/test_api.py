@@ -207,14 +207,24 @@ def test_cancel_and_retry_map_conflicts_to_409(client, core):
     assert client.post("/api/batch/jobs/missing/cancel").status_code == 404
 
 
-def test_actor_from_header_or_id_token(client, core):
-    client.post("/api/batch/jobs/j1/cancel", headers={"X-Upcfan-Actor": "alice"})
-    assert core.calls[-1] == ("cancel", "j1", "alice")
-    claims = base64.urlsafe_b64encode(json.dumps({"email": "ops@example.com"}).encode()).decode().rstrip("=")
-    client.post("/api/batch/jobs/j1/retry-failed", headers={"Authorization": f"Bearer h.{claims}.s"})
+def _id_token(email: str) -> str:
+    claims = base64.urlsafe_b64encode(json.dumps({"email": email}).encode()).decode().rstrip("=")
+    return f"Bearer h.{claims}.s"
+
+
+def test_actor_is_the_verified_id_tokens_email_never_a_header(client, core):
+    """Issue 14, item 9: the audit actor came from `X-Upcfan-Actor`, which any caller could set."""
+    client.post("/api/batch/jobs/j1/retry-failed", headers={"Authorization": _id_token("ops@example.com")})
     assert core.calls[-1] == ("retry", "j1", "ops@example.com")
-    client.post("/api/batch/jobs/j1/cancel")
-    assert core.calls[-1] == ("cancel", "j1", "api")
+    client.post("/api/batch/jobs/j1/cancel", headers={"Authorization": _id_token("ops@example.com"),
+                                                      "X-Upcfan-Actor": "alice"})
+    assert core.calls[-1] == ("cancel", "j1", "ops@example.com")
+    # Cloud Run checks X-Serverless-Authorization when both are sent: that is the verified caller.
+    client.post("/api/batch/jobs/j1/cancel", headers={"X-Serverless-Authorization": _id_token("run@example.com"),
+                                                      "Authorization": _id_token("app@example.com")})
+    assert core.calls[-1] == ("cancel", "j1", "run@example.com")
+    client.post("/api/batch/jobs/j1/cancel", headers={"X-Upcfan-Actor": "alice"})
+    assert core.calls[-1] == ("cancel", "j1", "unauthenticated")
 
 
 def test_unknown_route_and_wrong_method(client, core):
