@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from shared import ingest
+from shared.config import settings
 from shared.exceptions import SourceObjectNotFoundError
 from shared.naming import job_id_for, plan_task_name_for
 from shared.payloads import PlanTask
@@ -60,7 +61,10 @@ def world(monkeypatch):
     monkeypatch.setattr(ingest.GcsObject, "stat", staticmethod(stat))
     monkeypatch.setattr(ingest, "create_task", create_task)
     monkeypatch.setattr(ingest, "default_store", lambda: store)
-    return store, obj, tasks
+    monkeypatch.setenv("UPCFAN_BUCKET", obj.bucket)  # the watched bucket: jobs come only from allowed buckets
+    settings.cache_clear()
+    yield store, obj, tasks
+    settings.cache_clear()
 
 
 def test_submit_creates_the_job_and_its_one_plan_task_and_reads_no_byte(world):
