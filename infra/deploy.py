@@ -54,6 +54,7 @@ MODULE_DISTS = {
     "slack_sdk": "slack-sdk",
     "tenacity": "tenacity",
     "pydantic": "pydantic",
+    "pydantic_settings": "pydantic-settings",
     "aiohttp": "aiohttp",
     "dotenv": "python-dotenv",
 }

@@ -3,7 +3,6 @@ commit and the outbox; the flag is the cooldown; a job that moved is left alone;
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -20,7 +19,7 @@ from shared.sweeper.rules.base import IndexSpec, Query, Rule, Where
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MIN = dt.timedelta(minutes=1)
-CFG = dataclasses.replace(load_settings(), stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
+CFG = load_settings().replace(stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
                           ingesting_stall_minutes=15, lease_overrun_minutes=10, alert_cooldown_minutes=60,
                           systemic_threshold=3)
 REPO = Path(__file__).resolve().parents[2]
