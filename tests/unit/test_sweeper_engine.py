@@ -172,9 +172,16 @@ def test_store_unavailable_during_the_scan(mem, monkeypatch):
         sweep(mem, T0)
 
 
-def test_no_webhook_marks_records_not_configured(mem):
+def test_no_webhook_leaves_alerts_pending_for_the_next_sweep(mem, posts):
+    """Issue 14, defect 10: `upcfan sweep` without the webhook retired pending alerts as "not configured"
+    after setting their cooldown, so they were never sent. Now they stay pending and a sweep with the
+    webhook posts them."""
     _job(mem, "j1", last_progress_at=T0 - 20 * MIN)
     r = sweep(mem, T0, url="")
-    assert r.flagged == 1 and r.alerted == 0
+    assert r.flagged == 1 and r.alerted == 0 and r.alerts_held == 1
     [record] = mem.collection(STALL_EVENTS).values()
-    assert record["notify_state"] == "not_configured" and record["notified"] is False
+    assert record["notify_state"] == "pending" and record["notified"] is False
+    r = sweep(mem, T0 + MIN)
+    assert r.retried == 1 and r.alerts_held == 0
+    [record] = mem.collection(STALL_EVENTS).values()
+    assert record["notify_state"] == "sent"
