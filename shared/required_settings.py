@@ -73,6 +73,16 @@ MARKETPLACE_KEY = Requirement("UPCFAN_MARKETPLACE_API_KEY", "the marketplace's b
 SLACK_WEBHOOK = Requirement("UPCFAN_SLACK_WEBHOOK_URL", "stall alerts and job notes go to Slack, secret "
                             "upcfan-slack-webhook")
 
+# Where a queue has a default name, a function (deployed with the names) needs none; an operator's CLI
+# talking to production must use the deployed names and shard count, or its tasks would go to queues
+# (or shards) nothing dispatches, under names that no longer deduplicate.
+ITEM_QUEUE_NAME = Requirement("UPCFAN_ITEM_QUEUE_NAME", "the deployed item queue", in_production,
+                              "in production")
+ITEM_QUEUE_SHARDS = Requirement("UPCFAN_ITEM_QUEUE_SHARDS", "item tasks are spread over the deployed shards",
+                                in_production, "in production")
+CONTROL_QUEUE_NAME = Requirement("UPCFAN_CONTROL_QUEUE_NAME", "the deployed control queue", in_production,
+                                 "in production")
+
 # function -> what it cannot start without. tests/unit/test_required_settings.py checks that deploy's
 # env and mounted secrets (infra/deploy.py) satisfy every row.
 FUNCTION_SETTINGS: dict[str, tuple[Requirement, ...]] = {

@@ -25,12 +25,13 @@ def deployed_env(function: str, default_handler: str = "marketplace_draft") -> d
 
 
 @contextmanager
-def environment(env: dict[str, str], drop: tuple[str, ...] = EMULATOR_HOSTS):
-    """os.environ with `env` set and `drop` removed, restored after; settings re-read on both sides."""
+def environment(env: dict[str, str], drop: tuple[str, ...] = ()):
+    """os.environ with `env` set, the emulator hosts and `drop` removed, restored after; settings re-read
+    on both sides."""
     from shared.clients import reset_clients
 
     saved = dict(os.environ)
-    for var in drop:
+    for var in (*EMULATOR_HOSTS, *drop):
         os.environ.pop(var, None)
     os.environ.update(env)
     reset_clients()
