@@ -118,7 +118,7 @@ def require_settings(function: str, env: Mapping[str, str] | None = None) -> Set
     gaps = missing(FUNCTION_SETTINGS[function], s, env)
     if gaps:
         message = (f"{function} cannot start: missing {describe_missing(gaps)}. scripts/deploy sets these "
-                   f"(docs/operations.md, \"Settings\")")
+                   f"(docs/operations.md, \"Settings each function requires\")")
         log_event("settings_missing", severity="CRITICAL", function=function,
                   missing=[r.variable for r in gaps], error=message)
         raise SettingsError(message, code="settings_missing",

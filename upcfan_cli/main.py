@@ -39,7 +39,7 @@ Exit codes (stable, for scripts):
 
   0  ok; for status/--watch: job completed (or still running without --watch)
 
-  1  usage error or unexpected error
+  1  usage error, incomplete or invalid settings (named), or unexpected error
 
   2  job (or source file) not found
 
