@@ -16,7 +16,6 @@ before and after: other processes on the machine change the times a lot; run it 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -179,7 +178,7 @@ def main() -> int:
 
         project = f"demo-sweepbench-{uuid.uuid4().hex[:8]}"
         db = firestore.Client(project=project)
-        cfg = dataclasses.replace(load_settings(), project=project, stall_minutes=15, stall_critical_minutes=60,
+        cfg = load_settings().replace(project=project, stall_minutes=15, stall_critical_minutes=60,
                                   queued_stall_minutes=30, alert_cooldown_minutes=60, systemic_threshold=3)
         sink = Sink()
         seed_s = seed(db, args.jobs, args.stalled, args.items_per_stalled)

@@ -54,6 +54,7 @@ MODULE_DISTS = {
     "slack_sdk": "slack-sdk",
     "tenacity": "tenacity",
     "pydantic": "pydantic",
+    "pydantic_settings": "pydantic-settings",
     "aiohttp": "aiohttp",
     "dotenv": "python-dotenv",
 }
@@ -221,6 +222,35 @@ def env_vars(d: model.Desired, marketplace_url: str, default_handler: str) -> di
     return env
 
 
+def deployment_profile(d: model.Desired, env: dict[str, str]) -> dict[str, str]:
+    """What `upcfan --project P` needs of this deployment (shared/profiles.py): the functions' shared env
+    (project, region, queues and shards, bucket, URLs, task service account, default handler,
+    marketplace URL), the api's and sweeper's URLs, and the Slack webhook's secret by name. Never a
+    secret's value."""
+    from shared.profiles import SLACK_SECRET_ENV
+
+    return {**env, "UPCFAN_API_URL": d.function_url("api"), "UPCFAN_SWEEPER_URL": d.function_url("sweeper"),
+            SLACK_SECRET_ENV: d.secret_path(model.SLACK_SECRET)}
+
+
+def write_profile(d: model.Desired, env: dict[str, str], dry_run: bool) -> Path:
+    """Writes the deployment's profile (mode 0600: it names accounts and URLs, no secrets); in a dry run
+    prints where it would write and what."""
+    from shared.envfile import write_env_file
+    from shared.profiles import profile_path
+
+    path = profile_path(d.project)
+    values = deployment_profile(d, env)
+    if dry_run:
+        print(f"profile (dry run: not written) {path}, for upcfan --project {d.project}:", flush=True)
+        print("\n".join(f"  {k}={v}" for k, v in values.items()), flush=True)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_env_file(path, values, mode=0o600)
+    print(f"profile written: {path} (upcfan --project {d.project} reads it)", flush=True)
+    return path
+
+
 def _env_flag(env: dict[str, str]) -> str:
     body = ",".join(f"{k}={v}" for k, v in env.items())
     if "," in "".join(env.values()):  # gcloud alternate delimiter syntax
@@ -348,6 +378,8 @@ def main(argv=None) -> int:
     if not args.skip_infra:
         # invokers on the now-existing services, the scheduler job and the Eventarc trigger
         run(infra_cmd("apply", d, before_deploy=False), "infra apply (after deploy)")
+    # Last, once everything it describes exists: the operator's CLI reads it (upcfan --project).
+    write_profile(d, env, args.dry_run)
     return 0
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.exceptions import UpcfanError
 
 
 @dataclass(frozen=True)
@@ -71,67 +76,139 @@ def parse_bool(raw: object) -> bool:
     return str(raw).strip().lower() in _TRUTHY
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return parse_bool(raw)
+class SettingsError(UpcfanError):
+    """The environment's settings are invalid or incomplete; the message names each variable."""
+
+    code = "bad_settings"
+    http_status = 500
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return float(raw) if raw not in (None, "") else default
+# Deprecated spellings of the default handler: no longer read. Named in the error that asks for
+# UPCFAN_DEFAULT_HANDLER, so a deployment still setting them learns what replaced them.
+DEPRECATED_DEFAULT_FLAGS = ("UPCFAN_DEFAULT_TEST_MODE", "UPCFAN_DEFAULT_CREATE_DRAFTS")
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return int(raw) if raw not in (None, "") else default
+def _env(name: str, default: Any = ..., *, repr: bool = True, **constraints: Any) -> Any:
+    """A field read from exactly the variable `name` (the variable names are the interface)."""
+    return Field(default, validation_alias=name, repr=repr, **constraints)
 
 
-@dataclass(frozen=True)
-class Settings:
-    project: str
-    location: str
-    item_queue: str
-    control_queue: str
-    item_queue_shards: int
-    ingest_url: str
-    worker_url: str
-    marketplace_url: str
+def _url(raw: object) -> object:
+    return raw.strip().rstrip("/") if isinstance(raw, str) else raw
+
+
+def _stripped(raw: object) -> object:
+    return raw.strip() if isinstance(raw, str) else raw
+
+
+def _comma_list(raw: object) -> object:
+    return tuple(part.strip() for part in raw.split(",") if part.strip()) if isinstance(raw, str) else raw
+
+
+Url = Annotated[str, BeforeValidator(_url)]
+CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)]
+Text = Annotated[str, BeforeValidator(_stripped)]
+Flag = Annotated[bool, BeforeValidator(parse_bool)]  # parse_bool's reading, never pydantic's stricter one
+Count = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(gt=0)]
+Minutes = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Every setting, read once from the environment and validated (pydantic-settings).
+
+    A bad value fails here with the variable's name (`load_settings` raises `SettingsError`);
+    which settings a function or CLI command cannot run without is `shared/required_settings.py`."""
+
+    # Only the process environment (a profile or stack.env is loaded into it first); an empty
+    # variable counts as unset, as it always has.
+    model_config = SettingsConfigDict(frozen=True, case_sensitive=True, env_ignore_empty=True,
+                                      populate_by_name=True, extra="ignore")
+
+    project: Text = Field("demo-upcfan", validation_alias=AliasChoices("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT"))
+    location: Text = _env("UPCFAN_LOCATION", "us-central1")
+    item_queue: Text = _env("UPCFAN_ITEM_QUEUE_NAME", ITEM_QUEUE.name, min_length=1)
+    control_queue: Text = _env("UPCFAN_CONTROL_QUEUE_NAME", CONTROL_QUEUE.name, min_length=1)
+    item_queue_shards: Count = _env("UPCFAN_ITEM_QUEUE_SHARDS", 1)
+    ingest_url: Url = _env("UPCFAN_INGEST_URL", "")
+    worker_url: Url = _env("UPCFAN_WORKER_URL", "")
+    marketplace_url: Url = _env("UPCFAN_MARKETPLACE_URL", "")
     # Bearer token sent on every marketplace call (a Secret Manager secret in production, the local
     # stack's .local/secrets.env locally); never logged, and left out of the repr.
-    marketplace_api_key: str = field(repr=False)
-    slack_webhook_url: str
-    bucket: str
+    marketplace_api_key: Text = _env("UPCFAN_MARKETPLACE_API_KEY", "", repr=False)
+    # A secret too (the webhook URL is the credential).
+    slack_webhook_url: Text = _env("UPCFAN_SLACK_WEBHOOK_URL", "", repr=False)
+    bucket: Text = _env("UPCFAN_BUCKET", "")
     # Further buckets a file may be submitted from (POST /api/batch/process, the ingest HTTP trigger)
     # without being watched (UPCFAN_SUBMIT_BUCKETS, comma list). Every other bucket is refused.
-    submit_buckets: tuple[str, ...]
-    # The handler a job runs when neither its request nor its object's metadata chooses one
-    # (UPCFAN_DEFAULT_HANDLER). Unset, the deprecated boolean defaults below choose, as before names.
-    default_handler: str | None
-    default_create_drafts: bool
-    default_test_mode: bool
-    # Oidc service account used on task dispatch in production; empty locally.
-    task_service_account: str
+    submit_buckets: CommaList = _env("UPCFAN_SUBMIT_BUCKETS", ())
+    # The handler a job runs when neither its request nor its object's metadata chooses one: the
+    # mode of dropped files (dry run or live), a deploy decision. Unset, nothing chooses for it:
+    # ingest and api refuse to start (shared/required_settings.py) and a choice that needs it fails.
+    default_handler: Text | None = _env("UPCFAN_DEFAULT_HANDLER", None)
+    # OIDC service account used on task dispatch in production; empty locally.
+    task_service_account: Text = _env("UPCFAN_TASK_SERVICE_ACCOUNT", "")
     # Ingest
-    chunk_bytes: int
-    max_lines: int
-    fanout_threads: int  # concurrent CreateTask calls per process (shared by its chunks)
+    chunk_bytes: Count = _env("UPCFAN_CHUNK_BYTES", 256 * 1024)
+    max_lines: Count = _env("UPCFAN_MAX_LINES", 2_000_000)
+    fanout_threads: Count = _env("UPCFAN_FANOUT_THREADS", 32)  # concurrent CreateTask calls per process
     # Worker
-    lease_s: float
-    heartbeat_s: float
-    item_max_attempts: int
-    progress_check_s: float
+    lease_s: Seconds = _env("UPCFAN_LEASE_S", 60.0)
+    heartbeat_s: Seconds = _env("UPCFAN_HEARTBEAT_S", 15.0)
+    item_max_attempts: Count = _env("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts)
+    progress_check_s: Seconds = _env("UPCFAN_PROGRESS_CHECK_S", 5.0)
     # Sweeper
-    stall_minutes: float
-    stall_critical_minutes: float
-    ingesting_stall_minutes: float
-    queued_stall_minutes: float
-    lease_overrun_minutes: float
-    alert_cooldown_minutes: float
-    systemic_threshold: int
+    stall_minutes: Minutes = _env("UPCFAN_STALL_MINUTES", 15.0)
+    stall_critical_minutes: Minutes = _env("UPCFAN_STALL_CRITICAL_MINUTES", 60.0)
+    ingesting_stall_minutes: Minutes = _env("UPCFAN_INGESTING_STALL_MINUTES", 15.0)
+    queued_stall_minutes: Minutes = _env("UPCFAN_QUEUED_STALL_MINUTES", 30.0)
+    lease_overrun_minutes: Minutes = _env("UPCFAN_LEASE_OVERRUN_MINUTES", 10.0)
+    alert_cooldown_minutes: Minutes = _env("UPCFAN_ALERT_COOLDOWN_MINUTES", 60.0)
+    systemic_threshold: Count = _env("UPCFAN_SYSTEMIC_THRESHOLD", 3)
     # Operator
-    max_retry_rounds: int
+    max_retry_rounds: Count = _env("UPCFAN_MAX_RETRY_ROUNDS", 3)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings)
+
+    @field_validator("default_handler")
+    @classmethod
+    def _known_handler(cls, name: str | None) -> str | None:
+        if not name:
+            return None
+        from shared.handlers.registry import known_handler_names  # lazy: the handlers read settings
+
+        if name not in known_handler_names():
+            raise ValueError(f"unknown handler {name!r}; known handlers: {', '.join(known_handler_names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        # A heartbeat must renew the lease before it runs out, or a live item looks abandoned.
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(f"UPCFAN_HEARTBEAT_S ({self.heartbeat_s:g}) must be less than UPCFAN_LEASE_S "
+                             f"({self.lease_s:g})")
+        if self.stall_critical_minutes < self.stall_minutes:
+            raise ValueError(f"UPCFAN_STALL_CRITICAL_MINUTES ({self.stall_critical_minutes:g}) must be at least "
+                             f"UPCFAN_STALL_MINUTES ({self.stall_minutes:g})")
+        return self
+
+    @classmethod
+    def variable(cls, field_name: str) -> str:
+        """The environment variable a field is read from."""
+        alias = cls.model_fields[field_name].validation_alias
+        return alias.choices[0] if isinstance(alias, AliasChoices) else str(alias)
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A validated copy with some fields changed (by field name), for tests and tools."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @property
+    def mode(self) -> str:
+        """The mode of dropped files, as `/health` and `upcfan status` show it."""
+        return handler_mode(self.default_handler)
 
     @property
     def allowed_buckets(self) -> tuple[str, ...]:
@@ -150,42 +227,38 @@ class Settings:
         return self.queue_path(self.control_queue)
 
 
+def handler_mode(name: str | None) -> str:
+    """`live`, `dry_run` or `unset`: what dropped files do when nothing else names a handler."""
+    if not name:
+        return "unset"
+    return "dry_run" if name == "dry_run" else "live"
+
+
+def _describe_error(err: dict) -> str:
+    loc = err.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    if field in Settings.model_fields:
+        field = Settings.variable(field)
+    message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if not field:  # a rule across fields: its message names the variables
+        return message
+    raw = err.get("input")
+    shown = "" if field in _SECRET_VARS or isinstance(raw, dict) or raw is None else f"={raw}"
+    return f"{field}{shown}: {message}"
+
+
+_SECRET_VARS = frozenset({"UPCFAN_MARKETPLACE_API_KEY", "UPCFAN_SLACK_WEBHOOK_URL"})
+
+
 def load_settings() -> Settings:
-    """Read settings from the environment (a fresh read; use `settings()` for the cached one)."""
-    project = os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GCLOUD_PROJECT") or "demo-upcfan"
-    return Settings(
-        project=project,
-        location=os.environ.get("UPCFAN_LOCATION", "us-central1"),
-        item_queue=os.environ.get("UPCFAN_ITEM_QUEUE_NAME", ITEM_QUEUE.name),
-        control_queue=os.environ.get("UPCFAN_CONTROL_QUEUE_NAME", CONTROL_QUEUE.name),
-        item_queue_shards=_env_int("UPCFAN_ITEM_QUEUE_SHARDS", 1),
-        ingest_url=os.environ.get("UPCFAN_INGEST_URL", "").rstrip("/"),
-        worker_url=os.environ.get("UPCFAN_WORKER_URL", "").rstrip("/"),
-        marketplace_url=os.environ.get("UPCFAN_MARKETPLACE_URL", "").rstrip("/"),
-        marketplace_api_key=os.environ.get("UPCFAN_MARKETPLACE_API_KEY", "").strip(),
-        slack_webhook_url=os.environ.get("UPCFAN_SLACK_WEBHOOK_URL", ""),
-        bucket=os.environ.get("UPCFAN_BUCKET", ""),
-        submit_buckets=tuple(b.strip() for b in os.environ.get("UPCFAN_SUBMIT_BUCKETS", "").split(",") if b.strip()),
-        default_handler=os.environ.get("UPCFAN_DEFAULT_HANDLER", "").strip() or None,
-        default_create_drafts=_env_bool("UPCFAN_DEFAULT_CREATE_DRAFTS", False),
-        default_test_mode=_env_bool("UPCFAN_DEFAULT_TEST_MODE", True),
-        task_service_account=os.environ.get("UPCFAN_TASK_SERVICE_ACCOUNT", ""),
-        chunk_bytes=_env_int("UPCFAN_CHUNK_BYTES", 256 * 1024),
-        max_lines=_env_int("UPCFAN_MAX_LINES", 2_000_000),
-        fanout_threads=_env_int("UPCFAN_FANOUT_THREADS", 32),
-        lease_s=_env_float("UPCFAN_LEASE_S", 60.0),
-        heartbeat_s=_env_float("UPCFAN_HEARTBEAT_S", 15.0),
-        item_max_attempts=_env_int("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts),
-        progress_check_s=_env_float("UPCFAN_PROGRESS_CHECK_S", 5.0),
-        stall_minutes=_env_float("UPCFAN_STALL_MINUTES", 15.0),
-        stall_critical_minutes=_env_float("UPCFAN_STALL_CRITICAL_MINUTES", 60.0),
-        ingesting_stall_minutes=_env_float("UPCFAN_INGESTING_STALL_MINUTES", 15.0),
-        queued_stall_minutes=_env_float("UPCFAN_QUEUED_STALL_MINUTES", 30.0),
-        lease_overrun_minutes=_env_float("UPCFAN_LEASE_OVERRUN_MINUTES", 10.0),
-        alert_cooldown_minutes=_env_float("UPCFAN_ALERT_COOLDOWN_MINUTES", 60.0),
-        systemic_threshold=_env_int("UPCFAN_SYSTEMIC_THRESHOLD", 3),
-        max_retry_rounds=_env_int("UPCFAN_MAX_RETRY_ROUNDS", 3),
-    )
+    """Read and validate settings from the environment (a fresh read; use `settings()` for the cached
+    one). Raises `SettingsError` naming every bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [_describe_error(e) for e in exc.errors()]
+        raise SettingsError("invalid settings: " + "; ".join(problems), code="bad_settings",
+                            details={"problems": problems}) from None
 
 
 @lru_cache(maxsize=1)

@@ -371,6 +371,13 @@ def submit(request: ProcessFileRequest, source: str = "http"):
                              source=source)
 
 
+def dropped_file_mode() -> dict[str, str | None]:
+    """What a dropped file runs when neither its request nor its metadata names a handler: `mode` is
+    live or dry_run (unset only outside a started function), `default_handler` the handler's name."""
+    s = settings()
+    return {"mode": s.mode, "default_handler": s.default_handler}
+
+
 def health(timeout_s: float = 5.0) -> tuple[bool, dict[str, str]]:
     """Firestore reachable (one cheap get) and the item queue reachable; (ok, {part: "ok" | reason})."""
     from shared.clients import tasks_client

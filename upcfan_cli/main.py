@@ -24,6 +24,8 @@ from typer.core import TyperGroup
 from shared.durations import format_duration
 from shared.envfile import load_env_file
 from shared.exceptions import ConflictError, NotFoundError, UpcfanError
+from shared.required_settings import (BUCKET, CONTROL_QUEUE_NAME, INGEST_URL, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS,
+                                      LOCATION, PROJECT, TASK_SA, WORKER_URL)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -37,7 +39,7 @@ Exit codes (stable, for scripts):
 
   0  ok; for status/--watch: job completed (or still running without --watch)
 
-  1  usage error or unexpected error
+  1  usage error, incomplete or invalid settings (named), or unexpected error
 
   2  job (or source file) not found
 
@@ -47,6 +49,21 @@ Exit codes (stable, for scripts):
 
   5  job failed or was cancelled
 """
+
+# What each command cannot run without (shared/required_settings.py for the functions' own table): it
+# refuses with exit 1 before touching anything, naming the variables. A task created without the
+# deployed URL, account and queues would be a half-enqueued round (issue 14, defect 10).
+COMMAND_SETTINGS = {
+    "status": (PROJECT,),
+    "jobs": (PROJECT,),
+    "items": (PROJECT,),
+    "cancel": (PROJECT,),
+    "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, CONTROL_QUEUE_NAME),
+    "submit gs://": (PROJECT, LOCATION, INGEST_URL, TASK_SA, CONTROL_QUEUE_NAME),
+    "submit FILE": (PROJECT, BUCKET),
+    # and the Slack webhook, or its secret, or --no-alerts (see `sweep`)
+    "sweep": (PROJECT,),
+}
 
 DEFAULT_ENV_FILE = Path(".local/stack.env")
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,31 +122,82 @@ def _default_env_file() -> Path | None:
     return None
 
 
+# Where this run's settings came from, named when a command refuses for want of one.
+_source = "the environment"
+_hint = ""
+
+
 @app.callback()
 def _configure(
     env_file: Optional[Path] = typer.Option(
         None, "--env-file", envvar="UPCFAN_ENV_FILE",
         help="KEY=value settings to use (default: .local/stack.env of the local stack, unless --project)."),
     project: Optional[str] = typer.Option(
-        None, "--project", help="Production project id: use real services (env/ADC), not the local stack."),
+        None, "--project",
+        help="Production project id: real services (ambient credentials) with the profile scripts/deploy wrote "
+             "for it (UPCFAN_CONFIG_DIR/profiles/PROJECT.env, default ~/.config/upcfan/profiles/)."),
+    profile: Optional[Path] = typer.Option(
+        None, "--profile", help="A deployment profile written by scripts/deploy (instead of --project's default)."),
 ) -> None:
-    if env_file is not None:
+    global _source, _hint
+    from shared.profiles import profile_path
+
+    if profile is not None and env_file is not None:
+        raise typer.BadParameter("give either --profile or --env-file", param_hint="--profile")
+    deploy_hint = f"scripts/deploy --project {project or 'PROJECT'} ... writes a deployment's profile"
+    if profile is not None:
+        if not profile.is_file():
+            raise typer.BadParameter(f"{profile} does not exist ({deploy_hint})", param_hint="--profile")
+        loaded = load_env_file(profile)
+        _source, _hint = f"profile {profile}", f"{deploy_hint}; or add them to {profile}"
+    elif env_file is not None:
         if not env_file.is_file():
             raise typer.BadParameter(f"{env_file} does not exist", param_hint="--env-file")
-        load_env_file(env_file)
-    elif project is None:
+        loaded = load_env_file(env_file)
+        _source, _hint = f"--env-file {env_file}", f"add them to {env_file}"
+    elif project is not None:
+        try:
+            path = profile_path(project)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--project") from None
+        loaded = load_env_file(path) if path.is_file() else {}
+        _source = f"profile {path}" if loaded else f"--project {project} (no profile at {path})"
+        _hint = f"{deploy_hint} to {path} (or give --profile FILE)"
+    else:
         found = _default_env_file()
-        if found is not None:
-            load_env_file(found)
+        loaded = load_env_file(found) if found is not None else {}
+        _source = str(found) if found else "the environment (no .local/stack.env: is the local stack up?)"
+        _hint = "start the local stack (scripts/dev up writes .local/stack.env), or give --project or --profile"
     if project:
+        named = loaded.get("GOOGLE_CLOUD_PROJECT")
+        if named and named != project:
+            raise typer.BadParameter(f"{_source} is the profile of project {named}, not {project}",
+                                     param_hint="--project")
         os.environ["GOOGLE_CLOUD_PROJECT"] = project
     from shared.clients import reset_clients
 
     reset_clients()
 
 
+def _require(command: str) -> Any:
+    """The validated settings, when they hold everything `command` needs (COMMAND_SETTINGS); else exit 1
+    naming what is missing, where the settings came from and how to get them, before anything is touched."""
+    from shared.config import SettingsError, settings
+    from shared.required_settings import describe_missing, missing
+
+    try:
+        s = settings()
+    except SettingsError as exc:
+        raise _fail(EXIT_ERROR, f"{command}: {exc.message} (settings from {_source})") from None
+    gaps = missing(COMMAND_SETTINGS[command], s)
+    if gaps:
+        raise _fail(EXIT_ERROR, f"{command} needs settings that {_source} does not have: {describe_missing(gaps)}. "
+                                f"{_hint}.")
+    return s
+
+
 def _fail(code: int, message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # paths stay whole
     return typer.Exit(code)
 
 
@@ -235,9 +303,24 @@ def watch_job(job_id: str, interval: float, timeout_s: float | None = None) -> d
     return view
 
 
-def _finish(view: dict[str, Any], as_json: bool) -> None:
+def _dropped_files() -> dict[str, Any]:
+    from shared.operations import dropped_file_mode
+
+    return dropped_file_mode()
+
+
+def _mode_line() -> str:
+    """What dropped files run in this deployment (issue 14, defect 9: production quietly ran dry)."""
+    mode = _dropped_files()
+    if mode["mode"] == "unset":
+        return f"dropped files: mode unknown (UPCFAN_DEFAULT_HANDLER is not in {_source})"
+    what = "LIVE" if mode["mode"] == "live" else "DRY RUN"
+    return f"dropped files: {what} (default handler {mode['default_handler']})"
+
+
+def _finish(view: dict[str, Any], as_json: bool, with_mode: bool = False) -> None:
     if as_json:
-        _print_json(view)
+        _print_json({**view, "dropped_files": _dropped_files()} if with_mode else view)
     else:
         console.print(render_summary(view))
     raise typer.Exit(exit_code_for(view.get("status")))
@@ -255,6 +338,9 @@ def status(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="stop watching after this many seconds"),
 ) -> None:
     """Show a job's progress; exit code follows the job (0 completed/running, 4 failures, 5 failed/cancelled)."""
+    _require("status")
+    if not as_json:
+        console.print(_mode_line(), highlight=False)
     if watch and not as_json:
         view = watch_job(job_id, interval, timeout)
     elif watch:
@@ -267,7 +353,7 @@ def status(
         view = _call(_ops().get_job_status, job_id)
         if not as_json:
             console.print(render_status(view))
-    _finish(view, as_json)
+    _finish(view, as_json, with_mode=True)
 
 
 @app.command()
@@ -279,6 +365,7 @@ def jobs(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs, newest first."""
+    _require("jobs")
     page = _call(_ops().list_jobs, limit=limit, status=status_filter, gcs_path=gcs_path, cursor=cursor)
     if as_json:
         _print_json(page)
@@ -322,6 +409,7 @@ def items(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List a job's items (failed ones with their errors) or its invalid/duplicate lines."""
+    _require("items")
     rows: list[dict[str, Any]] = []
     cursor = None
     kind = "items"
@@ -355,6 +443,7 @@ def items(
 @app.command()
 def cancel(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
     """Cancel a running job (idempotent). Remaining tasks drain as no-ops; refused (3) for finished jobs."""
+    _require("cancel")
     out = _call(_ops().cancel_job, job_id, _actor())
     if as_json:
         _print_json(out)
@@ -372,6 +461,7 @@ def retry_failed(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run only the failed items of a finished job in a new round (bounded; refused with 3 otherwise)."""
+    _require("retry-failed")
     out = _call(_ops().retry_failed, job_id, _actor())
     if as_json and not watch:
         _print_json(out)
@@ -399,6 +489,7 @@ def submit(
 ) -> None:
     """Start a job: a local file is uploaded (the bucket's finalize event starts it); gs:// is submitted."""
     handler_options = {"handler": handler, "create_drafts": create_drafts, "test_mode": test_mode}
+    _require("submit gs://" if path.startswith("gs://") else "submit FILE")
     if path.startswith("gs://"):
         request = _call(_process_request, path, handler_options)
         result = _call(_ops().submit, request, source="cli")
@@ -427,10 +518,7 @@ def _upload_and_wait(path: Path, handler_options: dict[str, Any], wait_s: float)
 
     if not path.is_file():
         raise _fail(EXIT_ERROR, f"{path} is not a file (give a local file or gs://bucket/object)")
-    bucket_name = settings().bucket
-    if not bucket_name:
-        raise _fail(EXIT_ERROR, "UPCFAN_BUCKET is not set (start the local stack with scripts/dev up, or pass "
-                                "--env-file)")
+    bucket_name = settings().bucket  # required by COMMAND_SETTINGS["submit FILE"]
     # The upload's finalize event starts the job, so the request travels as object metadata.
     request = _call(_process_request, f"gs://{bucket_name}/{path.name}", handler_options)
     metadata = request.handler_choice.as_metadata()
@@ -454,11 +542,19 @@ def _upload_and_wait(path: Path, handler_options: dict[str, Any], wait_s: float)
 
 
 @app.command()
-def sweep(as_json: bool = typer.Option(False, "--json")) -> None:
+def sweep(
+    as_json: bool = typer.Option(False, "--json"),
+    no_alerts: bool = typer.Option(
+        False, "--no-alerts", help="flag stalls but post nothing: alerts stay pending for the scheduled sweeper "
+                                   "(for when this account cannot read the Slack webhook secret)"),
+) -> None:
     """Run one sweep now: flag and alert stalls (it never fixes or re-runs anything) and print the report."""
     from shared.sweeper import run_sweep
 
-    report = _call(run_sweep)
+    _require("sweep")
+    # "" posts nothing and retires nothing: the alerts stay pending for the next sweep with a webhook.
+    webhook = "" if no_alerts else _slack_webhook()
+    report = _call(run_sweep, webhook_url=webhook)
     data = report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
     if as_json:
         _print_json(data)
@@ -472,6 +568,38 @@ def sweep(as_json: bool = typer.Option(False, "--json")) -> None:
     console.print(table)
     for finding in data.get("findings") or []:
         console.print(finding)
+
+
+def _slack_webhook() -> str:
+    """The webhook: UPCFAN_SLACK_WEBHOOK_URL (the local stack's stack.env has it), else the secret the profile
+    names (UPCFAN_SLACK_WEBHOOK_SECRET), read with Secret Manager's client as the operator; else refuse."""
+    from shared.config import settings
+    from shared.profiles import SLACK_SECRET_ENV
+
+    url = settings().slack_webhook_url
+    if url:
+        return url
+    secret = os.environ.get(SLACK_SECRET_ENV, "").strip()
+    if not secret:
+        raise _fail(EXIT_ERROR, f"sweep posts stall alerts, and {_source} has neither UPCFAN_SLACK_WEBHOOK_URL nor "
+                                f"{SLACK_SECRET_ENV} (the secret holding it). {_hint}; or run `upcfan sweep "
+                                "--no-alerts` to flag stalls and leave their alerts pending for the scheduled sweeper.")
+    try:
+        return read_secret(secret)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same refusal
+        raise _fail(EXIT_ERROR, f"sweep cannot read the Slack webhook from secret {secret}: {type(exc).__name__}: "
+                                f"{str(exc)[:300]}. Your account needs roles/secretmanager.secretAccessor on it; or "
+                                "run `upcfan sweep --no-alerts` to leave the alerts pending for the scheduled "
+                                "sweeper.") from None
+
+
+def read_secret(secret: str) -> str:
+    """The latest version of a Secret Manager secret (projects/P/secrets/ID), with the ambient credentials."""
+    from google.cloud import secretmanager
+
+    client = secretmanager.SecretManagerServiceClient()
+    response = client.access_secret_version(name=f"{secret}/versions/latest", timeout=30)
+    return response.payload.data.decode("utf-8").strip()
 
 
 def main() -> None:  # pragma: no cover - `python -m upcfan_cli.main`

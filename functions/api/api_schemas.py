@@ -79,7 +79,8 @@ def openapi_spec() -> dict[str, Any]:
                                 "There is no 'recover' operation: nothing re-runs by itself."},
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": {
-                "200": _resp("Firestore and the item queue are reachable"), **_errors(503)}}},
+                "200": _resp("Firestore and the item queue are reachable; mode (live or dry_run) and "
+                              "default_handler say what dropped files run"), **_errors(503)}}},
             "/openapi.json": {"get": {"operationId": "openapi", "responses": {"200": _resp("this document")}}},
             "/api/batch/process": {"post": {
                 "operationId": "process",

@@ -15,6 +15,7 @@ from werkzeug.routing import Map, Rule
 
 from shared.exceptions import UpcfanError
 from shared.log import log_event, setup_logging
+from shared.required_settings import require_settings
 
 try:  # deployed: this directory is the function's source root
     import api_schemas as schemas
@@ -22,6 +23,7 @@ except ImportError:  # pragma: no cover - imported as a package (tests, tools)
     from functions.api import api_schemas as schemas
 
 setup_logging()
+require_settings("api")  # a missing or bad setting stops the start, naming it
 
 _URLS = Map(
     [
@@ -80,10 +82,11 @@ def _ops():
 
 def health(request: Request) -> Response:
     ok, parts = _ops().health()
+    mode = _ops().dropped_file_mode()  # live or dry_run, and the default handler (issue 14, defect 9)
     if ok:
-        return _json({"status": "ok", "checks": parts})
+        return _json({"status": "ok", "checks": parts, **mode})
     failing = ", ".join(f"{k} {v}" for k, v in parts.items() if v != "ok")
-    return _json({"status": "unavailable", "checks": parts,
+    return _json({"status": "unavailable", "checks": parts, **mode,
                   "error": {"code": "unhealthy", "message": f"not healthy: {failing}"}}, 503)
 
 

@@ -7,8 +7,10 @@ from flask import Request, jsonify
 
 from shared.exceptions import BadRequestError, SourceObjectNotFoundError, UpcfanError
 from shared.log import log_event, setup_logging
+from shared.required_settings import require_settings
 
 setup_logging()
+require_settings("ingest")  # a missing or bad setting stops the start, naming it
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 

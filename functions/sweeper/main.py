@@ -5,8 +5,10 @@ from flask import Request, jsonify
 
 from shared.exceptions import StoreUnavailableError
 from shared.log import log_event, setup_logging
+from shared.required_settings import require_settings
 
 setup_logging()
+require_settings("sweeper")  # a missing or bad setting stops the start, naming it
 
 
 @functions_framework.http

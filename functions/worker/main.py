@@ -6,8 +6,10 @@ import functions_framework
 from flask import Request, jsonify
 
 from shared.log import log_event, setup_logging
+from shared.required_settings import require_settings
 
 setup_logging()
+require_settings("worker")  # a missing or bad setting stops the start, naming it
 
 
 def _json_error(status: int, code: str, message: str):

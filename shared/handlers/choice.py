@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from shared.config import parse_bool, settings
+from shared.config import DEPRECATED_DEFAULT_FLAGS, SettingsError, parse_bool, settings
 from shared.handlers.dry_run import DryRunHandler
 from shared.handlers.marketplace_draft import MarketplaceDraftHandler
 from shared.handlers.registry import check_handler_name
@@ -45,9 +45,16 @@ class HandlerChoice:
 
     @classmethod
     def configured(cls) -> "HandlerChoice":
-        s = settings()
-        return cls(handler=s.default_handler, test_mode=s.default_test_mode, create_drafts=s.default_create_drafts,
-                   source="UPCFAN_DEFAULT_HANDLER")
+        """The configured default: UPCFAN_DEFAULT_HANDLER, never a silent dry run when it is unset (issue 14,
+        defect 9). Ingest and api refuse to start without it; any other caller that needs it fails here."""
+        name = settings().default_handler
+        if not name:
+            raise SettingsError(
+                "UPCFAN_DEFAULT_HANDLER is not set and neither the request nor the object metadata names a handler: "
+                "set it to dry_run or marketplace_draft (scripts/deploy --default-handler sets it; "
+                f"{' and '.join(DEPRECATED_DEFAULT_FLAGS)} are no longer read)", code="settings_missing",
+                details={"missing": ["UPCFAN_DEFAULT_HANDLER"]})
+        return cls(handler=name, source="UPCFAN_DEFAULT_HANDLER")
 
     def as_metadata(self) -> dict[str, str]:
         """The object metadata that makes an uploaded file choose as this request does."""
@@ -67,14 +74,17 @@ def _from_flags(test_mode: bool | None, create_drafts: bool | None) -> str:
     return _DRY_RUN
 
 
-def choose_handler(*choices: HandlerChoice) -> str:
+def choose_handler(*choices: HandlerChoice | Callable[[], HandlerChoice]) -> str:
     """The handler name the highest level decides, a known one (else 400 `unknown_handler`).
 
     A level's handler name beats its own deprecated booleans. The booleans merge field by field,
-    highest level first, and decide as soon as they can (test_mode true, or both known).
+    highest level first, and decide as soon as they can (test_mode true, or both known). A level given
+    as a callable is only asked when the levels above leave the choice open.
     """
     test_mode = create_drafts = None
     for choice in choices:
+        if callable(choice):
+            choice = choice()
         if choice.handler is not None:
             name = check_handler_name(choice.handler, choice.source)
             if name not in _AS_FLAGS:
@@ -91,4 +101,4 @@ def choose_handler(*choices: HandlerChoice) -> str:
 
 def job_handler_name(request: HandlerChoice, metadata: Mapping[str, Any] | None) -> str:
     """A new job's handler: the request's choice, then the object's metadata, then the configured default."""
-    return choose_handler(request, HandlerChoice.from_metadata(metadata), HandlerChoice.configured())
+    return choose_handler(request, HandlerChoice.from_metadata(metadata), HandlerChoice.configured)

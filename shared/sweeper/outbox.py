@@ -33,7 +33,7 @@ class NotifyState(str, enum.Enum):
     SENT = "sent"
     FAILED = "failed"  # failed or deferred: retried by a later sweep (within RETRY_WINDOW)
     SUPPRESSED = "suppressed"  # cooldown: never posted
-    NOT_CONFIGURED = "not_configured"  # no webhook
+    NOT_CONFIGURED = "not_configured"  # legacy records only: without a webhook alerts now stay pending
     ROLLED_UP = "rolled_up"  # over the post budget while a systemic alert covers it: not retried
 
 
@@ -77,13 +77,20 @@ def post_outbox(store: SweepStore, pending: list[StoredDoc], outbox: list[tuple[
     if systemic_posted and outbox:
         outbox = [outbox[-1]] + outbox[:-1]  # the systemic alert (last in) goes first
     queue = _retry_queue(pending) + [(event_id, msg, False, 0) for event_id, msg in outbox]
+    if not url:
+        # A sweep without the webhook (e.g. `upcfan sweep --no-alerts`, where the secret is not readable)
+        # posts nothing and retires nothing: the alerts stay pending, with their cooldown already set, for
+        # the next sweep that has it (the scheduled sweeper cannot start without it). Retiring them as
+        # "not configured" lost them for good (issue 14, defect 10).
+        report.alerts_held = len(queue)
+        if queue:
+            log_event("alerts_held", severity="WARNING", logger="upcfan.sweeper", count=len(queue),
+                      reason="no Slack webhook in this sweep; left pending for the next sweep that has one")
+        return
     outage: str | None = None
     posts = 0
     outcomes: list[tuple[str, dict[str, Any]]] = []
     for event_id, msg, is_retry, attempts in queue:
-        if not url:
-            outcomes.append((event_id, _outcome(NotifyState.NOT_CONFIGURED, "slack webhook not configured")))
-            continue
         if outage or posts >= MAX_POSTS_PER_SWEEP:
             outcomes.append((event_id, _not_posted(outage, rolled_up=systemic_posted and not is_retry)))
             report.notify_failed += 1

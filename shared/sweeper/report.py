@@ -17,6 +17,7 @@ class SweepReport:
     suppressed: int = 0  # alerts held back by cooldown
     notify_failed: int = 0  # posts that failed or were deferred (retried next sweep)
     retried: int = 0  # earlier un-notified alerts delivered now
+    alerts_held: int = 0  # alerts left pending because this sweep had no webhook (a later sweep posts them)
     systemic: bool = False
     skipped_moved: int = 0  # findings whose job changed between read and write (left alone)
     ms: float = 0.0

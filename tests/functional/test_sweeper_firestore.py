@@ -6,7 +6,6 @@ see only that test's jobs; time is a fake clock passed as `now=`.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import threading
@@ -74,7 +73,7 @@ def env(firestore_emulator):
     """A private project on the session emulator, and settings pointing at it."""
     project = f"demo-sweep-{uuid.uuid4().hex[:10]}"
     db = firestore.Client(project=project)
-    cfg = dataclasses.replace(load_settings(), project=project, stall_minutes=15, stall_critical_minutes=60,
+    cfg = load_settings().replace(project=project, stall_minutes=15, stall_critical_minutes=60,
                               ingesting_stall_minutes=15, queued_stall_minutes=30, lease_overrun_minutes=10,
                               alert_cooldown_minutes=60, systemic_threshold=3)
     return db, cfg
@@ -367,7 +366,7 @@ def test_firestore_unreachable_raises_store_unavailable(firestore_emulator, monk
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{port}")
     monkeypatch.setattr(store, "QUERY_TIMEOUT_S", 1.0)
     db = firestore.Client(project=f"demo-sweep-{uuid.uuid4().hex[:10]}")
-    cfg = dataclasses.replace(load_settings(), project=db.project)
+    cfg = load_settings().replace(project=db.project)
     with pytest.raises(StoreUnavailableError) as err:
         sweeper.run_sweep(now=T0, settings=cfg, db=db, webhook_url="")
     assert "Firestore unreachable" in err.value.message

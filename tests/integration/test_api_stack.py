@@ -127,6 +127,8 @@ def test_health_openapi_and_route_errors(api):
     r = api.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok", r.text
     assert r.json()["checks"] == {"firestore": "ok", "item_queue": "ok"}
+    # the mode of dropped files, as the api function was started with it (issue 14, defect 9)
+    assert (r.json()["mode"], r.json()["default_handler"]) == ("live", "marketplace_draft")
     spec = api.get("/openapi.json").json()
     assert {"/api/batch/process", "/api/batch/jobs/{job_id}/retry-failed"} <= set(spec["paths"])
     assert not any("recover" in p for p in spec["paths"])

@@ -145,6 +145,9 @@ def test_status_json_and_plain(cli, small_job):
     assert plain.returncode == EXIT_OK
     assert f"job {job_id}" in plain.stdout and "100.0%" in plain.stdout and "20/20 items" in plain.stdout
     assert "stall: no" in plain.stdout
+    # the mode of dropped files (issue 14, defect 9): the local stack deploys marketplace_draft
+    assert view["dropped_files"] == {"mode": "live", "default_handler": "marketplace_draft"}
+    assert "dropped files: LIVE (default handler marketplace_draft)" in plain.stdout
 
 
 def test_jobs_lists_the_job(cli, small_job):

@@ -6,11 +6,11 @@ import base64
 import json
 from dataclasses import dataclass
 
-import functions_framework
 import pytest
 
 from shared import operations
 from shared.exceptions import BadRequestError, ConflictError, NotFoundError, SourceObjectNotFoundError
+from deployed_env import create_function_app
 
 
 @dataclass
@@ -84,7 +84,7 @@ def core(monkeypatch):
 
 @pytest.fixture(scope="module")
 def client():
-    app = functions_framework.create_app(target="api", source="functions/api/main.py")
+    app = create_function_app("api")
     return app.test_client()
 
 
@@ -242,6 +242,21 @@ def test_health_200_and_503_names_failing_part(client, core):
     resp = client.get("/health")
     assert resp.status_code == 503
     assert "item_queue" in resp.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("handler,mode", [("marketplace_draft", "live"), ("dry_run", "dry_run")])
+def test_health_shows_the_mode_of_dropped_files(client, core, monkeypatch, handler, mode):
+    """Issue 14, defect 9: production ran dropped files as a dry run and nothing showed it."""
+    from shared.clients import reset_clients
+
+    monkeypatch.setenv("UPCFAN_DEFAULT_HANDLER", handler)
+    reset_clients()
+    body = client.get("/health").get_json()
+    assert (body["mode"], body["default_handler"]) == (mode, handler)
+    core.healthy["firestore"] = "unreachable: x"
+    assert client.get("/health").get_json()["mode"] == mode
+    monkeypatch.undo()
+    reset_clients()
 
 
 def test_openapi_is_served_and_has_no_recover_route(client):

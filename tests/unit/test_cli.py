@@ -80,6 +80,18 @@ class FakeCore:
         return type("R", (), {"job_id": "f-1", "created": True, "status": "ingesting"})()
 
 
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """The CLI loads env files into os.environ (as it must); no test leaves them behind."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    from shared.clients import reset_clients
+
+    reset_clients()
+
+
 @pytest.fixture
 def core(monkeypatch, tmp_path):
     fake = FakeCore([_view()])
@@ -87,7 +99,9 @@ def core(monkeypatch, tmp_path):
         monkeypatch.setattr(operations, name, getattr(fake, name))
     monkeypatch.setattr(cli, "_sleep", lambda s: None)
     env = tmp_path / "stack.env"
-    env.write_text("GOOGLE_CLOUD_PROJECT=demo-cli-test\n")
+    env.write_text("GOOGLE_CLOUD_PROJECT=demo-cli-test\nUPCFAN_LOCATION=us-central1\n"
+                   "CLOUD_TASKS_EMULATOR_HOST=127.0.0.1:1\nUPCFAN_INGEST_URL=http://127.0.0.1:2\n"
+                   "UPCFAN_WORKER_URL=http://127.0.0.1:3\nUPCFAN_DEFAULT_HANDLER=dry_run\n")
     monkeypatch.setenv("UPCFAN_ENV_FILE", str(env))
     return fake
 

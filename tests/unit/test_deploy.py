@@ -54,7 +54,8 @@ def run_dry(source_root: Path, tmp_path: Path, *extra: str, default_handler: str
     fake = bindir / "gcloud"
     fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "UPCFAN_PYTHON": sys.executable}
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "UPCFAN_PYTHON": sys.executable,
+           "UPCFAN_CONFIG_DIR": str(tmp_path / "config")}
     env.pop("UPCFAN_ITEM_QUEUE_SHARDS", None)
     proc = subprocess.run(
         [str(SCRIPT), "--project", "demo-prod", "--region", "us-central1", "--bucket", "upcfan-drop",
@@ -277,3 +278,43 @@ def test_real_tree_builds_for_functions_that_exist(tmp_path):
     for fn in present:
         out, digest = deploy.build(fn, REPO, tmp_path / "build")
         assert (out / "requirements.txt").read_text().startswith(("cloudevents", "functions-framework"))
+
+
+def test_dry_run_prints_the_profile_it_would_write_and_the_cli_reads_it(source_root, tmp_path, monkeypatch):
+    """Issue 14, defect 10: `upcfan --project P` ran with empty settings; deploy now writes what it deployed
+    as a profile (here only printed), and the CLI given those lines has every setting retry-failed needs."""
+    out, _ = run_dry(source_root, tmp_path, "--marketplace-url", "https://marketplace.example",
+                     default_handler="marketplace_draft")
+    path = tmp_path / "config" / "profiles" / "demo-prod.env"
+    lines = out.splitlines()
+    start = lines.index(f"profile (dry run: not written) {path}, for upcfan --project demo-prod:")
+    printed = dict(line.strip().split("=", 1) for line in lines[start + 1:] if line.startswith("  "))
+    assert not path.exists()
+    d = model.from_settings("demo-prod", "us-central1", bucket="upcfan-drop")
+    assert printed == deploy.deployment_profile(d, deploy.env_vars(d, "https://marketplace.example",
+                                                                    "marketplace_draft"))
+    assert printed["UPCFAN_SLACK_WEBHOOK_SECRET"] == "projects/demo-prod/secrets/upcfan-slack-webhook"
+    assert not {"UPCFAN_SLACK_WEBHOOK_URL", "UPCFAN_MARKETPLACE_API_KEY"} & set(printed)  # never a secret value
+
+    from shared.envfile import write_env_file
+    from shared.required_settings import missing
+    from upcfan_cli import main as cli
+
+    profile = tmp_path / "printed.env"
+    write_env_file(profile, printed)
+    saved = dict(os.environ)
+    try:
+        for var in [v for v in os.environ if v.endswith("_EMULATOR_HOST") or v.startswith("UPCFAN_")]:
+            del os.environ[var]
+        cli._configure(env_file=None, project="demo-prod", profile=profile)
+        from shared.config import settings
+
+        for command, needs in cli.COMMAND_SETTINGS.items():
+            assert missing(needs, settings()) == [], command
+        assert settings().default_handler == "marketplace_draft" and settings().mode == "live"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        from shared.clients import reset_clients
+
+        reset_clients()

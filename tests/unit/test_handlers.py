@@ -137,15 +137,12 @@ def test_parse_bool_is_the_one_reading_of_a_boolean_as_text(raw, value):
 
 
 @pytest.mark.parametrize("env,name", [
-    ({}, "dry_run"),
-    ({"UPCFAN_DEFAULT_TEST_MODE": "false"}, "dry_run"),
-    ({"UPCFAN_DEFAULT_TEST_MODE": "false", "UPCFAN_DEFAULT_CREATE_DRAFTS": "true"}, "marketplace_draft"),
     ({"UPCFAN_DEFAULT_HANDLER": "marketplace_draft"}, "marketplace_draft"),
     ({"UPCFAN_DEFAULT_HANDLER": "dry_run", "UPCFAN_DEFAULT_TEST_MODE": "false",
       "UPCFAN_DEFAULT_CREATE_DRAFTS": "true"}, "dry_run"),
 ])
 def test_configured_default_handler(monkeypatch, env, name):
-    """UPCFAN_DEFAULT_HANDLER, else the deprecated UPCFAN_DEFAULT_TEST_MODE/CREATE_DRAFTS with their old defaults."""
+    """UPCFAN_DEFAULT_HANDLER decides; the deprecated UPCFAN_DEFAULT_TEST_MODE/CREATE_DRAFTS are no longer read."""
     from shared import config
 
     for key in ("UPCFAN_DEFAULT_HANDLER", "UPCFAN_DEFAULT_TEST_MODE", "UPCFAN_DEFAULT_CREATE_DRAFTS"):
@@ -157,6 +154,27 @@ def test_configured_default_handler(monkeypatch, env, name):
         assert config.settings().default_handler == env.get("UPCFAN_DEFAULT_HANDLER")
         assert job_handler_name(HandlerChoice(), {}) == name
         assert job_handler_name(HandlerChoice(test_mode=True), {}) == "dry_run"
+    finally:
+        config.settings.cache_clear()
+
+
+@pytest.mark.parametrize("env", [{}, {"UPCFAN_DEFAULT_TEST_MODE": "false", "UPCFAN_DEFAULT_CREATE_DRAFTS": "true"}])
+def test_an_unset_default_handler_never_silently_means_dry_run(monkeypatch, env):
+    """Issue 14, defect 9: with UPCFAN_DEFAULT_HANDLER unset a dropped file ran as a dry run, silently.
+    Now a choice that needs the default fails naming the variable; a choice made above it still works."""
+    from shared import config
+
+    for key in ("UPCFAN_DEFAULT_HANDLER", "UPCFAN_DEFAULT_TEST_MODE", "UPCFAN_DEFAULT_CREATE_DRAFTS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config.settings.cache_clear()
+    try:
+        with pytest.raises(config.SettingsError, match="UPCFAN_DEFAULT_HANDLER is not set"):
+            job_handler_name(HandlerChoice(), {})
+        assert job_handler_name(HandlerChoice("marketplace_draft"), {}) == "marketplace_draft"
+        assert job_handler_name(HandlerChoice(test_mode=True), {}) == "dry_run"
+        assert job_handler_name(HandlerChoice(), {"upcfan-handler": "dry_run"}) == "dry_run"
     finally:
         config.settings.cache_clear()
 

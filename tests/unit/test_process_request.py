@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functions_framework
 import pytest
 from pydantic import ValidationError
 
@@ -11,6 +10,7 @@ from shared.exceptions import BadRequestError
 from shared.gcs import parse_gcs_path
 from shared.handlers import HandlerChoice
 from shared.process_request import ProcessFileRequest
+from deployed_env import create_function_app
 
 BAD_PATHS = ["gs://upcfan-uploads/.", "gs://upcfan-uploads/..", "gs://b-1/a\nb", "gs://b-1/a\rb", "gs://\t/x",
              "s3://b/x", "gs://bucket", "gs://bucket/", "gs://bucket/dir/", "gs://ab/x", "gs://Bkt/x",
@@ -52,7 +52,7 @@ def test_the_request_carries_its_level_of_the_handler_choice():
 
 @pytest.fixture(scope="module")
 def client():
-    app = functions_framework.create_app(target="ingest", source="functions/ingest/main.py")
+    app = create_function_app("ingest")
     return app.test_client()
 
 

@@ -3,7 +3,6 @@ commit and the outbox; the flag is the cooldown; a job that moved is left alone;
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -20,7 +19,7 @@ from shared.sweeper.rules.base import IndexSpec, Query, Rule, Where
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MIN = dt.timedelta(minutes=1)
-CFG = dataclasses.replace(load_settings(), stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
+CFG = load_settings().replace(stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
                           ingesting_stall_minutes=15, lease_overrun_minutes=10, alert_cooldown_minutes=60,
                           systemic_threshold=3)
 REPO = Path(__file__).resolve().parents[2]
@@ -173,9 +172,16 @@ def test_store_unavailable_during_the_scan(mem, monkeypatch):
         sweep(mem, T0)
 
 
-def test_no_webhook_marks_records_not_configured(mem):
+def test_no_webhook_leaves_alerts_pending_for_the_next_sweep(mem, posts):
+    """Issue 14, defect 10: `upcfan sweep` without the webhook retired pending alerts as "not configured"
+    after setting their cooldown, so they were never sent. Now they stay pending and a sweep with the
+    webhook posts them."""
     _job(mem, "j1", last_progress_at=T0 - 20 * MIN)
     r = sweep(mem, T0, url="")
-    assert r.flagged == 1 and r.alerted == 0
+    assert r.flagged == 1 and r.alerted == 0 and r.alerts_held == 1
     [record] = mem.collection(STALL_EVENTS).values()
-    assert record["notify_state"] == "not_configured" and record["notified"] is False
+    assert record["notify_state"] == "pending" and record["notified"] is False
+    r = sweep(mem, T0 + MIN)
+    assert r.retried == 1 and r.alerts_held == 0
+    [record] = mem.collection(STALL_EVENTS).values()
+    assert record["notify_state"] == "sent"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from functions_framework import create_app
 
 from shared import sweeper
 from shared.exceptions import StoreUnavailableError
+from deployed_env import create_function_app
 
 
 def _client():
-    return create_app("sweeper", "functions/sweeper/main.py").test_client()
+    return create_function_app("sweeper").test_client()
 
 
 def test_report_json_and_one_log_line(monkeypatch, capsys):

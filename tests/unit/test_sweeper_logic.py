@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 
 from shared.config import load_settings
@@ -12,7 +11,7 @@ from shared.sweeper.rules import running
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MIN = dt.timedelta(minutes=1)
-CFG = dataclasses.replace(load_settings(), stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
+CFG = load_settings().replace(stall_minutes=15, stall_critical_minutes=60, queued_stall_minutes=30,
                           alert_cooldown_minutes=60, systemic_threshold=3)
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from functions_framework import create_app
 from pydantic import ValidationError
 
+from deployed_env import create_function_app
 from shared import ingest
 from shared.payloads import ChunkTask, ItemTask, ProgressTask
 
-INGEST_SOURCE = str(Path(__file__).resolve().parents[2] / "functions" / "ingest" / "main.py")
 CHUNK = {"job_id": "file-abc", "bucket": "b", "object": "dir/f.txt", "generation": "17", "start": 0, "end": 99,
          "first_line": 1, "index": 0}
 
@@ -40,7 +37,7 @@ def test_chunk_task_refuses_what_can_never_run(bad):
 
 @pytest.fixture
 def ingest_client():
-    return create_app("ingest", INGEST_SOURCE).test_client()
+    return create_function_app("ingest").test_client()
 
 
 @pytest.mark.parametrize("body", [None, [], {"job_id": "j"}, {**CHUNK, "generation": "latest"}])

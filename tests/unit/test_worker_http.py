@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from functions_framework import create_app
 
 from shared import progress, worker
 from shared.worker import WorkerOutcome
+from deployed_env import create_function_app
 
-SOURCE = str(Path(__file__).resolve().parents[2] / "functions" / "worker" / "main.py")
 
 
 @pytest.fixture
 def client():
-    return create_app("worker", SOURCE).test_client()
+    return create_function_app("worker").test_client()
 
 
 @pytest.mark.parametrize("status", [200, 409, 503])
