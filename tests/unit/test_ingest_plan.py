@@ -62,6 +62,7 @@ def world(monkeypatch):
     monkeypatch.setattr(ingest, "create_task", create_task)
     monkeypatch.setattr(ingest, "default_store", lambda: store)
     monkeypatch.setenv("UPCFAN_BUCKET", obj.bucket)  # the watched bucket: jobs come only from allowed buckets
+    monkeypatch.setenv("UPCFAN_DEFAULT_HANDLER", "dry_run")
     settings.cache_clear()
     yield store, obj, tasks
     settings.cache_clear()

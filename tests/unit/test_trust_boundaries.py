@@ -3,10 +3,9 @@ task is planned from its job's document, never from the object its payload names
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from functions_framework import create_app
+from deployed_env import create_function_app
 
 from shared import ingest
 from shared.config import settings
@@ -14,7 +13,6 @@ from shared.exceptions import ForbiddenError
 from shared.model import Job
 from shared.payloads import ChunkTask
 
-INGEST_SOURCE = str(Path(__file__).resolve().parents[2] / "functions" / "ingest" / "main.py")
 JOB = {"job_id": "file-abc", "status": "ingesting", "bucket": "upcfan-uploads", "object": "dir/f.txt",
        "generation": "17", "plan": {"format": {"kind": "lines"}}}
 CHUNK = {"job_id": "file-abc", "bucket": "upcfan-uploads", "object": "dir/f.txt", "generation": "17", "start": 0,
@@ -99,6 +97,6 @@ def test_the_fanout_route_answers_a_mismatch_200_bad_payload(monkeypatch):
         raise ingest.ChunkPayloadMismatchError("chunk task of job file-abc names gs://x/y#1, but the job is ...")
 
     monkeypatch.setattr(ingest, "process_chunk", refuse)
-    resp = create_app("ingest", INGEST_SOURCE).test_client().post("/fanout", json=CHUNK)
+    resp = create_function_app("ingest").test_client().post("/fanout", json=CHUNK)
     assert resp.status_code == 200
     assert resp.get_json()["error"]["code"] == "bad_payload"
