@@ -24,6 +24,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="", help="audit: the local stack's run dir (default: .local/run, or "
                                                  "UPCFAN_LOCAL_DIR/run)")
     p.add_argument("--bucket", default="", help="watched bucket (default: UPCFAN_BUCKET)")
+    p.add_argument("--submit-bucket", action="append", default=[], metavar="BUCKET",
+                   help="a further bucket jobs may be submitted from (never watched); repeatable")
     p.add_argument("--item-queue-shards", type=int, default=None,
                    help="number of item queues (default: UPCFAN_ITEM_QUEUE_SHARDS or 1)")
     p.add_argument("--sweep-schedule", default="*/5 * * * *")
@@ -102,7 +104,8 @@ def main(argv=None, clients: Clients | None = None, out=None) -> int:
         return audit_main(args, lambda s: print(s, file=out))
     desired = model.from_settings(args.project, args.region, bucket=args.bucket,
                                   item_queue_shards=args.item_queue_shards,
-                                  sweep_schedule=args.sweep_schedule, url_template=args.url_template)
+                                  sweep_schedule=args.sweep_schedule, url_template=args.url_template,
+                                  submit_buckets=tuple(args.submit_bucket))
     resources = select(args, stack.build(desired))
     clients = clients or Clients()
     echo = lambda s: print(s, file=out)  # noqa: E731

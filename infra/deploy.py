@@ -283,6 +283,7 @@ def infra_cmd(action: str, d: model.Desired, before_deploy: bool) -> list[str]:
            f"--item-queue-shards={d.item_queue_shards}"]
     if d.bucket:
         cmd.append(f"--bucket={d.bucket}")
+    cmd += [f"--submit-bucket={b}" for b in d.submit_buckets]
     if before_deploy:
         cmd.append("--before-deploy")
     return cmd
@@ -324,6 +325,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--region", required=True)
     p.add_argument("--bucket", default="")
     p.add_argument("--item-queue-shards", type=int, default=None)
+    p.add_argument("--submit-bucket", action="append", default=[], metavar="BUCKET",
+                   help="a further bucket jobs may be submitted from with POST /api/batch/process, the ingest "
+                        "HTTP trigger or `upcfan submit` (never watched); repeatable")
     p.add_argument("--marketplace-url", default="")
     from shared.handlers.registry import known_handler_names
 
@@ -346,7 +350,8 @@ def main(argv=None) -> int:
     every mounted secret has a value (or stop before any deploy, naming it), each function built
     and deployed, then infra again (invokers on the new services, scheduler, Eventarc)."""
     args = parse(argv)
-    d = model.from_settings(args.project, args.region, bucket=args.bucket, item_queue_shards=args.item_queue_shards)
+    d = model.from_settings(args.project, args.region, bucket=args.bucket, item_queue_shards=args.item_queue_shards,
+                            submit_buckets=tuple(args.submit_bucket))
     fns = [f for f in args.functions.split(",") if f]
     unknown = sorted(set(fns) - set(model.FUNCTIONS))
     if unknown:

@@ -192,6 +192,5 @@ def from_settings(project: str, region: str, bucket: str = "", item_queue_shards
     shards = item_queue_shards if item_queue_shards is not None else s.item_queue_shards
     item = replace(ITEM_QUEUE, name=s.item_queue)
     control = replace(CONTROL_QUEUE, name=s.control_queue)
-    kw.setdefault("submit_buckets", s.submit_buckets)  # UPCFAN_SUBMIT_BUCKETS where deploy runs
     return Desired(project=project, region=region, bucket=bucket or s.bucket,
                    item_queue_shards=shards, item_queue=item, control_queue=control, **kw)

@@ -154,7 +154,8 @@ class Settings(BaseSettings):
     fanout_threads: Count = _env("UPCFAN_FANOUT_THREADS", 32)  # concurrent CreateTask calls per process
     # Worker
     lease_s: Seconds = _env("UPCFAN_LEASE_S", 60.0)
-    heartbeat_s: Seconds = _env("UPCFAN_HEARTBEAT_S", 15.0)
+    # 0 turns heartbeats off (shared/worker/lease.py::Heartbeat): tests use it to let a lease lapse.
+    heartbeat_s: float = _env("UPCFAN_HEARTBEAT_S", 15.0, ge=0)
     item_max_attempts: Count = _env("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts)
     progress_check_s: Seconds = _env("UPCFAN_PROGRESS_CHECK_S", 5.0)
     # Sweeper

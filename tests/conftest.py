@@ -17,6 +17,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings_after_each_test():
+    """A test that changes the environment and re-reads settings leaves them cached when monkeypatch
+    restores the environment: forget them, so the next test reads its own environment."""
+    yield
+    from shared.config import settings
+
+    settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def stack_env():
     """dict of the stack.env values (GOOGLE_CLOUD_PROJECT, *_EMULATOR_HOST, UPCFAN_*_URL, ...)."""

@@ -400,7 +400,8 @@ def test_progress_counts_then_completes_exactly_once_under_concurrent_checks(db)
     assert job["status"] == "completed_with_failures" and job["completed_at"] is not None
     assert job["counts"] == {"queued": 0, "processing": 0, "succeeded": 3, "failed": 1, "cancelled": 0}
     events = [e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
-    assert [e["type"] for e in events] == ["completed"]
+    # the completion, and the job-finished note's outcome (no webhook here: not sent)
+    assert sorted(e["type"] for e in events) == ["completed", "job_finished_note"]
     # a later check changes nothing
     assert check_job_progress(job_id, store=FirestoreStore(db))["completed"] is False
     assert db.collection(JOBS).document(job_id).get().to_dict()["status"] == "completed_with_failures"

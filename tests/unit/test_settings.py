@@ -38,6 +38,8 @@ def test_defaults_and_the_variable_names_stay_as_they_were(clean_env):
     clean_env.setenv("UPCFAN_LEASE_S", "")  # empty is unset, as before
     s = load_settings()
     assert s.worker_url == "http://w:1" and s.lease_s == 60.0
+    clean_env.setenv("UPCFAN_HEARTBEAT_S", "0")  # heartbeats off: a lease then lapses (the worker stack tests)
+    assert load_settings().heartbeat_s == 0
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -45,6 +47,7 @@ def test_defaults_and_the_variable_names_stay_as_they_were(clean_env):
     ({"UPCFAN_ITEM_QUEUE_SHARDS": "-2"}, "UPCFAN_ITEM_QUEUE_SHARDS=-2: Input should be greater than or equal to 1"),
     ({"UPCFAN_MAX_LINES": "0"}, "UPCFAN_MAX_LINES=0: Input should be greater than or equal to 1"),
     ({"UPCFAN_LEASE_S": "30", "UPCFAN_HEARTBEAT_S": "30"}, "UPCFAN_HEARTBEAT_S (30) must be less than UPCFAN_LEASE_S (30)"),
+    ({"UPCFAN_HEARTBEAT_S": "-1"}, "UPCFAN_HEARTBEAT_S=-1: Input should be greater than or equal to 0"),
     ({"UPCFAN_STALL_MINUTES": "20", "UPCFAN_STALL_CRITICAL_MINUTES": "10"},
      "UPCFAN_STALL_CRITICAL_MINUTES (10) must be at least UPCFAN_STALL_MINUTES (20)"),
     ({"UPCFAN_DEFAULT_HANDLER": "live"}, "UPCFAN_DEFAULT_HANDLER=live: unknown handler 'live'; known handlers: dry_run"),
