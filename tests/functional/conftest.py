@@ -69,8 +69,8 @@ def _wait_ready(host: str, proc: subprocess.Popen, deadline_s: float = 60.0) -> 
 
 
 @pytest.fixture(scope="session")
-def firestore_emulator(tmp_path_factory):
-    """Start the Firestore emulator JAR on a free 127.0.0.1 port for this session; yields a client."""
+def firestore_emulator_env(tmp_path_factory):
+    """Start the Firestore emulator JAR on a free 127.0.0.1 port for this session; yields its env."""
     jar, java = _emulator_jar(), _java()
     if jar is None or java is None:
         pytest.skip("Firestore emulator JAR or java not available")
@@ -85,12 +85,19 @@ def firestore_emulator(tmp_path_factory):
     )
     try:
         _wait_ready(host, proc)
-        env = {"FIRESTORE_EMULATOR_HOST": host, "GOOGLE_CLOUD_PROJECT": f"demo-functional-{uuid.uuid4().hex[:6]}"}
-        # No UPCFAN_WORKER_URL: no task enqueueing from functional tests.
-        with stack_env_applied(env, unset=("UPCFAN_WORKER_URL",)):
-            from shared.clients import firestore_client
-
-            yield firestore_client()
+        yield {"FIRESTORE_EMULATOR_HOST": host, "GOOGLE_CLOUD_PROJECT": f"demo-functional-{uuid.uuid4().hex[:6]}"}
     finally:
         stop_process(proc)
         log.close()
+
+
+@pytest.fixture()
+def firestore_emulator(firestore_emulator_env):
+    """A client of this session's emulator, with the process pointed at it for this test only: applied
+    for the whole session, this env (and the missing UPCFAN_WORKER_URL) outlived the functional tier and
+    pointed later in-process code at the wrong emulator and at no worker."""
+    # No UPCFAN_WORKER_URL: no task enqueueing from functional tests.
+    with stack_env_applied(firestore_emulator_env, unset=("UPCFAN_WORKER_URL",)):
+        from shared.clients import firestore_client
+
+        yield firestore_client()
