@@ -139,6 +139,18 @@ class Scheduler:
         return requests.post(f"{self.url}/_resume", timeout=10).json()
 
 
+def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
+    """The job document once its status is one of `statuses` (AssertionError past the deadline)."""
+    from shared.model import JOBS
+
+    def get():
+        snap = db.collection(JOBS).document(job_id).get()
+        doc = snap.to_dict() if snap.exists else None
+        return doc if doc and doc.get("status") in statuses else None
+
+    return poll(get, timeout_s, 0.2, f"job {job_id} to reach {statuses}")
+
+
 class Marketplace:
     """The sandbox marketplace's control routes."""
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from devstack import iam, stack
-from devstack.testing import bounce_component, fresh_upcs, poll
+from devstack.testing import bounce_component, fresh_upcs, poll, wait_job
 from infra import cli
 from shared.model import JOBS, LINES
 from shared.naming import job_id_for
@@ -75,15 +75,6 @@ def log_size(name: str) -> int:
 def denied_calls(account: str, method: str) -> int:
     return sum(e["count"] for e in iam.read_call_log()
                if e["account"] == account and e["method"] == method and not e["allowed"])
-
-
-def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
-    def get():
-        snap = db.collection(JOBS).document(job_id).get()
-        doc = snap.to_dict() if snap.exists else None
-        return doc if doc and doc.get("status") in statuses else None
-
-    return poll(get, timeout_s, 0.3, f"job {job_id} to reach {statuses}")
 
 
 def cross_chunk_duplicate_file(upc: str, other: str) -> str:

@@ -11,22 +11,13 @@ import requests
 from google.cloud.firestore_v1.base_query import FieldFilter
 
 from devstack.cloudtasks import client as ct
-from devstack.testing import fresh_upcs, gtin14, poll
+from devstack.testing import fresh_upcs, gtin14, poll, wait_job
 from shared import ingest
 from shared.clients import reset_clients
 from shared.model import CHUNKS, ITEMS, JOBS, LINES
 from shared.naming import job_id_for, task_name_for
 
 pytestmark = pytest.mark.integration
-
-
-def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
-    def get():
-        snap = db.collection(JOBS).document(job_id).get()
-        doc = snap.to_dict() if snap.exists else None
-        return doc if doc and doc.get("status") in statuses else None
-
-    return poll(get, timeout_s, 0.2, f"job {job_id} to reach {statuses}")
 
 
 def queue_id(path: str) -> str:
