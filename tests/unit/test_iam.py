@@ -194,7 +194,7 @@ def test_emulator_health_get_queue_by_api(policy, tmp_path):
     """Defect 3: /health's GetQueue as upcfan-api on the first item queue."""
     status, _ = run(_emulator_call(policy, tmp_path, "GET", queue(policy), identity.mint(sa(policy, "api"))))
     assert status == 200
-    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queue:0"))
+    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queues"))
     status, body = run(_emulator_call(p, tmp_path, "GET", queue(p), identity.mint(sa(p, "api"))))
     assert status == 403 and '"cloudtasks.queues.get"' in body["error"]["message"]
 
