@@ -79,8 +79,10 @@ GRANTS: tuple[Grant, ...] = (
     Grant("ingest", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: one task per item (fan-out)"),
     Grant("ingest", "roles/cloudtasks.viewer", "item_queues",
           "GetTask on AlreadyExists: which line owns an existing item task (shared/ingest.py::_existing_task_line)"),
-    Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed)"),
-    Grant("api", "roles/cloudtasks.viewer", "item_queue:0", "GetQueue: /health checks the first item queue"),
+    Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed) and re-drive"),
+    Grant("api", "roles/cloudtasks.viewer", "item_queues",
+          "GetQueue: /health checks the first item queue; GetTask: re-drive checks whether an open item's "
+          "task still exists (in the item's shard)"),
     Grant("ingest", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: plan tasks (/plan), chunk tasks (/fanout)"),
     Grant("worker", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: progress checks (/progress)"),
     Grant("api", "roles/cloudtasks.enqueuer", "control_queue",

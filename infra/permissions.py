@@ -136,6 +136,9 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::submit_job (plan task)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_item_tasks (retry rounds)"),
         Call("cloudtasks.GetQueue", "item_queue:0", "shared/operations.py::health (/health)"),
+        Call("cloudtasks.GetTask", "item_queues", "shared/tasks.py::task_exists via "
+                                                  "shared/operations.py::redrive_job (re-drive)"),
+        Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_redrive_tasks (re-drive)"),
         _ACT_AS,
         _SLACK,
     ),

@@ -52,6 +52,9 @@ class StallAlert:
     never_claimed: int | None
     detected_at: dt.datetime
     action: str = "flagged"  # flagged | escalated | reminder
+    # Open items may have no task left (queued or lease-lapsed items not moving): the alert then names
+    # the operator's re-drive (its dry run first). The sweeper itself never creates a task.
+    stranded: bool = False
 
 
 # Each action an alert suggests, as the CLI command and the API call that do it.
@@ -63,12 +66,19 @@ _OPERATOR_ACTIONS = (
 )
 
 
-def operator_commands(job_id: str) -> list[str]:
-    return [cli.format(job=job_id) for cli, _ in _OPERATOR_ACTIONS]
+# Shown first when open items may be stranded: it lists them and changes nothing; without --dry-run it
+# asks before giving each one new task.
+_REDRIVE_ACTION = ("upcfan redrive {job} --dry-run", 'POST /api/batch/jobs/{job}/redrive {{"dry_run": true}}')
 
 
-def api_paths(job_id: str) -> list[str]:
-    return [api.format(job=job_id) for _, api in _OPERATOR_ACTIONS]
+def operator_commands(job_id: str, stranded: bool = False) -> list[str]:
+    actions = ((_REDRIVE_ACTION,) if stranded else ()) + _OPERATOR_ACTIONS
+    return [cli.format(job=job_id) for cli, _ in actions]
+
+
+def api_paths(job_id: str, stranded: bool = False) -> list[str]:
+    actions = ((_REDRIVE_ACTION,) if stranded else ()) + _OPERATOR_ACTIONS
+    return [api.format(job=job_id) for _, api in actions]
 
 
 def _code_lines(lines: list[str]) -> str:
@@ -91,6 +101,8 @@ def build_stall_message(alert: StallAlert) -> SlackMessage:
         f"{title} for {stalled_for}. File {escape(alert.gcs_path)}. {escape(alert.reason)}. "
         f"Counts: {counts}. Next: upcfan status {job}"
     )
+    if alert.stranded:
+        text += f"; open items may have no task left: upcfan redrive {job} --dry-run lists them"
     blocks = [
         {"type": "header", "text": {"type": "plain_text", "text": f"{alert.severity}: job stalled"[:150]}},
         {
@@ -111,7 +123,8 @@ def build_stall_message(alert: StallAlert) -> SlackMessage:
             "text": {
                 "type": "mrkdwn",
                 "text": "*Operator commands* (the sweeper changes nothing; you decide)\n"
-                + _code_lines(operator_commands(alert.job_id) + api_paths(alert.job_id)),
+                + _code_lines(operator_commands(alert.job_id, alert.stranded)
+                              + api_paths(alert.job_id, alert.stranded)),
             },
         },
         {

@@ -157,3 +157,42 @@ def finish_retry_round(job: Job | None, round_: int, at: dt.datetime, requeued: 
         return False, None
     retry = {**job.retry, "state": RETRY_DONE, "done_at": at, "requeued": requeued, "tasks_created": created}
     return True, JobWrite({"retry": retry, "updated_at": at})
+
+
+# --------------------------------------------------------------------------------------------- re-drive
+
+
+def refuse_unless_redrivable(job_id: str, job: Job | None) -> None:
+    """Why an operator's re-drive of a job's stranded items cannot run now, as an error; nothing if it can.
+
+    A finished job is never touched (its items are final or deliberately left: a cancelled job's tasks
+    drain as no-ops). While ingesting, fan-out is still creating the items' tasks; while a retry round is
+    enqueuing, retry-failed itself resumes it. A paused job may be re-driven: its deliveries back off."""
+    if job is None:
+        raise job_not_found(job_id)
+    status = job.status
+    if status in {s.value for s in JobStatus if s.is_final}:
+        raise ConflictError(f"job {job_id!r} is already {status}; a finished job is never re-driven",
+                            code="job_finished")
+    if status == JobStatus.INGESTING.value:
+        raise ConflictError(f"job {job_id!r} is still ingesting: fan-out is creating its items' tasks; re-drive "
+                            "runs once fan-out is done", code="job_ingesting")
+    if job.retry_enqueuing:
+        raise ConflictError(f"job {job_id!r} has retry round {job.round} still enqueuing; run retry-failed again "
+                            "to resume it (it creates the round's missing tasks)", code="retry_round_enqueuing")
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """An operator's re-drive of a job: its number `n` (1, 2, …; part of the new tasks' names)."""
+
+    n: int
+
+
+def begin_redrive(job: Job | None, job_id: str, actor: str, at: dt.datetime, items: int) -> tuple[Redrive, JobWrite]:
+    """Take the job's next re-drive number, with a `redrive` event naming actor, number and item count."""
+    refuse_unless_redrivable(job_id, job)
+    n = int((job.doc.get("redrive") or {}).get("n") or 0) + 1
+    fields = {"redrive": {"n": n, "actor": actor, "at": at, "items": items}, "updated_at": at}
+    event = Event("redrive", actor, at, {"n": n, "items": items, "status": job.status}, event_id=f"redrive-{n}")
+    return Redrive(n), JobWrite(fields, (event,))

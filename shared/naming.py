@@ -32,6 +32,18 @@ def task_name_for(job_id: str, gtin: str, round_: int) -> str:
     return name
 
 
+def redrive_task_name_for(job_id: str, gtin: str, round_: int, redrive: int) -> str:
+    """Task id for an operator's re-drive `redrive` (1, 2, …) of one item in one round: the round's task
+    id plus `-d{redrive}`. A new name because the round's own name may be tombstoned (Cloud Tasks keeps a
+    deleted or finished task's name for up to an hour); deterministic so that a repeated create of the
+    same re-drive answers AlreadyExists instead of enqueuing a second task."""
+    if int(redrive) < 1:
+        raise ValueError(f"a re-drive number starts at 1, got {redrive!r}")
+    name = f"{task_name_for(job_id, gtin, round_)}-d{int(redrive)}"
+    assert _TASK_ID_RE.match(name), name
+    return name
+
+
 def chunk_task_name_for(job_id: str, start_byte: int) -> str:
     return f"{_short_hash(f'{job_id}:c{start_byte}', 4)}-{job_id}-c{start_byte}"
 

@@ -1,9 +1,11 @@
-"""Operator actions over jobs and items: status, listings, cancel, and deliberate retry of failed items.
+"""Operator actions over jobs and items: status, listings, cancel, deliberate retry of failed items, and
+re-drive of stranded open items.
 
 Nothing here recovers or re-runs anything by itself: `retry_failed` runs only failed items, only on
 an operator's request, only after the job has finished, and only a bounded number of rounds. There
 is deliberately no "recover" operation (an automatic recovery once re-ran finished batches and
-created duplicate live listings; see docs/architecture.md).
+created duplicate live listings; see docs/architecture.md). `redrive_job` too runs only when an
+operator asks, only for open items that no task will deliver again, never for a final item.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from shared.exceptions import BadRequestError, ConflictError, NotFoundError
 from shared.job_state import job_not_found
 from shared.log import log_event
 from shared.model import Item, ItemStatus, Job, JobStatus, LineOutcome
-from shared.naming import task_name_for
+from shared.naming import redrive_task_name_for, task_name_for
 from shared.payloads import ItemTask
 from shared.process_request import ProcessFileRequest
 from shared.store import Store, default_store, valid_doc_id
@@ -357,6 +359,162 @@ def _create_item_tasks(job_id: str, items: list[Item], round_: int) -> int:
     with ThreadPoolExecutor(max_workers=min(_TASK_THREADS, len(specs))) as pool:
         results = list(pool.map(lambda s: create_task(item_queue_for(s.task_id), s), specs))
     return sum(1 for r in results if r)
+
+
+# ---------------------------------------------------------------- re-drive
+
+REDRIVE_DEFAULT_LIMIT = 1000
+REDRIVE_MAX_LIMIT = 5000
+STRANDED_QUEUED = "queued_without_task"
+STRANDED_LEASE_LAPSED = "lease_lapsed_without_task"
+
+
+def redrive_job(job_id: str, actor: str, *, dry_run: bool, limit: int = REDRIVE_DEFAULT_LIMIT,
+                cursor: str | None = None, now: dt.datetime | None = None) -> dict[str, Any]:
+    """An operator's re-drive: one new task for each open item of a running (or paused) job that no
+    task will ever deliver again.
+
+    Open means `queued`, or `processing` with a lapsed lease; "no task" means GetTask on the item's
+    recorded `task_name` (in its shard of the item queues) answers NotFound. Each such item gets the
+    task `redrive_task_name_for(job, gtin, round, n)`, n being the job's re-drive number (taken in a
+    transaction with a `redrive` event), and its `task_name` is pointed at it first, in a write
+    guarded on the item being unchanged since it was read, so the next re-drive checks the new task.
+    Final items are never read for a write; a finished or ingesting job is refused (ConflictError).
+    `dry_run` lists what would be re-driven and writes nothing.
+
+    Bounded: at most `limit` open items are checked per call, in gtin order after `cursor`;
+    `next_cursor` continues. Works from item documents only: an item whose document was never born
+    (items born at their first claim) is not seen here.
+    """
+    from shared import job_state
+
+    limit = _check_limit(limit, REDRIVE_MAX_LIMIT)
+    if cursor is not None and not valid_doc_id(cursor):
+        raise BadRequestError("cursor is not valid", code="bad_cursor")
+    now = now or _now()
+    store = _store()
+    job_state.refuse_unless_redrivable(job_id, store.get_job(_checked_job_id(job_id)))
+    candidates, next_cursor = _open_items(store, job_id, now, limit, cursor)
+    stranded = _without_live_task(job_id, candidates, now)
+    out: dict[str, Any] = {"job_id": job_id, "dry_run": dry_run, "redrive": None, "examined": len(candidates),
+                           "stranded": len(stranded), "items": [row for _, row in stranded],
+                           "tasks_created": 0, "already_enqueued": 0, "moved_meanwhile": 0, "tasks_failed": 0,
+                           "next_cursor": next_cursor}
+    log_event("redrive_examined", job_id=job_id, actor=actor, dry_run=dry_run, examined=len(candidates),
+              stranded=len(stranded), next_cursor=next_cursor)
+    if dry_run or not stranded:
+        return _jsonable(out)
+
+    n = store.begin_redrive(job_id, actor, now, len(stranded)).n
+    out["redrive"] = n
+    new_names = {item.gtin: redrive_task_name_for(job_id, item.gtin, item.round, n) for item, _ in stranded}
+    writes = [(item, item_state.Update({
+        "task_name": new_names[item.gtin], "updated_at": now,
+        "redrive": {"n": n, "actor": actor, "at": now, "previous_task_name": row["task_name"]}}))
+        for item, row in stranded]
+    written = {item.gtin for item in store.write_items_if_unchanged(job_id, writes)}
+    out["moved_meanwhile"] = len(stranded) - len(written)
+    for _, row in stranded:
+        row["new_task_name"] = new_names[row["gtin"]] if row["gtin"] in written else None
+    results = _create_redrive_tasks(job_id, [item for item, _ in stranded if item.gtin in written], new_names)
+    for _, row in stranded:
+        row["outcome"] = results.get(row["gtin"], "moved_meanwhile")
+    out["tasks_created"] = sum(1 for r in results.values() if r == "created")
+    out["already_enqueued"] = sum(1 for r in results.values() if r == "already_enqueued")
+    out["tasks_failed"] = sum(1 for r in results.values() if r == "failed")
+    log_event("job_redriven", severity="WARNING" if out["tasks_failed"] else "INFO", job_id=job_id, actor=actor,
+              redrive=n, stranded=len(stranded), tasks_created=out["tasks_created"],
+              already_enqueued=out["already_enqueued"], moved_meanwhile=out["moved_meanwhile"],
+              tasks_failed=out["tasks_failed"])
+    return _jsonable(out)
+
+
+def _open_items(store: Store, job_id: str, now: dt.datetime, limit: int,
+                cursor: str | None) -> tuple[list[Item], str | None]:
+    """Up to `limit` open items after `cursor` in gtin order: queued ones, and processing ones whose
+    lease lapsed (a live lease is a delivery at work). Two queries by status, merged by gtin, so a
+    cursor continues both; the next cursor is None when the scan reached the end."""
+    import heapq
+    import itertools
+
+    def pages(status: str):
+        after = cursor
+        while True:
+            page = store.page_items(job_id, limit=_PAGE, status=status, after_gtin=after)
+            yield from page
+            if len(page) < _PAGE:
+                return
+            after = page[-1].gtin
+
+    merged = heapq.merge(pages(ItemStatus.QUEUED.value), pages(ItemStatus.PROCESSING.value), key=lambda i: i.gtin)
+    # An item that changed status between the two queries' pages comes twice (adjacent): keep the first.
+    unique = (next(group) for _, group in itertools.groupby(merged, key=lambda i: i.gtin))
+    open_ = (i for i in unique if i.status == ItemStatus.QUEUED.value or not i.leased_at(now))
+    taken = list(itertools.islice(open_, limit + 1))
+    more = len(taken) > limit
+    taken = taken[:limit]
+    return taken, (taken[-1].gtin if more and taken else None)
+
+
+def _recorded_task_name(job_id: str, item: Item) -> str:
+    """The task that last carried the item (a claim records the delivering task), else its round's task."""
+    from shared.naming import is_valid_task_id
+
+    name = item.doc.get("task_name")
+    return name if isinstance(name, str) and is_valid_task_id(name) else task_name_for(job_id, item.gtin, item.round)
+
+
+def _without_live_task(job_id: str, items: list[Item], now: dt.datetime) -> list[tuple[Item, dict[str, Any]]]:
+    """The items whose recorded task is gone (GetTask NotFound in the item's shard), each with its row."""
+    from shared.tasks import item_queue_for, task_exists
+
+    if not items:
+        return []
+    names = [_recorded_task_name(job_id, i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(_TASK_THREADS, len(items))) as pool:
+        live = list(pool.map(lambda name: task_exists(item_queue_for(name), name), names))
+    out = []
+    for item, name, alive in zip(items, names, live):
+        if alive:
+            continue
+        if item.status == ItemStatus.QUEUED.value:
+            reason, why = STRANDED_QUEUED, f"queued, and its task {name} no longer exists"
+        else:
+            lapsed = (now - item.lease_expires_at).total_seconds() if item.lease_expires_at else None
+            since = f"{int(lapsed)} s ago" if lapsed is not None else "(no lease recorded)"
+            reason, why = STRANDED_LEASE_LAPSED, (f"processing with a lease that lapsed {since}, and its task "
+                                                  f"{name} no longer exists")
+        out.append((item, {"gtin": item.gtin, "line": item.doc.get("line"), "upc": item.doc.get("upc"),
+                           "status": item.status, "round": item.round, "attempt": item.attempt,
+                           "task_name": name, "reason": reason, "why": why}))
+    return out
+
+
+def _create_redrive_tasks(job_id: str, items: list[Item], names: dict[str, str]) -> dict[str, str]:
+    """One task per item under its re-drive name; gtin → created | already_enqueued | failed.
+    AlreadyExists (the same re-drive's create repeated) counts as enqueued; any other failure is
+    reported, and the item, pointed at a task that does not exist, is found again by the next re-drive."""
+    from shared.tasks import ITEM_TASK, TaskSpec, create_task, item_queue_for
+
+    def create(item: Item) -> tuple[str, str]:
+        name = names[item.gtin]
+        try:
+            spec = TaskSpec(task_id=name, kind=ITEM_TASK, payload=ItemTask(
+                job_id=job_id, gtin=item.gtin, upc=item.doc.get("upc"), line=item.doc.get("line"),
+                round=item.round).to_body())
+            created = create_task(item_queue_for(name), spec)
+        except Exception as exc:  # noqa: BLE001 - reported per item; the rest still go out
+            log_event("item_redrive_failed", severity="ERROR", job_id=job_id, gtin=item.gtin, task_name=name,
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+            return item.gtin, "failed"
+        log_event("item_redriven", job_id=job_id, gtin=item.gtin, task_name=name, created=created,
+                  previous_task_name=item.doc.get("task_name"), status=item.status)
+        return item.gtin, "created" if created else "already_enqueued"
+
+    if not items:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(_TASK_THREADS, len(items))) as pool:
+        return dict(pool.map(create, items))
 
 
 # ---------------------------------------------------------------- submit and health

@@ -133,5 +133,16 @@ def get_task_payload(queue_path: str, task_id: str) -> dict[str, Any] | None:
         return None
 
 
+def task_exists(queue_path: str, task_id: str) -> bool:
+    """Whether the named task is live in the queue (GetTask, BASIC view: needs only
+    `cloudtasks.tasks.get`). A task that succeeded, exhausted its retries or was deleted answers
+    NotFound, tombstoned or not. Transient API faults are retried (`shared.retry.TASK_API`)."""
+    try:
+        TASK_API.call(lambda: tasks_client().get_task(name=f"{queue_path}/tasks/{task_id}"))
+    except gexc.NotFound:
+        return False
+    return True
+
+
 def log_task_created(created: bool, **fields: Any) -> None:
     log_event("task_created" if created else "task_already_exists", **fields)

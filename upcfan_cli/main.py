@@ -59,6 +59,7 @@ COMMAND_SETTINGS = {
     "items": (PROJECT,),
     "cancel": (PROJECT,),
     "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, CONTROL_QUEUE_NAME),
+    "redrive": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS),
     "submit gs://": (PROJECT, LOCATION, INGEST_URL, TASK_SA, CONTROL_QUEUE_NAME),
     "submit FILE": (PROJECT, BUCKET),
     # and the Slack webhook, or its secret, or --no-alerts (see `sweep`)
@@ -94,7 +95,7 @@ class _ExitCodeGroup(TyperGroup):
 
 app = typer.Typer(
     cls=_ExitCodeGroup,
-    help="Operate upcfan jobs: submit, status, jobs, items, cancel, retry-failed, sweep.\n\n" + EXIT_CODES_HELP,
+    help="Operate upcfan jobs: submit, status, jobs, items, cancel, retry-failed, redrive, sweep.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -471,6 +472,72 @@ def retry_failed(
                   f"queued, {out.get('tasks_created', 0)} tasks created")
     if watch:
         _finish(watch_job(job_id, interval), as_json)
+
+
+def _redrive_pages(job_id: str, dry_run: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every page of a re-drive (the core checks a bounded number of open items per call): (rows, answers)."""
+    rows: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        out = _call(_ops().redrive_job, job_id, _actor(), dry_run=dry_run, cursor=cursor)
+        answers.append(out)
+        rows += out.get("items") or []
+        cursor = out.get("next_cursor")
+        if not cursor:
+            return rows, answers
+
+
+_REDRIVE_COLUMNS = ("gtin", "line", "status", "task_name", "why")
+
+
+def _redrive_table(title: str, rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> Table:
+    table = Table(title=title)
+    for col in (*_REDRIVE_COLUMNS, *extra):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in (*_REDRIVE_COLUMNS, *extra)))
+    return table
+
+
+@app.command()
+def redrive(
+    job_id: str = typer.Argument(...),
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list the stranded items; change nothing"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="re-drive without asking"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Give each stranded open item of a running or paused job one new task: items `queued`, or `processing`
+    with a lapsed lease, whose task no longer exists. Lists them first and asks. Final items are never
+    touched; refused (3) for a finished or ingesting job."""
+    _require("redrive")
+    rows, _ = _redrive_pages(job_id, dry_run=True)
+    if as_json and (dry_run or not rows):
+        _print_json({"job_id": job_id, "dry_run": True, "items": rows})
+        return
+    if not as_json:
+        console.print(_redrive_table(f"{job_id}: {len(rows)} stranded open item(s)", rows))
+    if dry_run or not rows:
+        if not as_json:
+            console.print("dry run: nothing changed" if rows else "nothing to re-drive: every open item has a "
+                                                                   "live task or a live lease")
+        return
+    if not yes and not typer.confirm(f"Create a new task for each of these {len(rows)} item(s)?", default=False):
+        raise _fail(EXIT_ERROR, "re-drive not confirmed; nothing changed")
+    done, answers = _redrive_pages(job_id, dry_run=False)
+    totals = {k: sum(int(a.get(k) or 0) for a in answers)
+              for k in ("tasks_created", "already_enqueued", "moved_meanwhile", "tasks_failed")}
+    numbers = [a["redrive"] for a in answers if a.get("redrive")]
+    if as_json:
+        _print_json({"job_id": job_id, "dry_run": False, "redrive": numbers, **totals, "items": done})
+    else:
+        console.print(_redrive_table(f"{job_id}: re-drive {', '.join(map(str, numbers)) or '-'}", done,
+                                     ("new_task_name", "outcome")))
+        console.print(f"re-drive of {job_id}: {totals['tasks_created']} tasks created, {totals['already_enqueued']} "
+                      f"already enqueued, {totals['moved_meanwhile']} items moved meanwhile (left alone), "
+                      f"{totals['tasks_failed']} failed")
+    if totals["tasks_failed"]:
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()

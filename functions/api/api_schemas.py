@@ -27,6 +27,15 @@ class ListItemsQuery(BaseModel):
     cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
 
 
+class RedriveRequest(BaseModel):
+    """POST /api/batch/jobs/{job_id}/redrive: `dry_run` must be said (true lists, false re-drives)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dry_run: bool = Field(strict=True)
+    limit: int = Field(default=1000, ge=1, le=5000)
+    cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -100,6 +109,13 @@ def openapi_spec() -> dict[str, Any]:
             "/api/batch/jobs/{job_id}/cancel": {"post": {
                 "operationId": "cancel", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("cancelled (idempotent)"), **_errors(404, 409)}}},
+            "/api/batch/jobs/{job_id}/redrive": {"post": {
+                "operationId": "redrive", "parameters": [_JOB_ID],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": RedriveRequest.model_json_schema()}}},
+                "responses": {"200": _resp("stranded open items (queued, or processing with a lapsed lease, "
+                                           "whose task is gone): listed (dry_run) or given one new task each"),
+                              **_errors(400, 404, 409)}}},
             "/api/batch/jobs/{job_id}/retry-failed": {"post": {
                 "operationId": "retry_failed", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("retry round started or resumed"), **_errors(404, 409)}}},

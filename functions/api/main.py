@@ -35,6 +35,7 @@ _URLS = Map(
         Rule("/api/batch/jobs/<job_id>/items", endpoint="items", methods=["GET"]),
         Rule("/api/batch/jobs/<job_id>/cancel", endpoint="cancel", methods=["POST"]),
         Rule("/api/batch/jobs/<job_id>/retry-failed", endpoint="retry_failed", methods=["POST"]),
+        Rule("/api/batch/jobs/<job_id>/redrive", endpoint="redrive", methods=["POST"]),
     ],
     strict_slashes=False,
     merge_slashes=False,
@@ -127,9 +128,19 @@ def retry_failed(request: Request, job_id: str) -> Response:
     return _json(_ops().retry_failed(job_id, _actor(request)))
 
 
+def redrive(request: Request, job_id: str) -> Response:
+    try:
+        data = json.loads(request.get_data(cache=True) or b"")
+    except ValueError:
+        return _error(400, "bad_json", 'request body must be a JSON object: {"dry_run": true|false}')
+    body = schemas.RedriveRequest.model_validate(data)
+    return _json(_ops().redrive_job(job_id, _actor(request), dry_run=body.dry_run, limit=body.limit,
+                                    cursor=body.cursor))
+
+
 _HANDLERS: dict[str, Callable[..., Response]] = {
     "health": health, "openapi": openapi, "process": process, "status": status, "jobs": jobs,
-    "items": items, "cancel": cancel, "retry_failed": retry_failed,
+    "items": items, "cancel": cancel, "retry_failed": retry_failed, "redrive": redrive,
 }
 
 

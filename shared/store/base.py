@@ -202,6 +202,18 @@ class Store(abc.ABC):
                     applied.append((item, result))
         return applied
 
+    def write_items_if_unchanged(self, job_id: str, writes: list[tuple[Item, ItemWrite]]) -> list[Item]:
+        """Apply each update only if its item is unchanged since it was read (`Item.version`), never
+        deciding anew: guarded batches, and per item when a batch lost a race. Returns the items written."""
+        written: list[Item] = []
+        for start in range(0, len(writes), BATCH_WRITES):
+            batch = writes[start:start + BATCH_WRITES]
+            if self.write_items_guarded(job_id, batch):
+                written += [item for item, _ in batch]
+                continue
+            written += [item for item, write in batch if self.write_items_guarded(job_id, [(item, write)])]
+        return written
+
     # ----------------------------------------------------------------------------- jobs
 
     def complete_job(self, job_id: str, counts: dict[str, int], at: dt.datetime) -> job_state.Completion:
@@ -224,3 +236,7 @@ class Store(abc.ABC):
     def finish_retry_round(self, job_id: str, round_: int, at: dt.datetime, requeued: int, created: int) -> bool:
         return self.transact_job("finish_retry", job_id,
                                  lambda job: job_state.finish_retry_round(job, round_, at, requeued, created))
+
+    def begin_redrive(self, job_id: str, actor: str, at: dt.datetime, items: int) -> job_state.Redrive:
+        return self.transact_job("begin_redrive", job_id,
+                                 lambda job: job_state.begin_redrive(job, job_id, actor, at, items))

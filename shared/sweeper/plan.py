@@ -21,6 +21,8 @@ from shared.sweeper.decisions import FlagAction, decide_alert, decide_flag, move
 from shared.sweeper.findings import Finding, Severity, as_utc, never_claimed_from_snapshot, open_in_snapshot
 from shared.sweeper.outbox import NotifyState, stall_event_record
 from shared.sweeper.rules.base import Query
+from shared.sweeper.rules.lease_overrun import LEASE_OVERRUN
+from shared.sweeper.rules.running import NO_PROGRESS, QUEUED_STALL
 from shared.sweeper.store import AddJobEvent, AddStallEvent, MergeAlertState, SetStallFlag, SweepStore, Write
 
 
@@ -139,7 +141,17 @@ def _stall_message(f: Finding, action: FlagAction, never: int | None, now: dt.da
         succeeded=int(counts.get("succeeded") or 0), failed=int(counts.get("failed") or 0),
         open=open_, never_claimed=never, detected_at=now,
         action="reminder" if action is FlagAction.UNCHANGED else action.value,
+        stranded=may_be_stranded(f.kind, open_, never),
     ))
+
+
+def may_be_stranded(kind: str, open_items: int, never_claimed: int | None) -> bool:
+    """Whether a finding shows open items that may have no task left, so the alert names the operator's
+    re-drive: queued items not moving (`queued_stall`), leases long lapsed (`lease_overrun`), or a job
+    with open items and no progress. Pure; the sweeper only names the command, it never creates tasks."""
+    if kind in (QUEUED_STALL, LEASE_OVERRUN):
+        return True
+    return kind == NO_PROGRESS and (open_items > 0 or bool(never_claimed))
 
 
 def plan_recovery(store: SweepStore, job: dict, now: dt.datetime) -> JobPlan:

@@ -25,7 +25,7 @@ from shared.naming import job_id_for
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 DROPPED = ("ingest:roles/cloudtasks.viewer:item_queues", "api:roles/storage.objectViewer:bucket",
-           "api:roles/cloudtasks.viewer:item_queue:0")
+           "api:roles/cloudtasks.viewer:item_queues")
 DRY_RUN = {"upcfan-test-mode": "true"}
 
 

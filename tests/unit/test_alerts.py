@@ -121,3 +121,14 @@ def test_429_waits_are_bounded_by_the_slack_policy(monkeypatch):
     r = alerts.post_message(alerts.SlackMessage(text="x"), webhook_url="http://hook", sleep=waits.append)
     assert len(sends) == SLACK.attempts and waits == [0.0] * (SLACK.attempts - 1)
     assert not r.ok and r.transient and r.status == 429 and r.error == "slack rate limited (429, retry-after 0.0s)"
+
+
+def test_a_stranded_alert_names_the_redrive_dry_run_first():
+    """Issue 15, item 5: open items that may have no task: the alert says what an operator can run."""
+    msg = alerts.build_stall_message(_alert(job_id="job-1", kind="queued_stall", stranded=True))
+    assert "upcfan redrive job-1 --dry-run" in msg.text
+    commands = json.dumps(msg.blocks)
+    assert commands.index("upcfan redrive job-1 --dry-run") < commands.index("upcfan status job-1")
+    assert "POST /api/batch/jobs/job-1/redrive" in commands
+    plain = alerts.build_stall_message(_alert(job_id="job-1"))
+    assert "redrive" not in _all_text(plain)

@@ -61,6 +61,11 @@ class FakeCore:
         self._job(job_id)
         return {"job_id": job_id, "round": 2}
 
+    def redrive_job(self, job_id, actor, *, dry_run, limit=1000, cursor=None):
+        self.calls.append(("redrive", job_id, actor, dry_run, limit, cursor))
+        self._job(job_id)
+        return {"job_id": job_id, "dry_run": dry_run, "items": [], "next_cursor": None}
+
     def submit(self, request, source="http"):
         gcs_path = request.gcs_path
         self.calls.append(("submit", gcs_path, request.handler, request.create_drafts, request.test_mode, source))
@@ -77,7 +82,8 @@ class FakeCore:
 @pytest.fixture
 def core(monkeypatch):
     fake = FakeCore()
-    for name in ("get_job_status", "list_jobs", "list_items", "cancel_job", "retry_failed", "submit", "health"):
+    for name in ("get_job_status", "list_jobs", "list_items", "cancel_job", "retry_failed", "submit", "health",
+                 "redrive_job"):
         monkeypatch.setattr(operations, name, getattr(fake, name))
     return fake
 
@@ -207,6 +213,41 @@ def test_cancel_and_retry_map_conflicts_to_409(client, core):
     assert client.post("/api/batch/jobs/missing/cancel").status_code == 404
 
 
+def test_redrive_takes_an_explicit_dry_run_and_the_verified_actor(client, core):
+    resp = client.post("/api/batch/jobs/j1/redrive", json={"dry_run": True},
+                       headers={"Authorization": _id_token("ops@example.com")})
+    assert resp.status_code == 200 and resp.get_json()["dry_run"] is True
+    assert core.calls[-1] == ("redrive", "j1", "ops@example.com", True, 1000, None)
+    resp = client.post("/api/batch/jobs/j1/redrive", json={"dry_run": False, "limit": 50, "cursor": "000123"})
+    assert resp.status_code == 200
+    assert core.calls[-1] == ("redrive", "j1", "unauthenticated", False, 50, "000123")
+
+
+@pytest.mark.parametrize("body,code,needle", [
+    (None, "bad_json", "dry_run"),
+    ({}, "bad_request", "dry_run"),  # never a default: a bare POST must not re-drive (nor only list)
+    ({"dry_run": "yes"}, "bad_request", "dry_run"),
+    ({"dry_run": 1}, "bad_request", "dry_run"),
+    ({"dry_run": True, "limit": 0}, "bad_request", "limit"),
+    ({"dry_run": True, "force": True}, "bad_request", "force"),
+    ([True], "bad_request", "body"),
+])
+def test_redrive_rejects_bad_bodies_with_400(client, core, body, code, needle):
+    resp = client.post("/api/batch/jobs/j1/redrive", json=body) if body is not None \
+        else client.post("/api/batch/jobs/j1/redrive", data=b"")
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    err = _err(resp)
+    assert err["code"] == code and needle in err["message"], err
+    assert not [c for c in core.calls if c[0] == "redrive"]
+
+
+def test_redrive_maps_refusals(client, core):
+    resp = client.post("/api/batch/jobs/busy/redrive", json={"dry_run": True})
+    assert resp.status_code == 409 and _err(resp)["code"] == "job_not_final"
+    assert client.post("/api/batch/jobs/missing/redrive", json={"dry_run": True}).status_code == 404
+    assert client.get("/api/batch/jobs/j1/redrive").status_code == 405
+
+
 def _id_token(email: str) -> str:
     claims = base64.urlsafe_b64encode(json.dumps({"email": email}).encode()).decode().rstrip("=")
     return f"Bearer h.{claims}.s"
@@ -264,7 +305,8 @@ def test_openapi_is_served_and_has_no_recover_route(client):
     assert spec["openapi"].startswith("3.")
     assert set(spec["paths"]) == {
         "/health", "/openapi.json", "/api/batch/process", "/api/batch/status/{job_id}", "/api/batch/jobs",
-        "/api/batch/jobs/{job_id}/items", "/api/batch/jobs/{job_id}/cancel", "/api/batch/jobs/{job_id}/retry-failed"}
+        "/api/batch/jobs/{job_id}/items", "/api/batch/jobs/{job_id}/cancel", "/api/batch/jobs/{job_id}/retry-failed",
+        "/api/batch/jobs/{job_id}/redrive"}
     params = {p["name"]: p for p in spec["paths"]["/api/batch/jobs"]["get"]["parameters"]}
     assert params["limit"]["schema"]["maximum"] == 100
     assert "running" in params["status"]["schema"]["enum"]

@@ -64,6 +64,19 @@ def test_health_get_queue_only_on_the_first_item_queue(policy):
     assert not policy.check(sa(policy, "worker"), "cloudtasks.GetQueue", first).allowed
 
 
+def test_api_may_read_item_tasks_in_every_shard_for_redrive(policy):
+    """Issue 15 (re-drive): the api checks with GetTask (BASIC) whether an open item's task still exists,
+    in whichever item queue shard the task's name hashes to; it may still not read the control queue."""
+    d = policy.desired
+    for q in d.target_resources("item_queues"):
+        decision = policy.check(sa(policy, "api"), "cloudtasks.GetTask", q)
+        assert decision.allowed and decision.role == "roles/cloudtasks.viewer", q
+        assert policy.check(sa(policy, "api"), "cloudtasks.CreateTask", q).allowed
+    assert not policy.check(sa(policy, "api"), "cloudtasks.GetTask", d.target_resources("control_queue")[0]).allowed
+    p = iam.Policy(d, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queues"))
+    assert p.check(sa(p, "api"), "cloudtasks.GetTask", queue(p)).missing == ("cloudtasks.tasks.get",)
+
+
 def test_act_as_the_tasks_invoker(policy):
     """CreateTask with an OIDC token needs iam.serviceAccounts.actAs on that account (Cloud Tasks docs)."""
     invoker = policy.desired.sa_path("tasks_invoker")
@@ -194,7 +207,7 @@ def test_emulator_health_get_queue_by_api(policy, tmp_path):
     """Defect 3: /health's GetQueue as upcfan-api on the first item queue."""
     status, _ = run(_emulator_call(policy, tmp_path, "GET", queue(policy), identity.mint(sa(policy, "api"))))
     assert status == 200
-    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queue:0"))
+    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queues"))
     status, body = run(_emulator_call(p, tmp_path, "GET", queue(p), identity.mint(sa(p, "api"))))
     assert status == 403 and '"cloudtasks.queues.get"' in body["error"]["message"]
 

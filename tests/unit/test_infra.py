@@ -192,11 +192,11 @@ def test_least_privilege_bindings():
     for q in ("upcfan-items", "upcfan-items-1"):
         assert tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.enqueuer") == sorted([sa("ingest"), sa("api")])
     assert sa("worker") in tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.enqueuer")
-    # GetTask (ingest, on AlreadyExists) and GetQueue (api /health) need the viewer role; the api's
-    # viewer grant is on the one queue /health reads.
+    # GetTask (ingest, on AlreadyExists; api, re-drive in the item's shard) and GetQueue (api /health)
+    # need the viewer role, on every item queue.
     for q in ("upcfan-items", "upcfan-items-1"):
         viewers = tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.viewer")
-        assert viewers == (sorted([sa("ingest"), sa("api")]) if q == "upcfan-items" else [sa("ingest")])
+        assert viewers == sorted([sa("ingest"), sa("api")])
     assert tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.viewer") == []
     sec = fakes["secrets"]
     # Every function sends job notes to Slack; only the worker talks to the marketplace.

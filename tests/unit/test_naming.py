@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.naming import chunk_task_name_for, is_valid_task_id, job_id_for, task_name_for
+from shared.naming import chunk_task_name_for, is_valid_task_id, job_id_for, redrive_task_name_for, task_name_for
 
 object_names = st.text(min_size=1, max_size=300).filter(lambda s: not s.endswith("/"))
 gtins = st.text("0123456789", min_size=14, max_size=14)
@@ -41,3 +41,19 @@ def test_chunk_names_differ_by_offset():
     job = job_id_for("b", "f.txt", 7)
     assert chunk_task_name_for(job, 0) != chunk_task_name_for(job, 262144)
     assert is_valid_task_id(chunk_task_name_for(job, 262144))
+
+
+@given(st.text(min_size=1, max_size=300), gtins, st.integers(1, 1000), st.integers(1, 10**6))
+def test_redrive_names_extend_the_round_name_and_stay_valid(name, gtin, round_, n):
+    """Issue 15: a re-drive's task is the round's task name plus -d{n}, within Cloud Tasks' 500 characters."""
+    job = job_id_for("bucket", name, 1)
+    task = redrive_task_name_for(job, gtin, round_, n)
+    assert task == f"{task_name_for(job, gtin, round_)}-d{n}" and is_valid_task_id(task) and len(task) <= 500
+    assert task != redrive_task_name_for(job, gtin, round_, n + 1)
+
+
+def test_redrive_number_starts_at_one():
+    import pytest
+
+    with pytest.raises(ValueError, match="starts at 1"):
+        redrive_task_name_for("j", "00000000000017", 1, 0)
