@@ -77,7 +77,7 @@ class Heartbeat:
         """One renewal; False when the heartbeat is over (lease lost or given up)."""
         if self._lost.is_set():
             return False
-        now = self._clock()
+        now, started = self._clock(), self._monotonic()
         try:
             kept = self._store.extend_lease(self._job_id, self._gtin, self._owner, utc(now), utc(now + self._lease_s))
         except Exception as exc:  # a failed beat is not a lost lease: try again next interval, until giving up
@@ -91,7 +91,8 @@ class Heartbeat:
             return False
         if self._lost.is_set():  # given up meanwhile: the handler may have stopped already; stay given up
             return False
-        self._renewed_at = self._monotonic()
+        # The lease now runs to `now` + lease_s: measured from when this renewal started, not ended.
+        self._renewed_at = started
         return True
 
     def _abandon(self) -> None:
