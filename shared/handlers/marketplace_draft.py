@@ -137,8 +137,8 @@ class MarketplaceDraftHandler(ItemHandler):
               side_effect: bool = False, headers: dict | None = None, **kwargs: Any) -> Any:
         """One call, retried in place on a transient answer (`OUTBOUND_HTTP`: jittered backoff, at least
         the answer's Retry-After, only while the retry and its call fit in the item's time budget).
-        A side-effecting call (`side_effect`) is made, first time and every retry, only while the
-        item's heartbeat says this delivery still owns it."""
+        A side-effecting call (`side_effect`) is made, first time and every retry, and any call is
+        retried, only while the item's heartbeat says this delivery still owns it."""
         call_s = float(sum(self._timeout))
         time_left = lambda: item.time_left(self._clock)  # noqa: E731
         left = time_left()
@@ -154,7 +154,9 @@ class MarketplaceDraftHandler(ItemHandler):
         def once() -> Any:
             nonlocal tries
             tries += 1
-            if side_effect and not item.heartbeat():
+            # Before a side effect, every time; before any retry too: a retry comes after a wait, and a
+            # delivery that lost the item (or whose job stopped) has no reason to go on asking.
+            if (side_effect or tries > 1) and not item.heartbeat():
                 raise LeaseLostError(f"lease lost before {step} for SKU {item.gtin} (call {tries}); "
                                      "another delivery may own the item, or its job stopped")
             return self._request(step, method, path, ok=ok, headers=headers, **kwargs)

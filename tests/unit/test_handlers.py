@@ -547,6 +547,16 @@ def test_a_side_effect_is_not_retried_once_the_heartbeat_says_lost(fake_market, 
     assert len(clock.sleeps) == 1  # it waited for the retry, then found the lease gone before the call
 
 
+def test_a_lookup_is_not_retried_once_the_heartbeat_says_lost(fake_market):
+    script, url = fake_market
+    _happy(script)
+    script.on(*PRODUCT, UNAVAILABLE, (200, {}))
+    clock = FakeClock()
+    with pytest.raises(LeaseLostError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 75, heartbeat=lambda: False))
+    assert "catalog lookup" in exc.value.message and [m for m, *_ in script.requests] == ["GET"]
+
+
 def test_a_lost_offer_answer_is_recovered_by_the_retry_with_the_same_key(fake_market):
     script, url = fake_market
     _happy(script)
