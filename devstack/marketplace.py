@@ -9,7 +9,8 @@ Routes the worker's handler calls (keep them exactly so):
 Like eBay, the marketplace routes require `Authorization: Bearer <token>` (the token given at start:
 env UPCFAN_MARKETPLACE_TOKEN, or --token; --no-auth opens them); without it they answer 401 with an
 eBay-style OAuth error and count `unauthorized_calls`. The control routes (`/_...`) stay open:
-GET /_stats, GET|POST /_faults, GET|POST /_config, GET /_listings, POST /_reset, GET /_health.
+GET /_stats, GET|POST|PATCH /_faults (the knobs: `Faults`), GET|POST /_config, GET /_listings,
+POST /_reset, GET /_health.
 It is deliberately naive: a second offer for the same SKU is accepted (unless `enforce_unique_sku`)
 so tests can count duplicates with `skus_with_duplicates`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import os
@@ -60,14 +62,39 @@ def error_body(error_id: int, message: str, *, category: str = "REQUEST", **extr
 _ERROR_IDS = {400: 25709, 404: 25710, 409: 25002, 429: 2001, 500: 25001, 502: 25001, 503: 25001, 504: 25001}
 
 
+RETRY_AFTER_FORMATS = ("seconds", "http-date")
+
+
 @dataclass
 class Faults:
+    """The injected faults, set as a whole by `POST /_faults` (merged key by key by `PATCH /_faults`).
+
+    - `error_rate` of EVERY marketplace call answers `status` before any effect (e.g. 0.3 and 503:
+      30% 503 for the whole run); `latency_ms` delays every call; `error_after_effect_rate` of offer
+      creates lose their answer after the offer was made.
+    - `fail_gtins` {gtin: status} / `latency_gtins` {gtin: ms}: per product.
+    - `outage_s`: a total outage, every marketplace call answers `outage_status` for that many
+      seconds from when it was set, then healthy again (`GET /_faults` shows the seconds left).
+    - `reject_auth`: every marketplace call answers 401 (eBay's invalid-token answer) as if the
+      token were revoked, until switched off.
+    - `retry_after_s` / `retry_after_format`: the Retry-After every injected 429 carries, in seconds or
+      as an HTTP-date (None: no header).
+    """
+
     error_rate: float = 0.0
     latency_ms: float = 0.0
     status: int = 503
     error_after_effect_rate: float = 0.0
     fail_gtins: dict = field(default_factory=dict)
     latency_gtins: dict = field(default_factory=dict)
+    outage_until: float = 0.0  # time.monotonic(); from `outage_s` when set
+    outage_status: int = 503
+    reject_auth: bool = False
+    retry_after_s: float | None = 1.0
+    retry_after_format: str = "seconds"
+
+    def outage_left_s(self) -> float:
+        return max(0.0, self.outage_until - time.monotonic())
 
     def as_dict(self) -> dict:
         return {
@@ -77,19 +104,72 @@ class Faults:
             "error_after_effect_rate": self.error_after_effect_rate,
             "fail_gtins": dict(self.fail_gtins),
             "latency_gtins": dict(self.latency_gtins),
+            "outage_s": round(self.outage_left_s(), 3),
+            "outage_status": self.outage_status,
+            "reject_auth": self.reject_auth,
+            "retry_after_s": self.retry_after_s,
+            "retry_after_format": self.retry_after_format,
         }
 
     @classmethod
-    def from_dict(cls, spec: dict) -> "Faults":
-        status = int(spec.get("status", 503))
+    def from_dict(cls, spec: dict, base: "Faults | None" = None) -> "Faults":
+        """Faults from a `/_faults` body: `spec` alone, or merged into `base`. A bad value or an
+        unknown knob raises ValueError naming it."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"the faults body must be a JSON object, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - set(cls().as_dict()) - {"enforce_unique_sku"})
+        if unknown:
+            raise ValueError(f"unknown fault knob(s) {', '.join(unknown)}; known: {', '.join(cls().as_dict())}")
+        merged = {**(base.as_dict() if base else {}), **spec}
+        status = _http_status(merged.get("status", 503), "status")
+        outage_s = _number(merged.get("outage_s", 0.0), "outage_s")
+        retry_after = merged.get("retry_after_s", 1.0)
+        retry_after_format = str(merged.get("retry_after_format", "seconds"))
+        if retry_after_format not in RETRY_AFTER_FORMATS:
+            raise ValueError(f"retry_after_format must be one of {', '.join(RETRY_AFTER_FORMATS)}, got {retry_after_format!r}")
+        reject_auth = merged.get("reject_auth", False)
+        if not isinstance(reject_auth, bool):
+            raise ValueError(f"reject_auth must be true or false, got {reject_auth!r}")
         return cls(
-            error_rate=float(spec.get("error_rate", 0.0)),
-            latency_ms=float(spec.get("latency_ms", 0.0)),
+            error_rate=_share(merged.get("error_rate", 0.0), "error_rate"),
+            latency_ms=_number(merged.get("latency_ms", 0.0), "latency_ms"),
             status=status,
-            error_after_effect_rate=float(spec.get("error_after_effect_rate", 0.0)),
-            fail_gtins={normalize_key(k): int(v) for k, v in (spec.get("fail_gtins") or {}).items()},
-            latency_gtins={normalize_key(k): float(v) for k, v in (spec.get("latency_gtins") or {}).items()},
+            error_after_effect_rate=_share(merged.get("error_after_effect_rate", 0.0), "error_after_effect_rate"),
+            fail_gtins={normalize_key(k): _http_status(v, f"fail_gtins[{k}]") for k, v in (merged.get("fail_gtins") or {}).items()},
+            latency_gtins={normalize_key(k): _number(v, f"latency_gtins[{k}]") for k, v in (merged.get("latency_gtins") or {}).items()},
+            outage_until=time.monotonic() + outage_s if outage_s > 0 else 0.0,
+            outage_status=_http_status(merged.get("outage_status", 503), "outage_status"),
+            reject_auth=reject_auth,
+            retry_after_s=None if retry_after is None else _number(retry_after, "retry_after_s"),
+            retry_after_format=retry_after_format,
         )
+
+
+def _number(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
+def _share(value, name: str) -> float:
+    share = _number(value, name)
+    if share > 1:
+        raise ValueError(f"{name} is a share of calls, between 0 and 1, got {value!r}")
+    return share
+
+
+def _http_status(value, name: str) -> int:
+    try:
+        status = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an HTTP status, got {value!r}") from None
+    if not 400 <= status <= 599:
+        raise ValueError(f"{name} must be an HTTP error status (400-599), got {value!r}")
+    return status
 
 
 class Marketplace:
@@ -129,6 +209,8 @@ class Marketplace:
             "offers_without_inventory_item": 0,
             "requests": 0,
             "unauthorized_calls": 0,
+            "outage_calls": 0,
+            "rate_limited": 0,
         }
 
     def stats(self) -> dict:
@@ -180,7 +262,13 @@ def _fault_response(m: Marketplace, status: int, message: str, **extra) -> web.R
     m.counters["faults_injected"] += 1
     category = "APPLICATION" if status >= 500 else "REQUEST"
     body = error_body(_ERROR_IDS.get(status, 25001), message, category=category, **extra)
-    headers = {"Retry-After": "1"} if status == 429 else None
+    headers = None
+    if status == 429:
+        m.counters["rate_limited"] += 1
+        wait = m.faults.retry_after_s
+        if wait is not None:
+            headers = {"Retry-After": (email.utils.formatdate(time.time() + wait, usegmt=True)
+                                       if m.faults.retry_after_format == "http-date" else f"{wait:g}")}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -211,12 +299,18 @@ def unauthorized_body() -> dict:
 
 @web.middleware
 async def _count_and_authorize(request: web.Request, handler):
-    """Marketplace routes: counted in `requests`, and refused (401, `unauthorized_calls`) without the
-    bearer token. Control routes (`/_...`) are neither counted nor checked."""
+    """Marketplace routes: counted in `requests`; during an injected outage answered `outage_status`
+    (`outage_calls`); refused (401, `unauthorized_calls`) without the bearer token or while
+    `reject_auth` is on. Control routes (`/_...`) are neither counted nor checked."""
     if not request.path.startswith("/_"):
         m = request.app[MARKET_KEY]
         m.counters["requests"] += 1
-        if not m.authorized(request.headers.get("Authorization")):
+        left = m.faults.outage_left_s()
+        if left > 0:
+            m.counters["outage_calls"] += 1
+            return _fault_response(m, m.faults.outage_status,
+                                   f"The service is unavailable (injected outage, {left:.1f} s left).")
+        if m.faults.reject_auth or not m.authorized(request.headers.get("Authorization")):
             m.counters["unauthorized_calls"] += 1
             return web.json_response(unauthorized_body(), status=401, headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
@@ -313,10 +407,15 @@ async def get_faults(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
+    """POST: these faults replace all others; PATCH: the given knobs change, the rest stay (e.g.
+    `{"reject_auth": false}` switches the 401s off while a 30% error rate goes on)."""
     m = request.app[MARKET_KEY]
-    spec = await request.json() if request.can_read_body else {}
     try:
-        m.faults = Faults.from_dict(spec or {})
+        spec = await request.json() if request.can_read_body else {}
+    except ValueError:
+        return web.json_response({"error": "the faults body is not JSON"}, status=400)
+    try:
+        m.faults = Faults.from_dict(spec or {}, base=m.faults if request.method == "PATCH" else None)
     except (TypeError, ValueError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
     if "enforce_unique_sku" in (spec or {}):
@@ -365,6 +464,7 @@ def make_app(seed: int | None = None, enforce_unique_sku: bool = False, *, token
     r.add_get("/_stats", stats)
     r.add_get("/_faults", get_faults)
     r.add_post("/_faults", set_faults)
+    r.add_patch("/_faults", set_faults)
     r.add_get("/_config", get_config)
     r.add_post("/_config", set_config)
     r.add_get("/_listings", listings)

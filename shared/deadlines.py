@@ -14,7 +14,7 @@ For every task kind (`shared.tasks.TASK_KINDS`):
   checks; ingest: plans and chunks); `infra/deploy.py` takes it from here.
 
 The budgets add the waits and outbound calls the code bounds (per-call timeouts, retry policies'
-waits, the last attempt's wait cap) plus a stated allowance for the store and Cloud Tasks calls
+waits, the last attempt's wait cap, the item handler's time budget) plus a stated allowance for the store and Cloud Tasks calls
 themselves, which carry no client timeout of their own. A marketplace call is bounded by its
 connect timeout plus one read timeout: `requests` applies the read timeout between bytes, so a
 server trickling a body could exceed it (the sandbox and the real API answer in one read).
@@ -27,6 +27,7 @@ from dataclasses import replace
 from shared.alerts import MAX_RETRY_AFTER_WAIT_S, WEBHOOK_TIMEOUT_S
 from shared.config import load_settings
 from shared.handlers import marketplace_draft
+from shared.handlers.base import HANDLER_BUDGET_S
 from shared.retry import SLACK, STORE_MUST_COMMIT, STORE_TRANSACTION, TASK_API, RetryPolicy
 from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, TASK_KINDS, TaskKind
 from shared.worker.lease import LAST_ATTEMPT_POLL_S, LAST_ATTEMPT_WAIT_MAX_S
@@ -54,10 +55,17 @@ def retry_waits_s(policy: RetryPolicy) -> float:
     return sum(ceiling.wait_s(n) for n in range(1, policy.attempts))
 
 
-def marketplace_handler_s() -> float:
-    """Worst case of the marketplace draft handler: every call at connect + read timeout."""
+def marketplace_pass_s() -> float:
+    """One pass of the marketplace draft handler with no retry: every call at connect + read timeout."""
     per_call = marketplace_draft.CONNECT_TIMEOUT_S + marketplace_draft.READ_TIMEOUT_S
     return marketplace_draft.MAX_CALLS * per_call
+
+
+def marketplace_handler_s() -> float:
+    """Worst case of the marketplace draft handler: its time budget (`HANDLER_BUDGET_S`, the item's
+    `ItemContext.deadline`). It starts no call, first or retry, that would not end by then at its
+    timeouts, so its in-attempt retries (`OUTBOUND_HTTP`) live inside the budget, not on top of it."""
+    return HANDLER_BUDGET_S
 
 
 def slack_note_s() -> float:
@@ -68,8 +76,9 @@ def slack_note_s() -> float:
 
 def item_budget_s() -> float:
     """An item delivery on its last attempt: wait for a holder (capped, plus the poll it may overrun
-    by), claim (transaction retries), the handler, complete (must-commit retries), then the progress
-    check's CreateTask (API retries)."""
+    by), claim (transaction retries), the handler (its time budget, retries included), complete
+    (must-commit retries), then the progress check's CreateTask (API retries). The holder wait is
+    counted while a task has a last attempt (item queue max_attempts > 0)."""
     wait = LAST_ATTEMPT_WAIT_MAX_S + LAST_ATTEMPT_POLL_S
     retries = retry_waits_s(STORE_TRANSACTION) + retry_waits_s(STORE_MUST_COMMIT) + retry_waits_s(TASK_API)
     return wait + marketplace_handler_s() + retries + STORE_CALLS_ALLOWANCE_S

@@ -72,10 +72,12 @@ def classify_response(step: str, method: str, path: str, response: requests.Resp
     details: dict[str, Any] = {"step": step, "status": status}
     if error_id:
         details["error_id"] = error_id
-    if status == 429:
+    if status == 429 or status >= 500:
+        # A 503 may carry Retry-After as well as a 429 (RFC 9110, section 10.2.3): the in-attempt
+        # retry waits at least that long (`shared/retry.py` OUTBOUND_HTTP).
         retry_after = response.headers.get("Retry-After")
         if retry_after:
-            message += f", retry after {retry_after} s"
+            message += f", retry after {retry_after} s" if retry_after.strip().isdigit() else f", retry after {retry_after}"
             details["retry_after"] = retry_after
     cls = RetryableItemError if retryable else PermanentItemError
     return cls(message, code=code, details=details)

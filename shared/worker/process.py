@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from shared.config import settings
 from shared.exceptions import BadRequestError, ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
+from shared.handlers.base import HANDLER_BUDGET_S
 from shared.item_state import CancelKind, Claim, ClaimKind, CompleteKind, HandlerOutcome
 from shared.log import log_event
 from shared.model import ItemStatus, Job, JobStatus
@@ -152,7 +153,8 @@ def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler | 
     heartbeat = Heartbeat(run.store, run.task.job_id, run.task.gtin, run.delivery.owner, run.clock, run.lease_s,
                           run.heartbeat_s, fields).start()
     ctx = ItemContext(job_id=run.task.job_id, gtin=run.task.gtin, upc=run.task.upc, line=run.task.line,
-                      round=claim.round, attempt=claim.attempt, options=dict(job.options), heartbeat=heartbeat.alive)
+                      round=claim.round, attempt=claim.attempt, options=dict(job.options), heartbeat=heartbeat.alive,
+                      deadline=time.monotonic() + HANDLER_BUDGET_S)
     started = time.monotonic()
     try:
         outcome = _run_handler(handler, ctx, run.delivery.last_attempt, fields)

@@ -421,22 +421,23 @@ def test_happy_path_items_commit_exactly_a_claim_and_a_completion(
 
 
 def test_marketplace_5xx_and_lost_responses_end_with_one_listing_each(
-        stack_env, firestore_db, marketplace, start_job, faults, api, emulator, item_queue):
+        stack_env, firestore_db, marketplace, start_job, faults, api, emulator, item_queue, worker_log):
+    """Issue 15: with 30% 5xx per call an unretried attempt succeeded 24% of the time; each call is
+    now retried in place, and a lost offer answer is recovered by the same-key replay, in one attempt."""
     n = 30
     upcs = fresh_upcs(n)
     before = marketplace.stats()
     faults.set(error_rate=0.3, error_after_effect_rate=0.3, status=503)
     try:
         job_id = start_job(upcs)
-        # The fault window lasts until every item was tried and some offer's answer was lost;
-        # the items still failing then retry with Cloud Tasks backoff and must all succeed.
+        # The fault window lasts until every item was tried and some offer's answer was lost.
         poll(lambda: sum(count_items_by_status(firestore_db, job_id).values()) == n
              and marketplace.stats()["lost_responses"] > before["lost_responses"],
              40, 0.3, "every item tried and a lost response")
+        job = wait_final(firestore_db, job_id, 90)
     finally:
         faults.remove(scalars=("error_rate", "error_after_effect_rate", "status"))
-    window = marketplace.stats()
-    job = wait_final(firestore_db, job_id, 90)
+    after = marketplace.stats()
     assert job["status"] == "completed", job
     assert_accounted(api, firestore_db, job_id, n + 2)
 
@@ -446,16 +447,20 @@ def test_marketplace_5xx_and_lost_responses_end_with_one_listing_each(
         assert item["status"] == "succeeded", (gtin, item)
         assert [o["offerId"] for o in by_sku.get(gtin, [])] == [item["result"]["offer_id"]], (gtin, by_sku.get(gtin))
         assert histories(item).count("succeeded") == 1, item["history"]
-    retried = [g for g, it in items.items() if it["attempt"] > 1]
-    assert retried and all("queued" in histories(items[g]) for g in retried)
-    # created=False: an earlier attempt's offer was found (the lost-response case), not listed again.
-    recovered = [g for g, it in items.items() if it["result"]["created"] is False]
-    assert len(recovered) >= window["lost_responses"] - before["lost_responses"] >= 1, recovered
+    # every 5xx was retried in place: no item needed a second attempt (a delivery of its task)
+    assert all(it["attempt"] == 1 for it in items.values()), {g: it["attempt"] for g, it in items.items()}
     tries = sum(len([a for a in ct.attempts(emulator, item_queue, task_name_for(job_id, g, 1)) if not a["duplicate"]])
                 for g in items)
-    assert tries > n
-    print(f"\n5xx: {len(retried)} items retried, {len(recovered)} recovered a lost response, {tries} deliveries, "
-          f"{window['faults_injected'] - before['faults_injected']} faults injected")
+    assert tries == n
+    retries = [e for e in worker_log.events(job_id) if e["event"] == "outbound_retry"]
+    assert {e["step"] for e in retries} == {"catalog lookup", "inventory item upsert", "offer lookup", "offer create"}
+    assert all(e["status"] == 503 and e["wait_s"] > 0 for e in retries)
+    # each lost answer was recovered by replaying its Idempotency-Key, not by a second listing
+    lost = after["lost_responses"] - before["lost_responses"]
+    assert after["idempotent_replays"] - before["idempotent_replays"] >= lost >= 1
+    assert after["skus_with_duplicates"] == before["skus_with_duplicates"]
+    print(f"\n5xx: {after['faults_injected'] - before['faults_injected']} faults injected, {len(retries)} calls "
+          f"retried in place, {lost} lost answers replayed, {tries} deliveries for {n} items")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -294,7 +295,7 @@ def test_classify_exception_table(exc, code, retryable):
 
 
 class Script:
-    """Per-route scripted answers; records every request."""
+    """Per-route scripted answers, (status, body) or (status, body, headers); records every request."""
 
     def __init__(self):
         self.answers: dict[tuple[str, str], list[tuple[int, dict | None]]] = {}
@@ -319,9 +320,11 @@ def fake_market():
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
             script.requests.append((self.command, self.path, dict(self.headers), body))
-            status, payload = script.answer(self.command, self.path)
+            status, payload, *extra = script.answer(self.command, self.path)
             data = json.dumps(payload).encode() if payload is not None else b""
             self.send_response(status)
+            for name, value in (extra[0] if extra else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -343,6 +346,10 @@ PRODUCT = ("GET", f"/catalog/v1/product/{GTIN}")
 INVENTORY = ("PUT", f"/sell/inventory/v1/inventory_item/{GTIN}")
 OFFERS = ("GET", "/sell/inventory/v1/offer")
 CREATE = ("POST", "/sell/inventory/v1/offer")
+
+
+def _no_sleep(_seconds: float) -> None:
+    """The in-attempt retry's sleep, skipped: these tests are about what a call's fault becomes."""
 
 
 def _happy(script):
@@ -391,16 +398,173 @@ def test_marketplace_errors_carry_their_message(fake_market):
     script.on(*PRODUCT, (200, {}))
     script.on(*CREATE, (503, _ebay(25001, "A system error has occurred.")))
     with pytest.raises(RetryableItemError) as exc:
-        MarketplaceDraftHandler(url).handle(ctx())
+        MarketplaceDraftHandler(url, sleep=_no_sleep).handle(ctx())
     assert exc.value.code == "marketplace_unavailable" and "offer create: POST /sell/inventory/v1/offer answered 503" in exc.value.message
 
 
-def test_marketplace_lost_lease_stops_before_offer(fake_market):
+def test_marketplace_lost_lease_stops_before_any_side_effect(fake_market):
+    """Issue 15: the inventory upsert ran before the existing-offer check and without a lease check."""
     script, url = fake_market
     _happy(script)
     with pytest.raises(LeaseLostError):
         MarketplaceDraftHandler(url).handle(ctx(heartbeat=lambda: False))
-    assert all(m != "POST" for m, *_ in script.requests)
+    assert [m for m, *_ in script.requests] == ["GET"]  # the catalog lookup only: no PUT, no POST
+
+
+def test_marketplace_lease_lost_between_upsert_and_offer(fake_market):
+    script, url = fake_market
+    _happy(script)
+    beats = iter([True, False])
+    with pytest.raises(LeaseLostError):
+        MarketplaceDraftHandler(url).handle(ctx(heartbeat=lambda: next(beats)))
+    assert [(m, p.split("?")[0]) for m, p, _, _ in script.requests] == [PRODUCT, INVENTORY, OFFERS]
+
+
+# --- in-attempt retries (issue 15: 30% 503 per call failed 10% of items after 8 attempts) ---------
+
+
+class FakeClock:
+    """Monotonic time that moves only when the retry loop sleeps."""
+
+    def __init__(self):
+        self.t = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
+
+
+def _retrying(url, clock: FakeClock) -> MarketplaceDraftHandler:
+    return MarketplaceDraftHandler(url, sleep=clock.sleep, clock=clock)
+
+
+UNAVAILABLE = (503, _ebay(25001, "A system error has occurred."))
+
+
+def test_every_call_is_retried_in_place_on_transient_answers(fake_market, caplog):
+    import logging
+
+    script, url = fake_market
+    _happy(script)
+    script.on(*PRODUCT, UNAVAILABLE, (502, None), (200, {"title": "t"}))
+    script.on(*INVENTORY, (500, None), (204, None))
+    script.on(*OFFERS, (504, None), (200, {"offers": [], "total": 0}))
+    script.on(*CREATE, UNAVAILABLE, (201, {"offerId": "42"}))
+    clock = FakeClock()
+    caplog.set_level(logging.INFO)
+    assert _retrying(url, clock).handle(ctx(deadline=clock.t + 75)) == {"offer_id": "42", "sku": GTIN, "created": True}
+    assert [(m, p.split("?")[0]) for m, p, _, _ in script.requests] == [PRODUCT] * 3 + [INVENTORY] * 2 + [OFFERS] * 2 + [CREATE] * 2
+    # the replayed POST carries the same Idempotency-Key: the marketplace cannot list twice
+    assert {h["Idempotency-Key"] for m, _, h, _ in script.requests if m == "POST"} == {f"job-1:{GTIN}"}
+    logged = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "outbound_retry"]
+    assert {r.levelname for r in logged} == {"WARNING"}
+    retries = [r.fields for r in logged]
+    assert [(f["step"], f["status"], f["attempt"]) for f in retries] == [
+        ("catalog lookup", 503, 1), ("catalog lookup", 502, 2), ("inventory item upsert", 500, 1),
+        ("offer lookup", 504, 1), ("offer create", 503, 1)]
+    assert [f["wait_s"] for f in retries] == [round(w, 3) for w in clock.sleeps]
+    # jittered exponential backoff: each wait within [10%, 100%] of 0.2 s doubling
+    assert all(0.02 <= w <= 0.2 for i, w in enumerate(clock.sleeps) if i != 1) and 0.04 <= clock.sleeps[1] <= 0.4
+    assert all(f["job_id"] == "job-1" and f["gtin"] == GTIN and f["time_left_s"] <= 75 for f in retries)
+
+
+def test_retry_after_is_the_least_wait_in_seconds_or_as_an_http_date(fake_market):
+    import email.utils
+
+    script, url = fake_market
+    _happy(script)
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    script.on(*PRODUCT, (429, _ebay(2001, "Too many"), {"Retry-After": "7"}), (200, {}))
+    script.on(*OFFERS, (503, None, {"Retry-After": later}), (200, {"offers": [], "total": 0}))
+    clock = FakeClock()
+    assert _retrying(url, clock).handle(ctx(deadline=clock.t + 75))["created"] is True
+    assert clock.sleeps[0] == 7.0
+    assert 28.0 <= clock.sleeps[1] <= 30.0
+
+
+def test_a_retry_that_would_pass_the_budget_is_not_made(fake_market):
+    script, url = fake_market
+    _happy(script)
+    script.on(*INVENTORY, (429, _ebay(2001, "Too many"), {"Retry-After": "40"}), (204, None))
+    clock = FakeClock()
+    # 50 s left: a 40 s wait plus one call's 13 s timeout does not fit, so the 429 is the attempt's answer
+    with pytest.raises(RetryableItemError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 50))
+    assert exc.value.code == "marketplace_rate_limited" and "stopped by its time budget" in exc.value.message
+    assert clock.sleeps == [] and [m for m, *_ in script.requests] == ["GET", "PUT"]
+
+
+def test_retries_stop_inside_the_budget_in_an_outage(fake_market):
+    script, url = fake_market
+    _happy(script)
+    script.on(*PRODUCT, UNAVAILABLE)  # every lookup answers 503
+    clock = FakeClock()
+    start = clock.t
+    with pytest.raises(RetryableItemError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=start + 30))
+    assert exc.value.code == "marketplace_unavailable"
+    # every retried call could still end (at its 13 s timeout) by the deadline
+    assert clock.t + 13.0 <= start + 30
+    assert len(script.requests) == len(clock.sleeps) + 1 >= 3
+
+
+def test_no_call_starts_without_time_for_it(fake_market):
+    script, url = fake_market
+    _happy(script)
+    clock = FakeClock()
+    with pytest.raises(RetryableItemError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 5))
+    assert exc.value.code == "attempt_budget_spent" and "catalog lookup" in exc.value.message
+    assert script.requests == []
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422])
+def test_a_4xx_other_than_429_is_not_retried(fake_market, status):
+    script, url = fake_market
+    _happy(script)
+    script.on(*INVENTORY, (status, _ebay(25709, "Invalid value.")), (204, None))
+    clock = FakeClock()
+    with pytest.raises(PermanentItemError):
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 75))
+    assert clock.sleeps == [] and [m for m, *_ in script.requests] == ["GET", "PUT"]
+
+
+@pytest.mark.parametrize("route,step", [(INVENTORY, "inventory item upsert"), (CREATE, "offer create")])
+def test_a_side_effect_is_not_retried_once_the_heartbeat_says_lost(fake_market, route, step):
+    script, url = fake_market
+    _happy(script)
+    script.on(*route, UNAVAILABLE, (201, {"offerId": "42"}) if route == CREATE else (204, None))
+    beats = iter([True, True, False] if route == CREATE else [True, False])  # lost after the first try
+    clock = FakeClock()
+    with pytest.raises(LeaseLostError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 75, heartbeat=lambda: next(beats)))
+    assert step in exc.value.message
+    assert [(m, p.split("?")[0]) for m, p, _, _ in script.requests].count(route) == 1
+    assert len(clock.sleeps) == 1  # it waited for the retry, then found the lease gone before the call
+
+
+def test_a_lookup_is_not_retried_once_the_heartbeat_says_lost(fake_market):
+    script, url = fake_market
+    _happy(script)
+    script.on(*PRODUCT, UNAVAILABLE, (200, {}))
+    clock = FakeClock()
+    with pytest.raises(LeaseLostError) as exc:
+        _retrying(url, clock).handle(ctx(deadline=clock.t + 75, heartbeat=lambda: False))
+    assert "catalog lookup" in exc.value.message and [m for m, *_ in script.requests] == ["GET"]
+
+
+def test_a_lost_offer_answer_is_recovered_by_the_retry_with_the_same_key(fake_market):
+    script, url = fake_market
+    _happy(script)
+    script.on(*CREATE, (502, None), (201, {"offerId": "42"}))
+    clock = FakeClock()
+    assert _retrying(url, clock).handle(ctx(deadline=clock.t + 75))["offer_id"] == "42"
+    keys = [h["Idempotency-Key"] for m, _, h, _ in script.requests if m == "POST"]
+    assert keys == [f"job-1:{GTIN}"] * 2
 
 
 def test_marketplace_timeout_and_refused_are_retryable(fake_market):
@@ -410,7 +574,7 @@ def test_marketplace_timeout_and_refused_are_retryable(fake_market):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(RetryableItemError) as exc:
-        MarketplaceDraftHandler(dead).handle(ctx())
+        MarketplaceDraftHandler(dead, sleep=_no_sleep).handle(ctx())
     assert exc.value.code == "marketplace_unavailable" and "catalog lookup" in exc.value.message
 
     # a server that accepts but never answers
@@ -418,9 +582,10 @@ def test_marketplace_timeout_and_refused_are_retryable(fake_market):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     try:
-        slow = MarketplaceDraftHandler(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1.0, 0.2))
+        slow = MarketplaceDraftHandler(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=(1.0, 0.2),
+                                       sleep=_no_sleep)
         with pytest.raises(RetryableItemError) as exc:
-            slow.handle(ctx())
+            slow.handle(ctx(deadline=time.monotonic() + 3.0))  # room for two tries at 1.2 s
         assert exc.value.code == "marketplace_timeout"
     finally:
         listener.close()
