@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.process_request import ProcessFileRequest
 
-JobStatusName = Literal["ingesting", "running", "completed", "completed_with_failures", "cancelled", "failed"]
+JobStatusName = Literal["ingesting", "running", "paused", "completed", "completed_with_failures", "cancelled",
+                        "failed"]
 ItemFilter = Literal["queued", "processing", "succeeded", "failed", "cancelled", "invalid", "duplicate"]
 
 
@@ -25,6 +26,13 @@ class ListItemsQuery(BaseModel):
     status: Optional[ItemFilter] = None
     limit: int = Field(default=100, ge=1, le=1000)
     cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+
+
+class PauseRequest(BaseModel):
+    """Optional body of POST /api/batch/jobs/{job_id}/pause: why, for the job's audit trail and the alert."""
+
+    model_config = ConfigDict(extra="ignore")
+    reason: Optional[str] = Field(default=None, max_length=500, description="why the operator pauses the job")
 
 
 _ERROR = {
@@ -66,6 +74,14 @@ def _query_params(model: type[BaseModel]) -> list[dict]:
     return params
 
 
+def _body_schema(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+    return schema
+
+
 _JOB_ID = {"name": "job_id", "in": "path", "required": True,
            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"}}
 
@@ -100,6 +116,16 @@ def openapi_spec() -> dict[str, Any]:
             "/api/batch/jobs/{job_id}/cancel": {"post": {
                 "operationId": "cancel", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("cancelled (idempotent)"), **_errors(404, 409)}}},
+            "/api/batch/jobs/{job_id}/pause": {"post": {
+                "operationId": "pause", "parameters": [_JOB_ID],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": _body_schema(PauseRequest)}}},
+                "responses": {"200": _resp("paused (idempotent): no new side effects until resumed"),
+                              **_errors(400, 404, 409)}}},
+            "/api/batch/jobs/{job_id}/resume": {"post": {
+                "operationId": "resume", "parameters": [_JOB_ID],
+                "responses": {"200": _resp("resumed to the status it was paused from (idempotent)"),
+                              **_errors(404, 409)}}},
             "/api/batch/jobs/{job_id}/retry-failed": {"post": {
                 "operationId": "retry_failed", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("retry round started or resumed"), **_errors(404, 409)}}},

@@ -148,3 +148,161 @@ def test_retry_and_breaker_settings_are_validated(monkeypatch):
             load_settings()
         assert needle in err.value.message
         monkeypatch.delenv(var)
+
+
+# --- the worker with a paused / pausing job (memory store; the Firestore versions are functional tests) ---
+
+
+class _Handler:
+    """Calls `heartbeat()` before its one side effect, like the marketplace handler; raises what it is given."""
+
+    name = "test"
+
+    def __init__(self, error=None, before=None, during=None):
+        self.error, self.before, self.during, self.effects = error, before, during, 0
+
+    def handle(self, ctx):
+        from shared.exceptions import LeaseLostError
+
+        if self.before:
+            self.before()
+        if not ctx.heartbeat():
+            raise LeaseLostError("stopped before the side effect")
+        self.effects += 1
+        if self.during:
+            self.during()
+        if self.error:
+            raise self.error
+        return {"ok": True}
+
+
+def _deliver(store, job_id, gtin, handler):
+    from shared.payloads import ItemTask
+    from shared.worker import job_cache, process_item_delivery
+
+    job_cache.JOB_CACHE.clear()
+    task = ItemTask(job_id=job_id, gtin=gtin, upc=gtin[2:], line=1, round=1)
+    return process_item_delivery(task.model_dump(), {"X-CloudTasks-TaskName": f"t-{gtin}"}, store=store,
+                                 handler=handler)
+
+
+def _running(store, job_id="j", **doc):
+    store.create_job({"job_id": job_id, "status": "running", "round": 1, "options": {"handler": "dry_run"},
+                      "totals": {"items": 100}, **doc}, Event("created", "t", T0))
+
+
+def test_a_paused_jobs_delivery_answers_503_without_claiming():
+    store = MemoryStore()
+    _running(store, status="paused")
+    handler = _Handler()
+    out = _deliver(store, "j", "00000000000017", handler)
+    assert out.http_status == 503 and out.body["status"] == "job_paused"
+    assert store.get_item("j", "00000000000017") is None and handler.effects == 0
+
+
+def test_a_pause_seen_before_the_side_effect_releases_the_item_without_a_failure():
+    store = MemoryStore()
+    _running(store)
+    handler = _Handler(before=lambda: store.pause_job("j", REASON, "op", T0))
+    out = _deliver(store, "j", "00000000000017", handler)
+    assert out.http_status == 503 and out.body["released"] is True and handler.effects == 0
+    item = store.get_item("j", "00000000000017")
+    assert item.status == "queued" and item.doc["error"] is None and not item.doc.get("first_failed_at")
+
+
+def test_a_cancel_seen_before_the_side_effect_finishes_the_item_cancelled():
+    store = MemoryStore()
+    _running(store)
+    handler = _Handler(before=lambda: store.cancel_job("j", "op", T0))
+    out = _deliver(store, "j", "00000000000017", handler)
+    assert out.http_status == 200 and out.body["status"] == "cancelled" and handler.effects == 0
+    item = store.get_item("j", "00000000000017")
+    assert item.status == "cancelled" and item.doc["cancelled_midway"] is False
+
+
+def test_unauthorized_pauses_the_job_once_and_requeues_the_item(monkeypatch):
+    from shared.exceptions import PermanentItemError
+
+    monkeypatch.setattr("shared.alerts.post_message", lambda message: SlackPostResult(ok=True, status=200))
+    store = MemoryStore()
+    _running(store)
+    err = PermanentItemError("catalog lookup: GET /catalog answered 401: bad token", code="marketplace_unauthorized")
+    first = _deliver(store, "j", "00000000000017", _Handler(error=err))
+    assert first.http_status == 503 and store.get_job("j").status == "paused"
+    assert store.get_item("j", "00000000000017").status == "queued"
+    # another job: a delivery in flight whose 401 comes after a concurrent one paused the job is
+    # released too, with no second pause or alert
+    _running(store, "k")
+    concurrent = _Handler(error=err, during=lambda: breaker.pause_job(store, "k", err.code, err.message, "other", T0))
+    second = _deliver(store, "k", "00000000000024", concurrent)
+    assert second.http_status == 503 and store.get_item("k", "00000000000024").status == "queued"
+    assert [d["type"] for _, d in store.events["k"]].count("paused") == 1
+    types = [d["type"] for _, d in store.events["j"]]
+    assert types.count("paused") == 1 and types.count("pause_note") == 1
+
+
+def test_a_permanent_failure_rate_pauses_the_job(monkeypatch):
+    from shared.exceptions import PermanentItemError
+
+    monkeypatch.setenv("UPCFAN_BREAKER_WINDOW", "10")
+    monkeypatch.setenv("UPCFAN_BREAKER_MIN_ATTEMPTS", "4")
+    from shared import config
+
+    config.settings.cache_clear()
+    breaker.FAILURE_WINDOW.clear()
+    monkeypatch.setattr("shared.alerts.post_message", lambda message: SlackPostResult(ok=True, status=200))
+    store = MemoryStore()
+    _running(store)
+    err = PermanentItemError("offer create answered 400: bad category", code="marketplace_rejected")
+    try:
+        outs = [_deliver(store, "j", f"0000000000{n:04d}", _Handler(error=None if n == 1 else err))
+                for n in (1, 2, 3)]
+        assert store.get_job("j").status == "running"  # 2 of 3: below the minimum sample
+        outs.append(_deliver(store, "j", "00000000000048", _Handler(error=err)))
+        assert [o.body["status"] for o in outs] == ["succeeded", "failed", "failed", "failed"]
+        job = store.get_job("j")
+        assert job.status == "paused" and job.doc["pause"]["code"] == "failure_rate"
+        assert "3 of the job's last 4" in job.doc["pause"]["message"]
+    finally:
+        config.settings.cache_clear()
+        breaker.FAILURE_WINDOW.clear()
+
+
+def test_retryable_errors_never_trip_the_breaker(monkeypatch):
+    from shared.exceptions import RetryableItemError
+
+    monkeypatch.setenv("UPCFAN_BREAKER_WINDOW", "4")
+    monkeypatch.setenv("UPCFAN_BREAKER_MIN_ATTEMPTS", "1")
+    from shared import config
+
+    config.settings.cache_clear()
+    breaker.FAILURE_WINDOW.clear()
+    store = MemoryStore()
+    _running(store)
+    try:
+        for n in range(6):
+            out = _deliver(store, "j", f"0000000000{n:04d}", _Handler(error=RetryableItemError("503", code="x")))
+            assert out.http_status == 503 and out.body["status"] == "queued"
+        assert store.get_job("j").status == "running"
+    finally:
+        config.settings.cache_clear()
+        breaker.FAILURE_WINDOW.clear()
+
+
+def test_progress_check_pauses_a_job_past_its_max_failed_percent(monkeypatch):
+    from shared.item_state import Create
+    from shared.progress import check_job_progress
+
+    monkeypatch.setattr("shared.alerts.post_message", lambda message: SlackPostResult(ok=True, status=200))
+    store = MemoryStore()
+    _running(store, options={"handler": "dry_run", "max_failed_percent": 10}, totals={"items": 20},
+             fanout_done_at=T0)
+    for n, status in enumerate(["failed"] * 2 + ["succeeded"] * 5):
+        store.transact_item("seed", "j", f"g{n}", lambda _, s=status: (None, Create({"status": s, "round": 1})))
+    out = check_job_progress("j", T0, store=store)
+    assert not out.get("paused") and store.get_job("j").status == "running"  # 2 of 20 = 10 %: not more
+    store.transact_item("seed", "j", "g9", lambda _: (None, Create({"status": "failed", "round": 1})))
+    out = check_job_progress("j", T0, store=store)
+    job = store.get_job("j")
+    assert out["paused"] and job.status == "paused" and job.doc["pause"]["code"] == "max_failed_percent"
+    assert "3 of 20 items failed" in job.doc["pause"]["message"]
