@@ -306,3 +306,18 @@ def test_progress_check_pauses_a_job_past_its_max_failed_percent(monkeypatch):
     job = store.get_job("j")
     assert out["paused"] and job.status == "paused" and job.doc["pause"]["code"] == "max_failed_percent"
     assert "3 of 20 items failed" in job.doc["pause"]["message"]
+
+
+def test_the_sweeper_never_queries_paused_jobs_as_stalled():
+    """A paused job waits for an operator by design: no sweeper rule selects it (its rules select jobs by
+    an equality on status: running or ingesting)."""
+    from shared.config import settings
+    from shared.model import JOBS
+    from shared.sweeper.rules import RULES
+
+    now = dt.datetime.now(dt.timezone.utc)
+    for rule in RULES:
+        if rule.query.collection != JOBS or rule.query.collection_group:
+            continue
+        statuses = [w.value(now, settings()) for w in rule.query.filters if w.field == "status"]
+        assert statuses and all(s != "paused" and s in ("running", "ingesting") for s in statuses), rule.name
