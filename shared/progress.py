@@ -75,7 +75,7 @@ def _pause_if_too_many_failed(store: Store, job: Job, counts: dict[str, int], at
     more than that share of `totals.items` (a job whose items are all final just completes)."""
     limit = job.options.get("max_failed_percent")
     total = job.total_items
-    if limit is None or not total or job.status not in COMPLETABLE:
+    if limit is None or not total or job.status not in COMPLETABLE:  # limit 0 is valid: any failure
         return False
     failed = int(counts.get("failed", 0))
     if failed * 100.0 <= float(limit) * total:

@@ -454,3 +454,28 @@ def test_unauthorized_answer_pauses_the_job_once_and_resume_completes_it(
     view = api.wait(job_id, FINAL, 240)
     assert view["status"] == "completed" and view["outcome"]["succeeded"] == 5, view
     assert len(pause_alerts(slack_sink, job_id)) == 1
+
+
+def test_max_failed_percent_pauses_a_job_with_too_many_failures(api, stack_env, storage_client, gtin_faults,
+                                                                 slack_sink):
+    """The job option: 3 of 6 items fail permanently (50 % > 20 %) while one is still open: paused."""
+    upcs = fresh_upcs(6)
+    gtin_faults(fail={gtin14(u): 400 for u in upcs[:3]}, latency={gtin14(upcs[5]): STALLED_CALL_MS})
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
+    blob = bucket.blob(f"api-max-failed/{uuid.uuid4().hex}.txt")
+    blob.upload_from_string("\n".join(upcs) + "\n")
+    r = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/{blob.name}",
+                                             "handler": "marketplace_draft", "max_failed_percent": 20})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    view = api.wait(job_id, {"paused"}, 120)
+    assert view["options"] == {"handler": "marketplace_draft", "max_failed_percent": 20}
+    assert view["pause"]["code"] == "max_failed_percent" and "more than the job's max_failed_percent of 20%" in \
+        view["pause"]["message"], view["pause"]
+    poll(lambda: pause_alerts(slack_sink, job_id) or None, 30, 0.3, "the pause alert")
+    assert api.post(f"/api/batch/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    bad = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/{blob.name}",
+                                               "max_failed_percent": 101})
+    assert bad.status_code == 400 and "max_failed_percent" in bad.json()["error"]["message"]
