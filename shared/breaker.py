@@ -29,6 +29,7 @@ from shared.config import settings
 from shared.events import Event
 from shared.job_state import PauseResult
 from shared.log import log_event
+from shared.model import JobStatus
 from shared.store import Store
 
 # Item error codes that say the job as a whole cannot make progress (not this one item).
@@ -89,10 +90,35 @@ def record_outcome(job_id: str, epoch: Any, *, permanent_failure: bool) -> Verdi
                                  min_attempts=s.breaker_min_attempts, percent=s.breaker_failure_percent)
 
 
+class _PauseLocks:
+    """One pause attempt per job at a time in this process. A systemic fault reaches every delivery in
+    flight at once; as many transactions on the one job document would mostly abort each other (the
+    Firestore emulator breaks such lock deadlocks only by timing one side out), so the others wait for
+    the first and then find the job paused without a transaction of their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, threading.Lock] = {}
+
+    def of(self, job_id: str) -> threading.Lock:
+        with self._lock:
+            if len(self._jobs) > _MAX_JOBS:
+                self._jobs = {k: v for k, v in self._jobs.items() if v.locked()}
+            return self._jobs.setdefault(job_id, threading.Lock())
+
+
+_PAUSE_LOCKS = _PauseLocks()
+
+
 def pause_job(store: Store, job_id: str, code: str, message: str, actor: str, at: dt.datetime, *,
               post: Callable[..., Any] | None = None) -> PauseResult:
     """Pause the job (running/ingesting → paused) and, when this call paused it, send the one alert."""
-    result = store.pause_job(job_id, {"code": code, "message": message}, actor, at)
+    with _PAUSE_LOCKS.of(job_id):
+        current = store.get_job(job_id)  # no transaction when another delivery paused it meanwhile
+        if current is not None and current.status == JobStatus.PAUSED.value:
+            log_event("job_pause_noop", job_id=job_id, status=current.status, code=code, actor=actor)
+            return PauseResult(False, current.status, current)
+        result = store.pause_job(job_id, {"code": code, "message": message}, actor, at)
     if not result.changed:
         log_event("job_pause_noop", job_id=job_id, status=result.status, code=code, actor=actor)
         return result

@@ -236,6 +236,7 @@ def _stop_for_job(run: _Run, job_status: str, side_effects_started: bool, fields
     job's item goes back to `queued` (no failure counted, 503: the task retries later), a cancelled
     job's item ends `cancelled`."""
     cancelled = job_status == JobStatus.CANCELLED.value
+    JOB_CACHE.forget(run.task.job_id)
     now = run.clock()
     kind = run.store.stop_item_for_job(run.task.job_id, run.task.gtin, run.delivery.owner, utc(now),
                                        cancelled=cancelled, side_effects_started=side_effects_started)
@@ -256,8 +257,12 @@ def _trip_for_systemic_error(run: _Run, outcome: HandlerOutcome, fields: dict, e
     item back without charging it (the fault is not the item's). None: the job could not be paused
     (e.g. it finished meanwhile), so the outcome is completed as usual."""
     error = outcome.error
-    result = breaker.pause_job(run.store, run.task.job_id, error.code, error.message,
-                               f"breaker:{run.delivery.owner}", run.clock.at())
+    try:
+        result = breaker.pause_job(run.store, run.task.job_id, error.code, error.message,
+                                   f"breaker:{run.delivery.owner}", run.clock.at())
+    except Exception as exc:  # noqa: BLE001 - the fault is still not the item's: put it back, uncharged
+        log_event("breaker_pause_failed", severity="ERROR", error=f"{type(exc).__name__}: {exc}"[:300], **fields)
+        return _stop_for_job(run, JobStatus.PAUSED.value, True, fields, elapsed_ms)
     if result.status in (JobStatus.PAUSED.value, JobStatus.CANCELLED.value):
         return _stop_for_job(run, result.status, True, fields, elapsed_ms)
     return None

@@ -321,3 +321,22 @@ def test_the_sweeper_never_queries_paused_jobs_as_stalled():
             continue
         statuses = [w.value(now, settings()) for w in rule.query.filters if w.field == "status"]
         assert statuses and all(s != "paused" and s in ("running", "ingesting") for s in statuses), rule.name
+
+
+def test_job_cache_forget_makes_the_next_delivery_read_the_job_again():
+    from shared.worker.job_cache import JobCache
+
+    reads = []
+
+    class Store:
+        def get_job(self, job_id):
+            reads.append(job_id)
+            return None
+
+    cache = JobCache(ttl_s=60.0)
+    cache.get(Store(), "j1")
+    cache.get(Store(), "j1")
+    assert reads == ["j1"]
+    cache.forget("j1")
+    cache.get(Store(), "j1")
+    assert reads == ["j1", "j1"]
