@@ -132,7 +132,9 @@ def rss_child(name: str) -> None:
     plan = ingest.plan_file(obj, settings().chunk_bytes, 5_000_000)
     job_id = job_id_for(obj.bucket, name, obj.generation)
     firestore_client().collection(JOBS).document(job_id).set(
-        {"job_id": job_id, "status": "cancelled", "plan": {"format": plan.format.to_dict()}})
+        {"job_id": job_id, "status": "cancelled", "plan": {"format": plan.format.to_dict()},
+         # chunks read the object their job names (issue 14's trust boundary), not their payload's
+         "bucket": obj.bucket, "object": name, "generation": str(obj.generation)})
 
     # Classification only: since issue 15 even a cancelled job's chunk writes one item per UPC, and the
     # enqueue path (an item create and a task per UPC) is what the fan-out run measures; its memory is
