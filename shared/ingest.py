@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from shared import item_state
 from shared.config import settings
 from shared.events import Event
 from shared.exceptions import ForbiddenError, SourceObjectNotFoundError, UnreadableFileError, UpcfanError
@@ -28,12 +29,12 @@ from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
-from shared.model import JobStatus
+from shared.model import ItemStatus, JobStatus
 from shared.naming import chunk_task_name_for, job_id_for, plan_task_name_for, task_name_for
 from shared.payloads import ChunkTask, ItemTask, PlanTask, describe_validation_error
 from shared.progress import check_job_progress
 from shared.store import Store, default_store
-from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, TaskSpec, create_task, get_task_payload, item_queue_for
+from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, TaskSpec, create_task, item_queue_for
 
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
 # writes. Counts stay exact; beyond this many per chunk only the first lines keep their reasons.
@@ -307,10 +308,11 @@ def process_chunk(payload: ChunkTask | dict[str, Any], *, crash_after_tasks: int
                   on_task: Callable[[str], None] | None = None, store: Store | None = None) -> ChunkResult:
     """Classify the lines that start in [start, end) and create one named task per new GTIN.
 
-    A GTIN seen on an earlier line of this chunk is a duplicate. A GTIN whose task already exists
-    was created either by an earlier attempt of this very chunk (same line: still this chunk's
-    item) or by another chunk (other line: a duplicate of that line) — the task's own payload, or
-    the item it became, tells which, so totals stay exact across retries and chunk races.
+    A GTIN seen on an earlier line of this chunk is a duplicate. A GTIN whose item document already
+    exists was born either by an earlier attempt of this very chunk (same line: still this chunk's
+    item) or by another chunk (other line: a duplicate of that line), so totals stay exact across
+    retries, chunk races and any delay (see `_enqueue_items`). A job whose object generation is gone
+    fails at once (`object_generation_gone`).
     `crash_after_tasks` lets tests kill a chunk midway.
     """
     chunk = payload if isinstance(payload, ChunkTask) else _chunk_task(payload)
@@ -329,19 +331,36 @@ def process_chunk(payload: ChunkTask | dict[str, Any], *, crash_after_tasks: int
         return result
     if job.status == JobStatus.FAILED.value:
         result.skipped_reason = "job failed"
+        log_event("chunk_skipped", job_id=chunk.job_id, start=chunk.start, reason=result.skipped_reason)
         return result
     source = _job_object(job.doc, chunk)
-    candidates, line_records = _classify_chunk(chunk, source, FileFormat.from_dict(job.doc["plan"]["format"]),
-                                               result)
-    if job.status != JobStatus.CANCELLED.value and candidates:
-        todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
-        line_records += _enqueue_items(store, chunk.job_id, todo, result, on_task)
-        if crash_after_tasks is not None:
-            raise RuntimeError(f"injected crash after {len(todo)} task creations")
-    else:
-        result.items += len(candidates)
-    _record_chunk_done(store, chunk, result, line_records, enqueued=job.status != JobStatus.CANCELLED.value)
+    try:
+        candidates, line_records = _classify_chunk(chunk, source, FileFormat.from_dict(job.doc["plan"]["format"]),
+                                                   result)
+    except SourceObjectNotFoundError:
+        return _object_generation_gone(store, chunk, source, result)
+    # A cancelled job's chunk still records its items (born `cancelled`, no task), so every line of
+    # the file ends as an item or a line record whenever the cancel came.
+    cancelled = job.status == JobStatus.CANCELLED.value
+    todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
+    line_records += _enqueue_items(store, chunk, todo, result, on_task, cancelled=cancelled)
+    if crash_after_tasks is not None:
+        raise RuntimeError(f"injected crash after {len(todo)} task creations")
+    _record_chunk_done(store, chunk, result, line_records, enqueued=not cancelled)
     _maybe_finish_fanout(store, chunk.job_id)
+    return result
+
+
+def _object_generation_gone(store: Store, chunk: ChunkTask, source: GcsObject, result: ChunkResult) -> ChunkResult:
+    """The job's object generation was deleted or replaced before this chunk could read it: no retry can
+    bring that data back, so the job fails at once (the chunk answers 200 and its task ends; the other
+    chunks skip a failed job, and its already enqueued items are not run by the worker)."""
+    where = f"gs://{source.bucket}/{source.name}#{source.generation}"
+    message = (f"{where} was deleted or replaced while the job was ingesting (chunk at byte {chunk.start:,} could "
+               "not be read); that generation's data is gone: upload the file again to start a new job")
+    _fail_job(store, chunk.job_id, {"code": "object_generation_gone", "message": message}, _now())
+    result.skipped_reason = "object_generation_gone"
+    log_event("chunk_object_gone", severity="WARNING", job_id=chunk.job_id, start=chunk.start, gcs_path=where)
     return result
 
 
@@ -393,23 +412,47 @@ def _classify_chunk(chunk: ChunkTask, source: GcsObject, fmt: FileFormat,
     return candidates, line_records
 
 
-def _enqueue_items(store: Store, job_id: str, candidates: list[_Candidate], result: ChunkResult,
-                   on_task: Callable[[str], None] | None) -> list[dict]:
-    """One named task per candidate (round 1); counts them into `result`; returns the line records of
-    candidates that turned out to be duplicates of another chunk's line."""
+def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate], result: ChunkResult,
+                   on_task: Callable[[str], None] | None, *, cancelled: bool) -> list[dict]:
+    """Each candidate's item is born here, then gets its task (round 1); counts them into `result`;
+    returns the line records of candidates that turned out to be duplicates of another chunk's line.
+
+    The item document, created if absent before its task, is the durable record of which line owns
+    a GTIN: an existing item of another line makes this line a duplicate, one of this line is this
+    chunk's own (an earlier attempt of this chunk made it). Task-name dedup cannot decide that: Cloud
+    Tasks forgets a name about an hour after its task ended, so a chunk that runs later (control queue
+    paused, long backlog) would count a duplicate as a new item, and the job would never complete.
+    A cancelled job's candidates are born `cancelled`, with no task. Creates run on the fan-out pool.
+    """
     s = settings()
-    round_ = 1
+    job_id, round_ = chunk.job_id, 1
+    owner = f"fanout:{chunk_task_name_for(job_id, chunk.start)}"
+    at = _now()
 
     def enqueue_one(c: _Candidate) -> tuple[_Candidate, str]:
         task_id = task_name_for(job_id, c.gtin, round_)
+        task = ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_)
+        doc = (item_state.new_item(task, task_id, at, ItemStatus.CANCELLED, attempt=0, owner=owner,
+                                   error_code=item_state.JOB_CANCELLED_CODE)
+               if cancelled else item_state.born_queued(task, task_id, at, owner=owner))
+        existing = store.create_item(job_id, c.gtin, doc)
+        if existing is not None:
+            owner_line = existing.doc.get("line")
+            if owner_line is not None and int(owner_line) != c.line:
+                return c, f"dup:{int(owner_line)}"
+            if not existing.never_claimed:
+                return c, "mine"  # a delivery claimed it (or it is final): its task exists or did
+            if cancelled:
+                # Born queued by an earlier attempt of this chunk, before the job was cancelled.
+                store.transact_item("cancel", job_id, c.gtin, lambda item: item_state.cancel_queued(item, at))
+                return c, "mine"
+        elif cancelled:
+            return c, "mine"
         if on_task:
             on_task(task_id)
-        spec = TaskSpec(task_id=task_id, kind=ITEM_TASK,
-                        payload=ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_).to_body())
-        if create_task(item_queue_for(task_id), spec):
-            return c, "created"
-        owner_line = _existing_task_line(store, job_id, task_id, c.gtin)
-        return c, "mine" if owner_line in (None, c.line) else f"dup:{owner_line}"
+        spec = TaskSpec(task_id=task_id, kind=ITEM_TASK, payload=task.to_body())
+        # AlreadyExists: an earlier attempt of this chunk created it (the item is ours, see above).
+        return c, "created" if create_task(item_queue_for(task_id), spec) else "mine"
 
     duplicates: list[dict] = []
     for c, verdict in _fanout_pool(s.fanout_threads).map(enqueue_one, candidates):
@@ -439,17 +482,6 @@ def _record_chunk_done(store: Store, chunk: ChunkTask, result: ChunkResult, line
 def _duplicate_record(line: int, upc: str, gtin: str, of_line: int) -> dict:
     return {"line": line, "raw": upc, "outcome": "duplicate", "code": "duplicate_in_file", "gtin": gtin,
             "duplicate_of_line": of_line, "reason": f"GTIN {gtin} already appears on line {of_line:,}"}
-
-
-def _existing_task_line(store: Store, job_id: str, task_id: str, gtin: str) -> int | None:
-    """Line that owns an already existing task name: from the live task, else from the item it became."""
-    body = get_task_payload(item_queue_for(task_id), task_id)
-    if body and body.get("line") is not None:
-        return int(body["line"])
-    item = store.get_item(job_id, gtin)
-    if item is not None and item.doc.get("line") is not None:
-        return int(item.doc["line"])
-    return None
 
 
 def _maybe_finish_fanout(store: Store, job_id: str) -> bool:

@@ -57,8 +57,8 @@ def history_entry(status: ItemStatus, attempt: int, owner: str | None, at: dt.da
 
 def new_item(task: ItemTask, task_name: str, at: dt.datetime, status: ItemStatus, *, attempt: int, owner: str,
              lease_until: dt.datetime | None = None, error_code: str | None = None) -> dict[str, Any]:
-    """An item document as born at its first delivery: leased (`processing`) or, for a cancelled
-    job, already final (`cancelled`). Items are born at their first claim, not at fan-out."""
+    """An item document: leased (`processing`), already final (`cancelled`), or `queued` (see
+    `born_queued`). Items are born at fan-out; older jobs' items were born at their first claim."""
     leased = status is ItemStatus.PROCESSING
     return {
         "job_id": task.job_id,
@@ -80,6 +80,14 @@ def new_item(task: ItemTask, task_name: str, at: dt.datetime, status: ItemStatus
         "updated_at": at,
         "finished_at": None if leased else at,
     }
+
+
+def born_queued(task: ItemTask, task_name: str, at: dt.datetime, *, owner: str) -> dict[str, Any]:
+    """An item document as born at fan-out: `queued`, attempt 0 (never claimed), before its task
+    exists. Created with create-if-absent, it is the durable record of which line owns the GTIN
+    (duplicate-in-file is decided from it, not from task-name tombstones); its first claim makes
+    attempt 1. `owner` names the chunk that created it."""
+    return {**new_item(task, task_name, at, ItemStatus.QUEUED, attempt=0, owner=owner), "finished_at": None}
 
 
 # --------------------------------------------------------------------------------------------- claim

@@ -60,6 +60,11 @@ EVENTS = "events"  # jobs/{job_id}/events/{auto}
 STALL_EVENTS = "stall_events"  # top level: stall_events/{auto}
 ALERT_STATE = "alert_state"  # top level: alert_state/{job_id or "systemic"}
 
+# jobs/{id} fields set when a progress check could not be enqueued (shared/worker/progress_requests.py),
+# cleared by the next check; the sweeper reports a running job that carries them.
+PROGRESS_CHECK_MISSED_AT = "progress_check_missed_at"
+PROGRESS_CHECK_MISSED_ERROR = "progress_check_missed_error"
+
 ITEM_HISTORY_LIMIT = 8
 # The owner written into an item's history when an operator's retry round re-queues it.
 RETRY_OWNER_PREFIX = "retry:"
@@ -112,6 +117,11 @@ class Item:
         return (self.status == ItemStatus.PROCESSING.value and self.lease_expires_at is not None
                 and self.lease_expires_at > at)
 
+    @property
+    def never_claimed(self) -> bool:
+        """Born at fan-out (`queued`, attempt 0) and not yet claimed by any delivery."""
+        return self.status == ItemStatus.QUEUED.value and self.attempt == 0
+
     def started_in_current_round(self) -> bool:
         """Whether a delivery of this round already ran the item's handler (its effect may exist).
 
@@ -121,7 +131,7 @@ class Item:
         """
         if self.status == ItemStatus.PROCESSING.value:
             return True
-        if self.status != ItemStatus.QUEUED.value or not self.history:
+        if self.status != ItemStatus.QUEUED.value or not self.history or self.never_claimed:
             return False
         return not str(self.history[-1].get("owner") or "").startswith(RETRY_OWNER_PREFIX)
 

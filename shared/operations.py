@@ -71,12 +71,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def _counts(job_id: str) -> dict[str, int]:
-    """Per-status item counts plus `never_claimed`, from the progress module's count aggregations."""
+    """Per-status item counts plus `never_claimed`, from the progress module's count aggregations.
+    Items born at fan-out and not yet claimed are `queued` and also in `never_claimed`; `_unborn`
+    (popped before it is shown) counts older jobs' items that were never born, in no status."""
     from shared import progress
 
     raw = progress.job_counts(job_id, store=_store())
     out = {s: int(raw.get(s) or 0) for s in ITEM_STATUS_VALUES}
     out["never_claimed"] = int(raw.get("never_claimed") or 0)
+    out["_unborn"] = int(raw.get("unborn") or 0)
     return out
 
 
@@ -105,7 +108,7 @@ def _line_outcome(status: str | None, totals: dict[str, int], counts: dict[str, 
     """What became of every data line; for a cancelled job, items that never finished are cancelled
     (their tasks drain as no-ops)."""
     cancelled = counts["cancelled"]
-    pending = counts["queued"] + counts["processing"] + counts["never_claimed"]
+    pending = counts["queued"] + counts["processing"] + counts["_unborn"]
     if status == JobStatus.CANCELLED.value:
         cancelled += pending
         pending = 0
@@ -131,6 +134,7 @@ def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any
     finished = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     percent, rate, eta_s = _progress_figures(job, finished, totals.get("items") if fanout_done_at else None, now)
     outcome = _line_outcome(status, totals, counts)
+    counts.pop("_unborn")
     stall = job.get("stall")
     return _jsonable(
         {
@@ -327,10 +331,10 @@ def retry_failed(job_id: str, actor: str, now: dt.datetime | None = None) -> dic
 
 def _failed_items_when_all_finished(job_id: str) -> int:
     counts = _counts(job_id)
-    open_ = counts["queued"] + counts["processing"]
-    if open_ or counts["never_claimed"]:
+    open_ = counts["queued"] + counts["processing"] + counts["_unborn"]
+    if open_:
         raise ConflictError(
-            f"job {job_id!r} still has {open_} open and {counts['never_claimed']} never-claimed items; "
+            f"job {job_id!r} still has {open_} open items ({counts['never_claimed']} never claimed); "
             "retry-failed runs only when every item has finished", code="items_open")
     if counts["failed"] == 0:
         raise ConflictError(f"job {job_id!r} has no failed items to retry", code="nothing_to_retry")

@@ -10,7 +10,7 @@ from typing import Any
 from shared.events import Event
 from shared.job_state import COMPLETABLE, Completion
 from shared.log import log_event
-from shared.model import TERMINAL_ITEM_STATUSES, Job
+from shared.model import PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, TERMINAL_ITEM_STATUSES, ItemStatus, Job
 from shared.retry import is_contention
 from shared.store import Store, default_store
 
@@ -20,18 +20,26 @@ def _terminal(counts: dict[str, int]) -> int:
 
 
 def job_counts(job_id: str, *, store: Store | None = None) -> dict[str, Any]:
-    """Counts for the API: per status, items born, items never claimed (`totals.items - born`)."""
+    """Counts for the API: per status, items born, `unborn` (`totals.items - born`) and `never_claimed`.
+
+    Items are born `queued` at fan-out (attempt 0), so a never-claimed item is one of those
+    (`count_never_claimed`, counted within `queued`). Jobs fanned out before that were born at their
+    first claim: their never-claimed items are `unborn` (0 for every newer job). `never_claimed` is
+    both together; `unborn` is the part not counted in any status."""
     store = store or default_store()
     job = store.get_job(job_id)
     counts = store.count_items_by_status(job_id)
     born = sum(counts.values())
     total_items = job.total_items if job else None
+    unborn = max(0, total_items - born) if total_items is not None else None
+    queued_unclaimed = store.count_never_claimed(job_id) if counts.get(ItemStatus.QUEUED.value) else 0
     return {
         **counts,
         "born": born,
         "terminal": _terminal(counts),
         "total_items": total_items,
-        "never_claimed": (max(0, total_items - born) if total_items is not None else None),
+        "unborn": unborn,
+        "never_claimed": (unborn + queued_unclaimed) if unborn is not None else queued_unclaimed,
     }
 
 
@@ -111,16 +119,22 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
     if done and job.status in COMPLETABLE:
         completion = _complete(store, job_id, at, counts)
         if completion.final:
+            if job.doc.get(PROGRESS_CHECK_MISSED_AT) is not None:
+                store.update_job(job_id, {PROGRESS_CHECK_MISSED_AT: None, PROGRESS_CHECK_MISSED_ERROR: None})
             log_event("job_completed", job_id=job_id, status=completion.final, counts=counts, total_items=total_items)
             _notify_finished(store, job_id, completion.job or job, completion.final, counts, at)
             return {**out, "status": completion.final, "completed": True}
         # Another check completed it between our read and our transaction.
         return {**out, "status": "already_final"}
 
-    if changed:
-        store.update_job(job_id, {"counts": counts, "last_progress_at": at, "updated_at": at})
+    missed = job.doc.get(PROGRESS_CHECK_MISSED_AT) is not None
+    if changed or missed:
+        fields: dict[str, Any] = {"counts": counts, "last_progress_at": at, "updated_at": at} if changed else {}
+        if missed:  # this check is the one that could not be asked for (or a later one): clear the flag
+            fields |= {PROGRESS_CHECK_MISSED_AT: None, PROGRESS_CHECK_MISSED_ERROR: None}
+        store.update_job(job_id, fields)
         log_event("job_progress", job_id=job_id, status=job.status, counts=counts, terminal=terminal,
-                  total_items=total_items)
+                  total_items=total_items, missed_check_cleared=missed or None)
     if done and terminal > total_items:  # more items than planned: the accounting is broken
         log_event("progress_overcount", severity="ERROR", job_id=job_id, terminal=terminal, total_items=total_items)
     return {**out, "status": job.status, "changed": changed}

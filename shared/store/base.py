@@ -108,6 +108,15 @@ class Store(abc.ABC):
     def get_item(self, job_id: str, gtin: str) -> Item | None: ...
 
     @abc.abstractmethod
+    def create_item(self, job_id: str, gtin: str, doc: dict[str, Any]) -> Item | None:
+        """Create the item document if absent (one write, no transaction): None when this call created
+        it, else the item that already exists (whoever created it first owns the GTIN)."""
+
+    @abc.abstractmethod
+    def count_never_claimed(self, job_id: str) -> int:
+        """Items born at fan-out that no delivery has claimed yet (`queued`, attempt 0)."""
+
+    @abc.abstractmethod
     def count_items_by_status(self, job_id: str) -> dict[str, int]:
         """Items per status (every `ItemStatus`, zeros included), without reading the items."""
 

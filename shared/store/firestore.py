@@ -139,6 +139,29 @@ class FirestoreStore(Store):
         snap = self._item_ref(job_id, gtin).get()
         return Item.from_doc(snap.to_dict() or {}, gtin, snap.update_time) if snap.exists else None
 
+    def create_item(self, job_id: str, gtin: str, doc: dict[str, Any]) -> Item | None:
+        ref = self._item_ref(job_id, gtin)
+        try:
+            ref.create(doc)  # fails with ALREADY_EXISTS if the document exists
+            return None
+        except gexc.Conflict:  # gRPC raises AlreadyExists, a Conflict too
+            pass
+        # Items are never deleted, so the document that refused the create is there to read. (A create
+        # whose response was lost and then retried by the caller reads its own write: same line, "mine".)
+        snap = ref.get()
+        return Item.from_doc(snap.to_dict() or {}, gtin, snap.update_time)
+
+    def count_never_claimed(self, job_id: str) -> int:
+        """One `count()` aggregation with two equality filters (served by merging the single-field
+        indexes; no composite index needed)."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        query = (self._job_ref(job_id).collection(ITEMS)
+                 .where(filter=FieldFilter("status", "==", ItemStatus.QUEUED.value))
+                 .where(filter=FieldFilter("attempt", "==", 0)))
+        result = query.count(alias="n").get()
+        return int(result[0][0].value) if result and result[0] else 0
+
     def count_items_by_status(self, job_id: str) -> dict[str, int]:
         """One `count()` aggregation per status: an index scan each, no documents read."""
         from google.cloud.firestore_v1.base_query import FieldFilter

@@ -116,6 +116,18 @@ class MemoryStore(Store):
             hit = self.items.get(job_id, {}).get(gtin)
             return Item.from_doc(copy.deepcopy(hit[1]), gtin, hit[0]) if hit else None
 
+    def create_item(self, job_id: str, gtin: str, doc: dict[str, Any]) -> Item | None:
+        with self._lock:
+            if gtin in self.items.get(job_id, {}):
+                return self.get_item(job_id, gtin)
+            self._apply_item_write(job_id, gtin, Create(doc))
+            return None
+
+    def count_never_claimed(self, job_id: str) -> int:
+        with self._lock:
+            return sum(1 for _, doc in self.items.get(job_id, {}).values()
+                       if doc.get("status") == ItemStatus.QUEUED.value and int(doc.get("attempt") or 0) == 0)
+
     def count_items_by_status(self, job_id: str) -> dict[str, int]:
         with self._lock:
             docs = [doc for _, doc in self.items.get(job_id, {}).values()]

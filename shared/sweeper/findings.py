@@ -72,17 +72,19 @@ def open_in_snapshot(job: dict) -> tuple[int, int]:
 def never_claimed_from_snapshot(job: dict) -> tuple[int | None, bool]:
     """(never-claimed items, exact?) from the job document alone.
 
-    Items are born at their first claim and never deleted, so `count(items)` only grows and is
-    at least the sum of the job's `counts` snapshot (written by the last progress check). Hence
-    `totals.items - sum(counts)` is an upper bound of "never reached a worker"; when it is 0 the
-    answer is exactly 0 and no count aggregation is needed. Before fan-out is done (or without
-    totals) the answer is unknown (None) — also without a count.
+    Items are born `queued` with attempt 0 at fan-out (older jobs' items at their first claim), leave
+    that state at their first claim and are never deleted. So an item never claimed now was `queued`
+    in the job's `counts` snapshot (written by the last progress check) or not yet born then, and
+    `counts.queued + totals.items - sum(counts)` is an upper bound of "never reached a worker"; when
+    it is 0 the answer is exactly 0 and no count aggregation is needed. Before fan-out is done (or
+    without totals) the answer is unknown (None) — also without a count.
     """
     total = (job.get("totals") or {}).get("items")
     if total is None or not job.get("fanout_done_at"):
         return None, True
     _, unborn = open_in_snapshot(job)
-    return (0, True) if unborn == 0 else (unborn, False)
+    bound = int((job.get("counts") or {}).get("queued") or 0) + unborn
+    return (0, True) if bound == 0 else (bound, False)
 
 
 def merge_findings(findings: Iterable[Finding]) -> dict[str, Finding]:

@@ -15,12 +15,12 @@ from typing import Any
 from shared import alerts
 from shared.config import Settings
 from shared.log import log_event
-from shared.model import ITEMS, JOBS
+from shared.model import ITEMS, JOBS, ItemStatus
 from shared.sweeper import rules
 from shared.sweeper.decisions import FlagAction, decide_alert, decide_flag, moved_since_flag, prior_alert
 from shared.sweeper.findings import Finding, Severity, as_utc, never_claimed_from_snapshot, open_in_snapshot
 from shared.sweeper.outbox import NotifyState, stall_event_record
-from shared.sweeper.rules.base import Query
+from shared.sweeper.rules.base import Query, Where
 from shared.sweeper.rules.lease_overrun import LEASE_OVERRUN
 from shared.sweeper.rules.running import NO_PROGRESS, QUEUED_STALL
 from shared.sweeper.store import AddJobEvent, AddStallEvent, MergeAlertState, SetStallFlag, SweepStore, Write
@@ -77,14 +77,18 @@ def _reports_never_claimed(kind: str) -> bool:
 
 
 def never_claimed(store: SweepStore, job_id: str, job: dict, now: dt.datetime, cfg: Settings) -> int | None:
-    """totals.items - count(items): items whose task never reached a worker (items are born at claim).
-    One count aggregation, only when the job's own snapshot cannot give the exact answer."""
+    """Items whose task never reached a worker: born at fan-out and never claimed (`queued`, attempt 0),
+    plus, for jobs fanned out before items were born there, `totals.items - count(items)`. Two count
+    aggregations, only when the job's own snapshot cannot give the exact answer."""
     known, exact = never_claimed_from_snapshot(job)
     if exact:
         return known
     total = int((job.get("totals") or {}).get("items"))
-    born = store.count(Query(f"{JOBS}/{job_id}/{ITEMS}", ()), now, cfg)
-    return max(0, total - born)
+    items = f"{JOBS}/{job_id}/{ITEMS}"
+    born = store.count(Query(items, ()), now, cfg)
+    unclaimed = store.count(Query(items, (Where("status", "==", lambda now, cfg: ItemStatus.QUEUED.value),
+                                          Where("attempt", "==", lambda now, cfg: 0))), now, cfg)
+    return max(0, total - born) + unclaimed
 
 
 def plan_finding(store: SweepStore, d: _Decided, never: int | None, now: dt.datetime) -> JobPlan:

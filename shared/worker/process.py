@@ -88,7 +88,9 @@ def _deliver(run: _Run, handler: ItemHandler | None) -> WorkerOutcome:
     if job is None:
         log_event("job_missing", severity="WARNING", status="noop", **run.fields)
         return answers.done(run.task, "job_missing")
-    if job.status == JobStatus.CANCELLED.value:
+    # A failed job (its file's generation vanished mid-ingest) runs no side effect either: its items
+    # end like a cancelled job's.
+    if job.status in (JobStatus.CANCELLED.value, JobStatus.FAILED.value):
         answer = _for_cancelled_job(run)
         if answer is not None:
             return answer
@@ -225,7 +227,8 @@ def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler | 
               details=outcome.error.details if outcome.error and outcome.error.details else None,
               **fields)
     if kind in (CompleteKind.SUCCEEDED, CompleteKind.FAILED):
-        request_progress_check(run.task.job_id, now)
+        # The window is named after the commit: `now` (before it) could name a window whose check already ran.
+        request_progress_check(run.task.job_id, run.clock())
         _count_for_breaker(run, current, kind, outcome, fields)
     return answers.after_complete(run.task, kind, claim.attempt, error, outcome.result)
 

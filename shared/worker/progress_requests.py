@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 from shared.config import settings
 from shared.log import log_event
+from shared.model import PROGRESS_CHECK_MISSED_AT as MISSED_AT
+from shared.model import PROGRESS_CHECK_MISSED_ERROR as MISSED_ERROR
 from shared.naming import progress_task_name_for
 from shared.payloads import ProgressTask
+from shared.store import Store, default_store
 from shared.worker.delivery import utc
 
 # Kept (job, window) pairs beyond which the oldest windows are forgotten.
@@ -39,10 +42,14 @@ class ProgressRequests:
 PROGRESS_REQUESTS = ProgressRequests()
 
 
-def request_progress_check(job_id: str, now: float) -> str | None:
+def request_progress_check(job_id: str, now: float, *, store: Store | None = None) -> str | None:
     """Ask for one progress check of the job at the end of the current window (name-deduplicated).
 
-    Returns the task id asked for, or None when skipped; never raises.
+    `now` must be taken after the write that asked for the check has committed: a window that
+    ended before the commit may have had its check already, which then did not see this write.
+    CreateTask is retried in place on transient faults (`create_task`, `shared.retry.TASK_API`); a
+    request that still fails is flagged on the job (`_flag_missed_check`), never swallowed: it may
+    have been the job's last chance to complete. Returns the task id asked for, or None; never raises.
     """
     from shared.tasks import PROGRESS_TASK, TaskSpec, create_task
 
@@ -63,10 +70,27 @@ def request_progress_check(job_id: str, now: float) -> str | None:
     )
     try:
         created = create_task(s.control_queue_path, spec)
-    except Exception as exc:  # the item is done; a missed check is caught by the next one or the sweeper
+    except Exception as exc:  # noqa: BLE001 - the item is done; what is missed is flagged, not raised
         PROGRESS_REQUESTS.forget(job_id, window)
-        log_event("progress_check_enqueue_failed", severity="WARNING", job_id=job_id, task_id=task_id,
-                  error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"[:300]
+        log_event("progress_check_enqueue_failed", severity="ERROR", job_id=job_id, task_id=task_id, error=error)
+        _flag_missed_check(store, job_id, task_id, error, now)
         return None
     log_event("progress_check_requested", severity="DEBUG", job_id=job_id, task_id=task_id, created=created)
     return task_id
+
+
+def _flag_missed_check(store: Store | None, job_id: str, task_id: str, error: str, now: float) -> None:
+    """Record on the job that a progress check could not be asked for (`MISSED_AT`, `MISSED_ERROR`).
+
+    A later check clears it (`shared.progress.check_job_progress`); until then the sweeper reports the
+    job (`progress_check_missed`, shared/sweeper/rules/progress_missed.py): if this was the job's last
+    completion, nothing else would ever check it and it would stay `running` unseen. Chosen over
+    "ask again from the next delivery" because after the last item there is no next delivery."""
+    try:
+        (store or default_store()).update_job(job_id, {MISSED_AT: utc(now), MISSED_ERROR: f"{task_id}: {error}"})
+    except Exception as exc:  # noqa: BLE001 - Firestore down too: the log line is all that is left
+        log_event("progress_check_missed_unrecorded", severity="ERROR", job_id=job_id, task_id=task_id,
+                  error=f"{type(exc).__name__}: {exc}"[:300])
+        return
+    log_event("progress_check_missed", severity="WARNING", job_id=job_id, task_id=task_id)

@@ -473,3 +473,34 @@ def test_flag_without_alert_fields_uses_alert_state(env, sink):
     assert r.suppressed == 1 and r.alerted == 1
     assert [p for p in sink.posts if loud in p["text"]] and not [p for p in sink.posts if quiet in p["text"]]
     assert job(db, loud)["stall"]["last_alert_at"] == T0
+
+
+def test_never_claimed_counts_items_born_at_fanout_that_no_delivery_claimed(env, sink):
+    """Issue 15: items are born `queued` (attempt 0) at fan-out, so `count(items) == totals.items` and the
+    never-reached-a-worker figure is the queued items with attempt 0 (a re-queued item, attempt 1, is not)."""
+    db, _ = env
+    jid = make_job(db, last_progress=T0 - 40 * MIN, items_total=5,
+                   counts={"queued": 4, "processing": 0, "succeeded": 1, "failed": 0, "cancelled": 0})
+    make_item(db, jid, "00000000000017", status="succeeded")
+    make_item(db, jid, "00000000000024", status="queued")  # re-queued after a retryable error: was claimed
+    for gtin in ("00000000000031", "00000000000048", "00000000000055"):
+        make_item(db, jid, gtin, status="queued")
+        db.collection(JOBS).document(jid).collection(ITEMS).document(gtin).update({"attempt": 0})
+    r = sweep(env, sink, T0)
+    assert [(f["kind"], f["never_claimed"]) for f in r.findings] == [("queued_stall", 3)]
+    assert "never claimed 3" in sink.posts[0]["text"]
+
+
+def test_a_missed_progress_check_is_reported_until_a_check_runs(env, sink):
+    db, _ = env
+    jid = make_job(db, last_progress=T0 - 3 * MIN, items_total=6,
+                   counts={"queued": 0, "processing": 0, "succeeded": 6, "failed": 0, "cancelled": 0})
+    db.collection(JOBS).document(jid).update({"progress_check_missed_at": T0 - 5 * MIN,
+                                              "progress_check_missed_error": f"{jid}-p1: PermissionDenied: 403"})
+    r = sweep(env, sink, T0)
+    assert [(f["job_id"], f["kind"]) for f in r.findings] == [(jid, "progress_check_missed")]
+    assert job(db, jid)["stall"]["kind"] == "progress_check_missed" and job(db, jid)["status"] == "running"
+    # a check ran (it clears the flag; the job is otherwise unchanged): the next sweep notes the recovery
+    db.collection(JOBS).document(jid).update({"progress_check_missed_at": None})
+    r2 = sweep(env, sink, T0 + MIN)
+    assert r2.recovered == 1 and job(db, jid)["stall"] is None

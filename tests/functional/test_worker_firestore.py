@@ -534,3 +534,29 @@ def test_progress_all_succeeded_completes(db):
     for n in (1, 2):
         _deliver(db, job_id, n, RecordingHandler())
     assert check_job_progress(job_id, store=FirestoreStore(db))["status"] == "completed"
+
+
+def test_items_born_at_fanout_create_if_absent_then_claim_as_attempt_1(db, job):
+    """Issue 15: the chunk creates the item `queued` (attempt 0) before its task; a second create
+    (another chunk's line, or this chunk retried) gets the existing item back; the first delivery
+    claims it as attempt 1; writes per item: create + claim + complete, still two transactions."""
+    from shared import item_state
+
+    store = FirestoreStore(db)
+    task = ItemTask(**_payload(job, 1))
+    doc = item_state.born_queued(task, "t-1", utc(T0), owner="fanout:c0")
+    assert store.create_item(job, task.gtin, doc) is None
+    other_line = item_state.born_queued(ItemTask(**{**_payload(job, 1), "line": 99}), "t-1", utc(T0), owner="fanout:c9")
+    existing = store.create_item(job, task.gtin, other_line)
+    assert existing is not None and existing.doc["line"] == 1 and existing.never_claimed
+    assert store.count_never_claimed(job) == 1
+    counts = job_counts(job, store=store)
+    assert (counts["queued"], counts["never_claimed"], counts["unborn"]) == (1, 1 + 2, 2)  # items 2, 3 legacy: unborn
+
+    TXN_COUNTER.reset()
+    out = _deliver(db, job, 1, RecordingHandler())
+    assert out.http_status == 200 and TXN_COUNTER.snapshot() == {"claim": 1, "complete": 1}
+    item = _item(db, job, 1)
+    assert (item["status"], item["attempt"], item["line"]) == ("succeeded", 1, 1)
+    assert [h["status"] for h in item["history"]] == ["queued", "processing", "succeeded"]
+    assert store.count_never_claimed(job) == 0

@@ -157,7 +157,8 @@ def fan_out(data: bytes, chunk_bytes: int, order_seed: int | None = None) -> tup
     """Totals, tasks and line records of a fan-out, running chunks in a random order if seeded.
 
     Mirrors `shared.ingest.process_chunk`: duplicates within a chunk by first sight, across
-    chunks by an existing task name (whoever created it first owns the GTIN)."""
+    chunks by an existing item (whoever created it first owns the GTIN; `tasks` stands for the
+    items born with their tasks)."""
     obj = MemObj(data)
     plan = plan_file(obj, chunk_bytes, 10**6)
     fmt = FileFormat.from_dict(plan.format.to_dict())

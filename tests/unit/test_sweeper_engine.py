@@ -156,9 +156,9 @@ def test_lease_overrun_reads_the_jobs_no_other_query_returned(mem, posts):
                                                   "lease_expires_at": T0 - 30 * MIN})
     r = sweep(mem, T0)
     assert [(f["job_id"], f["kind"]) for f in r.findings] == [("busy", "lease_overrun")]
-    # queries: running, ingesting, flagged, pending empty (1 each) + 2 items + 2 job gets;
-    # the never-claimed count is settled by the snapshot; systemic count (1)
-    assert r.documents_read == 4 + 2 + 2 + 1
+    # queries: running, ingesting, progress_missed, flagged, pending empty (1 each) + 2 items + 2 job
+    # gets; the never-claimed count is settled by the snapshot; systemic count (1)
+    assert r.documents_read == 5 + 2 + 2 + 1
 
 
 def test_store_unavailable_during_the_scan(mem, monkeypatch):

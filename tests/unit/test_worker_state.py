@@ -339,8 +339,13 @@ def test_started_in_current_round_tells_requeued_deliveries_from_operator_rounds
     from shared.model import started_in_current_round
 
     assert started_in_current_round({"status": "processing"})
-    assert started_in_current_round({"status": "queued", "history": [{"owner": "task:0:ab", "status": "queued"}]})
-    assert not started_in_current_round({"status": "queued", "history": [{"owner": "retry:ops", "status": "queued"}]})
+    assert started_in_current_round({"status": "queued", "attempt": 1,
+                                     "history": [{"owner": "task:0:ab", "status": "queued"}]})
+    assert not started_in_current_round({"status": "queued", "attempt": 1,
+                                         "history": [{"owner": "retry:ops", "status": "queued"}]})
+    # Born at fan-out and never claimed (attempt 0): nothing ran, whoever wrote its history.
+    assert not started_in_current_round({"status": "queued", "attempt": 0,
+                                         "history": [{"owner": "fanout:c0", "status": "queued"}]})
     assert not started_in_current_round({"status": "succeeded", "history": [{"owner": "task:0:ab"}]})
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.sweeper.rules import ingesting, lease_overrun, running
+from shared.sweeper.rules import ingesting, lease_overrun, progress_missed, running
 from shared.sweeper.rules.base import Rule
 
 # Order breaks ties between equally severe findings of one job: the first rule's kind is kept.
@@ -10,6 +10,7 @@ RULES: tuple[Rule, ...] = (
     running.RULE,
     ingesting.RULE,
     lease_overrun.RULE,
+    progress_missed.RULE,
 )
 
 

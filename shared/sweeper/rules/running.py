@@ -8,7 +8,8 @@ One rule with two kinds rather than two rules: Firestore cannot compare two fiel
 come from the same query (the smaller of the two cutoffs), and two rules would read every stalled
 running job twice. A running job is `queued_stall` when its `fanout_done_at` and
 `last_progress_at` are both older than `queued_stall_minutes` and its counts snapshot still shows
-queued items or items never born (`totals.items > sum(counts)`); otherwise it is `no_progress`
+queued items (born at fan-out, claimed or not) or, for jobs from before items were born at
+fan-out, items never born (`totals.items > sum(counts)`); otherwise it is `no_progress`
 once `last_progress_at` is older than `stall_minutes`. `last_progress_at` is set at job creation
 and at fan-out, so a running job always has it.
 """
@@ -40,8 +41,11 @@ def classify(job: dict, now: dt.datetime, cfg: Settings) -> Finding | None:
     queued = int((job.get("counts") or {}).get("queued") or 0)
     _, unborn = open_in_snapshot(job)
     if fanout is not None and fanout <= queued_cutoff and last <= queued_cutoff and (queued or unborn):
+        # Items are born queued at fan-out, so "never claimed" is within `queued` (the alert counts it);
+        # only jobs from before that have items never born, in no status.
+        never_born = f" and {unborn} never-claimed" if unborn else ""
         kind, reason = QUEUED_STALL, (
-            f"{queued} queued and {unborn} never-claimed items have not moved for {minutes(now - last)} min "
+            f"{queued} queued{never_born} items have not moved for {minutes(now - last)} min "
             f"(fan-out done {minutes(now - fanout)} min ago)"
         )
     elif last <= now - dt.timedelta(minutes=cfg.stall_minutes):
