@@ -64,6 +64,39 @@ class ChaosStack:
     def emulator_stats(self) -> dict:
         return requests.get(f"http://{self.env['CLOUD_TASKS_EMULATOR_HOST']}/_emulator/stats", timeout=10).json()
 
+    def update_queue_retry(self, queue: str, **retry_s) -> None:
+        """Change a queue's retry backoff with UpdateQueue, as an operator could (scales time for CI)."""
+        self._update_queue(queue, retry_s)
+
+    def restore_queue_retry(self, queue: str) -> None:
+        """The queue's retry config as the product declares it (shared.config)."""
+        from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+
+        spec = {q.name: q for q in (ITEM_QUEUE, CONTROL_QUEUE)}[queue].retry
+        self._update_queue(queue, {"min_backoff_s": spec.min_backoff_s, "max_backoff_s": spec.max_backoff_s,
+                                   "max_doublings": spec.max_doublings})
+
+    def _update_queue(self, queue: str, retry_s: dict) -> None:
+        from google.cloud import tasks_v2
+        from google.oauth2.credentials import Credentials
+        from google.protobuf import duration_pb2, field_mask_pb2
+
+        from shared.clients import make_tasks_client
+
+        def duration(seconds: float) -> duration_pb2.Duration:
+            return duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
+
+        client = make_tasks_client(self.env["CLOUD_TASKS_EMULATOR_HOST"],
+                                   credentials=Credentials(token=self.env["UPCFAN_OPERATOR_TOKEN"]))
+        name = f"{self.env['UPCFAN_QUEUE'].rsplit('/queues/', 1)[0]}/queues/{queue}"
+        retry = tasks_v2.RetryConfig(min_backoff=duration(retry_s["min_backoff_s"]),
+                                     max_backoff=duration(retry_s["max_backoff_s"]),
+                                     max_doublings=int(retry_s["max_doublings"]))
+        client.update_queue(queue=tasks_v2.Queue(name=name, retry_config=retry),
+                            update_mask=field_mask_pb2.FieldMask(paths=["retry_config.min_backoff",
+                                                                         "retry_config.max_backoff",
+                                                                         "retry_config.max_doublings"]))
+
     def market(self, path: str, body: dict | None = None):
         url = self.env["UPCFAN_MARKETPLACE_URL"] + path
         resp = requests.post(url, json=body, timeout=10) if body is not None else requests.get(url, timeout=30)

@@ -12,7 +12,7 @@ from chaos_stack import REPO_ROOT, ChaosStack
 from devstack.testing import private_stack, stack_env_applied
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chaos_stack():
     local_dir = Path(os.environ.get("UPCFAN_CHAOS_LOCAL_DIR", REPO_ROOT / ".local" / "chaos")).resolve()
     # private_stack raises RuntimeError with the logs if the stack cannot start.

@@ -3,8 +3,8 @@
 Faults, together: every task delivered twice (emulator `duplicate_deliveries=1`, and either copy's
 2xx may end the task: `duplicate_2xx_ends_task`), the worker
 SIGKILLed three times mid-run (restarted through devstack), the finalize CloudEvent re-sent and
-the file re-triggered over HTTP, 30% marketplace 5xx for an outage window plus latency beyond
-the lease for some items, the sweeper every 3 s, a second job cancelled mid-run and a third job's
+the file re-triggered over HTTP, 30% of all marketplace calls answered 5xx for the whole run plus
+latency beyond the lease for some items, the sweeper every 3 s, a second job cancelled mid-run and a third job's
 permanently failed items retried by the operator after the fault is cleared.
 
 Afterwards, from the marketplace's `/_stats` and `/_listings` and from Firestore: no SKU has two
@@ -214,14 +214,12 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
             s.kill("worker")
             s.restart("worker", CHAOS_WORKER_ENV)
         phases["kills_done"] = time.monotonic() - t0
-        faults.update(error_rate=0.0)
-        s.market("/_faults", faults)
 
         # Job C: permanent 400s → completed_with_failures; clear the fault; operator retry-failed.
         poll(lambda: job_of(db, job_c).get("status") in TERMINAL, 600, "job C to finish round 1", interval_s=1.0)
         assert job_of(db, job_c)["status"] == "completed_with_failures"
         failed_c = item_counts(db, job_c)["failed"]
-        assert failed_c >= N_PERMANENT
+        assert failed_c == N_PERMANENT  # only the permanent 400s: every 5xx was retried to success
         faults.update(fail_gtins={})
         s.market("/_faults", faults)
         r = requests.post(f"{api}/api/batch/jobs/{job_c}/retry-failed", json={}, headers=auth, timeout=120)
@@ -271,7 +269,8 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
 
         # 2. Nothing silently lost: each job's lines add up, line records match the totals.
         assert {k: docs["main"]["totals"][k] for k in expect_main} == expect_main
-        assert docs["main"]["status"] in ("completed", "completed_with_failures")
+        # 30% of all marketplace calls answered 5xx for the whole run, and nothing failed.
+        assert docs["main"]["status"] == "completed" and counts["main"]["failed"] == 0, counts["main"]
         assert docs["cancel"]["status"] == "cancelled" and docs["retry"]["status"] == "completed"
         assert docs["retry"]["round"] == 2 and counts["retry"]["succeeded"] == N_RETRY
         for k in jobs:
