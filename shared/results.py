@@ -28,6 +28,7 @@ from typing import IO, Iterable, Iterator
 from shared.config import settings
 from shared.events import Event
 from shared.log import log_event
+from shared.model import JobStatus
 from shared.store import Store, default_store
 
 COLUMNS = ("line", "upc", "gtin", "status", "error_code", "error_message", "offer_id")
@@ -39,6 +40,8 @@ UPLOAD_CHUNK_BYTES = 4 * 1024 * 1024
 # A cell starting with one of these is read as a formula by spreadsheet programs; raw text from the
 # file (an invalid line's UPC, an error message) gets a leading apostrophe (OWASP "CSV Injection").
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+_COMPLETED = frozenset({JobStatus.COMPLETED.value, JobStatus.COMPLETED_WITH_FAILURES.value})
 
 Row = tuple[int, str, str, str, str, str, str]
 
@@ -123,9 +126,8 @@ def request_results(job_id: str, round_: int) -> str | None:
     from shared.tasks import RESULTS_TASK, TaskSpec, create_task
 
     try:
-        if not settings().ingest_url or not settings().bucket:
-            log_event("results_skipped", severity="WARNING", job_id=job_id,
-                      reason="UPCFAN_INGEST_URL or UPCFAN_BUCKET not set")
+        if not settings().ingest_url:
+            log_event("results_skipped", severity="WARNING", job_id=job_id, reason="UPCFAN_INGEST_URL not set")
             return None
         task_id = results_task_name_for(job_id, round_)
         created = create_task(settings().control_queue_path, TaskSpec(
@@ -148,6 +150,10 @@ def write_results(job_id: str, round_: int, *, store: Store | None = None, now: 
     if job is None:
         log_event("results_skipped", severity="WARNING", job_id=job_id, reason="job not found")
         return {"job_id": job_id, "status": "job_missing"}
+    if job.round != round_ or job.status not in _COMPLETED:
+        # A later retry round started (or the job is not completed): that round writes its own manifest.
+        log_event("results_skipped", job_id=job_id, round=round_, reason=f"job is {job.status} in round {job.round}")
+        return {"job_id": job_id, "status": "superseded", "job_status": job.status, "job_round": job.round}
     bucket = settings().bucket
     name = results_object_name(job_id, round_)
     path = f"gs://{bucket}/{name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -26,7 +27,7 @@ UPCFAN = REPO_ROOT / ".venv" / "bin" / "upcfan"
 
 
 def test_a_finished_job_has_its_results_manifest_export_and_history(
-        stack_env, operator, upload, storage_client, firestore_db, tmp_path):
+        stack_env, operator, upload, storage_client, firestore_db, slack_sink, tmp_path):
     api = stack_env["UPCFAN_API_URL"].rstrip("/")
     upcs = fresh_upcs(3)
     # Lines: 1-3 items, 4 invalid (letters), 5 a duplicate of line 1, 6 invalid with a quote.
@@ -52,6 +53,11 @@ def test_a_finished_job_has_its_results_manifest_export_and_history(
     assert by_line[1][2] == gtin14(upcs[0]) and by_line[1][6]  # the marketplace's offer id
     assert by_line[5][2] == gtin14(upcs[0]) and by_line[5][4] == "duplicate_in_file"
     assert by_line[6][1] == '12"AB'  # quoted on write, whole on read
+
+    # The job-finished note links it.
+    note = poll(lambda: [m for m in slack_sink.messages() if job_id in json.dumps(m) and "INFO" in json.dumps(m)],
+                60, 0.5, "the job-finished note")
+    assert results["path"] in json.dumps(note[0])
 
     # `upcfan export` streams the same CSV from the store.
     env_file = tmp_path / "stack.env"

@@ -142,6 +142,17 @@ def test_write_results_uploads_once_and_records_path_and_event(store, monkeypatc
     assert len(written) == 1 and written[0]["actor"] == "ingest" and written[0]["details"]["rows"] == 7
 
 
+def test_a_manifest_task_of_an_earlier_round_or_an_unfinished_job_writes_nothing(store, monkeypatch):
+    from shared import clients
+
+    fake = _FakeClient()
+    monkeypatch.setattr(clients, "storage_client", lambda: fake)
+    store.update_job("j1", {"round": 2, "status": "running"})
+    assert results.write_results("j1", 1, store=store)["status"] == "superseded"
+    assert results.write_results("j1", 2, store=store)["status"] == "superseded"
+    assert fake.objects == {} and "results" not in store.jobs["j1"]
+
+
 def test_missing_line_records_are_counted_not_invented(store, monkeypatch):
     from shared import clients
     from shared.config import settings
