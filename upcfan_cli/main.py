@@ -276,6 +276,10 @@ def render_status(view: dict[str, Any]) -> Group:
     footer.append(f"   ETA {format_duration(view.get('eta_s'), exact=True)}")
     footer.append("   stall: ")
     footer.append("YES" if view.get("stalled") else "no", style="bold red" if view.get("stalled") else "green")
+    results = view.get("results") or {}
+    if results.get("path"):  # the manifest the job's results task wrote (`upcfan export` streams the same)
+        missing = f", {results['lines_missing']} line(s) without a record" if results.get("lines_missing") else ""
+        return Group(header, progress_row, table, footer, Text(f"results: {results['path']} ({results.get('rows')} rows{missing})"))
     return Group(header, progress_row, table, footer)
 
 

@@ -221,3 +221,15 @@ def test_cli_events_and_export(store, tmp_path, monkeypatch):
     result = runner.invoke(cli.app, ["events", "j1", "--json"])
     assert result.exit_code == 0 and '"created"' in result.output and "cli:alice" in result.output
     assert runner.invoke(cli.app, ["export", "nope"]).exit_code == cli.EXIT_NOT_FOUND
+
+
+def test_status_view_names_the_results_manifest():
+    from rich.console import Console
+
+    from upcfan_cli import main as cli
+
+    view = {"job_id": "j1", "status": "completed", "final": True, "round": 1, "counts": {}, "totals": {},
+            "results": {"path": "gs://b/results/j1.csv", "rows": 7, "lines_missing": 2}}
+    console = Console(width=200, record=True)
+    console.print(cli.render_status(view))
+    assert "results: gs://b/results/j1.csv (7 rows, 2 line(s) without a record)" in console.export_text()
