@@ -291,3 +291,59 @@ def notify_job_finished(job: dict[str, Any], *,
     else:
         log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
     return result
+
+
+_PAUSE_WHY = {
+    "marketplace_unauthorized": "the marketplace refused our credentials (401/403); every further call would be "
+                                "refused too",
+    "failure_rate": "too many of the job's recent items failed permanently",
+    "max_failed_percent": "the job's failed items passed its max_failed_percent option",
+    "operator": "an operator paused it",
+}
+
+
+def build_pause_message(job: dict[str, Any], code: str, message: str, actor: str) -> SlackMessage:
+    """CRITICAL: a job paused (circuit breaker or operator): what happened, the job, why, what to do."""
+    job_id = str(job.get("job_id") or "?")
+    jid = escape(job_id)
+    why = _PAUSE_WHY.get(code, code)
+    commands = [f"upcfan status {job_id}", f"upcfan resume {job_id}", f"upcfan cancel {job_id}"]
+    text = (f"CRITICAL: upcfan job {jid} paused ({escape(code)}): {escape(why)}. {escape(message)}. "
+            f"File {escape(job.get('gcs_path') or 'unknown')}. No new side effects run until an operator acts: "
+            f"fix the cause, then `upcfan resume {jid}`, or `upcfan cancel {jid}`.")
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": "CRITICAL: job paused"}},
+        {"type": "section",
+         "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['CRITICAL']} *upcfan job {jid} paused* ({escape(code)})"},
+         "fields": [
+             {"type": "mrkdwn", "text": f"*Job*\n`{jid}`"},
+             {"type": "mrkdwn", "text": f"*File*\n{escape(job.get('gcs_path') or 'unknown')}"},
+             {"type": "mrkdwn", "text": f"*Reason*\n{escape(code)}: {escape(why)}"},
+             {"type": "mrkdwn", "text": f"*By*\n{escape(actor)}"},
+         ]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"*What happened*: {escape(message) or 'no detail'}"}},
+        {"type": "section", "text": {"type": "mrkdwn",
+                                     "text": "*Operator commands* (items wait, their retry windows restart on resume)\n"
+                                     + _code_lines(commands + [f"POST /api/batch/jobs/{job_id}/resume",
+                                                               f"POST /api/batch/jobs/{job_id}/cancel"])}},
+        {"type": "context",
+         "elements": [{"type": "mrkdwn", "text": "upcfan circuit breaker · pausing only stops work; it never resumes on its own"}]},
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+def notify_job_paused(job: dict[str, Any], code: str, message: str, actor: str, *,
+                      post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
+    """Post the pause alert; never raises (a failure is returned and logged, the pause stands)."""
+    from shared.log import log_event
+
+    job_id = (job or {}).get("job_id")
+    try:
+        result = (post or post_message)(build_pause_message(job or {}, code, message, actor))
+    except Exception as exc:  # noqa: BLE001 - an alert must never fail the pause
+        result = SlackPostResult(ok=False, error=f"pause alert failed: {type(exc).__name__}: {exc}"[:300])
+    if result.ok:
+        log_event("job_pause_notified", job_id=job_id, code=code)
+    else:
+        log_event("job_pause_notify_failed", severity="WARNING", job_id=job_id, code=code, error=result.error)
+    return result

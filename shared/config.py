@@ -44,10 +44,25 @@ class QueueSpec:
     local_max_concurrent_dispatches: int = 32
 
 
-# Item tasks: retried with backoff; attempts bound the worker's "last attempt" rule.
+# Item tasks: the task lives until its item is final; the item's retry budget is time, kept on the
+# item document (`first_failed_at` + UPCFAN_ITEM_RETRY_WINDOW_S, decided by `shared/item_state.complete`),
+# not a count of Cloud Tasks attempts.
+# - max_attempts=-1 (unlimited): Cloud Tasks stops retrying only when max_attempts AND
+#   max_retry_duration are both satisfied (RetryConfig reference, cloud.google.com/tasks/docs/reference/
+#   rest/v2/projects.locations.queues#RetryConfig), so with -1 a task ends only on a 2xx, which the
+#   worker answers only when the item is final (or its job is gone). A 409 or 503 never ends a task.
+# - max_retry_duration=0 (unlimited): with -1 it could never end a task in Cloud Tasks anyway; 0 says
+#   so, and the local emulator (which reads a positive duration as a limit even with -1) agrees. The
+#   bound is Cloud Tasks' task retention (31 days): far past any retry window or operator pause.
+# - max_backoff=300 s: during an outage each open item is tried at most every 5 minutes (about 72
+#   attempts in a 6 h window, cheap), and once the marketplace (or an operator's resume) is back every
+#   item is tried again within 5 minutes. A paused job's deliveries back off to this too.
+# - 1 s doubling 6 times (1, 2, … 64 s, then +64 s steps to 300 s): a passing fault is retried
+#   quickly, a long one settles at the cap within about 10 minutes.
 ITEM_QUEUE = QueueSpec(
     name="upcfan-items",
-    retry=RetryConfig(max_attempts=8, min_backoff_s=1.0, max_backoff_s=60.0, max_doublings=4),
+    retry=RetryConfig(max_attempts=-1, min_backoff_s=1.0, max_backoff_s=300.0, max_doublings=6,
+                      max_retry_duration_s=0.0),
     rate=RateLimits(max_dispatches_per_second=500.0, max_concurrent_dispatches=1000),
     # > the worker's worst case on an item's last attempt (`shared/deadlines.py`: ~160 s).
     dispatch_deadline_s=180,
@@ -156,7 +171,19 @@ class Settings(BaseSettings):
     lease_s: Seconds = _env("UPCFAN_LEASE_S", 60.0)
     # 0 turns heartbeats off (shared/worker/lease.py::Heartbeat): tests use it to let a lease lapse.
     heartbeat_s: float = _env("UPCFAN_HEARTBEAT_S", 15.0, ge=0)
-    item_max_attempts: Count = _env("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts)
+    # The item queue's max_attempts (-1: unlimited). Only the delivery's `last_attempt` reads it, and
+    # with unlimited attempts no delivery is a last one: the item's retry window decides failure.
+    item_max_attempts: int = _env("UPCFAN_ITEM_MAX_ATTEMPTS", ITEM_QUEUE.retry.max_attempts)
+    # How long an item keeps being retried after its first retryable failure (or after its job was
+    # last resumed, whichever is later) before it ends `failed`: long enough to ride out a marketplace
+    # outage of hours, short enough that a job finishes the same day.
+    item_retry_window_s: Seconds = _env("UPCFAN_ITEM_RETRY_WINDOW_S", 6 * 3600.0)
+    # The per-job circuit breaker (shared/breaker.py): the job pauses when more than this percent of
+    # its last UPCFAN_BREAKER_WINDOW finished attempts in one worker process ended in a permanent error,
+    # once at least UPCFAN_BREAKER_MIN_ATTEMPTS of them are known.
+    breaker_failure_percent: float = _env("UPCFAN_BREAKER_FAILURE_PERCENT", 50.0, gt=0, le=100)
+    breaker_window: Count = _env("UPCFAN_BREAKER_WINDOW", 50)
+    breaker_min_attempts: Count = _env("UPCFAN_BREAKER_MIN_ATTEMPTS", 20)
     progress_check_s: Seconds = _env("UPCFAN_PROGRESS_CHECK_S", 5.0)
     # Sweeper
     stall_minutes: Minutes = _env("UPCFAN_STALL_MINUTES", 15.0)
@@ -191,6 +218,11 @@ class Settings(BaseSettings):
         if self.heartbeat_s >= self.lease_s:
             raise ValueError(f"UPCFAN_HEARTBEAT_S ({self.heartbeat_s:g}) must be less than UPCFAN_LEASE_S "
                              f"({self.lease_s:g})")
+        if self.item_max_attempts != -1 and self.item_max_attempts < 1:
+            raise ValueError(f"UPCFAN_ITEM_MAX_ATTEMPTS ({self.item_max_attempts}) must be -1 (unlimited) or at least 1")
+        if self.breaker_min_attempts > self.breaker_window:
+            raise ValueError(f"UPCFAN_BREAKER_MIN_ATTEMPTS ({self.breaker_min_attempts}) must be at most "
+                             f"UPCFAN_BREAKER_WINDOW ({self.breaker_window})")
         if self.stall_critical_minutes < self.stall_minutes:
             raise ValueError(f"UPCFAN_STALL_CRITICAL_MINUTES ({self.stall_critical_minutes:g}) must be at least "
                              f"UPCFAN_STALL_MINUTES ({self.stall_minutes:g})")

@@ -98,7 +98,8 @@ def resolve_options(obj: GcsObject, choice: HandlerChoice | None = None) -> dict
 
 
 def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: str = "http",
-               generation: int | str | None = None, actor: str | None = None) -> SubmitResult:
+               generation: int | str | None = None, actor: str | None = None,
+               options: dict | None = None) -> SubmitResult:
     """Create (or find) the job for one object generation and enqueue its plan task."""
     bucket, name = parse_gcs_path(gcs_path)
     check_bucket_allowed(bucket)
@@ -109,7 +110,7 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
     doc = {
         "job_id": job_id, "gcs_path": obj.gcs_path, "bucket": bucket, "object": name,
         "generation": str(obj.generation), "size": obj.size, "source": source,
-        "status": JobStatus.INGESTING.value, "options": resolve_options(obj, choice),
+        "status": JobStatus.INGESTING.value, "options": {**resolve_options(obj, choice), **(options or {})},
         "totals": None, "chunks_total": None, "round": 1, "counts": {},
         "created_at": now, "updated_at": now, "fanout_done_at": None, "last_progress_at": now,
         "completed_at": None, "stall": None, "error": None,
@@ -235,7 +236,8 @@ def plan_job(task: PlanTask, store: Store | None = None) -> dict:
     if job is None:
         log_event("plan_skipped", severity="WARNING", job_id=task.job_id, reason="job not found")
         return {}
-    if job.status != JobStatus.INGESTING.value or job.doc.get("planned_at"):
+    # A job paused while ingesting is still planned: pausing stops side effects, not the fan-out.
+    if job.status not in (JobStatus.INGESTING.value, JobStatus.PAUSED.value) or job.doc.get("planned_at"):
         log_event("plan_skipped", job_id=task.job_id, reason=f"job is {job.status}, planned_at "
                                                              f"{job.doc.get('planned_at')}")
         return job.doc

@@ -5,10 +5,15 @@ Nothing here touches a store. A store runs a transition inside one transaction
 on Firestore and on the in-memory store the unit tests use.
 
     (absent) ──claim──▶ processing ──complete ok──▶ succeeded
-                 │          │  ├──complete permanent / last attempt──▶ failed ──operator round──▶ queued
-                 │          │  └──complete retryable──▶ queued ──claim──▶ processing
+                 │          │  ├──complete permanent / retry window spent──▶ failed ──operator round──▶ queued
+                 │          │  ├──complete retryable (window left)──▶ queued ──claim──▶ processing
+                 │          │  └──stop for job: paused──▶ queued (no failure counted) | cancelled──▶ cancelled
                  │          └──lease expired: next claim takes it over (attempt + 1)
                  └──job cancelled──▶ cancelled        queued (not started) ──cancel──▶ cancelled
+
+An item's retry budget is time: its first retryable failure is recorded (`first_failed_at`); a later
+retryable failure ends it `failed` once `retry_window_s` has passed since then, or since its job was
+last resumed (`window_floor`), whichever is later: a pause never spends an item's budget.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Union
 
+from shared.durations import format_duration
 from shared.exceptions import ItemError
-from shared.model import RETRY_OWNER_PREFIX, Item, ItemStatus
+from shared.model import RETRY_OWNER_PREFIX, Item, ItemStatus, as_utc
 from shared.naming import task_name_for
 from shared.payloads import ItemTask
 
 JOB_CANCELLED_CODE = "job_cancelled"
+JOB_PAUSED_CODE = "job_paused"
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ def new_item(task: ItemTask, task_name: str, at: dt.datetime, status: ItemStatus
         "task_name": task_name,
         "error": None,
         "result": None,
+        "first_failed_at": None,
         "history": [history_entry(status, attempt, owner, at, error_code)],
         "created_at": at,
         "updated_at": at,
@@ -195,11 +203,14 @@ def cancel_queued(item: Item | None, at: dt.datetime) -> tuple[CancelKind, ItemW
 
 @dataclass(frozen=True)
 class HandlerOutcome:
-    """What the handler produced: a result, or an `ItemError`; `last_attempt` turns retryable into failed."""
+    """What the handler produced: a result, or an `ItemError`; with a retryable error, the item's
+    retry window (`retry_window_s`, counted from its first failure or `window_floor`, the job's last
+    resume, whichever is later) decides between queued and failed."""
 
     result: dict[str, Any] | None = None
     error: ItemError | None = None
-    last_attempt: bool = False
+    retry_window_s: float | None = None  # None: settings().item_retry_window_s
+    window_floor: dt.datetime | None = None
 
 
 class CompleteKind(str, enum.Enum):
@@ -208,6 +219,22 @@ class CompleteKind(str, enum.Enum):
     REQUEUED = "requeued"
     LEASE_LOST = "lease_lost"  # another delivery holds or re-queued the item: it is still open
     FINISHED_ELSEWHERE = "finished_elsewhere"  # another delivery already brought it to a final status
+
+
+def retry_window_start(item: Item, at: dt.datetime, floor: dt.datetime | None) -> dt.datetime:
+    """When the item's current retry window began: its first failure (`at` if this is it), moved up to
+    the job's last resume, so the time a job spent paused is never charged to its items."""
+    first = as_utc(item.doc.get("first_failed_at")) or at
+    floor = as_utc(floor)
+    return max(first, floor) if floor else first
+
+
+def _window_s(outcome: HandlerOutcome) -> float:
+    if outcome.retry_window_s is not None:
+        return outcome.retry_window_s
+    from shared.config import settings  # lazy: the pure transitions need settings only for the default
+
+    return settings().item_retry_window_s
 
 
 def complete(item: Item | None, owner: str, at: dt.datetime, outcome: HandlerOutcome) -> tuple[CompleteKind, ItemWrite | None]:
@@ -223,16 +250,56 @@ def complete(item: Item | None, owner: str, at: dt.datetime, outcome: HandlerOut
         fields.update({"result": outcome.result or {}, "error": None, "finished_at": at})
     else:
         error_code = error.code
-        if error.retryable and not outcome.last_attempt:
+        message = error.message
+        if error.retryable:
+            if not item.doc.get("first_failed_at"):
+                fields["first_failed_at"] = at
+            window_s = _window_s(outcome)
+            spent = (at - retry_window_start(item, at, outcome.window_floor)).total_seconds()
+            window_left = spent < window_s
+        else:
+            window_left = False
+        if window_left:
             kind, status = CompleteKind.REQUEUED, ItemStatus.QUEUED
             fields["lease_owner"] = None
         else:
             kind, status = CompleteKind.FAILED, ItemStatus.FAILED
             fields["finished_at"] = at
-        fields["error"] = {"code": error.code, "message": error.message, "retryable": error.retryable}
+            if error.retryable:
+                message = (f"retry window of {format_duration(window_s)} spent after {item.attempt} attempts; "
+                           f"last error: {message}")
+        fields["error"] = {"code": error.code, "message": message, "retryable": error.retryable}
     fields["status"] = status.value
     fields["history"] = item.history_with(history_entry(status, item.attempt, owner, at, error_code))
     return kind, Update(fields)
+
+
+# --------------------------------------------------------------------------------------------- stop for the job
+
+
+class StopKind(str, enum.Enum):
+    RELEASED = "released"  # paused job: back to queued, no failure counted, the task retries later
+    CANCELLED = "cancelled"  # cancelled job: finished as cancelled
+    LEASE_LOST = "lease_lost"
+    FINISHED_ELSEWHERE = "finished_elsewhere"
+
+
+def stop_for_job(item: Item | None, owner: str, at: dt.datetime, *, cancelled: bool,
+                 side_effects_started: bool = False) -> tuple[StopKind, ItemWrite | None]:
+    """The handler stopped before a side effect because its job is now paused (→ queued, neither an
+    attempt's failure nor its retry window charged) or cancelled (→ cancelled)."""
+    if item is not None and item.is_final:
+        return StopKind.FINISHED_ELSEWHERE, None
+    if item is None or item.status != ItemStatus.PROCESSING.value or item.lease_owner != owner:
+        return StopKind.LEASE_LOST, None
+    if cancelled:
+        update = cancelled_update(item, at, owner, JOB_CANCELLED_CODE)
+        # Effects of this delivery before the stop may exist (e.g. an inventory upsert before the offer).
+        return StopKind.CANCELLED, Update({**update.fields, "cancelled_midway": side_effects_started})
+    return StopKind.RELEASED, Update({
+        "status": ItemStatus.QUEUED.value, "lease_owner": None, "lease_expires_at": None, "updated_at": at,
+        "history": item.history_with(history_entry(ItemStatus.QUEUED, item.attempt, owner, at, JOB_PAUSED_CODE)),
+    })
 
 
 # --------------------------------------------------------------------------------------------- retry round
@@ -246,8 +313,10 @@ def requeue_for_round(item: Item | None, job_id: str, round_: int, at: dt.dateti
     error = item.doc.get("error") or {}
     entry = history_entry(ItemStatus.QUEUED, item.attempt, f"{RETRY_OWNER_PREFIX}{actor}", at, error.get("code"))
     # The error stays on the item (and in history) until the new round overwrites it.
+    # A new round is a new retry window (`first_failed_at` cleared).
     return True, Update({
         "status": ItemStatus.QUEUED.value, "round": round_, "updated_at": at, "finished_at": None,
+        "first_failed_at": None,
         "task_name": task_name_for(job_id, item.gtin, round_),
         "lease_owner": None, "lease_expires_at": None, "history": item.history_with(entry),
     })

@@ -18,9 +18,12 @@ from shared.model import RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus
 
 TOTAL_KEYS = ("lines", "items", "invalid", "duplicate", "skipped")
 
-# A job may be completed from these states once fan-out is done (ingest flips to running at fan-out).
+# A job may be completed from these states once fan-out is done (ingest flips to running at fan-out);
+# never from `paused`: a paused job whose items are all final completes after its resume.
 COMPLETABLE = frozenset({JobStatus.RUNNING.value, JobStatus.INGESTING.value})
-CANCELLABLE = frozenset({JobStatus.INGESTING.value, JobStatus.RUNNING.value})
+# A job that has not finished: it may be cancelled (or fail) from any of these.
+CANCELLABLE = frozenset({JobStatus.INGESTING.value, JobStatus.RUNNING.value, JobStatus.PAUSED.value})
+PAUSABLE = frozenset({JobStatus.INGESTING.value, JobStatus.RUNNING.value})
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,10 @@ def finish_fanout(job: Job | None, chunks: list[dict], at: dt.datetime) -> tuple
     fields: dict[str, Any] = {"totals": totals, "fanout_done_at": at, "last_progress_at": at, "updated_at": at}
     if job.status == JobStatus.INGESTING.value:
         fields["status"] = JobStatus.RUNNING.value
+    elif job.status == JobStatus.PAUSED.value and (job.doc.get("pause") or {}).get("previous_status") == \
+            JobStatus.INGESTING.value:
+        # Paused while ingesting: fan-out still finishes, and a resume returns it to running.
+        fields["pause"] = {**job.doc["pause"], "previous_status": JobStatus.RUNNING.value}
     event = Event("fanout_done", "ingest", at, {"totals": totals}, event_id="fanout_done")
     return {**job.doc, **fields}, JobWrite(fields, (event,))
 
@@ -103,6 +110,47 @@ def cancel(job: Job | None, job_id: str, actor: str, at: dt.datetime) -> tuple[b
                             code="job_finished")
     fields = {"status": JobStatus.CANCELLED.value, "cancelled_at": at, "updated_at": at}
     return True, JobWrite(fields, (Event("cancelled", actor, at, {"previous_status": job.status}),))
+
+
+@dataclass(frozen=True)
+class PauseResult:
+    """`changed`: this transaction paused (or resumed) the job; `status`: the job's status after it."""
+
+    changed: bool
+    status: str
+    job: Job | None = None
+
+
+def pause(job: Job | None, job_id: str, reason: dict, actor: str, at: dt.datetime) -> tuple[PauseResult, JobWrite | None]:
+    """ingesting/running → paused, recording why (`reason` {code, message}), by whom and the status to
+    resume to. Already paused or finished: nothing changes (the caller decides whether that is an error)."""
+    if job is None:
+        raise job_not_found(job_id)
+    if job.status not in PAUSABLE:
+        return PauseResult(False, job.status, job), None
+    reason = {"code": str(reason.get("code") or "paused"), "message": str(reason.get("message") or "")}
+    fields = {
+        "status": JobStatus.PAUSED.value, "paused_at": at, "updated_at": at,
+        "pause": {**reason, "actor": actor, "previous_status": job.status, "paused_at": at},
+    }
+    event = Event("paused", actor, at, {**reason, "previous_status": job.status})
+    return PauseResult(True, JobStatus.PAUSED.value, job), JobWrite(fields, (event,))
+
+
+def resume(job: Job | None, job_id: str, actor: str, at: dt.datetime) -> tuple[PauseResult, JobWrite | None]:
+    """paused → the status it was paused from, `resumed_at` = now (open items' retry windows restart
+    there). Not paused: nothing changes."""
+    if job is None:
+        raise job_not_found(job_id)
+    if job.status != JobStatus.PAUSED.value:
+        return PauseResult(False, job.status, job), None
+    pause_doc = dict(job.doc.get("pause") or {})
+    previous = pause_doc.get("previous_status")
+    status = previous if previous in PAUSABLE else JobStatus.RUNNING.value
+    fields = {"status": status, "resumed_at": at, "updated_at": at, "last_progress_at": at}
+    event = Event("resumed", actor, at, {"status": status, "paused_code": pause_doc.get("code"),
+                                         "paused_at": pause_doc.get("paused_at")})
+    return PauseResult(True, status, job), JobWrite(fields, (event,))
 
 
 def refuse_unless_retryable(job_id: str, job: Job) -> None:

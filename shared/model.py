@@ -11,6 +11,8 @@ from typing import Any
 class JobStatus(str, enum.Enum):
     INGESTING = "ingesting"  # job exists, file being planned / chunks fanning out
     RUNNING = "running"  # fan-out done, items in flight
+    # The circuit breaker or an operator stopped new side effects; an operator resumes or cancels.
+    PAUSED = "paused"
     COMPLETED = "completed"
     COMPLETED_WITH_FAILURES = "completed_with_failures"
     CANCELLED = "cancelled"
@@ -158,6 +160,11 @@ class Job:
     def total_items(self) -> int | None:
         items = (self.totals or {}).get("items")
         return None if items is None else int(items)
+
+    @property
+    def resumed_at(self) -> dt.datetime | None:
+        """When an operator last resumed the job: its open items' retry windows restart there."""
+        return as_utc(self.doc.get("resumed_at"))
 
     @property
     def retry_enqueuing(self) -> bool:

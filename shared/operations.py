@@ -157,6 +157,10 @@ def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any
             "last_progress_at": job.get("last_progress_at"),
             "completed_at": job.get("completed_at"),
             "cancelled_at": job.get("cancelled_at"),
+            # Set while paused (and kept after): why, by whom, and the status a resume returns to.
+            "pause": job.get("pause"),
+            "paused_at": job.get("paused_at"),
+            "resumed_at": job.get("resumed_at"),
             # The results manifest once its task wrote it: {path, round, rows, lines_missing, written_at}.
             "results": job.get("results"),
         }
@@ -178,7 +182,7 @@ def _check_limit(limit: Any, maximum: int) -> int:
 
 def _job_summary(job: Job) -> dict[str, Any]:
     keys = ("status", "gcs_path", "source", "round", "totals", "counts", "stall", "created_at",
-            "updated_at", "completed_at", "cancelled_at")
+            "updated_at", "completed_at", "cancelled_at", "pause", "resumed_at")
     return _jsonable({"job_id": job.job_id, **{k: job.doc.get(k) for k in keys}})
 
 
@@ -250,8 +254,8 @@ def _event_view(event_id: str, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_events(job_id: str, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:
-    """A job's event history, oldest first: who did what when (created, planned, fanout_done, cancelled,
-    retry_round, redrive, stall_flagged, alert_sent, completed, results_written, …); `cursor` is the
+    """A job's event history, oldest first: who did what when (created, planned, fanout_done, paused,
+    resumed, cancelled, retry_round, redrive, stall_flagged, alert_sent, completed, results_written, …); `cursor` is the
     previous page's `next_cursor`."""
     limit = _check_limit(limit, MAX_EVENTS_LIMIT)
     if cursor is not None and not valid_doc_id(cursor):
@@ -555,6 +559,46 @@ def _create_redrive_tasks(job_id: str, items: list[Item], names: dict[str, str])
         return dict(pool.map(create, items))
 
 
+# ---------------------------------------------------------------- pause and resume
+
+
+def pause_job(job_id: str, actor: str, reason: str | None = None, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Pause a running or ingesting job: no new side effects, its deliveries back off without spending
+    their items' retry budget; idempotent for a paused job, refused (409) for a finished one. One Slack
+    alert per pause (`shared/breaker.py`)."""
+    from shared import breaker
+
+    now = now or _now()
+    store = _store()
+    message = (reason or "").strip()[:500] or f"paused by {actor}"
+    result = breaker.pause_job(store, _checked_job_id(job_id), breaker.OPERATOR, message, actor, now)
+    if not result.changed and result.status != JobStatus.PAUSED.value:
+        raise ConflictError(f"job {job_id!r} is already {result.status}; only a running or ingesting job can be "
+                            "paused", code="job_finished")
+    return {"job_id": job_id, "status": JobStatus.PAUSED.value, "already_paused": not result.changed}
+
+
+def resume_job(job_id: str, actor: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Resume a paused job to the status it was paused from; its open items get a fresh retry window.
+    Idempotent for a running or ingesting job, refused (409) for a finished one. Asks for a progress
+    check: a job whose items all finished while it was paused completes now."""
+    from shared.worker.progress_requests import request_progress_check
+
+    now = now or _now()
+    store = _store()
+    result = store.resume_job(_checked_job_id(job_id), actor, now)
+    if not result.changed and result.status not in (JobStatus.RUNNING.value, JobStatus.INGESTING.value):
+        raise ConflictError(f"job {job_id!r} is {result.status}; only a paused job can be resumed",
+                            code="job_finished" if result.status in {s.value for s in JobStatus if s.is_final}
+                            else "job_not_paused")
+    if result.changed:
+        log_event("job_resumed", job_id=job_id, actor=actor, status=result.status)
+        request_progress_check(job_id, now.timestamp())
+    else:
+        log_event("job_resume_noop", job_id=job_id, actor=actor, status=result.status)
+    return {"job_id": job_id, "status": result.status, "already_running": not result.changed}
+
+
 # ---------------------------------------------------------------- submit and health
 
 
@@ -564,6 +608,7 @@ def submit(request: ProcessFileRequest, source: str = "http"):
 
     # The request's handler choice comes first; ingest falls back to object metadata, then the configured default.
     return ingest.submit_job(request.gcs_path, choice=request.handler_choice, generation=request.generation,
+                             options=request.job_options,
                              source=source)
 
 

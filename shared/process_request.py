@@ -48,6 +48,16 @@ class ProcessFileRequest(BaseModel):
     test_mode: Optional[bool] = Field(default=None, json_schema_extra=_deprecated("dry_run (test_mode wins)"))
     generation: Optional[int] = Field(default=None, ge=1, le=_MAX_GENERATION,
                                       description="the object generation (default: the live one)")
+    # ge, not gt: OpenAPI 3.0's exclusiveMinimum is a boolean, and 0 means "pause on the first failure".
+    max_failed_percent: Optional[float] = Field(
+        default=None, ge=0, le=100,
+        description="pause the job (circuit breaker) once more than this percent of its items failed "
+                    "(0: at the first failure)")
+
+    @property
+    def job_options(self) -> dict:
+        """Options the job keeps beside its handler (only those the request sets)."""
+        return {} if self.max_failed_percent is None else {"max_failed_percent": self.max_failed_percent}
 
     @property
     def handler_choice(self) -> HandlerChoice:

@@ -73,6 +73,22 @@ def _notify_finished(store: Store, job_id: str, job: Job, final: str, counts: di
                   error=f"{type(exc).__name__}: {exc}"[:300])
 
 
+def _pause_if_too_many_failed(store: Store, job: Job, counts: dict[str, int], at: dt.datetime) -> bool:
+    """The job option `max_failed_percent`: pause a job with items still open once its failed items are
+    more than that share of `totals.items` (a job whose items are all final just completes)."""
+    limit = job.options.get("max_failed_percent")
+    total = job.total_items
+    if limit is None or not total or job.status not in COMPLETABLE:  # limit 0 is valid: any failure
+        return False
+    failed = int(counts.get("failed", 0))
+    if failed * 100.0 <= float(limit) * total:
+        return False
+    from shared import breaker
+
+    message = f"{failed} of {total} items failed, more than the job's max_failed_percent of {float(limit):g}%"
+    return breaker.pause_job(store, job.job_id, breaker.MAX_FAILED_PERCENT, message, "progress_check", at).changed
+
+
 def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
                        store: Store | None = None) -> dict[str, Any]:
     """The `/progress` task: refresh the job's counts and complete it when every item is terminal."""
@@ -93,6 +109,8 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
                            "fanout_done": fanout_done, "completed": False}
 
     done = fanout_done and total_items is not None and terminal >= total_items
+    if not done and _pause_if_too_many_failed(store, job, counts, at):
+        out["paused"] = True
     if done and job.status in COMPLETABLE:
         completion = _complete(store, job_id, at, counts)
         if completion.final:

@@ -1,4 +1,4 @@
-"""The `upcfan` operator CLI: submit files, watch jobs, list items, cancel, retry failed items, sweep."""
+"""The `upcfan` operator CLI: submit files, watch jobs, list items, pause/resume, cancel, retry failed items, sweep."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ COMMAND_SETTINGS = {
     "jobs": (PROJECT,),
     "items": (PROJECT,),
     "cancel": (PROJECT,),
+    "pause": (PROJECT,),
+    # a resume asks for a progress check (a job whose items all finished while paused completes)
+    "resume": (PROJECT, LOCATION, WORKER_URL, TASK_SA, CONTROL_QUEUE_NAME),
     "events": (PROJECT,),
     "export": (PROJECT,),
     "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, CONTROL_QUEUE_NAME),
@@ -97,7 +100,8 @@ class _ExitCodeGroup(TyperGroup):
 
 app = typer.Typer(
     cls=_ExitCodeGroup,
-    help="Operate upcfan jobs: submit, status, jobs, items, events, export, cancel, retry-failed, redrive, sweep.\n\n" + EXIT_CODES_HELP,
+    help="Operate upcfan jobs: submit, status, jobs, items, events, export, pause, resume, cancel, retry-failed, redrive, "
+         "sweep.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -241,7 +245,7 @@ def exit_code_for(status: str | None) -> int:
 
 
 _STATUS_STYLE = {"completed": "green", "completed_with_failures": "yellow", "failed": "red", "cancelled": "magenta",
-                 "running": "cyan", "ingesting": "blue"}
+                 "running": "cyan", "ingesting": "blue", "paused": "bold yellow"}
 
 
 def render_status(view: dict[str, Any]) -> Group:
@@ -256,6 +260,10 @@ def render_status(view: dict[str, Any]) -> Group:
         (status, _STATUS_STYLE.get(status, "white")), f"  round {view.get('round', 1)}",
         ("  STALLED: " + str((view.get("stall") or {}).get("reason", "")), "bold red") if view.get("stalled") else "",
     )
+    pause = view.get("pause") or {}
+    if status == "paused":
+        header.append(f"\nPAUSED ({pause.get('code', '?')}): {pause.get('message', '')}\n"
+                      f"  upcfan resume {view.get('job_id')}   or   upcfan cancel {view.get('job_id')}", "bold yellow")
     bar = ProgressBar(total=float(total or 1), completed=float(finished if total else 0), width=40,
                       pulse=total is None and not view.get("final"))
     pct = view.get("percent")
@@ -517,6 +525,37 @@ def cancel(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False
         console.print(f"job {job_id} cancelled; {out.get('items_cancelled', 0)} queued items cancelled")
 
 
+@app.command()
+def pause(
+    job_id: str = typer.Argument(...),
+    reason: Optional[str] = typer.Option(None, "--reason", help="why, for the job's events and the alert"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Pause a running job: no new side effects until `resume` (idempotent); refused (3) for finished jobs."""
+    _require("pause")
+    out = _call(_ops().pause_job, job_id, _actor(), reason=reason)
+    if as_json:
+        _print_json(out)
+    elif out.get("already_paused"):
+        console.print(f"job {job_id} was already paused")
+    else:
+        console.print(f"job {job_id} paused; its items wait (their retry windows restart on resume). "
+                      f"Next: upcfan resume {job_id} | upcfan cancel {job_id}")
+
+
+@app.command()
+def resume(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Resume a paused job to the status it was paused from (idempotent); refused (3) for finished jobs."""
+    _require("resume")
+    out = _call(_ops().resume_job, job_id, _actor())
+    if as_json:
+        _print_json(out)
+    elif out.get("already_running"):
+        console.print(f"job {job_id} was not paused ({out.get('status')})")
+    else:
+        console.print(f"job {job_id} resumed ({out.get('status')}); open items get a fresh retry window")
+
+
 @app.command("retry-failed")
 def retry_failed(
     job_id: str = typer.Argument(...),
@@ -615,13 +654,19 @@ def submit(
     watch: bool = typer.Option(False, "--watch", "-w", help="follow the job until it is final"),
     interval: float = typer.Option(1.0, "--interval", min=0.1),
     wait: float = typer.Option(120.0, "--wait", help="seconds to wait for the upload's job to appear"),
+    max_failed_percent: Optional[float] = typer.Option(
+        None, "--max-failed-percent", help="pause the job once more than this percent of its items failed "
+                                           "(gs:// paths only)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a job: a local file is uploaded (the bucket's finalize event starts it); gs:// is submitted."""
     handler_options = {"handler": handler, "create_drafts": create_drafts, "test_mode": test_mode}
     _require("submit gs://" if path.startswith("gs://") else "submit FILE")
+    if max_failed_percent is not None and not path.startswith("gs://"):
+        raise _fail(EXIT_ERROR, "--max-failed-percent is taken with a gs:// path only (an uploaded file's job "
+                                "starts from its bucket event, which carries no job options)")
     if path.startswith("gs://"):
-        request = _call(_process_request, path, handler_options)
+        request = _call(_process_request, path, {**handler_options, "max_failed_percent": max_failed_percent})
         result = _call(_ops().submit, request, source="cli")
         job_id = result.job_id
         console.print(f"job {job_id} ({'created' if result.created else 'already existed'}, {result.status}) "

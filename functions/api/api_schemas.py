@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.process_request import ProcessFileRequest
 
-JobStatusName = Literal["ingesting", "running", "completed", "completed_with_failures", "cancelled", "failed"]
+JobStatusName = Literal["ingesting", "running", "paused", "completed", "completed_with_failures", "cancelled",
+                        "failed"]
 ItemFilter = Literal["queued", "processing", "succeeded", "failed", "cancelled", "invalid", "duplicate"]
 
 
@@ -40,6 +41,13 @@ class RedriveRequest(BaseModel):
     dry_run: bool = Field(strict=True)
     limit: int = Field(default=1000, ge=1, le=5000)
     cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+
+
+class PauseRequest(BaseModel):
+    """Optional body of POST /api/batch/jobs/{job_id}/pause: why, for the job's audit trail and the alert."""
+
+    model_config = ConfigDict(extra="ignore")
+    reason: Optional[str] = Field(default=None, max_length=500, description="why the operator pauses the job")
 
 
 _ERROR = {
@@ -79,6 +87,14 @@ def _query_params(model: type[BaseModel]) -> list[dict]:
             prop.pop("default", None)
         params.append({"name": name, "in": "query", "required": False, "schema": prop})
     return params
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+    return schema
 
 
 _JOB_ID = {"name": "job_id", "in": "path", "required": True,
@@ -132,6 +148,16 @@ def openapi_spec() -> dict[str, Any]:
                 "responses": {"200": _resp("stranded open items (queued, or processing with a lapsed lease, "
                                            "whose task is gone): listed (dry_run) or given one new task each"),
                               **_errors(400, 404, 409)}}},
+            "/api/batch/jobs/{job_id}/pause": {"post": {
+                "operationId": "pause", "parameters": [_JOB_ID],
+                "requestBody": {"required": False, "content": {"application/json": {
+                    "schema": _body_schema(PauseRequest)}}},
+                "responses": {"200": _resp("paused (idempotent): no new side effects until resumed"),
+                              **_errors(400, 404, 409)}}},
+            "/api/batch/jobs/{job_id}/resume": {"post": {
+                "operationId": "resume", "parameters": [_JOB_ID],
+                "responses": {"200": _resp("resumed to the status it was paused from (idempotent)"),
+                              **_errors(404, 409)}}},
             "/api/batch/jobs/{job_id}/retry-failed": {"post": {
                 "operationId": "retry_failed", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("retry round started or resumed"), **_errors(404, 409)}}},

@@ -38,6 +38,8 @@ _URLS = Map(
         Rule("/api/batch/jobs/<job_id>/cancel", endpoint="cancel", methods=["POST"]),
         Rule("/api/batch/jobs/<job_id>/retry-failed", endpoint="retry_failed", methods=["POST"]),
         Rule("/api/batch/jobs/<job_id>/redrive", endpoint="redrive", methods=["POST"]),
+        Rule("/api/batch/jobs/<job_id>/pause", endpoint="pause", methods=["POST"]),
+        Rule("/api/batch/jobs/<job_id>/resume", endpoint="resume", methods=["POST"]),
     ],
     strict_slashes=False,
     merge_slashes=False,
@@ -152,9 +154,26 @@ def redrive(request: Request, job_id: str) -> Response:
                                     cursor=body.cursor))
 
 
+def pause(request: Request, job_id: str) -> Response:
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw) if raw and raw.strip() else {}
+    except ValueError:
+        return _error(400, "bad_json", "request body must be empty or a JSON object: {reason}")
+    if not isinstance(data, dict):
+        return _error(400, "bad_json", "request body must be empty or a JSON object: {reason}")
+    body = schemas.PauseRequest.model_validate(data)
+    return _json(_ops().pause_job(job_id, _actor(request), reason=body.reason))
+
+
+def resume(request: Request, job_id: str) -> Response:
+    return _json(_ops().resume_job(job_id, _actor(request)))
+
+
 _HANDLERS: dict[str, Callable[..., Response]] = {
     "health": health, "openapi": openapi, "process": process, "status": status, "jobs": jobs,
-    "items": items, "events": events, "results_csv": results_csv, "cancel": cancel, "retry_failed": retry_failed, "redrive": redrive,
+    "items": items, "events": events, "results_csv": results_csv, "cancel": cancel, "retry_failed": retry_failed,
+    "redrive": redrive, "pause": pause, "resume": resume,
 }
 
 

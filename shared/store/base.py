@@ -238,6 +238,19 @@ class Store(abc.ABC):
     def cancel_job(self, job_id: str, actor: str, at: dt.datetime) -> bool:
         return self.transact_job("cancel_job", job_id, lambda job: job_state.cancel(job, job_id, actor, at))
 
+    def pause_job(self, job_id: str, reason: dict, actor: str, at: dt.datetime) -> job_state.PauseResult:
+        return self.transact_job("pause_job", job_id, lambda job: job_state.pause(job, job_id, reason, actor, at))
+
+    def resume_job(self, job_id: str, actor: str, at: dt.datetime) -> job_state.PauseResult:
+        return self.transact_job("resume_job", job_id, lambda job: job_state.resume(job, job_id, actor, at))
+
+    def stop_item_for_job(self, job_id: str, gtin: str, owner: str, at: dt.datetime, *, cancelled: bool,
+                          side_effects_started: bool = False) -> item_state.StopKind:
+        return self.transact_item("stop", job_id, gtin,
+                                  lambda item: item_state.stop_for_job(item, owner, at, cancelled=cancelled,
+                                                                       side_effects_started=side_effects_started),
+                                  must_commit=True)
+
     def begin_retry_round(self, job_id: str, actor: str, at: dt.datetime, failed: int) -> job_state.RetryRound:
         return self.transact_job("begin_retry", job_id,
                                  lambda job: job_state.begin_retry_round(job, job_id, actor, at, failed))

@@ -73,6 +73,11 @@ def after_complete(task: ItemTask, kind: CompleteKind, attempt: int, error: dict
     return WorkerOutcome(_HTTP_AFTER_COMPLETE.get(kind, OK), body)
 
 
+def paused(task: ItemTask, **extra: Any) -> WorkerOutcome:
+    """The item's job is paused: 503 so Cloud Tasks backs off; the item's retry budget is not spent."""
+    return WorkerOutcome(RETRY_LATER, {"status": "job_paused", **extra, **ids(task)})
+
+
 def delivery_error(task: ItemTask, code: str, message: str) -> WorkerOutcome:
     """A store fault or a bug: 503 so Cloud Tasks tries again later."""
     return WorkerOutcome(RETRY_LATER, {"status": "error", "error": {"code": code, "message": message}, **ids(task)})

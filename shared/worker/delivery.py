@@ -26,7 +26,10 @@ class TaskDelivery:
         retry_count = _int_header(lowered.get("x-cloudtasks-taskretrycount"))
         execution_count = _int_header(lowered.get("x-cloudtasks-taskexecutioncount"))
         owner = f"{task_name}:{retry_count}:{uuid.uuid4().hex[:8]}"
-        return cls(task_name, retry_count, execution_count, owner, retry_count + 1 >= max_attempts)
+        # -1 (or 0): unlimited attempts, so no delivery is the last one; the item's retry window
+        # (shared/item_state.complete) decides when a retryable failure ends the item.
+        last_attempt = max_attempts > 0 and retry_count + 1 >= max_attempts
+        return cls(task_name, retry_count, execution_count, owner, last_attempt)
 
 
 def _int_header(raw: str | None) -> int:

@@ -32,6 +32,12 @@ class JobCache:
             self._entries[job_id] = (now + self.ttl_s, job)
         return job
 
+    def forget(self, job_id: str) -> None:
+        """Drop one job's entry: this process just learnt it changed (paused, cancelled), so the next
+        delivery reads it again instead of working from the stale copy for the rest of the TTL."""
+        with self._lock:
+            self._entries.pop(job_id, None)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -141,7 +141,9 @@ def test_all_faults_at_once_keep_the_guarantees(chaos_stack: ChaosStack):
     api = env["UPCFAN_API_URL"]
     stamp = f"{int(time.time())}"
     main_upcs, cancel_upcs, retry_upcs = upcs("61", N_MAIN), upcs("62", N_CANCEL), upcs("63", N_RETRY)
-    permanent = [gtin14(u) for u in retry_upcs[:N_PERMANENT]]
+    # Spread through the file (every 10th line): 10 % permanent failures everywhere, under the circuit
+    # breaker's UPCFAN_BREAKER_FAILURE_PERCENT; the first 30 lines all failing would rightly pause job C.
+    permanent = [gtin14(u) for u in retry_upcs[::N_RETRY // N_PERMANENT]][:N_PERMANENT]
     slow = [gtin14(u) for u in main_upcs[100:100 + N_SLOW]]
     # The main file: 5,000 UPCs plus lines that must end invalid or duplicate, BOM and CRLF.
     bad = ["036000291453", "36000291452", "7.2E+11", "03600029145X", "a,b"] * 4

@@ -316,3 +316,38 @@ def test_list_items_failed_with_errors_and_line_records(ops):
     dup = operations.list_items(job_id, status="duplicate")["items"]
     assert dup[0]["duplicate_of_line"] == 2
     assert len(operations.list_items(job_id)["items"]) == 8
+
+
+def test_pause_and_resume_are_idempotent_and_refused_for_a_finished_job(ops):
+    job_id = seed_job("running", {_gtin(1): "queued", _gtin(2): "succeeded"})
+    out = operations.pause_job(job_id, "ops@example.com", reason="marketplace maintenance", now=NOW)
+    assert out == {"job_id": job_id, "status": "paused", "already_paused": False}
+    assert operations.pause_job(job_id, "ops@example.com", now=NOW)["already_paused"] is True
+    view = operations.get_job_status(job_id, now=NOW)
+    assert view["status"] == "paused" and view["final"] is False and view["eta_s"] is None
+    assert view["pause"]["code"] == "operator" and view["pause"]["message"] == "marketplace maintenance"
+    assert [j["job_id"] for j in operations.list_jobs(status="paused", limit=100)["jobs"]].count(job_id) == 1
+    with pytest.raises(ConflictError) as err:
+        operations.retry_failed(job_id, "op")
+    assert err.value.code == "job_not_final"
+    later = NOW + dt.timedelta(minutes=5)
+    out = operations.resume_job(job_id, "ops@example.com", now=later)
+    assert out == {"job_id": job_id, "status": "running", "already_running": False}
+    assert ops.task_ids and all("-p" in t for t in ops.task_ids)  # the progress check it asked for
+    assert operations.resume_job(job_id, "ops@example.com", now=later)["already_running"] is True
+    assert operations.get_job_status(job_id, now=later)["resumed_at"].startswith("2026-01-02T12:05")
+    assert [e["actor"] for e in _events(job_id, "paused")] == ["ops@example.com"]
+    assert len(_events(job_id, "resumed")) == 1 and len(_events(job_id, "pause_note")) == 1
+    done = seed_job("completed")
+    for call in (lambda: operations.pause_job(done, "op"), lambda: operations.resume_job(done, "op")):
+        with pytest.raises(ConflictError) as err:
+            call()
+        assert err.value.code == "job_finished"
+
+
+def test_cancel_of_a_paused_job(ops):
+    job_id = seed_job("running", {_gtin(1): "queued"})
+    operations.pause_job(job_id, "op", now=NOW)
+    out = operations.cancel_job(job_id, "op", now=NOW)
+    assert out["status"] == "cancelled" and out["already_cancelled"] is False
+    assert _events(job_id, "cancelled")[0]["details"]["previous_status"] == "paused"

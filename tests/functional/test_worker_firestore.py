@@ -264,16 +264,25 @@ def test_permanent_error_fails_with_200(db, job):
     assert "Invalid sku" in item["error"]["message"]
 
 
-def test_last_attempt_turns_retryable_into_failed(db, job):
+def test_retry_window_spent_turns_retryable_into_failed(db, job):
+    """Issue 15: the item's retry budget is time since its first failure (was: the task's last attempt)."""
     def down(item):
         raise RetryableItemError("catalog lookup: GET /catalog answered 503: maintenance", code="marketplace_unavailable")
 
-    last = settings().item_max_attempts - 1
-    out = _deliver(db, job, handler=RecordingHandler(down), retry=last)
+    window = settings().item_retry_window_s
+    first = _deliver(db, job, handler=RecordingHandler(down))
+    first_failed_at = _item(db, job)["first_failed_at"]
+    assert first.http_status == 503 and abs((first_failed_at - utc(T0)).total_seconds()) < 5  # the fake clock runs
+    # inside the window, on any attempt (there is no last one): queued again, 503
+    inside = _deliver(db, job, handler=RecordingHandler(down), retry=10_000, now=T0 + window - 60)
+    assert inside.http_status == 503 and inside.body["status"] == "queued"
+    assert _item(db, job)["first_failed_at"] == first_failed_at
+    out = _deliver(db, job, handler=RecordingHandler(down), retry=1, now=T0 + window + 1)
     assert out.http_status == 200 and out.body["status"] == "failed"
     item = _item(db, job)
     assert item["status"] == "failed" and item["error"]["code"] == "marketplace_unavailable"
-    assert "maintenance" in item["error"]["message"]
+    assert "maintenance" in item["error"]["message"] and "retry window of 6h 00m spent after 3 attempts" in \
+        item["error"]["message"]
 
 
 def test_cancelled_job_cancels_items(db):
@@ -303,27 +312,15 @@ def test_cancelled_job_item_under_a_live_lease_answers_409(db):
     assert _item(db, job_id, 1)["status"] == "processing"
 
 
-def test_last_attempt_waits_for_a_dead_holder_then_runs_the_item(db, job):
-    """A holder that died mid-item: the last attempt outlives its lease and finishes the item itself."""
-    lease_s = 1.0
-    _claim(db, job, "dead:0:x", T0, lease_s)
-    handler = RecordingHandler()
-    last = settings().item_max_attempts - 1
-    out = process_item_delivery(_payload(job), _headers(last), now=T0, handler=handler, store=FirestoreStore(db), lease_s=lease_s)
-    assert out.http_status == 200 and out.body["status"] == "succeeded", out.body
-    assert len(handler.calls) == 1 and _item(db, job)["history"][0]["owner"] == "dead:0:x"
-
-
-def test_last_attempt_waits_for_a_live_holder_to_finish(db, job):
+def test_a_busy_item_answers_409_on_any_attempt_without_waiting(db, job):
+    """Issue 15: with unlimited attempts no delivery is the last one, so none waits for a holder (the
+    old last attempt did, then its 409 ended the task); a 409 never ends a task now."""
     _claim(db, job, "live:0:x", T0, LEASE_S)
-    finisher = threading.Timer(0.5, lambda: FirestoreStore(db).complete_item(
-        job, _gtin(1), "live:0:x", utc(T0 + 1), HandlerOutcome(result={"offer_id": "o"})))
-    finisher.start()
     handler = RecordingHandler()
-    out = _deliver(db, job, 1, handler, retry=settings().item_max_attempts - 1, now=T0 + 0.5)
-    finisher.join()
-    assert out.http_status == 200 and out.body["reason"] == "terminal"
-    assert handler.calls == []
+    started = time.monotonic()
+    out = _deliver(db, job, 1, handler, retry=10_000, now=T0 + 0.5)
+    assert out.http_status == 409 and out.body["status"] == "busy" and handler.calls == []
+    assert time.monotonic() - started < 5.0
 
 
 def test_cancelled_job_finishes_an_item_whose_handler_already_ran(db):
@@ -335,6 +332,132 @@ def test_cancelled_job_finishes_an_item_whose_handler_already_ran(db):
     out = _deliver(db, job_id, 1, handler)
     assert out.http_status == 200 and len(handler.calls) == 1
     assert _item(db, job_id, 1)["status"] == "succeeded" and _item(db, job_id, 1)["attempt"] == 2
+
+
+class SideEffectHandler(ItemHandler):
+    """Checks `item.heartbeat()` right before its side effect, as the marketplace handler does."""
+
+    name = "side_effect"
+
+    def __init__(self, error=None, before=None, during=None):
+        self.error, self.before, self.during = error, before, during
+        self.effects = 0
+        self._lock = threading.Lock()
+
+    def handle(self, item: ItemContext) -> dict:
+        from shared.exceptions import LeaseLostError
+
+        if self.before:
+            self.before(item)
+        if not item.heartbeat():
+            raise LeaseLostError("lease or job check failed before the side effect")
+        with self._lock:
+            self.effects += 1
+        if self.during:
+            self.during(item)
+        if self.error:
+            raise self.error
+        return {"offer_id": f"o-{item.gtin}"}
+
+
+def _job_doc(db, job_id):
+    return db.collection(JOBS).document(job_id).get().to_dict()
+
+
+def _events(db, job_id):
+    return [e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
+
+
+def test_cancelled_job_stops_a_requeued_item_before_its_side_effect(db):
+    """Issue 15 hole: cancel did not stop new side effects for an item re-queued after a retryable error."""
+    job_id = _make_job(db, items=1, status="cancelled")
+    ref = db.collection(JOBS).document(job_id).collection(ITEMS).document(_gtin(1))
+    ref.set({"status": "queued", "attempt": 1, "round": 1, "history": [{"status": "queued", "owner": "t:0:aa"}]})
+    handler = SideEffectHandler()
+    out = _deliver(db, job_id, 1, handler)
+    assert out.http_status == 200 and out.body["status"] == "cancelled" and handler.effects == 0
+    item = _item(db, job_id, 1)
+    assert item["status"] == "cancelled" and item["cancelled_midway"] is False
+
+
+def test_paused_job_answers_503_without_claiming_then_resume_lets_it_run(db):
+    from shared.worker.job_cache import JOB_CACHE
+
+    store = FirestoreStore(db)
+    job_id = _make_job(db, items=1)
+    store.pause_job(job_id, {"code": "operator", "message": "maintenance"}, "ops@example.com", utc(T0))
+    JOB_CACHE.clear()
+    handler = SideEffectHandler()
+    out = _deliver(db, job_id, 1, handler, retry=3)
+    assert out.http_status == 503 and out.body["status"] == "job_paused"
+    assert _item(db, job_id, 1) is None and handler.effects == 0  # no claim, no attempt spent
+    assert store.resume_job(job_id, "ops@example.com", utc(T0 + 10)).status == "running"
+    JOB_CACHE.clear()
+    out = _deliver(db, job_id, 1, handler, retry=4, now=T0 + 11)
+    assert out.http_status == 200 and out.body["status"] == "succeeded" and handler.effects == 1
+    assert _item(db, job_id, 1)["attempt"] == 1
+    assert [e["type"] for e in sorted(_events(db, job_id), key=lambda e: e["at"])] == ["paused", "resumed"]
+
+
+def test_a_pause_during_a_delivery_releases_the_item_without_spending_its_window(db):
+    job_id = _make_job(db, items=1)
+    store = FirestoreStore(db)
+    pause = lambda item: store.pause_job(job_id, {"code": "operator", "message": "m"}, "op", utc(T0))  # noqa: E731
+    out = _deliver(db, job_id, 1, SideEffectHandler(before=pause))
+    assert out.http_status == 503 and out.body["released"] is True
+    item = _item(db, job_id, 1)
+    assert item["status"] == "queued" and item["lease_owner"] is None and item["error"] is None
+    assert not item.get("first_failed_at") and item["history"][-1]["error_code"] == "job_paused"
+
+
+def test_a_resume_gives_an_open_item_a_fresh_retry_window(db):
+    from shared.worker.job_cache import JOB_CACHE
+
+    store = FirestoreStore(db)
+    job_id = _make_job(db, items=1)
+    window = settings().item_retry_window_s
+    down = SideEffectHandler(error=RetryableItemError("offer lookup answered 503", code="marketplace_unavailable"))
+    assert _deliver(db, job_id, 1, down).http_status == 503  # first failure at T0
+    store.pause_job(job_id, {"code": "operator", "message": "m"}, "op", utc(T0 + 60))
+    store.resume_job(job_id, "op", utc(T0 + window - 60))
+    JOB_CACHE.clear()
+    # past the window since the first failure, inside it since the resume: still queued
+    out = _deliver(db, job_id, 1, down, retry=5, now=T0 + window + 60)
+    assert out.http_status == 503 and _item(db, job_id, 1)["status"] == "queued"
+
+
+def test_unauthorized_pauses_the_job_once_with_one_alert_event(db):
+    """Concurrent deliveries all get 401: the job pauses once, one alert (its `pause_note`), and every
+    item goes back to queued without a failure; later deliveries answer 503 without claiming."""
+    from shared.worker.job_cache import JOB_CACHE
+
+    job_id = _make_job(db, items=4)
+    err = PermanentItemError("catalog lookup: GET /catalog answered 401: Invalid access token",
+                             code="marketplace_unauthorized")
+    barrier = threading.Barrier(4)
+    handler = SideEffectHandler(error=err, during=lambda item: barrier.wait(timeout=20))
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda n: _deliver(db, job_id, n, handler), range(1, 5)))
+    assert [o.http_status for o in outs] == [503] * 4
+    job = _job_doc(db, job_id)
+    assert job["status"] == "paused" and job["pause"]["code"] == "marketplace_unauthorized"
+    types = [e["type"] for e in _events(db, job_id)]
+    assert types.count("paused") == 1 and types.count("pause_note") == 1
+    assert [_item(db, job_id, n)["status"] for n in range(1, 5)] == ["queued"] * 4
+    JOB_CACHE.clear()
+    again = _deliver(db, job_id, 1, handler, retry=1)
+    assert again.http_status == 503 and again.body["status"] == "job_paused" and handler.effects == 4
+
+
+def test_a_paused_job_whose_items_are_final_completes_only_after_resume(db):
+    store = FirestoreStore(db)
+    job_id = _make_job(db, items=1)
+    _deliver(db, job_id, 1, RecordingHandler())
+    store.pause_job(job_id, {"code": "operator", "message": "m"}, "op", utc(T0))
+    assert check_job_progress(job_id, store=store)["completed"] is False
+    assert _job_doc(db, job_id)["status"] == "paused"
+    store.resume_job(job_id, "op", utc(T0 + 1))
+    assert check_job_progress(job_id, store=store)["status"] == "completed"
 
 
 def test_stale_round_and_missing_job_are_noops(db, job):
@@ -364,8 +487,7 @@ def test_poison_pill_fails_alone(db):
     assert [o.http_status for o in outs] == [200, 200, 503, 200, 200]  # the crash is retried with backoff
     statuses = [_item(db, job_id, n)["status"] for n in range(1, 6)]
     assert statuses == ["succeeded", "succeeded", "queued", "succeeded", "succeeded"]
-    last = settings().item_max_attempts - 1
-    out = _deliver(db, job_id, 3, RecordingHandler(poison), retry=last)
+    out = _deliver(db, job_id, 3, RecordingHandler(poison), retry=1, now=T0 + settings().item_retry_window_s + 1)
     assert out.http_status == 200 and _item(db, job_id, 3)["status"] == "failed"
     error = _item(db, job_id, 3)["error"]
     assert error["code"] == "handler_crashed" and "MemoryError" in error["message"] and "parser blew up" in error["message"]

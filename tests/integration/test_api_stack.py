@@ -370,3 +370,112 @@ def test_items_listing_follows_cursors_past_one_page(api, upload):
         if not cursor:
             break
     assert seen == sorted(gtin14(u) for u in upcs)
+
+
+# ---------------------------------------------------------------------------------------------
+# pause and resume (issue 15: the per-job circuit breaker and its operator actions)
+
+
+def pause_alerts(slack_sink, job_id: str) -> list[dict]:
+    return [m for m in slack_sink.messages()
+            if (m.get("text") or "").startswith(f"CRITICAL: upcfan job {job_id} paused")]
+
+
+def job_events(firestore_db, job_id: str) -> list[dict]:
+    from shared.model import EVENTS, JOBS
+
+    return [e.to_dict() for e in firestore_db.collection(JOBS).document(job_id).collection(EVENTS).stream()]
+
+
+def test_operator_pause_then_resume_completes_the_job(api, upload, gtin_faults, slack_sink, firestore_db):
+    from devstack.identity import OPERATOR_EMAIL
+
+    upcs = fresh_upcs(6)
+    slow = gtin14(upcs[0])
+    gtin_faults(latency={slow: STALLED_CALL_MS})  # keeps the job running until the test is ready
+    job_id = upload_job(upload, upcs)
+    api.wait(job_id, {"running"}, 120)
+
+    r = api.post(f"/api/batch/jobs/{job_id}/pause", json={"reason": "marketplace maintenance"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"job_id": job_id, "status": "paused", "already_paused": False}
+    again = api.post(f"/api/batch/jobs/{job_id}/pause")
+    assert again.status_code == 200 and again.json()["already_paused"] is True
+    view = api.status(job_id)
+    assert view["status"] == "paused" and view["final"] is False
+    assert view["pause"]["code"] == "operator" and view["pause"]["message"] == "marketplace maintenance"
+    assert view["pause"]["actor"] == OPERATOR_EMAIL and view["pause"]["previous_status"] == "running"
+    listed = api.get("/api/batch/jobs", params={"status": "paused", "limit": 100}).json()["jobs"]
+    assert job_id in [j["job_id"] for j in listed]
+    r = api.post(f"/api/batch/jobs/{job_id}/retry-failed")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_final"
+    # one alert for the pause (the repeated pause sent none), recorded as the job's pause_note
+    alerts = poll(lambda: pause_alerts(slack_sink, job_id) or None, 30, 0.3, "the pause alert")
+    assert len(alerts) == 1 and f"upcfan resume {job_id}" in alerts[0]["text"]
+    types = [e["type"] for e in job_events(firestore_db, job_id)]
+    assert types.count("paused") == 1 and types.count("pause_note") == 1
+
+    # While paused no item finishes: deliveries answer 503 without claiming.
+    counts = api.status(job_id)["counts"]
+    gtin_faults(latency={slow: 0})
+    r = api.post(f"/api/batch/jobs/{job_id}/resume")
+    assert r.status_code == 200 and r.json() == {"job_id": job_id, "status": "running", "already_running": False}
+    assert api.post(f"/api/batch/jobs/{job_id}/resume").json()["already_running"] is True
+    view = api.wait(job_id, FINAL, 240)
+    assert view["status"] == "completed", view
+    assert view["outcome"]["succeeded"] == 6 and view["outcome"]["failed"] == 0
+    assert view["counts"]["succeeded"] >= counts["succeeded"]
+    resumed = [e for e in job_events(firestore_db, job_id) if e["type"] == "resumed"]
+    assert [e["actor"] for e in resumed] == [OPERATOR_EMAIL]
+    r = api.post(f"/api/batch/jobs/{job_id}/pause")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_unauthorized_answer_pauses_the_job_once_and_resume_completes_it(
+        api, upload, gtin_faults, slack_sink, firestore_db, marketplace):
+    """The marketplace refusing our credentials pauses the job at once (one alert); the refused item is
+    not failed; after the fault is cleared, resume finishes every item."""
+    upcs = fresh_upcs(5)
+    refused = gtin14(upcs[2])
+    gtin_faults(fail={refused: 401})
+    job_id = upload_job(upload, upcs)
+    view = api.wait(job_id, {"paused"}, 120)
+    assert view["pause"]["code"] == "marketplace_unauthorized", view
+    alerts = poll(lambda: pause_alerts(slack_sink, job_id) or None, 30, 0.3, "the pause alert")
+    assert len(alerts) == 1 and "marketplace_unauthorized" in alerts[0]["text"]
+    events = job_events(firestore_db, job_id)
+    assert [e["type"] for e in events].count("paused") == 1
+    assert [e["type"] for e in events].count("pause_note") == 1
+    item = next(i for i in api.items(job_id) if i["gtin"] == refused)
+    assert item["status"] == "queued" and item["error"] is None  # put back, not charged
+
+    gtin_faults(clear_fail=[refused])
+    assert api.post(f"/api/batch/jobs/{job_id}/resume").status_code == 200
+    view = api.wait(job_id, FINAL, 240)
+    assert view["status"] == "completed" and view["outcome"]["succeeded"] == 5, view
+    assert len(pause_alerts(slack_sink, job_id)) == 1
+
+
+def test_max_failed_percent_pauses_a_job_with_too_many_failures(api, stack_env, storage_client, gtin_faults,
+                                                                 slack_sink):
+    """The job option: 3 of 6 items fail permanently (50 % > 20 %) while one is still open: paused."""
+    upcs = fresh_upcs(6)
+    gtin_faults(fail={gtin14(u): 400 for u in upcs[:3]}, latency={gtin14(upcs[5]): STALLED_CALL_MS})
+    bucket = storage_client.bucket(stack_env["UPCFAN_BUCKET"] + "-manual")
+    if not bucket.exists():
+        bucket.create()
+    blob = bucket.blob(f"api-max-failed/{uuid.uuid4().hex}.txt")
+    blob.upload_from_string("\n".join(upcs) + "\n")
+    r = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/{blob.name}",
+                                             "handler": "marketplace_draft", "max_failed_percent": 20})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    view = api.wait(job_id, {"paused"}, 120)
+    assert view["options"] == {"handler": "marketplace_draft", "max_failed_percent": 20}
+    assert view["pause"]["code"] == "max_failed_percent" and "more than the job's max_failed_percent of 20%" in \
+        view["pause"]["message"], view["pause"]
+    poll(lambda: pause_alerts(slack_sink, job_id) or None, 30, 0.3, "the pause alert")
+    assert api.post(f"/api/batch/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    bad = api.post("/api/batch/process", json={"gcs_path": f"gs://{bucket.name}/{blob.name}",
+                                               "max_failed_percent": 101})
+    assert bad.status_code == 400 and "max_failed_percent" in bad.json()["error"]["message"]

@@ -222,9 +222,12 @@ def test_refused_retry_exits_3_and_unknown_job_exits_2(cli, small_job):
     assert r.returncode == EXIT_CONFLICT and "no failed items" in r.stderr, r.stdout + r.stderr
     r = cli("cancel", job_id)  # finished
     assert r.returncode == EXIT_CONFLICT and "cannot be cancelled" in r.stderr
+    for command in ("pause", "resume"):  # finished
+        r = cli(command, job_id)
+        assert r.returncode == EXIT_CONFLICT and "completed; only a" in r.stderr, (command, r.stdout, r.stderr)
     missing = f"no-such-job-{uuid.uuid4().hex[:8]}"
     for args in (("status", missing), ("status", missing, "--json"), ("items", missing),
-                 ("cancel", missing), ("retry-failed", missing)):
+                 ("cancel", missing), ("retry-failed", missing), ("pause", missing), ("resume", missing)):
         r = cli(*args)
         assert r.returncode == EXIT_NOT_FOUND, (args, r.stdout, r.stderr)
         assert missing in r.stderr and "not found" in r.stderr
@@ -241,6 +244,10 @@ def test_cancel_is_idempotent_and_exits_5_when_watched(cli, tmp_path, gtin_fault
     gtin_faults(latency={gtin14(upcs[0]): int((READ_TIMEOUT_S + 5) * 1000)})
     job_id = cli.submit(write_upcs(tmp_path, upcs))
     cli.wait(job_id, {"running"}, 120)
+    paused = cli("pause", job_id, "--reason", "look first")  # issue 15: a paused job can be cancelled
+    assert paused.returncode == EXIT_OK and f"job {job_id} paused" in paused.stdout, paused.stdout + paused.stderr
+    shown = cli("status", job_id)
+    assert shown.returncode == EXIT_OK and "PAUSED (operator): look first" in shown.stdout, shown.stdout
     first = cli("cancel", job_id)
     assert first.returncode == EXIT_OK and f"job {job_id} cancelled" in first.stdout, first.stdout + first.stderr
     again = cli("cancel", job_id)

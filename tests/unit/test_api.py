@@ -51,6 +51,16 @@ class FakeCore:
         self._job(job_id)
         return {"job_id": job_id, "items": [], "next_cursor": None}
 
+    def pause_job(self, job_id, actor, reason=None):
+        self.calls.append(("pause", job_id, actor, reason))
+        self._job(job_id)
+        return {"job_id": job_id, "status": "paused", "already_paused": False}
+
+    def resume_job(self, job_id, actor):
+        self.calls.append(("resume", job_id, actor))
+        self._job(job_id)
+        return {"job_id": job_id, "status": "running", "already_running": False}
+
     def cancel_job(self, job_id, actor):
         self.calls.append(("cancel", job_id, actor))
         self._job(job_id)
@@ -83,7 +93,7 @@ class FakeCore:
 def core(monkeypatch):
     fake = FakeCore()
     for name in ("get_job_status", "list_jobs", "list_items", "cancel_job", "retry_failed", "submit", "health",
-                 "redrive_job"):
+                 "redrive_job", "pause_job", "resume_job"):
         monkeypatch.setattr(operations, name, getattr(fake, name))
     return fake
 
@@ -248,6 +258,23 @@ def test_redrive_maps_refusals(client, core):
     assert client.get("/api/batch/jobs/j1/redrive").status_code == 405
 
 
+def test_pause_and_resume_take_the_operator_from_the_token_and_validate_the_reason(client, core):
+    auth = {"Authorization": _id_token("ops@example.com")}
+    resp = client.post("/api/batch/jobs/j1/pause", headers=auth)
+    assert resp.status_code == 200 and resp.get_json()["status"] == "paused"
+    assert core.calls[-1] == ("pause", "j1", "ops@example.com", None)
+    client.post("/api/batch/jobs/j1/pause", headers=auth, json={"reason": "marketplace maintenance"})
+    assert core.calls[-1] == ("pause", "j1", "ops@example.com", "marketplace maintenance")
+    assert _err(client.post("/api/batch/jobs/j1/pause", json={"reason": "x" * 501}))["code"] == "bad_request"
+    assert _err(client.post("/api/batch/jobs/j1/pause", data="[1]", content_type="application/json"))["code"] == \
+        "bad_json"
+    assert client.post("/api/batch/jobs/j1/resume", headers=auth).get_json()["status"] == "running"
+    assert core.calls[-1] == ("resume", "j1", "ops@example.com")
+    assert client.post("/api/batch/jobs/missing/resume").status_code == 404
+    assert client.post("/api/batch/jobs/busy/pause").status_code == 409
+    assert client.get("/api/batch/jobs?status=paused").status_code == 200
+
+
 def _id_token(email: str) -> str:
     claims = base64.urlsafe_b64encode(json.dumps({"email": email}).encode()).decode().rstrip("=")
     return f"Bearer h.{claims}.s"
@@ -306,7 +333,8 @@ def test_openapi_is_served_and_has_no_recover_route(client):
     assert set(spec["paths"]) == {
         "/health", "/openapi.json", "/api/batch/process", "/api/batch/status/{job_id}", "/api/batch/jobs",
         "/api/batch/jobs/{job_id}/items", "/api/batch/jobs/{job_id}/cancel", "/api/batch/jobs/{job_id}/retry-failed",
-        "/api/batch/jobs/{job_id}/redrive", "/api/batch/jobs/{job_id}/events", "/api/batch/jobs/{job_id}/results.csv"}
+        "/api/batch/jobs/{job_id}/redrive", "/api/batch/jobs/{job_id}/pause", "/api/batch/jobs/{job_id}/resume",
+        "/api/batch/jobs/{job_id}/events", "/api/batch/jobs/{job_id}/results.csv"}
     params = {p["name"]: p for p in spec["paths"]["/api/batch/jobs"]["get"]["parameters"]}
     assert params["limit"]["schema"]["maximum"] == 100
     assert "running" in params["status"]["schema"]["enum"]

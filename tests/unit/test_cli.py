@@ -48,6 +48,16 @@ class FakeCore:
             raise ConflictError("job 'done' is already completed; a finished job cannot be cancelled")
         return {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 3}
 
+    def pause_job(self, job_id, actor, reason=None):
+        self.calls.append(("pause", job_id, actor, reason))
+        if job_id == "done":
+            raise ConflictError("job 'done' is already completed; only a running or ingesting job can be paused")
+        return {"job_id": job_id, "status": "paused", "already_paused": job_id == "p1"}
+
+    def resume_job(self, job_id, actor):
+        self.calls.append(("resume", job_id, actor))
+        return {"job_id": job_id, "status": "running", "already_running": False}
+
     def retry_failed(self, job_id, actor):
         self.calls.append(("retry", job_id, actor))
         if job_id == "busy":
@@ -95,7 +105,8 @@ def restore_environ():
 @pytest.fixture
 def core(monkeypatch, tmp_path):
     fake = FakeCore([_view()])
-    for name in ("get_job_status", "cancel_job", "retry_failed", "list_jobs", "list_items", "submit"):
+    for name in ("get_job_status", "cancel_job", "retry_failed", "list_jobs", "list_items", "submit", "pause_job",
+                 "resume_job"):
         monkeypatch.setattr(operations, name, getattr(fake, name))
     monkeypatch.setattr(cli, "_sleep", lambda s: None)
     env = tmp_path / "stack.env"
@@ -165,6 +176,24 @@ def test_cancel_and_retry_report_actor_and_result(core):
     assert core.calls[-1][2].startswith("cli")
     result = runner.invoke(cli.app, ["retry-failed", "j1"])
     assert result.exit_code == 0 and "retry round 2 started" in result.output
+
+
+def test_pause_and_resume(core):
+    result = runner.invoke(cli.app, ["pause", "j1", "--reason", "maintenance"])
+    assert result.exit_code == 0 and "job j1 paused" in result.output and "upcfan resume j1" in result.output
+    assert core.calls[-1][:2] == ("pause", "j1") and core.calls[-1][3] == "maintenance"
+    assert core.calls[-1][2].startswith("cli")
+    assert "already paused" in runner.invoke(cli.app, ["pause", "p1"]).output
+    assert runner.invoke(cli.app, ["pause", "done"]).exit_code == 3
+    result = runner.invoke(cli.app, ["resume", "j1"])
+    assert result.exit_code == 0 and "resumed (running)" in result.output
+
+
+def test_status_of_a_paused_job_says_why_and_what_to_do(core):
+    core.views = [{**_view("paused"), "pause": {"code": "marketplace_unauthorized", "message": "401 from catalog"}}]
+    result = runner.invoke(cli.app, ["status", "j1"])
+    assert result.exit_code == 0
+    assert "PAUSED (marketplace_unauthorized)" in result.output and "upcfan resume j1" in result.output
 
 
 def test_items_csv_follows_cursor_and_quotes(core):

@@ -663,8 +663,11 @@ def test_a_delivery_never_logs_the_api_key(fake_market, monkeypatch, caplog, cap
         config.settings.cache_clear()
         job_cache.JOB_CACHE.clear()
     refused, ok = (store.get_item(j, GTIN) for j in ("job-refused", "job-ok"))
-    assert refused.status == "failed" and refused.doc["error"]["code"] == "marketplace_unauthorized"
-    assert "UPCFAN_MARKETPLACE_API_KEY" in refused.doc["error"]["message"]
+    # A 401 pauses the job (circuit breaker) and puts the item back without charging it.
+    assert refused.status == "queued" and store.get_job("job-refused").status == "paused"
+    paused = [d for _, d in store.events["job-refused"] if d["type"] == "paused"]
+    assert paused[0]["details"]["code"] == "marketplace_unauthorized"
+    assert "UPCFAN_MARKETPLACE_API_KEY" in paused[0]["details"]["message"]
     assert ok.status == "succeeded"
     assert any(h.get("Authorization") == f"Bearer {KEY}" for _, _, h, _ in script.requests)  # it was sent
     captured = capsys.readouterr()
@@ -672,7 +675,7 @@ def test_a_delivery_never_logs_the_api_key(fake_market, monkeypatch, caplog, cap
     assert any("marketplace_unauthorized" in line for line in logged)  # the refusal was logged...
     for text in (*logged, caplog.text, captured.out, captured.err,  # ...without the key, anywhere
                  json.dumps([o.body for o in outcomes], default=str),
-                 json.dumps([refused.doc, ok.doc], default=str)):
+                 json.dumps([refused.doc, ok.doc, store.events["job-refused"]], default=str)):
         assert KEY not in text
 
 

@@ -83,8 +83,9 @@ def test_shard_queue_names_match_settings_paths():
 def test_queue_desired_state_comes_from_config():
     qs = stack.queues(desired(item_queue_shards=2))
     item = qs[0].desired()
-    assert item["retry_config"] == {"max_attempts": ITEM_QUEUE.retry.max_attempts, "min_backoff": 1.0,
-                                    "max_backoff": 60.0, "max_doublings": 4, "max_retry_duration": 0.0}
+    # Unlimited attempts, unlimited duration: the item's retry window in Firestore decides (issue 15).
+    assert item["retry_config"] == {"max_attempts": -1, "min_backoff": 1.0,
+                                    "max_backoff": 300.0, "max_doublings": 6, "max_retry_duration": 0.0}
     assert item["rate_limits"] == {"max_dispatches_per_second": 500.0, "max_concurrent_dispatches": 1000}
     assert qs[1].name.endswith("/queues/upcfan-items-1") and qs[2].name.endswith("/queues/upcfan-control")
 
@@ -130,8 +131,8 @@ def test_changed_retry_setting_plans_exactly_that_update():
     assert len(moved) == 1
     (c,) = moved
     assert c.action == UPDATE and c.resource.name.endswith("/queues/upcfan-items")
-    assert c.fields == {"retry_config.max_attempts": (8, 5)}
-    assert "~ retry_config.max_attempts: 8 -> 5" in c.render()
+    assert c.fields == {"retry_config.max_attempts": (-1, 5)}
+    assert "~ retry_config.max_attempts: -1 -> 5" in c.render()
     runner.apply(stack.build(d2), clients)
     method, req = fakes["tasks"].calls[n_calls]
     assert method == "update_queue" and list(req.update_mask.paths) == ["retry_config.max_attempts"]

@@ -127,15 +127,70 @@ def test_complete_success_stores_result_and_clears_error():
     assert ref.data["finished_at"] == _at(T0 + 1) and ref.data["lease_expires_at"] is None
 
 
-def test_complete_retryable_requeues_unless_last_attempt():
+def test_complete_retryable_requeues_until_the_retry_window_is_spent():
+    """Issue 15: an item's retry budget is time since its first failure, not the task's last attempt."""
     err = RetryableItemError("offer lookup: GET /offer answered 503: down", code="marketplace_unavailable")
+    window = 3600.0
     ref = _claimed("a")
-    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.REQUEUED
+    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err, retry_window_s=window)) is CompleteKind.REQUEUED
     assert ref.data["status"] == "queued" and ref.data["lease_owner"] is None
     assert ref.data["error"] == {"code": "marketplace_unavailable", "message": err.message, "retryable": True}
-    ref = _claimed("a")
-    assert ref.complete("a", T0 + 1, HandlerOutcome(error=err, last_attempt=True)) is CompleteKind.FAILED
+    assert ref.data["first_failed_at"] == _at(T0 + 1)
+    # a later failure inside the window: queued again, the first failure's time is kept
+    ref.claim("b", T0 + window - 10)
+    assert ref.complete("b", T0 + window - 5, HandlerOutcome(error=err, retry_window_s=window)) is CompleteKind.REQUEUED
+    assert ref.data["first_failed_at"] == _at(T0 + 1)
+    # the window is spent: failed, with the specific error and the budget named
+    ref.claim("c", T0 + window + 1)
+    assert ref.complete("c", T0 + window + 2, HandlerOutcome(error=err, retry_window_s=window)) is CompleteKind.FAILED
     assert ref.data["status"] == "failed" and ref.data["history"][-1]["error_code"] == "marketplace_unavailable"
+    assert ref.data["error"]["code"] == "marketplace_unavailable"
+    assert ref.data["error"]["message"].startswith("retry window of 1h 00m spent after 3 attempts; last error: offer lookup")
+
+
+def test_a_resume_gives_open_items_a_fresh_retry_window():
+    err = RetryableItemError("down", code="marketplace_unavailable")
+    ref = _claimed("a")
+    ref.complete("a", T0 + 1, HandlerOutcome(error=err, retry_window_s=100.0))
+    ref.claim("b", T0 + 500)
+    # 500 s since the first failure, but the job was resumed 50 s ago: the window runs from the resume
+    outcome = HandlerOutcome(error=err, retry_window_s=100.0, window_floor=_at(T0 + 450))
+    assert ref.complete("b", T0 + 500, outcome) is CompleteKind.REQUEUED
+    ref.claim("c", T0 + 560)
+    outcome = HandlerOutcome(error=err, retry_window_s=100.0, window_floor=_at(T0 + 450))
+    assert ref.complete("c", T0 + 560, outcome) is CompleteKind.FAILED
+
+
+def test_retry_window_defaults_to_the_setting(monkeypatch):
+    from shared import config
+
+    monkeypatch.setenv("UPCFAN_ITEM_RETRY_WINDOW_S", "10")
+    config.settings.cache_clear()
+    try:
+        err = RetryableItemError("down", code="marketplace_timeout")
+        ref = _claimed("a")
+        assert ref.complete("a", T0 + 1, HandlerOutcome(error=err)) is CompleteKind.REQUEUED
+        ref.claim("b", T0 + 20)
+        assert ref.complete("b", T0 + 20, HandlerOutcome(error=err)) is CompleteKind.FAILED
+    finally:
+        config.settings.cache_clear()
+
+
+def test_stop_for_a_paused_job_requeues_without_a_failure_and_for_a_cancelled_job_cancels():
+    from shared.item_state import StopKind
+
+    ref = _claimed("a")
+    kind = ref.store.stop_item_for_job(TASK.job_id, TASK.gtin, "a", _at(T0 + 1), cancelled=False)
+    assert kind is StopKind.RELEASED
+    assert ref.data["status"] == "queued" and ref.data["lease_owner"] is None and ref.data["error"] is None
+    assert not ref.data.get("first_failed_at") and ref.data["history"][-1]["error_code"] == "job_paused"
+    ref.claim("b", T0 + 2)
+    assert ref.store.stop_item_for_job(TASK.job_id, TASK.gtin, "x", _at(T0 + 3), cancelled=True) is StopKind.LEASE_LOST
+    kind = ref.store.stop_item_for_job(TASK.job_id, TASK.gtin, "b", _at(T0 + 3), cancelled=True,
+                                       side_effects_started=True)
+    assert kind is StopKind.CANCELLED and ref.data["status"] == "cancelled" and ref.data["cancelled_midway"] is True
+    assert ref.store.stop_item_for_job(TASK.job_id, TASK.gtin, "b", _at(T0 + 4), cancelled=True) \
+        is StopKind.FINISHED_ELSEWHERE
 
 
 def test_complete_permanent_fails():
@@ -194,6 +249,8 @@ def test_delivery_from_headers_is_case_insensitive_and_computes_last_attempt():
     assert d.owner.startswith("n1:7:") and len(d.owner.split(":")[2]) == 8
     d2 = TaskDelivery.from_headers({"X-CloudTasks-TaskRetryCount": "six"}, 8)
     assert d2.retry_count == 0 and not d2.last_attempt and d2.task_name == "direct"
+    # unlimited attempts (the item queue's -1): no delivery is ever the last one
+    assert not TaskDelivery.from_headers({"X-CloudTasks-TaskRetryCount": "100000"}, -1).last_attempt
     assert TaskDelivery.from_headers({}, 8).owner != TaskDelivery.from_headers({}, 8).owner
 
 
