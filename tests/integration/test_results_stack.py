@@ -1,7 +1,8 @@
 """Issue 16, items 2 and 3 on the full local stack: a job of valid, invalid and duplicate lines finishes;
 its results task (ingest `/results`, as upcfan-ingest through the GCS gate) writes
 gs://{bucket}/results/{job_id}.csv with one row per data line; `upcfan export` prints the same bytes;
-the events route lists the job's history from `created` to `results_written`, each with its actor.
+the events route lists the job's history from `created` through an operator's pause and resume to
+`results_written`, each with its actor.
 The module's IAM audit (tests/integration/conftest.py) checks ingest's object create was granted.
 """
 
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack.identity import OPERATOR_EMAIL
 from devstack.testing import fresh_upcs, gtin14, poll, wait_job
+from shared.model import JOBS
 from shared.naming import job_id_for
 from shared.results import COLUMNS
 
@@ -24,16 +27,41 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UPCFAN = REPO_ROOT / ".venv" / "bin" / "upcfan"
+FAULT_KEYS = ("error_rate", "latency_ms", "status", "error_after_effect_rate")
+
+
+@pytest.fixture
+def slow_gtin(marketplace):
+    """slow(gtin, ms): the marketplace answers that GTIN late (this test's entry removed at the end)."""
+    mine: list[str] = []
+
+    def slow(gtin: str, ms: int) -> None:
+        current = marketplace.faults()
+        spec = {k: current[k] for k in FAULT_KEYS}
+        marketplace.faults(**spec, fail_gtins=current["fail_gtins"], latency_gtins={**current["latency_gtins"], gtin: ms})
+        mine.append(gtin)
+
+    yield slow
+    current = marketplace.faults()
+    spec = {k: current[k] for k in FAULT_KEYS}
+    marketplace.faults(**spec, fail_gtins=current["fail_gtins"],
+                       latency_gtins={g: v for g, v in current["latency_gtins"].items() if g not in mine})
 
 
 def test_a_finished_job_has_its_results_manifest_export_and_history(
-        stack_env, operator, upload, storage_client, firestore_db, slack_sink, tmp_path):
+        stack_env, operator, upload, storage_client, firestore_db, slack_sink, slow_gtin, tmp_path):
     api = stack_env["UPCFAN_API_URL"].rstrip("/")
     upcs = fresh_upcs(3)
+    slow_gtin(gtin14(upcs[1]), 4000)  # keeps the job open while an operator pauses and resumes it
     # Lines: 1-3 items, 4 invalid (letters), 5 a duplicate of line 1, 6 invalid with a quote.
     text = "\n".join([*upcs, "12AB5", upcs[0], '12"AB']) + "\n"
     bucket, name, generation = upload(text, content_type="text/plain")
     job_id = job_id_for(bucket, name, generation)
+    poll(lambda: firestore_db.collection(JOBS).document(job_id).get().exists, 60, 0.05, "the job document")
+    r = operator.post(f"{api}/api/batch/jobs/{job_id}/pause", json={"reason": "checking the history"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = operator.post(f"{api}/api/batch/jobs/{job_id}/resume", timeout=30)
+    assert r.status_code == 200, r.text
     job = wait_job(firestore_db, job_id, {"completed", "completed_with_failures"}, timeout_s=180)
 
     # The manifest lands in the watched bucket; its job status links it.
@@ -80,6 +108,8 @@ def test_a_finished_job_has_its_results_manifest_export_and_history(
     assert types[0] == "created" and types.index("completed") < types.index("results_written")
     assert actors["planned"] == "ingest" and actors["completed"] == "progress_check"
     assert actors["results_written"] == "ingest" and actors["created"].startswith("event:")
+    assert actors["paused"] == actors["resumed"] == OPERATOR_EMAIL
+    assert types.index("paused") < types.index("resumed") < types.index("completed")
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
 
     # Paging with a cursor walks the same history.
