@@ -88,6 +88,8 @@ GRANTS: tuple[Grant, ...] = (
     Grant("api", "roles/cloudtasks.enqueuer", "control_queue",
           "CreateTask: the plan task of a file submitted with POST /api/batch/process"),
     Grant("ingest", "roles/storage.objectViewer", "bucket", "read the dropped file (stat, plan, chunk ranges)"),
+    Grant("ingest", "roles/storage.objectCreator", "bucket",
+          "write a finished job's results manifest, results/{job_id}.csv (/results; create only, never overwrite)"),
     Grant("api", "roles/storage.objectViewer", "bucket",
           "POST /api/batch/process stats the file (a 404 names a missing one; ingest's plan task reads it)"),
     *_secret_grants(),
@@ -97,7 +99,7 @@ GRANTS: tuple[Grant, ...] = (
       for fn in ("ingest", "worker", "api")),
     # After deploy: each caller may invoke only its target service.
     Grant("tasks_invoker", "roles/run.invoker", "run:worker", "Cloud Tasks delivers item tasks and /progress"),
-    Grant("tasks_invoker", "roles/run.invoker", "run:ingest", "Cloud Tasks delivers plan tasks (/plan) and chunk tasks (/fanout)"),
+    Grant("tasks_invoker", "roles/run.invoker", "run:ingest", "Cloud Tasks delivers plan tasks (/plan), chunk tasks (/fanout) and results tasks (/results)"),
     Grant("eventarc_invoker", "roles/run.invoker", "run:ingest", "Eventarc delivers GCS finalize events"),
     Grant("scheduler_invoker", "roles/run.invoker", "run:sweeper", "Cloud Scheduler runs the sweep"),
 )

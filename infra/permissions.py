@@ -35,6 +35,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
         "cloudtasks.locations.get", "cloudtasks.locations.list", "cloudtasks.queues.get",
         "cloudtasks.queues.list", "cloudtasks.tasks.get", "cloudtasks.tasks.list"}),
     "roles/storage.objectViewer": frozenset({"storage.objects.get", "storage.objects.list"}),
+    # Creates objects (resumable uploads included), never overwrites or deletes one.
+    "roles/storage.objectCreator": frozenset({"storage.objects.create", "storage.multipartUploads.create",
+                                              "storage.multipartUploads.abort", "storage.multipartUploads.listParts"}),
     "roles/datastore.user": frozenset({
         "datastore.databases.get", "datastore.entities.get", "datastore.entities.list",
         "datastore.entities.create", "datastore.entities.update", "datastore.entities.delete"}),
@@ -115,12 +118,18 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("cloudtasks.CreateTask", "item_queues", "shared/ingest.py::process_chunk (item tasks)"),
         Call("cloudtasks.GetTask(FULL)", "item_queues", "shared/tasks.py::get_task_payload via "
                                                         "shared/ingest.py::_existing_task_line"),
+        Call("storage.objects.create", "bucket", "shared/results.py::write_results (results/{job_id}.csv, "
+                                                 "resumable upload, only if absent)"),
+        Call("storage.objects.get", "bucket", "shared/results.py::write_results (exists, and re-reading an "
+                                              "object an earlier attempt wrote)"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/results.py::request_results (when a job completes)"),
         _ACT_AS,
         _SLACK,
     ),
     "worker": (
         *_FIRESTORE,
         Call("cloudtasks.CreateTask", "control_queue", "shared/worker/progress_requests.py::request_progress_check"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/results.py::request_results (when a job completes)"),
         _ACT_AS,
         Call("secretmanager.AccessSecretVersion", f"secret:{model.MARKETPLACE_SECRET}",
              "shared/handlers/marketplace_draft.py (UPCFAN_MARKETPLACE_API_KEY)"),

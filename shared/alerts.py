@@ -252,7 +252,9 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
     )
     label = escape(_FINAL_LABEL.get(status, status))
     text = f"INFO: upcfan job {jid} {label}. File {escape(job.get('gcs_path') or 'unknown')}. {summary}."
-    next_steps = [f"upcfan status {job_id}"]
+    next_steps = [f"upcfan status {job_id}", f"upcfan export {job_id}"]
+    if job.get("results_path"):  # written by the job's results task moments after this note
+        text += f" Results: {escape(job['results_path'])}."
     if failed:
         next_steps += [f"upcfan items {job_id} --status failed --csv", f"upcfan retry-failed {job_id}"]
         text += f" Next: upcfan items {jid} --status failed"
@@ -263,6 +265,7 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
              {"type": "mrkdwn", "text": f"*Job*\n`{jid}`"},
              {"type": "mrkdwn", "text": f"*File*\n{escape(job.get('gcs_path') or 'unknown')}"},
              {"type": "mrkdwn", "text": f"*Lines*\n{summary}"},
+             *([{"type": "mrkdwn", "text": f"*Results*\n{escape(job['results_path'])}"}] if job.get("results_path") else []),
          ]},
         {"type": "section", "text": {"type": "mrkdwn", "text": "*Next*\n" + _code_lines(next_steps)}},
         {"type": "context",

@@ -29,7 +29,7 @@ from shared.config import load_settings
 from shared.handlers import marketplace_draft
 from shared.handlers.base import HANDLER_BUDGET_S
 from shared.retry import SLACK, STORE_MUST_COMMIT, STORE_TRANSACTION, TASK_API, RetryPolicy
-from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, TASK_KINDS, TaskKind
+from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, RESULTS_TASK, TASK_KINDS, TaskKind
 from shared.worker.lease import LAST_ATTEMPT_POLL_S, LAST_ATTEMPT_WAIT_MAX_S
 
 # Time of the store and Cloud Tasks calls themselves (claim, complete, job read, count aggregations,
@@ -103,8 +103,18 @@ def plan_estimate_s() -> float:
     return size / PLAN_READ_BYTES_PER_S + size / s.chunk_bytes * CREATE_TASK_NOMINAL_S + STORE_CALLS_ALLOWANCE_S
 
 
+# A results manifest reads every item and line record of the largest job once, a page at a time, and
+# uploads the CSV as it goes: at this nominal rate of rows (Firestore streams pages of 1,000 documents).
+RESULTS_ROWS_PER_S = 5_000
+
+
+def results_estimate_s() -> float:
+    """The results manifest of the largest job ingest accepts (an estimate: see RESULTS_ROWS_PER_S)."""
+    return load_settings().max_lines / RESULTS_ROWS_PER_S + STORE_CALLS_ALLOWANCE_S
+
+
 BUDGETS = {ITEM_TASK.name: item_budget_s, PROGRESS_TASK.name: progress_budget_s, CHUNK_TASK.name: chunk_estimate_s,
-           PLAN_TASK.name: plan_estimate_s}
+           PLAN_TASK.name: plan_estimate_s, RESULTS_TASK.name: results_estimate_s}
 
 
 def budget_s(kind: TaskKind) -> float:

@@ -267,6 +267,8 @@ def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:
         created += create_task(s.control_queue_path, TaskSpec(task_id=chunk_task_name_for(job_id, chunk.start),
                                                               kind=CHUNK_TASK, payload=payload.to_body()))
     store.update_job(job_id, {"planned_at": _now(), "updated_at": _now()})
+    store.record_event(job_id, Event("planned", "ingest", _now(), {"chunks": len(plan.chunks), "raw_lines": plan.raw_lines,
+                                                                   "format": plan.format.kind}, event_id="planned"))
     log_event("job_planned", job_id=job_id, chunks=len(plan.chunks), chunk_tasks_created=created,
               raw_lines=plan.raw_lines, format=plan.format.kind, size=plan.size)
     job = store.get_job(job_id)

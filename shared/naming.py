@@ -58,6 +58,11 @@ def progress_task_name_for(job_id: str, bucket_index: int) -> str:
     return f"{_short_hash(f'{job_id}:p{bucket_index}', 4)}-{job_id}-p{bucket_index}"
 
 
+def results_task_name_for(job_id: str, round_: int) -> str:
+    """The one results-manifest task of a job's round."""
+    return f"{_short_hash(f'{job_id}:r{round_}', 4)}-{job_id}-results-r{int(round_)}"
+
+
 def is_valid_task_id(task_id: str) -> bool:
     return bool(_TASK_ID_RE.match(task_id))
 

@@ -165,6 +165,8 @@ def get_job_status(job_id: str, now: dt.datetime | None = None) -> dict[str, Any
             "pause": job.get("pause"),
             "paused_at": job.get("paused_at"),
             "resumed_at": job.get("resumed_at"),
+            # The results manifest once its task wrote it: {path, round, rows, lines_missing, written_at}.
+            "results": job.get("results"),
         }
     )
 
@@ -243,6 +245,42 @@ def list_items(job_id: str, status: str | None = None, limit: int = 100,
         "items": rows[:limit],
         "next_cursor": ids[limit - 1] if more else None,
     }
+
+
+# ---------------------------------------------------------------- event history and results
+
+MAX_EVENTS_LIMIT = 500
+
+
+def _event_view(event_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    return _jsonable({"id": event_id, "type": doc.get("type"), "actor": doc.get("actor"), "at": doc.get("at"),
+                      "details": doc.get("details") or {}})
+
+
+def list_events(job_id: str, limit: int = 100, cursor: str | None = None) -> dict[str, Any]:
+    """A job's event history, oldest first: who did what when (created, planned, fanout_done, paused,
+    resumed, cancelled, retry_round, redrive, stall_flagged, alert_sent, completed, results_written, …); `cursor` is the
+    previous page's `next_cursor`."""
+    limit = _check_limit(limit, MAX_EVENTS_LIMIT)
+    if cursor is not None and not valid_doc_id(cursor):
+        raise BadRequestError("cursor is not valid", code="bad_cursor")
+    _load_job(job_id)
+    rows = _store().page_events(job_id, limit=limit + 1, after_id=cursor)
+    if rows is None:
+        raise BadRequestError(f"cursor {cursor[:200]!r} names no event of job {job_id}", code="bad_cursor")
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"job_id": job_id, "events": [_event_view(i, d) for i, d in rows],
+            "next_cursor": rows[-1][0] if more and rows else None}
+
+
+def export_results(job_id: str):
+    """The job's results manifest as CSV text pieces, read live from the store (shared/results.py): the
+    same rows the results task writes to the bucket, for any job, finished or not."""
+    from shared import results
+
+    _load_job(job_id)
+    return results.iter_csv(job_id, store=_store())
 
 
 # ---------------------------------------------------------------- cancel

@@ -55,6 +55,13 @@ class ProgressTask(TaskPayload):
     job_id: str = _JOB_ID
 
 
+class ResultsTask(TaskPayload):
+    """Write a finished job's results manifest: the ingest function's `/results` task."""
+
+    job_id: str = _JOB_ID
+    round: int = Field(default=1, ge=1)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming each bad field and why, for a log line or a 400 body."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())

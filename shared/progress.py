@@ -68,7 +68,10 @@ def _notify_finished(store: Store, job_id: str, job: Job, final: str, counts: di
             return
         from shared.alerts import notify_job_finished
 
-        result = notify_job_finished({**job.doc, "job_id": job.job_id or job_id, "status": final, "counts": counts})
+        from shared.results import results_gcs_path
+
+        result = notify_job_finished({**job.doc, "job_id": job.job_id or job_id, "status": final, "counts": counts,
+                                      "results_path": results_gcs_path(job.job_id or job_id, job.round)})
         # The actor is the function that completed the job (Cloud Run sets K_SERVICE to the service name).
         store.record_event(job_id, Event("job_finished_note", os.environ.get("K_SERVICE") or "progress", at,
                                          {"sent": result.ok, "status": result.status, "error": result.error},
@@ -122,6 +125,9 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
             if job.doc.get(PROGRESS_CHECK_MISSED_AT) is not None:
                 store.update_job(job_id, {PROGRESS_CHECK_MISSED_AT: None, PROGRESS_CHECK_MISSED_ERROR: None})
             log_event("job_completed", job_id=job_id, status=completion.final, counts=counts, total_items=total_items)
+            from shared.results import request_results  # the manifest task: see shared/results.py
+
+            request_results(job_id, (completion.job or job).round)
             _notify_finished(store, job_id, completion.job or job, completion.final, counts, at)
             return {**out, "status": completion.final, "completed": True}
         # Another check completed it between our read and our transaction.

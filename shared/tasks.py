@@ -40,7 +40,9 @@ ITEM_TASK = TaskKind("item", ITEM_QUEUE, "worker", "", ITEM_QUEUE.dispatch_deadl
 PLAN_TASK = TaskKind("plan", CONTROL_QUEUE, "ingest", "/plan", CONTROL_QUEUE.dispatch_deadline_s)
 CHUNK_TASK = TaskKind("chunk", CONTROL_QUEUE, "ingest", "/fanout", CONTROL_QUEUE.dispatch_deadline_s)
 PROGRESS_TASK = TaskKind("progress", CONTROL_QUEUE, "worker", "/progress", PROGRESS_DISPATCH_DEADLINE_S)
-TASK_KINDS = (ITEM_TASK, PLAN_TASK, CHUNK_TASK, PROGRESS_TASK)
+# A finished job's results manifest (shared/results.py): streams every line record and item once.
+RESULTS_TASK = TaskKind("results", CONTROL_QUEUE, "ingest", "/results", CONTROL_QUEUE.dispatch_deadline_s)
+TASK_KINDS = (ITEM_TASK, PLAN_TASK, CHUNK_TASK, PROGRESS_TASK, RESULTS_TASK)
 
 
 @dataclass(frozen=True)

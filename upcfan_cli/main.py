@@ -61,6 +61,8 @@ COMMAND_SETTINGS = {
     "pause": (PROJECT,),
     # a resume asks for a progress check (a job whose items all finished while paused completes)
     "resume": (PROJECT, LOCATION, WORKER_URL, TASK_SA, CONTROL_QUEUE_NAME),
+    "events": (PROJECT,),
+    "export": (PROJECT,),
     "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, CONTROL_QUEUE_NAME),
     "redrive": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS),
     "submit gs://": (PROJECT, LOCATION, INGEST_URL, TASK_SA, CONTROL_QUEUE_NAME),
@@ -98,7 +100,8 @@ class _ExitCodeGroup(TyperGroup):
 
 app = typer.Typer(
     cls=_ExitCodeGroup,
-    help="Operate upcfan jobs: submit, status, jobs, items, pause, resume, cancel, retry-failed, redrive, sweep.\n\n" + EXIT_CODES_HELP,
+    help="Operate upcfan jobs: submit, status, jobs, items, events, export, pause, resume, cancel, retry-failed, redrive, "
+         "sweep.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -281,6 +284,10 @@ def render_status(view: dict[str, Any]) -> Group:
     footer.append(f"   ETA {format_duration(view.get('eta_s'), exact=True)}")
     footer.append("   stall: ")
     footer.append("YES" if view.get("stalled") else "no", style="bold red" if view.get("stalled") else "green")
+    results = view.get("results") or {}
+    if results.get("path"):  # the manifest the job's results task wrote (`upcfan export` streams the same)
+        missing = f", {results['lines_missing']} line(s) without a record" if results.get("lines_missing") else ""
+        return Group(header, progress_row, table, footer, Text(f"results: {results['path']} ({results.get('rows')} rows{missing})"))
     return Group(header, progress_row, table, footer)
 
 
@@ -446,6 +453,63 @@ def items(
     for r in table_rows:
         table.add_row(*r)
     console.print(table)
+
+
+def _event_details(details: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
+                     for k, v in details.items())
+
+
+@app.command()
+def events(
+    job_id: str = typer.Argument(...),
+    limit: int = typer.Option(500, "--limit", min=1, help="at most this many events (pages are followed)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A job's event history, oldest first: who did what when."""
+    _require("events")
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while len(rows) < limit:
+        page = _call(_ops().list_events, job_id, limit=min(500, limit - len(rows)), cursor=cursor)
+        rows += page["events"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    if as_json:
+        _print_json({"job_id": job_id, "events": rows})
+        return
+    table = Table(title=f"{job_id}: events ({len(rows)}, oldest first)")
+    table.add_column("at", no_wrap=True)
+    table.add_column("type", no_wrap=True)
+    table.add_column("actor", overflow="fold")
+    table.add_column("details", overflow="fold")
+    for e in rows:
+        table.add_row(str(e.get("at") or "")[:23], e.get("type") or "", e.get("actor") or "",
+                      _event_details(e.get("details") or {}))
+    console.print(table)
+
+
+def _write_pieces(out, pieces) -> None:
+    for piece in pieces:  # a page of rows at a time: memory stays bounded whatever the job's size
+        out.write(piece)
+
+
+@app.command()
+def export(
+    job_id: str = typer.Argument(...),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+) -> None:
+    """The job's results manifest as CSV (line,upc,gtin,status,error_code,error_message,offer_id), streamed
+    from the store: the rows the results task writes to gs://BUCKET/results/JOB.csv."""
+    _require("export")
+    pieces = _call(_ops().export_results, job_id)
+    out = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        _call(_write_pieces, out, pieces)
+    finally:
+        if output:
+            out.close()
 
 
 @app.command()

@@ -28,6 +28,12 @@ class ListItemsQuery(BaseModel):
     cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
 
 
+class ListEventsQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    limit: int = Field(default=100, ge=1, le=500)
+    cursor: Optional[str] = Field(default=None, min_length=1, max_length=200)
+
+
 class RedriveRequest(BaseModel):
     """POST /api/batch/jobs/{job_id}/redrive: `dry_run` must be said (true lists, false re-drives)."""
 
@@ -122,6 +128,16 @@ def openapi_spec() -> dict[str, Any]:
                 "operationId": "items", "parameters": [_JOB_ID, *_query_params(ListItemsQuery)],
                 "responses": {"200": _resp("items (or invalid/duplicate line records): {items, next_cursor}"),
                               **_errors(400, 404)}}},
+            "/api/batch/jobs/{job_id}/events": {"get": {
+                "operationId": "events", "parameters": [_JOB_ID, *_query_params(ListEventsQuery)],
+                "responses": {"200": _resp("the job's events, oldest first: {events: [{id, type, actor, at, "
+                                           "details}], next_cursor}"), **_errors(400, 404)}}},
+            "/api/batch/jobs/{job_id}/results.csv": {"get": {
+                "operationId": "results_csv", "parameters": [_JOB_ID],
+                "responses": {"200": {"description": "the results manifest, streamed: "
+                                                     "line,upc,gtin,status,error_code,error_message,offer_id",
+                                      "content": {"text/csv": {"schema": {"type": "string"}}}},
+                              **_errors(404)}}},
             "/api/batch/jobs/{job_id}/cancel": {"post": {
                 "operationId": "cancel", "parameters": [_JOB_ID],
                 "responses": {"200": _resp("cancelled (idempotent)"), **_errors(404, 409)}}},

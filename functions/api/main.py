@@ -33,6 +33,8 @@ _URLS = Map(
         Rule("/api/batch/status/<job_id>", endpoint="status", methods=["GET"]),
         Rule("/api/batch/jobs", endpoint="jobs", methods=["GET"]),
         Rule("/api/batch/jobs/<job_id>/items", endpoint="items", methods=["GET"]),
+        Rule("/api/batch/jobs/<job_id>/events", endpoint="events", methods=["GET"]),
+        Rule("/api/batch/jobs/<job_id>/results.csv", endpoint="results_csv", methods=["GET"]),
         Rule("/api/batch/jobs/<job_id>/cancel", endpoint="cancel", methods=["POST"]),
         Rule("/api/batch/jobs/<job_id>/retry-failed", endpoint="retry_failed", methods=["POST"]),
         Rule("/api/batch/jobs/<job_id>/redrive", endpoint="redrive", methods=["POST"]),
@@ -122,6 +124,18 @@ def items(request: Request, job_id: str) -> Response:
     return _json(_ops().list_items(job_id, status=q.status, limit=q.limit, cursor=q.cursor))
 
 
+def events(request: Request, job_id: str) -> Response:
+    q = schemas.ListEventsQuery.model_validate(request.args.to_dict())
+    return _json(_ops().list_events(job_id, limit=q.limit, cursor=q.cursor))
+
+
+def results_csv(request: Request, job_id: str) -> Response:
+    pieces = _ops().export_results(job_id)  # raises job_not_found before the first byte
+    # Streamed: a page of rows per piece, so a 1M-line job is never held in memory.
+    return Response(pieces, mimetype="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="{job_id}.csv"', "Cache-Control": "no-store"})
+
+
 def cancel(request: Request, job_id: str) -> Response:
     return _json(_ops().cancel_job(job_id, _actor(request)))
 
@@ -158,8 +172,8 @@ def resume(request: Request, job_id: str) -> Response:
 
 _HANDLERS: dict[str, Callable[..., Response]] = {
     "health": health, "openapi": openapi, "process": process, "status": status, "jobs": jobs,
-    "items": items, "cancel": cancel, "retry_failed": retry_failed, "redrive": redrive, "pause": pause,
-    "resume": resume,
+    "items": items, "events": events, "results_csv": results_csv, "cancel": cancel, "retry_failed": retry_failed,
+    "redrive": redrive, "pause": pause, "resume": resume,
 }
 
 

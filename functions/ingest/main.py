@@ -48,6 +48,8 @@ def ingest(request: Request):
             return _chunk_task(request)
         if path == "/plan":
             return _plan_task(request)
+        if path == "/results":
+            return _results_task(request)
         if path not in ("", "/api/batch/process"):
             return jsonify({"error": {"code": "not_found", "message": f"no route {request.path}"}}), 404
         if _is_cloudevent(request):
@@ -100,6 +102,17 @@ def _plan_task(request: Request):
     doc = core.plan_job(task)
     return jsonify({"job_id": task.job_id, "status": doc.get("status"), "chunks_total": doc.get("chunks_total"),
                     "error": doc.get("error")}), 200
+
+
+def _results_task(request: Request):
+    """`POST /results`: write a finished job's results manifest (shared/results.py)."""
+    from shared import results
+    from shared.payloads import ResultsTask
+
+    task, refused = _task_payload(request, ResultsTask, "results")
+    if refused:
+        return refused
+    return jsonify(results.write_results(task.job_id, task.round)), 200
 
 
 def _finalize_event(request: Request):

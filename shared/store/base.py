@@ -105,6 +105,11 @@ class Store(abc.ABC):
     def record_event(self, job_id: str, event: Event) -> None: ...
 
     @abc.abstractmethod
+    def page_events(self, job_id: str, *, limit: int, after_id: str | None = None) -> list[tuple[str, dict]] | None:
+        """The job's events as (id, document), oldest first (by `at`, then id), after the event
+        `after_id` (the previous page's last); None when `after_id` names no event of the job."""
+
+    @abc.abstractmethod
     def get_item(self, job_id: str, gtin: str) -> Item | None: ...
 
     @abc.abstractmethod
@@ -124,6 +129,10 @@ class Store(abc.ABC):
     def page_items(self, job_id: str, *, limit: int, status: str | None = None, round_: int | None = None,
                    after_gtin: str | None = None) -> list[Item]:
         """Up to `limit` items ordered by gtin (the document id), after `after_gtin`."""
+
+    @abc.abstractmethod
+    def page_items_by_line(self, job_id: str, *, limit: int, after_line: int | None = None) -> list[Item]:
+        """Up to `limit` items ordered by their file line (unique per item), after `after_line`."""
 
     @abc.abstractmethod
     def write_items_guarded(self, job_id: str, writes: list[tuple[Item, ItemWrite]]) -> bool:

@@ -133,6 +133,16 @@ class FirestoreStore(Store):
         ref = self._job_ref(job_id)
         self._event_ref(ref, event).set(event.to_doc())
 
+    def page_events(self, job_id: str, *, limit: int, after_id: str | None = None) -> list[tuple[str, dict]] | None:
+        col = self._job_ref(job_id).collection(EVENTS)
+        query = col.order_by("at").order_by("__name__")
+        if after_id:
+            snap = col.document(after_id).get()
+            if not snap.exists:
+                return None
+            query = query.start_after(snap)
+        return [(d.id, d.to_dict() or {}) for d in query.limit(limit).stream()]
+
     # ------------------------------------------------------------------------- items
 
     def get_item(self, job_id: str, gtin: str) -> Item | None:
@@ -186,6 +196,13 @@ class FirestoreStore(Store):
         query = query.order_by("__name__")
         if after_gtin:
             query = query.start_after({"__name__": col.document(after_gtin)})
+        return [Item.from_doc(d.to_dict() or {}, d.id, d.update_time) for d in query.limit(limit).stream()]
+
+    def page_items_by_line(self, job_id: str, *, limit: int, after_line: int | None = None) -> list[Item]:
+        col = self._job_ref(job_id).collection(ITEMS)
+        query = col.order_by("line")  # single-field index (automatic); one item per line
+        if after_line is not None:
+            query = query.start_after({"line": after_line})
         return [Item.from_doc(d.to_dict() or {}, d.id, d.update_time) for d in query.limit(limit).stream()]
 
     def write_items_guarded(self, job_id: str, writes: list[tuple[Item, ItemWrite]]) -> bool:

@@ -27,7 +27,8 @@ class MemoryStore(Store):
         self.items: dict[str, dict[str, tuple[int, dict]]] = {}  # job → gtin → (version, doc)
         self.lines: dict[str, dict[str, dict]] = {}
         self.chunks: dict[str, dict[int, dict]] = {}
-        self.events: dict[str, list[tuple[str | None, dict]]] = {}
+        self.events: dict[str, list[tuple[str, dict]]] = {}
+        self._event_ids = itertools.count(1)
 
     # ------------------------------------------------------------------------- transactions
 
@@ -107,7 +108,18 @@ class MemoryStore(Store):
             events = self.events.setdefault(job_id, [])
             if event.event_id and any(eid == event.event_id for eid, _ in events):
                 events[:] = [(eid, d) for eid, d in events if eid != event.event_id]
-            events.append((event.event_id, event.to_doc()))
+            events.append((event.event_id or f"auto-{next(self._event_ids):012d}", event.to_doc()))
+
+    def page_events(self, job_id: str, *, limit: int, after_id: str | None = None) -> list[tuple[str, dict]] | None:
+        with self._lock:
+            rows = sorted(((eid, copy.deepcopy(d)) for eid, d in self.events.get(job_id, [])),
+                          key=lambda r: (r[1]["at"], r[0]))
+            if after_id is not None:
+                keys = [(d["at"], eid) for eid, d in rows if eid == after_id]
+                if not keys:
+                    return None
+                rows = [r for r in rows if (r[1]["at"], r[0]) > keys[0]]
+            return rows[:limit]
 
     # ------------------------------------------------------------------------- items
 
@@ -141,6 +153,12 @@ class MemoryStore(Store):
                            and (round_ is None or d.get("round") == round_)
                            and (after_gtin is None or g > after_gtin))
             return [self.get_item(job_id, g) for g in gtins[:limit]]
+
+    def page_items_by_line(self, job_id: str, *, limit: int, after_line: int | None = None) -> list[Item]:
+        with self._lock:
+            rows = sorted((int(d.get("line") or 0), g) for g, (_, d) in self.items.get(job_id, {}).items()
+                          if after_line is None or int(d.get("line") or 0) > after_line)
+            return [self.get_item(job_id, g) for _, g in rows[:limit]]
 
     def write_items_guarded(self, job_id: str, writes: list[tuple[Item, ItemWrite]]) -> bool:
         with self._lock:

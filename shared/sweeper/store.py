@@ -229,12 +229,26 @@ class FirestoreSweepStore(SweepStore):
         for i in range(0, len(outcomes), MARKS_PER_BATCH):
             batch = self.db.batch()
             for event_id, fields in outcomes[i:i + MARKS_PER_BATCH]:
-                batch.update(self.db.collection(STALL_EVENTS).document(event_id), fields)
+                ref = self.db.collection(STALL_EVENTS).document(event_id)
+                batch.update(ref, fields)
+                if fields.get("notified"):  # the job's history says an alert reached people (one read per post)
+                    self._write_alert_sent_event(batch, ref, event_id, fields)
             try:
                 batch.commit()
             except gexc.GoogleAPICallError as exc:  # a lost mark means one extra retry post, never a crash
                 log_event("stall_event_mark_failed", severity="WARNING", logger="upcfan.sweeper",
                           error=type(exc).__name__)
+
+    def _write_alert_sent_event(self, batch, ref, stall_event_id: str, fields: dict) -> None:
+        record = ref.get().to_dict() or {}
+        job_id = record.get("job_id")
+        if not job_id or record.get("kind") == "systemic":  # the systemic alert names no one job
+            return
+        at = fields.get("notified_at") or record.get("detected_at")
+        event_ref = self.db.collection(JOBS).document(job_id).collection(EVENTS).document(f"alert-{stall_event_id}")
+        batch.set(event_ref, event_doc("alert_sent", "sweeper", at, {
+            "stall_event_id": stall_event_id, "kind": record.get("kind"), "severity": record.get("severity"),
+            "reason": record.get("reason"), "attempts": fields.get("attempts")}))
 
     def _write_all(self, batch, writes: Iterable[Write]) -> None:
         for w in writes:

@@ -113,9 +113,10 @@ def job(db, job_id):
     return db.collection(JOBS).document(job_id).get().to_dict()
 
 
-def job_events(db, job_id):
-    return sorted((e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream()),
-                  key=lambda e: e["at"])
+def job_events(db, job_id, alerts=False):
+    """The job's events by time; `alert_sent` ones (one per alert that reached Slack) only with `alerts`."""
+    events = (e.to_dict() for e in db.collection(JOBS).document(job_id).collection(EVENTS).stream())
+    return sorted((e for e in events if alerts or e["type"] != "alert_sent"), key=lambda e: e["at"])
 
 
 def stall_events(db, job_id=None):
@@ -144,14 +145,17 @@ def test_stalled_job_flagged_once_then_cooldown_then_escalation(env, sink):
     assert r1.flagged == 1 and r1.alerted == 1
     stall = job(db, jid)["stall"]
     assert stall["kind"] == "no_progress" and stall["severity"] == "WARNING"
-    assert [e["type"] for e in job_events(db, jid)] == ["stall_flagged"]
-    assert job_events(db, jid)[0]["actor"] == "sweeper"
+    # The flag, and the alert that reached Slack, are in the job's history (issue 16).
+    assert sorted(e["type"] for e in job_events(db, jid, alerts=True)) == ["alert_sent", "stall_flagged"]
+    assert {e["actor"] for e in job_events(db, jid, alerts=True)} == {"sweeper"}
+    [sent] = [e for e in job_events(db, jid, alerts=True) if e["type"] == "alert_sent"]
+    assert sent["details"]["kind"] == "no_progress" and sent["details"]["severity"] == "WARNING"
     assert len(sink.posts) == 1 and jid in sink.posts[0]["text"]
 
     # Same condition a few minutes later: no second flag, no second alert.
     r2 = sweep(env, sink, T0 + 5 * MIN)
     assert r2.flagged == 0 and r2.alerted == 0 and r2.suppressed == 1
-    assert len(sink.posts) == 1 and len(job_events(db, jid)) == 1
+    assert len(sink.posts) == 1 and len(job_events(db, jid, alerts=True)) == 2
 
     # Stalled past stall_critical_minutes (60): escalation beats the cooldown.
     r3 = sweep(env, sink, T0 + 45 * MIN)
@@ -245,6 +249,7 @@ def test_systemic_alert_at_third_stall_in_an_hour(env, sink):
     assert r.systemic is True
     systemic = [p for p in sink.posts if "systemic" in p["text"]]
     assert len(systemic) == 1 and "3 upcfan jobs" in systemic[0]["text"]
+    assert not db.collection(JOBS).document("systemic").collection(EVENTS).get()  # names no job
     # A fourth stall within the systemic cooldown does not repeat it.
     make_job(db, last_progress=T0)
     assert sweep(env, sink, T0 + 30 * MIN).systemic is False
@@ -261,6 +266,7 @@ def test_slack_down_sweep_succeeds_and_next_sweep_retries(env, sink, status, ret
     [rec] = stall_events(db, jid)
     assert rec["notified"] is False and str(status) in rec["notify_error"]
     assert job(db, jid)["stall"]["severity"] == "WARNING"
+    assert "alert_sent" not in [e["type"] for e in job_events(db, jid, alerts=True)]  # not sent: not in the history
 
     sink.fail_status = None
     r2 = sweep(env, sink, T0 + 5 * MIN)  # inside the cooldown: only the retry posts
@@ -268,6 +274,7 @@ def test_slack_down_sweep_succeeds_and_next_sweep_retries(env, sink, status, ret
     assert len(sink.posts) == 1 and jid in sink.posts[0]["text"]
     [rec] = stall_events(db, jid)
     assert rec["notified"] is True and rec["notify_error"] is None
+    assert [e["type"] for e in job_events(db, jid, alerts=True)].count("alert_sent") == 1
     assert sweep(env, sink, T0 + 10 * MIN).alerted == 0
 
 

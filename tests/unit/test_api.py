@@ -333,7 +333,8 @@ def test_openapi_is_served_and_has_no_recover_route(client):
     assert set(spec["paths"]) == {
         "/health", "/openapi.json", "/api/batch/process", "/api/batch/status/{job_id}", "/api/batch/jobs",
         "/api/batch/jobs/{job_id}/items", "/api/batch/jobs/{job_id}/cancel", "/api/batch/jobs/{job_id}/retry-failed",
-        "/api/batch/jobs/{job_id}/redrive", "/api/batch/jobs/{job_id}/pause", "/api/batch/jobs/{job_id}/resume"}
+        "/api/batch/jobs/{job_id}/redrive", "/api/batch/jobs/{job_id}/pause", "/api/batch/jobs/{job_id}/resume",
+        "/api/batch/jobs/{job_id}/events", "/api/batch/jobs/{job_id}/results.csv"}
     params = {p["name"]: p for p in spec["paths"]["/api/batch/jobs"]["get"]["parameters"]}
     assert params["limit"]["schema"]["maximum"] == 100
     assert "running" in params["status"]["schema"]["enum"]

@@ -73,4 +73,4 @@ def test_each_kind_takes_its_deadline_from_its_queue_unless_it_calls_another_fun
     assert PLAN_TASK.queue is CONTROL_QUEUE and PLAN_TASK.dispatch_deadline_s == CONTROL_QUEUE.dispatch_deadline_s
     # progress checks ride the control queue to the worker: their deadline fits the worker's timeout
     assert PROGRESS_TASK.queue is CONTROL_QUEUE and PROGRESS_TASK.dispatch_deadline_s <= ITEM_QUEUE.dispatch_deadline_s
-    assert {k.name for k in TASK_KINDS} == {"item", "plan", "chunk", "progress"}
+    assert {k.name for k in TASK_KINDS} == {"item", "plan", "chunk", "progress", "results"}
