@@ -429,8 +429,8 @@ def redrive_job(job_id: str, actor: str, *, dry_run: bool, limit: int = REDRIVE_
     `dry_run` lists what would be re-driven and writes nothing.
 
     Bounded: at most `limit` open items are checked per call, in gtin order after `cursor`;
-    `next_cursor` continues. Works from item documents only: an item whose document was never born
-    (items born at their first claim) is not seen here.
+    `next_cursor` continues. Works from item documents, which every item has from fan-out on (only
+    jobs fanned out before items were born at fan-out can have items without one: not seen here).
     """
     from shared import job_state
 
