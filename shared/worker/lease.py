@@ -54,6 +54,9 @@ class Heartbeat:
         self._abandon_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{owner}", daemon=True)
         self.beats = 0
+        # A renewal found the item another delivery's (or no longer processing): unlike a heartbeat that
+        # gave up for want of renewals, this one knows its result can no longer be written.
+        self.known_lost = False
 
     def start(self) -> "Heartbeat":
         if self._interval_s > 0:
@@ -86,6 +89,7 @@ class Heartbeat:
             return self.alive()
         self.beats += 1
         if not kept:
+            self.known_lost = True
             self._lost.set()
             log_event("lease_lost", severity="WARNING", detected_by="heartbeat", **self._fields)
             return False

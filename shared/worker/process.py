@@ -202,9 +202,12 @@ def _run_and_complete(run: _Run, job: Job, claim: Claim, handler: ItemHandler | 
     finally:
         heartbeat.stop()
     elapsed_ms = int((time.monotonic() - started) * 1000)
-    if outcome is None and guard.stopped_by and heartbeat.alive():
+    if outcome is None and guard.stopped_by and not heartbeat.known_lost:
         return _stop_for_job(run, guard.stopped_by, guard.passed > 0, fields, elapsed_ms)
-    if outcome is None or not heartbeat.alive():
+    # A heartbeat that gave up for want of renewals only stopped further side effects: the handler's
+    # outcome is still written when the lease turns out to have held (the complete transaction checks
+    # the owner), so a slow Firestore does not cost a second run of a finished handler.
+    if outcome is None or heartbeat.known_lost:
         # The item is another delivery's now (or re-queued): 409 keeps the task, whose next
         # delivery finds the item final (200 no-op) or free to claim.
         log_event("result_discarded", severity="WARNING", status="lease_lost", elapsed_ms=elapsed_ms, **fields)

@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # a short lease so "latency beyond the lease" and "a killed worker's lease expires" happen within
 # the suite's time budget; heartbeats keep a slow but live delivery's lease.
 CHAOS_WORKER_ENV = {"UPCFAN_LEASE_S": "5", "UPCFAN_HEARTBEAT_S": "1.5"}
+# The item queue's backoff on the chaos stack, scaled like the lease (production: 1 s to 300 s).
+CHAOS_ITEM_RETRY = {"min_backoff_s": 0.5, "max_backoff_s": 10.0, "max_doublings": 4}
 
 
 @dataclass

@@ -44,7 +44,6 @@ def reliable(chaos_stack: ChaosStack):
     s.market("/_reset", {})
     yield s
     s.market("/_faults", {})
-    s.restore_queue_retry("upcfan-items")
 
 
 def _submit(env: dict, upcs: list[str]) -> str:
