@@ -128,3 +128,40 @@ def test_the_running_thread_gives_up_against_an_unreachable_store(caplog):
     finally:
         hb.stop()
     assert store.calls >= 2 and len(_events(caplog, "lease_abandoned")) == 1
+
+
+def test_a_finished_handler_whose_heartbeat_gave_up_still_writes_its_outcome(caplog):
+    """Renewals failing only stops further side effects: the outcome of a handler that finished is
+    written when the lease held (the complete transaction checks the owner), not thrown away."""
+    import datetime as dt
+
+    from shared.events import Event
+    from shared.handlers.base import ItemHandler
+    from shared.payloads import ItemTask
+    from shared.store.memory import MemoryStore
+    from shared.worker import job_cache, process_item_delivery
+
+    class UnreachableRenewals(MemoryStore):
+        def extend_lease(self, *args, **kwargs):
+            raise ConnectionError("firestore unreachable")
+
+    class SlowHandler(ItemHandler):
+        name = "slow"
+
+        def handle(self, item):
+            poll(lambda: not item.heartbeat(), 10.0, 0.05, "the heartbeat to give up")
+            return {"done": True}
+
+    store = UnreachableRenewals()
+    store.create_job({"job_id": "job-1", "status": "running", "options": {}, "round": 1},
+                     Event("created", "test", dt.datetime.now(dt.timezone.utc)))
+    job_cache.JOB_CACHE.clear()
+    task = ItemTask(job_id="job-1", gtin=FIELDS["gtin"], upc="012345678905", line=1, round=1)
+    try:
+        outcome = process_item_delivery(task.model_dump(), {"X-CloudTasks-TaskName": "t1"}, store=store,
+                                        handler=SlowHandler(), lease_s=1.0, heartbeat_s=0.2)
+    finally:
+        job_cache.JOB_CACHE.clear()
+    assert _events(caplog, "lease_abandoned")
+    assert outcome.http_status == 200 and outcome.body["status"] == "succeeded"
+    assert store.get_item("job-1", FIELDS["gtin"]).status == "succeeded"
