@@ -466,6 +466,7 @@ def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate],
         # AlreadyExists: an earlier attempt of this chunk created it (the item is ours, see above).
         return c, "created" if create_task(item_queue_for(task_id), spec) else "mine"
 
+    # Candidates are unique per chunk (`_classify_chunk`): a BatchWrite may not write one document twice.
     batches = [candidates[i:i + ITEM_CREATE_BATCH] for i in range(0, len(candidates), ITEM_CREATE_BATCH)]
     duplicates: list[dict] = []
     created = pool.submit(create_batch, batches[0]) if batches else None
