@@ -18,7 +18,7 @@ once when a new kind of call appears: its size is bounded by the kinds of calls,
 `python -m infra audit` reads them.
 
 Test-only: `UPCFAN_IAM_DROP_GRANTS="account:role:target,..."` (each an `infra.model.Grant` as
-`ingest:roles/cloudtasks.viewer:item_queues`) removes those grants from the policy of a component
+`api:roles/cloudtasks.viewer:item_queues`) removes those grants from the policy of a component
 started with it (`devstack.testing.restart_component(..., extra_env=...)`); the stack strips
 `UPCFAN_*` variables from its components' environment, so a shell's value never reaches `up`.
 """

@@ -77,8 +77,6 @@ GRANTS: tuple[Grant, ...] = (
           "required by Eventarc for a trigger's identity to receive events"),
     # Enqueue rights per queue, not project-wide.
     Grant("ingest", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: one task per item (fan-out)"),
-    Grant("ingest", "roles/cloudtasks.viewer", "item_queues",
-          "GetTask on AlreadyExists: which line owns an existing item task (shared/ingest.py::_existing_task_line)"),
     Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed) and re-drive"),
     Grant("api", "roles/cloudtasks.viewer", "item_queues",
           "GetQueue: /health checks the first item queue; GetTask: re-drive checks whether an open item's "

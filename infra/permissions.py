@@ -116,8 +116,6 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::submit_job (plan task) and "
                                                        "_plan_and_enqueue (chunk tasks)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/ingest.py::process_chunk (item tasks)"),
-        Call("cloudtasks.GetTask(FULL)", "item_queues", "shared/tasks.py::get_task_payload via "
-                                                        "shared/ingest.py::_existing_task_line"),
         Call("storage.objects.create", "bucket", "shared/results.py::write_results (results/{job_id}.csv, "
                                                  "resumable upload, only if absent)"),
         Call("storage.objects.get", "bucket", "shared/results.py::write_results (exists, and re-reading an "

@@ -29,11 +29,12 @@ from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
-from shared.model import ItemStatus, JobStatus
+from shared.model import Item, ItemStatus, JobStatus
 from shared.naming import chunk_task_name_for, job_id_for, plan_task_name_for, task_name_for
 from shared.payloads import ChunkTask, ItemTask, PlanTask, describe_validation_error
 from shared.progress import check_job_progress
 from shared.store import Store, default_store
+from shared.store.base import ITEM_CREATE_BATCH
 from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, TaskSpec, create_task, item_queue_for
 
 # Each invalid/duplicate line is one Firestore write; a file of garbage must not become a million
@@ -424,20 +425,29 @@ def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate],
     chunk's own (an earlier attempt of this chunk made it). Task-name dedup cannot decide that: Cloud
     Tasks forgets a name about an hour after its task ended, so a chunk that runs later (control queue
     paused, long backlog) would count a duplicate as a new item, and the job would never complete.
-    A cancelled job's candidates are born `cancelled`, with no task. Creates run on the fan-out pool.
+    A cancelled job's candidates are born `cancelled`, with no task.
+
+    Items are created `ITEM_CREATE_BATCH` at a time (one store call each, `Store.create_items`), and
+    the next batch's items are written while this batch's tasks are created on the fan-out pool: an
+    item is still always born before its task.
     """
     s = settings()
     job_id, round_ = chunk.job_id, 1
     owner = f"fanout:{chunk_task_name_for(job_id, chunk.start)}"
     at = _now()
+    pool = _fanout_pool(s.fanout_threads)
 
-    def enqueue_one(c: _Candidate) -> tuple[_Candidate, str]:
-        task_id = task_name_for(job_id, c.gtin, round_)
+    def item_doc(c: _Candidate) -> dict:
         task = ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_)
-        doc = (item_state.new_item(task, task_id, at, ItemStatus.CANCELLED, attempt=0, owner=owner,
-                                   error_code=item_state.JOB_CANCELLED_CODE)
-               if cancelled else item_state.born_queued(task, task_id, at, owner=owner))
-        existing = store.create_item(job_id, c.gtin, doc)
+        task_id = task_name_for(job_id, c.gtin, round_)
+        return (item_state.new_item(task, task_id, at, ItemStatus.CANCELLED, attempt=0, owner=owner,
+                                    error_code=item_state.JOB_CANCELLED_CODE)
+                if cancelled else item_state.born_queued(task, task_id, at, owner=owner))
+
+    def create_batch(batch: list[_Candidate]) -> dict[str, Item | None]:
+        return store.create_items(job_id, {c.gtin: item_doc(c) for c in batch})
+
+    def enqueue_one(c: _Candidate, existing: Item | None) -> tuple[_Candidate, str]:
         if existing is not None:
             owner_line = existing.doc.get("line")
             if owner_line is not None and int(owner_line) != c.line:
@@ -450,22 +460,37 @@ def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate],
                 return c, "mine"
         elif cancelled:
             return c, "mine"
+        task_id = task_name_for(job_id, c.gtin, round_)
         if on_task:
             on_task(task_id)
+        task = ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_)
         spec = TaskSpec(task_id=task_id, kind=ITEM_TASK, payload=task.to_body())
         # AlreadyExists: an earlier attempt of this chunk created it (the item is ours, see above).
         return c, "created" if create_task(item_queue_for(task_id), spec) else "mine"
 
+    # Candidates are unique per chunk (`_classify_chunk`): a BatchWrite may not write one document twice.
+    batches = [candidates[i:i + ITEM_CREATE_BATCH] for i in range(0, len(candidates), ITEM_CREATE_BATCH)]
     duplicates: list[dict] = []
-    for c, verdict in _fanout_pool(s.fanout_threads).map(enqueue_one, candidates):
-        if verdict == "created":
-            result.tasks_created += 1
-            result.items += 1
-        elif verdict == "mine":
-            result.items += 1
-        else:
-            result.duplicate += 1
-            duplicates.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
+    created = pool.submit(create_batch, batches[0]) if batches else None
+    for n, batch in enumerate(batches):
+        existing = created.result()
+        # Submitted before this batch's CreateTasks, so a free pool thread takes it first.
+        created = pool.submit(create_batch, batches[n + 1]) if n + 1 < len(batches) else None
+        try:
+            verdicts = list(pool.map(enqueue_one, batch, [existing[c.gtin] for c in batch]))
+        except BaseException:
+            if created is not None:
+                created.cancel()
+            raise
+        for c, verdict in verdicts:
+            if verdict == "created":
+                result.tasks_created += 1
+                result.items += 1
+            elif verdict == "mine":
+                result.items += 1
+            else:
+                result.duplicate += 1
+                duplicates.append(_duplicate_record(c.line, c.upc, c.gtin, int(verdict.split(":")[1])))
     return duplicates
 
 

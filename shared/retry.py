@@ -161,6 +161,11 @@ STORE_TRANSACTION = RetryPolicy("store_transaction", attempts=5, initial_s=0.2, 
 STORE_MUST_COMMIT = RetryPolicy("store_must_commit", attempts=6, initial_s=0.2, max_s=1.6,
                                 retry_if=lambda exc: is_contention(exc) or is_transient(exc))
 
+# Item creates at fan-out (`Store.create_items`, one BatchWrite per batch): the writes that failed
+# with a transient status (or the whole request, on a transient fault) are sent again; a create
+# that did land but whose answer was lost comes back ALREADY_EXISTS and reads as this line's own item.
+STORE_BATCH_WRITE = RetryPolicy("store_batch_write", attempts=6, initial_s=0.2, max_s=1.6)
+
 # CreateTask / GetTask: a transient API fault is retried in place, so one flaky call does not cost a
 # whole chunk or retry round its place in line.
 TASK_API = RetryPolicy("task_api", attempts=6, initial_s=0.2, max_s=5.0, jitter=False)
@@ -181,4 +186,4 @@ OUTBOUND_HTTP = RetryPolicy("outbound_http", attempts=10, initial_s=0.2, max_s=8
 # anything else waits for the next sweep, whose outbox re-sends it.
 SLACK = RetryPolicy("slack", attempts=2, initial_s=0.0, max_s=0.0)
 
-POLICIES = {p.name: p for p in (STORE_TRANSACTION, STORE_MUST_COMMIT, TASK_API, SWEEP_STORE, OUTBOUND_HTTP, SLACK)}
+POLICIES = {p.name: p for p in (STORE_TRANSACTION, STORE_MUST_COMMIT, STORE_BATCH_WRITE, TASK_API, SWEEP_STORE, OUTBOUND_HTTP, SLACK)}

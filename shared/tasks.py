@@ -119,22 +119,6 @@ def create_task(queue_path: str, spec: TaskSpec) -> bool:
         return False
 
 
-def get_task_payload(queue_path: str, task_id: str) -> dict[str, Any] | None:
-    """The JSON payload of a live task, or None when it is gone (done, deleted, tombstoned)."""
-    from google.cloud import tasks_v2
-
-    try:
-        task = tasks_client().get_task(
-            request=tasks_v2.GetTaskRequest(name=f"{queue_path}/tasks/{task_id}", response_view=tasks_v2.Task.View.FULL)
-        )
-    except gexc.NotFound:
-        return None
-    try:
-        return json.loads(task.http_request.body or b"{}")
-    except ValueError:
-        return None
-
-
 def task_exists(queue_path: str, task_id: str) -> bool:
     """Whether the named task is live in the queue (GetTask, BASIC view: needs only
     `cloudtasks.tasks.get`). A task that succeeded, exhausted its retries or was deleted answers

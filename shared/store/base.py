@@ -31,6 +31,10 @@ JobTransition = Callable[..., "tuple[Any, JobWrite | None]"]
 BATCH_WRITES = 200
 
 
+# Item creates per `create_items` call: Firestore's BatchWrite takes at most 500 writes per request.
+ITEM_CREATE_BATCH = 500
+
+
 class TransactionCounter:
     """Counts transaction bodies run (retries included), by name: the happy path of an item must
     cost exactly two (claim, complete); tests and the worker bench assert on it."""
@@ -116,6 +120,12 @@ class Store(abc.ABC):
     def create_item(self, job_id: str, gtin: str, doc: dict[str, Any]) -> Item | None:
         """Create the item document if absent (one write, no transaction): None when this call created
         it, else the item that already exists (whoever created it first owns the GTIN)."""
+
+    @abc.abstractmethod
+    def create_items(self, job_id: str, docs: dict[str, dict[str, Any]]) -> dict[str, Item | None]:
+        """`create_item` for many items at once (gtin -> doc, at most `ITEM_CREATE_BATCH`), each write
+        on its own (not all-or-nothing): gtin -> None when this call created it, else the item that
+        already exists. A write that fails otherwise is retried or raised; nothing is left unanswered."""
 
     @abc.abstractmethod
     def count_never_claimed(self, job_id: str) -> int:

@@ -135,6 +135,9 @@ class MemoryStore(Store):
             self._apply_item_write(job_id, gtin, Create(doc))
             return None
 
+    def create_items(self, job_id: str, docs: dict[str, dict[str, Any]]) -> dict[str, Item | None]:
+        return {gtin: self.create_item(job_id, gtin, doc) for gtin, doc in docs.items()}
+
     def count_never_claimed(self, job_id: str) -> int:
         with self._lock:
             return sum(1 for _, doc in self.items.get(job_id, {}).values()

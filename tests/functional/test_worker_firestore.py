@@ -536,6 +536,84 @@ def test_progress_all_succeeded_completes(db):
     assert check_job_progress(job_id, store=FirestoreStore(db))["status"] == "completed"
 
 
+def _born(job: str, n: int, line: int | None = None) -> dict:
+    from shared import item_state
+
+    task = ItemTask(**{**_payload(job, n), "line": line if line is not None else n})
+    return item_state.born_queued(task, f"t-{n}", utc(T0), owner=f"fanout:c{line or n}")
+
+
+def test_create_items_in_one_batch_write_some_existing(db, job):
+    """Issue 15 (fan-out cost): items are created in batches, each write on its own; a batch where
+    some items exist creates the others and returns the existing ones as they are (this line's own
+    item, or another line's: the chunk decides duplicate-in-file from it), never overwriting them."""
+    store = FirestoreStore(db)
+    assert store.create_items(job, {_gtin(n): _born(job, n) for n in (1, 2)}) == {_gtin(1): None, _gtin(2): None}
+    # 1: created by another line (a duplicate), 2: this line's own (an earlier attempt), 3 and 4: new
+    got = store.create_items(job, {_gtin(1): _born(job, 1, line=50), _gtin(2): _born(job, 2),
+                                   _gtin(3): _born(job, 3), _gtin(4): _born(job, 4)})
+    assert set(got) == {_gtin(n) for n in (1, 2, 3, 4)}
+    assert got[_gtin(3)] is None and got[_gtin(4)] is None
+    assert got[_gtin(1)].doc["line"] == 1 and got[_gtin(1)].never_claimed and got[_gtin(1)].gtin == _gtin(1)
+    assert got[_gtin(2)].doc["line"] == 2 and got[_gtin(2)].version is not None
+    assert _item(db, job, 1)["line"] == 1 and _item(db, job, 4)["status"] == "queued"
+    assert store.count_never_claimed(job) == 4
+    with pytest.raises(ValueError, match="at most 500"):
+        store.create_items(job, {f"{n:014d}": _born(job, 1) for n in range(501)})
+
+
+class _FaultyBatch:
+    """A BatchWrite batch whose first commit does not send the writes of `fail` and answers them with
+    `code` (a google.rpc.Code): what BatchWrite reports for a write it could not apply."""
+
+    commits = 0
+
+    def __init__(self, db, fail: set[str], code: int):
+        from google.cloud.firestore_v1.bulk_batch import BulkWriteBatch
+
+        self.real, self.fail, self.code, self.writes = BulkWriteBatch(db), fail, code, []
+
+    def create(self, ref, doc):
+        self.writes.append((ref, doc))
+
+    def commit(self, retry=None):
+        from types import SimpleNamespace
+
+        type(self).commits += 1
+        first = type(self).commits == 1
+        sent = [(ref, doc) for ref, doc in self.writes if not (first and ref.id in self.fail)]
+        for ref, doc in sent:
+            self.real.create(ref, doc)
+        answers = iter(self.real.commit(retry=retry).status if sent else [])
+        return SimpleNamespace(status=[SimpleNamespace(code=self.code, message="injected")
+                                       if first and ref.id in self.fail else next(answers)
+                                       for ref, _ in self.writes])
+
+
+@pytest.mark.parametrize("code,retried", [(14, True), (10, True), (7, False)], ids=["unavailable", "aborted",
+                                                                                 "permission_denied"])
+def test_create_items_resends_a_write_that_failed_transiently_and_raises_others(db, job, monkeypatch, code, retried):
+    """Per-write faults of a BatchWrite: a transient one is sent again under STORE_BATCH_WRITE (the
+    writes that succeeded are not), any other raises, so the chunk task fails and Cloud Tasks retries it."""
+    from google.api_core import exceptions as gexc
+
+    from shared.store import firestore as fs_store
+
+    _FaultyBatch.commits = 0
+    monkeypatch.setattr(fs_store, "_bulk_batch", lambda client: _FaultyBatch(client, {_gtin(2)}, code))
+    store = FirestoreStore(db)
+    docs = {_gtin(n): _born(job, n) for n in (1, 2, 3)}
+    if not retried:
+        with pytest.raises(gexc.PermissionDenied):
+            store.create_items(job, docs)
+        assert _FaultyBatch.commits == 1 and _item(db, job, 1)["line"] == 1
+        assert db.collection(JOBS).document(job).collection(ITEMS).document(_gtin(2)).get().exists is False
+        return
+    assert store.create_items(job, docs) == {_gtin(n): None for n in (1, 2, 3)}
+    assert _FaultyBatch.commits == 2
+    assert [_item(db, job, n)["line"] for n in (1, 2, 3)] == [1, 2, 3]
+
+
 def test_items_born_at_fanout_create_if_absent_then_claim_as_attempt_1(db, job):
     """Issue 15: the chunk creates the item `queued` (attempt 0) before its task; a second create
     (another chunk's line, or this chunk retried) gets the existing item back; the first delivery

@@ -1,11 +1,12 @@
 """IAM enforced on the real stack: with one of the model's grants dropped, the call that needs it fails
 as Google fails it (PERMISSION_DENIED in the function's own log and in the stack's call log); with the
 model's grants, the same scenario passes. One restart of the Cloud Tasks emulator and the GCS gate with
-all three grants dropped (`UPCFAN_IAM_DROP_GRANTS`, devstack/iam.py), the three denied scenarios, one
+the api's two grants dropped (`UPCFAN_IAM_DROP_GRANTS`, devstack/iam.py), the three denied scenarios, one
 restart with the model, the three passing scenarios.
 
 Defects of issue 14 these would have caught: 1 (ingest cannot read tasks: a GTIN repeated in another
-chunk; since issue 15 ingest reads no task, so scenario 1 passes either way and checks just that),
+chunk; since issue 15 ingest reads no task and holds no viewer grant, so scenario 1 passes either
+way and checks just that),
 2 (POST /api/batch/process cannot read the bucket), 3 (/health always 503).
 """
 
@@ -25,8 +26,7 @@ from shared.naming import job_id_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-DROPPED = ("ingest:roles/cloudtasks.viewer:item_queues", "api:roles/storage.objectViewer:bucket",
-           "api:roles/cloudtasks.viewer:item_queues")
+DROPPED = ("api:roles/storage.objectViewer:bucket", "api:roles/cloudtasks.viewer:item_queues")
 DRY_RUN = {"upcfan-test-mode": "true"}
 
 
@@ -93,8 +93,8 @@ def task_reads(account: str) -> int:
 
 def scenario_ingest_reads_a_task_of_another_chunk(granted, env, upload, firestore_db):
     """Defect 1 of issue 14 was ingest's GetTask on AlreadyExists (which line owns a task name). Since
-    issue 15 the item document born at fan-out decides it: with or without the viewer grant, the
-    cross-chunk duplicate is counted exactly and ingest reads no task."""
+    issue 15 the item document born at fan-out decides it, and ingest holds no viewer grant on the item
+    queues: the cross-chunk duplicate is counted exactly and ingest reads no task."""
     upc, other = fresh_upcs(2)
     reads_before = task_reads("ingest")
     bucket, name, generation = upload(cross_chunk_duplicate_file(upc, other), metadata=DRY_RUN)

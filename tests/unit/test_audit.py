@@ -36,14 +36,15 @@ def run_audit(run_dir):
 def test_clean_log_exits_0_and_names_the_granting_role(tmp_path):
     q0 = desired().target_resources("item_queue:0")[0]
     write_log(tmp_path / "run", [
-        line("ingest", "cloudtasks.GetTask(FULL)", q0, role="roles/cloudtasks.enqueuer+roles/cloudtasks.viewer"),
+        line("api", "cloudtasks.GetTask", q0, role="roles/cloudtasks.viewer"),
+        line("ingest", "cloudtasks.CreateTask", q0, role="roles/cloudtasks.enqueuer"),
         line("api", "cloudtasks.GetQueue", q0, role="roles/cloudtasks.viewer", count=2),
         line("operator", "cloudtasks.PurgeQueue", q0, role=iam.OPERATOR_ROLE),
     ])
     code, out = run_audit(tmp_path / "run")
     assert code == 0, out
-    assert "ingest (upcfan-ingest@" in out and "cloudtasks.GetTask(FULL)" in out
-    assert "granted by roles/cloudtasks.enqueuer+roles/cloudtasks.viewer" in out and "x2" in out
+    assert "ingest (upcfan-ingest@" in out and "cloudtasks.CreateTask" in out and "cloudtasks.GetTask" in out
+    assert "granted by roles/cloudtasks.enqueuer" in out and "granted by roles/cloudtasks.viewer" in out and "x2" in out
     assert "no findings" in out
 
 
@@ -58,9 +59,9 @@ def test_a_denied_function_call_is_a_finding(tmp_path):
 
 def test_denials_under_dropped_grants_are_listed_apart(tmp_path):
     q0 = desired().target_resources("item_queue:0")[0]
-    write_log(tmp_path / "run", [line("ingest", "cloudtasks.GetTask(FULL)", q0, allowed=False,
+    write_log(tmp_path / "run", [line("api", "cloudtasks.GetTask", q0, allowed=False,
                                       missing=("cloudtasks.tasks.get",),
-                                      dropped=("ingest:roles/cloudtasks.viewer:item_queues",))])
+                                      dropped=("api:roles/cloudtasks.viewer:item_queues",))])
     code, out = run_audit(tmp_path / "run")
     assert code == 0 and "denied on purpose" in out
 

@@ -31,20 +31,24 @@ def queue(policy) -> str:
     return policy.desired.target_resources("item_queue:0")[0]
 
 
-def test_ingest_may_read_item_tasks_it_enqueued(policy):
-    """Defect 1 (ingest cannot read tasks): GetTask(FULL) needs tasks.get, which only the viewer grant gives."""
+def test_ingest_may_enqueue_item_tasks_but_not_read_them(policy):
+    """Issue 15: ingest decides duplicates from item documents, not by reading tasks (GetTask), so it
+    holds only the enqueuer role on the item queues, which lacks cloudtasks.tasks.get."""
+    assert policy.check(sa(policy, "ingest"), "cloudtasks.CreateTask", queue(policy)).allowed
     d = policy.check(sa(policy, "ingest"), "cloudtasks.GetTask(FULL)", queue(policy))
-    assert d.allowed and d.role == "roles/cloudtasks.enqueuer+roles/cloudtasks.viewer"
-
-
-def test_without_the_viewer_grant_ingest_is_denied_tasks_get(policy):
-    """Defect 1: the enqueuer role alone lacks cloudtasks.tasks.get."""
-    dropped = iam.parse_dropped("ingest:roles/cloudtasks.viewer:item_queues")
-    p = iam.Policy(policy.desired, dropped=dropped)
-    d = p.check(sa(p, "ingest"), "cloudtasks.GetTask(FULL)", queue(p))
     assert not d.allowed and d.missing == ("cloudtasks.tasks.get",)
-    assert p.check(sa(p, "ingest"), "cloudtasks.CreateTask", queue(p)).allowed
-    assert p.dropped == ("ingest:roles/cloudtasks.viewer:item_queues",)
+
+
+def test_without_the_viewer_grant_api_is_denied_tasks_get(policy):
+    """Defect 1: the enqueuer role alone lacks cloudtasks.tasks.get."""
+    dropped = iam.parse_dropped("api:roles/cloudtasks.viewer:item_queues")
+    p = iam.Policy(policy.desired, dropped=dropped)
+    d = p.check(sa(p, "api"), "cloudtasks.GetTask(FULL)", queue(p))
+    assert not d.allowed and d.missing == ("cloudtasks.tasks.get",)
+    assert p.check(sa(p, "api"), "cloudtasks.CreateTask", queue(p)).allowed
+    assert p.dropped == ("api:roles/cloudtasks.viewer:item_queues",)
+    assert policy.check(sa(policy, "api"), "cloudtasks.GetTask(FULL)", queue(policy)).role == (
+        "roles/cloudtasks.enqueuer+roles/cloudtasks.viewer")
 
 
 def test_api_may_read_the_bucket_only_with_its_grant(policy):
@@ -173,21 +177,24 @@ def test_emulator_refuses_a_call_without_a_token_with_401(policy, tmp_path):
     assert status == 401 and "invalid authentication credentials" in body["error"]["message"]
 
 
-def test_emulator_denies_get_task_full_without_tasks_get_as_google_does(policy, tmp_path):
-    """Defect 1: GetTask(FULL) by ingest without the viewer grant -> 403 with Google's message."""
-    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("ingest:roles/cloudtasks.viewer:item_queues"))
+def test_emulator_denies_get_task_without_tasks_get_as_google_does(policy, tmp_path):
+    """Defect 1: GetTask by the api without the viewer grant (and by ingest, which has none) -> 403
+    with Google's message."""
+    p = iam.Policy(policy.desired, dropped=iam.parse_dropped("api:roles/cloudtasks.viewer:item_queues"))
     q = queue(p)
-    status, body = run(_emulator_call(p, tmp_path, "GET", f"{q}/tasks/t1?responseView=FULL",
-                                      identity.mint(sa(p, "ingest"))))
+    status, body = run(_emulator_call(p, tmp_path, "GET", f"{q}/tasks/t1", identity.mint(sa(p, "api"))))
     assert status == 403 and body["error"]["status"] == "PERMISSION_DENIED"
     assert body["error"]["message"] == (f'The principal (user or service account) lacks IAM permission '
                                         f'"cloudtasks.tasks.get" for the resource "{q}" (or the resource may not exist).')
-    # with the model's grants the call passes the gate (and finds no such task)
-    status, body = run(_emulator_call(policy, tmp_path, "GET", f"{q}/tasks/t1?responseView=FULL",
-                                      identity.mint(sa(policy, "ingest"))))
+    status, _ = run(_emulator_call(policy, tmp_path, "GET", f"{q}/tasks/t1?responseView=FULL",
+                                   identity.mint(sa(policy, "ingest"))))
+    assert status == 403
+    # with the model's grants the api's call passes the gate (and finds no such task)
+    status, body = run(_emulator_call(policy, tmp_path, "GET", f"{q}/tasks/t1", identity.mint(sa(policy, "api"))))
     assert status == 404
     denied = [line for line in iam.read_call_log(tmp_path) if not line["allowed"]]
-    assert {(line["account"], line["method"]) for line in denied} >= {("ingest", "cloudtasks.GetTask(FULL)")}
+    assert {(line["account"], line["method"]) for line in denied} >= {("api", "cloudtasks.GetTask"),
+                                                                     ("ingest", "cloudtasks.GetTask(FULL)")}
 
 
 def test_emulator_create_task_with_oidc_needs_act_as(policy, tmp_path):

@@ -193,11 +193,11 @@ def test_least_privilege_bindings():
     for q in ("upcfan-items", "upcfan-items-1"):
         assert tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.enqueuer") == sorted([sa("ingest"), sa("api")])
     assert sa("worker") in tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.enqueuer")
-    # GetTask (ingest, on AlreadyExists; api, re-drive in the item's shard) and GetQueue (api /health)
-    # need the viewer role, on every item queue.
+    # GetTask (api, re-drive in the item's shard) and GetQueue (api /health) need the viewer role, on
+    # every item queue; ingest reads no task (duplicates are decided from item documents).
     for q in ("upcfan-items", "upcfan-items-1"):
         viewers = tasks.members(f"{d.location_path}/queues/{q}", "roles/cloudtasks.viewer")
-        assert viewers == sorted([sa("ingest"), sa("api")])
+        assert viewers == [sa("api")]
     assert tasks.members(f"{d.location_path}/queues/upcfan-control", "roles/cloudtasks.viewer") == []
     sec = fakes["secrets"]
     # Every function sends job notes to Slack; only the worker talks to the marketplace.
@@ -375,10 +375,10 @@ def test_every_call_of_every_function_is_covered_by_its_grants(shards):
 
 
 @pytest.mark.parametrize("removed, expect", [
-    # defect 1: ingest's GetTask on AlreadyExists
-    (("ingest", "roles/cloudtasks.viewer"), "ingest (upcfan-ingest@demo-prod.iam.gserviceaccount.com): "
-                                            "cloudtasks.GetTask(FULL) on projects/demo-prod/locations/us-central1/"
-                                            "queues/upcfan-items needs ['cloudtasks.tasks.get']"),
+    # defect 1 (now the api's re-drive GetTask; ingest reads no task since issue 15)
+    (("api", "roles/cloudtasks.viewer"), "api (upcfan-api@demo-prod.iam.gserviceaccount.com): "
+                                         "cloudtasks.GetTask on projects/demo-prod/locations/us-central1/"
+                                         "queues/upcfan-items needs ['cloudtasks.tasks.get']"),
     # defect 3: the api's /health GetQueue
     (("api", "roles/cloudtasks.viewer"), "cloudtasks.GetQueue on projects/demo-prod/locations/us-central1/queues/"
                                          "upcfan-items needs ['cloudtasks.queues.get']"),
@@ -397,7 +397,7 @@ def test_the_old_enqueuer_only_model_had_the_gaps():
     old = tuple(g for g in GRANTS if g.role != "roles/cloudtasks.viewer"
                 and not (g.account == "api" and g.role == "roles/storage.objectViewer"))
     found = permissions.gaps(desired(), grants=old)
-    assert any(f.startswith("ingest ") and "GetTask" in f for f in found)
+    assert any(f.startswith("api ") and "GetTask" in f for f in found)
     assert any(f.startswith("api ") and "GetQueue" in f for f in found)
     assert any(f.startswith("api ") and "storage.objects.get" in f for f in found)
 
