@@ -97,7 +97,7 @@ def test_changed_retry_setting_plans_exactly_that_update(clients):
     moved = [c for c in plan if c.action != NOOP]
     assert len(moved) == 1 and moved[0].action == UPDATE
     assert moved[0].resource.name.endswith("/queues/upcfan-items")
-    assert moved[0].fields == {"retry_config.max_backoff": (60.0, 90.0)}
+    assert moved[0].fields == {"retry_config.max_backoff": (ITEM_QUEUE.retry.max_backoff_s, 90.0)}
     runner.apply(stack.queues(d2), clients)
     assert _non_noop(runner.plan(stack.queues(d2), clients)) == []
     # the other retry fields were not touched by the masked update
