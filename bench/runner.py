@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,17 +113,19 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-def run_bench(name: str, timeout_s: float, env: dict[str, str], quick: bool = False) -> BenchRun:
+def run_bench(name: str, timeout_s: float, env: dict[str, str], quick: bool = False,
+              extra: list[str] | None = None) -> BenchRun:
     """One bench in its own process group; SIGINT at the time limit (or when bench/run itself is
     interrupted) so the bench's own cleanup runs, then SIGKILL to its group."""
     script = ROOT / "bench" / f"{name}_bench.py"
     if not script.exists():
         return BenchRun(name, None, "missing", 0.0, "", now_utc())
-    print(f"== {name}: {script.relative_to(ROOT)}{' --quick' if quick else ''}", flush=True)
+    argv = [*(["--quick"] if quick else []), *(extra or [])]
+    print(f"== {name}: {' '.join([str(script.relative_to(ROOT)), *argv])}", flush=True)
     t0 = time.monotonic()
     # Its own session: a Ctrl-C on the terminal reaches bench/run alone, which then interrupts the
     # bench and waits for its cleanup (a bench's helpers are in groups of their own, bench/helpers.py).
-    proc = subprocess.Popen([sys.executable, str(script), *(["--quick"] if quick else [])], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
@@ -250,14 +253,22 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="every bench at tiny sizes: that it runs, reports and leaves nothing behind; "
                          "no goal checked, bench/results.md untouched")
+    ap.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
+                    help="extra arguments for one bench, e.g. ingest='--upcs 20000' (shown in results.md)")
     args = ap.parse_args()
+    extra: dict[str, list[str]] = {}
+    for spec in args.bench_args:
+        name, _, rest = spec.partition("=")
+        if name not in BENCHES:
+            ap.error(f"--bench-args {spec!r}: the bench must be one of {', '.join(BENCHES)}")
+        extra[name] = shlex.split(rest)
     timeout = args.timeout or (120.0 if args.quick else 900.0)
     run_id = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(ROOT), **{RUN_TAG: run_id})
     fresh: dict[str, BenchRun] = {}
     try:
         for name in args.only or BENCHES:
-            fresh[name] = run_bench(name, timeout, env, args.quick)
+            fresh[name] = run_bench(name, timeout, env, args.quick, extra.get(name))
     finally:  # also on Ctrl-C: whatever a bench started and left is listed and ended
         left = leftover_processes(run_id)
         if left:

@@ -171,7 +171,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = ap.parse_args()
     if args.quick:
-        args.jobs, args.stalled = 200, 10
+        args.jobs, args.stalled = 60, 5
     interrupt_on_sigterm()
     proc = start_emulator()
     try:
