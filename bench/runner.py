@@ -195,6 +195,9 @@ def results_table(runs: list[BenchRun]) -> list[tuple[str, ...]]:
     return table
 
 
+LOAD_AT_START = os.getloadavg()
+
+
 def machine_lines() -> list[str]:
     mem_kib = 0
     try:
@@ -207,14 +210,17 @@ def machine_lines() -> list[str]:
     return [
         f"- machine: {os.cpu_count()} CPUs (nproc), {mem_kib / 1024 / 1024:.1f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(other sessions share this machine and its stack)",
+        f"- load average (1/5/15 min) at the start: {LOAD_AT_START[0]:.1f} / {LOAD_AT_START[1]:.1f} / "
+        f"{LOAD_AT_START[2]:.1f}, at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(other sessions share this machine; above 2 the figures are not a quiet-machine measurement)",
     ]
 
 
-def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[str], left: list[str]) -> str:
+def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[str], left: list[str],
+               notes: list[str] = ()) -> str:
     md = ["# Benchmark results", "", f"- date: {now_utc()}", *machine_lines(),
-          "- produced by `bench/run`; every ratio is against a baseline measured in the same run"]
+          "- produced by `bench/run`; every ratio is against a baseline measured in the same run",
+          *(f"- note: {n}" for n in notes)]
     if kept:
         md.append(f"- not re-run this time, kept from the previous results: {', '.join(kept)} (see Measured)")
     md += ["", "| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in table[0]) + "|"]
@@ -255,6 +261,7 @@ def main() -> int:
                          "no goal checked, bench/results.md untouched")
     ap.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
                     help="extra arguments for one bench, e.g. ingest='--upcs 20000' (shown in results.md)")
+    ap.add_argument("--note", action="append", default=[], help="a line for results.md (e.g. what else ran)")
     args = ap.parse_args()
     extra: dict[str, list[str]] = {}
     for spec in args.bench_args:
@@ -285,7 +292,7 @@ def main() -> int:
     print()
     for r in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    RESULTS.write_text(results_md(runs, table, kept, left))
+    RESULTS.write_text(results_md(runs, table, kept, left, args.note))
     print("\nwrote bench/results.md")
     return 1 if left or any(r.result is None for r in fresh.values()) else 0
 

@@ -56,7 +56,7 @@ def start_emulator() -> subprocess.Popen | None:
                              "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
                              "--host=127.0.0.1", f"--port={port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150  # a JVM start on a loaded 2-core machine took over a minute
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
@@ -67,7 +67,7 @@ def start_emulator() -> subprocess.Popen | None:
             time.sleep(0.1)  # readiness poll, bounded by the deadline
     else:
         stop_group(proc)
-        raise SystemExit("Firestore emulator not ready in 60 s")
+        raise SystemExit("Firestore emulator not ready in 150 s")
     os.environ["FIRESTORE_EMULATOR_HOST"] = f"127.0.0.1:{port}"
     return proc
 
