@@ -16,7 +16,8 @@ emulator's create cost and the client's overhead, nothing else, and no other ses
 shared stack. With `--host` (e.g. the stack's emulator, which enforces IAM) both phases send the
 caller's local token (UPCFAN_OPERATOR_TOKEN / UPCFAN_LOCAL_ACCESS_TOKEN, as the official client
 does through shared.clients.local_credentials) and the queue goes in GOOGLE_CLOUD_PROJECT, so the
-raw figure is the create rate a fan-out on that stack can reach, token check included.
+raw figure is the create rate a fan-out on that stack can reach, token check included. `--quick`
+uses CLOUD_TASKS_EMULATOR_HOST when it is set (a test stack), so that path is exercised as well.
 
 Usage: python bench/cloudtasks_bench.py [--tasks 20000] [--workers 4] [--mode threads|processes]
        [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT (else one is started)] [--quick]
@@ -164,6 +165,9 @@ def _parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.quick:
         args.tasks, args.raw_tasks, args.client_seconds, args.workers = 200, 200, 10.0, 2
+        # A quick run on a stack uses the stack's emulator, so the IAM path (token on both phases) is
+        # exercised too: without the token the raw phase got 401s and made 0 creates unnoticed.
+        args.host = args.host or os.environ.get("CLOUD_TASKS_EMULATOR_HOST", "")
     return args
 
 

@@ -45,6 +45,7 @@ def test_every_bench_runs_quick_and_leaves_nothing_behind(stack_env):
     assert proc.returncode == 0, out
     for name in summary["ok"]:
         assert f"QUICK {name}: ok" in out, (name, out)
+    assert '"emulator": "given (--host)"' in out, out  # the stack's IAM-enforcing emulator, with the token
     # Both create phases of the cloudtasks bench made their tasks (the raw one once made 0 unnoticed).
     assert re.search(r"official client: 200 creates", out) and re.search(r"raw HTTP:\s+200 creates", out), out
     assert [p for p in _bench_processes() if p.pid not in before] == [], out
