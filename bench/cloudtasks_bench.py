@@ -8,10 +8,19 @@ Phases:
 3. dispatch: resume the queue and time delivery of all tasks to a trivial local HTTP target
    (aiohttp, in a separate process) -> dispatches/s, limited by the queue's rate (default 500/s).
 
-Every process it starts (emulator, target, process pool) is stopped before it returns.
+Every process it starts (emulator, target, process pool) runs in its own process group and is
+stopped (with its group) before it returns: on success, on an error and on Ctrl-C / SIGTERM.
+
+Which emulator: by default its own, open (`--iam-policy none`): the phases then measure the
+emulator's create cost and the client's overhead, nothing else, and no other session's load on a
+shared stack. With `--host` (e.g. the stack's emulator, which enforces IAM) both phases send the
+caller's local token (UPCFAN_OPERATOR_TOKEN / UPCFAN_LOCAL_ACCESS_TOKEN, as the official client
+does through shared.clients.local_credentials) and the queue goes in GOOGLE_CLOUD_PROJECT, so the
+raw figure is the create rate a fan-out on that stack can reach, token check included. `--quick`
+uses CLOUD_TASKS_EMULATOR_HOST when it is set (a test stack), so that path is exercised as well.
 
 Usage: python bench/cloudtasks_bench.py [--tasks 20000] [--workers 4] [--mode threads|processes]
-       [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT (else one is started)]
+       [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT (else one is started)] [--quick]
 The last stdout line is a JSON object with the results.
 """
 
@@ -35,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack.cloudtasks import client as emu  # noqa: E402
-from devstack.procs import stop_process  # noqa: E402
+from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
+from shared.clients import LOCAL_IDENTITY_VARS  # noqa: E402
 
 PARENT = "projects/demo-bench/locations/us-central1"
 HARD_LIMIT_S = 110.0
@@ -67,8 +77,8 @@ def serve_target() -> None:
 
 def start_helper(cleanup: contextlib.ExitStack, argv: list[str], ready_word: str) -> str:
     """Start a helper process that is stopped when `cleanup` closes; return the URL of its ready line."""
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    cleanup.callback(stop_process, proc)
+    proc = start_group(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cleanup.callback(stop_group, proc)
     line = proc.stdout.readline()
     if ready_word not in line:
         raise RuntimeError(f"{argv[1:3]} failed to start: {line!r}")
@@ -100,8 +110,16 @@ def _create_batch(args) -> int:
     return n
 
 
+def local_token() -> str:
+    """The caller's local token (what shared.clients.local_credentials sends), or ""."""
+    return next((os.environ[v] for v in LOCAL_IDENTITY_VARS if os.environ.get(v)), "")
+
+
 def _raw_batch(args) -> int:
     host, queue, url, start, stop, deadline = args
+    headers = {"Content-Type": "application/json"}
+    if token := local_token():  # an emulator that enforces IAM answers 401 without it
+        headers["Authorization"] = f"Bearer {token}"
     h, p = host.split(":")
     conn = http.client.HTTPConnection(h, int(p), timeout=10)
     path = f"/v2/{queue}/tasks?%24alt=json%3Benum-encoding%3Dint"
@@ -111,11 +129,11 @@ def _raw_batch(args) -> int:
             break
         body = json.dumps({"task": {"name": f"{queue}/tasks/{i:04x}-raw-{i}",
                                     "httpRequest": {"url": url, "httpMethod": 1, "body": "eyJpIjogMX0="}}})
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()
-        resp.read()
+        answer = resp.read()
         if resp.status != 200:
-            raise RuntimeError(f"raw create failed: {resp.status}")
+            raise RuntimeError(f"raw create failed: HTTP {resp.status} {answer[:300]!r}")
         n += 1
     conn.close()
     return n
@@ -141,9 +159,16 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--concurrency", type=int, default=1000)
     ap.add_argument("--client-seconds", type=float, default=25.0, help="time budget of the official-client phase")
-    ap.add_argument("--host", default="")
+    ap.add_argument("--host", default="", help="an emulator to use (its IAM, if any, gets the local token)")
+    ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
     ap.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.raw_tasks, args.client_seconds, args.workers = 200, 200, 10.0, 2
+        # A quick run on a stack uses the stack's emulator, so the IAM path (token on both phases) is
+        # exercised too: without the token the raw phase got 401s and made 0 creates unnoticed.
+        args.host = args.host or os.environ.get("CLOUD_TASKS_EMULATOR_HOST", "")
+    return args
 
 
 def measure(args, host: str, url: str, started: float, cleanup: contextlib.ExitStack) -> dict:
@@ -154,17 +179,25 @@ def measure(args, host: str, url: str, started: float, cleanup: contextlib.ExitS
 
     client = make_tasks_client(host)
     qid = f"bench-{uuid.uuid4().hex[:8]}"
-    queue = f"{PARENT}/queues/{qid}"
-    client.create_queue(parent=PARENT, queue=tasks_v2.Queue(
+    parent = PARENT
+    if args.host:  # an IAM-enforcing emulator grants only in its own project
+        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "demo-bench")
+        parent = f"projects/{project}/locations/{os.environ.get('UPCFAN_LOCATION', 'us-central1')}"
+    queue = f"{parent}/queues/{qid}"
+    client.create_queue(parent=parent, queue=tasks_v2.Queue(
         name=queue, rate_limits=tasks_v2.RateLimits(max_dispatches_per_second=args.rate,
                                                     max_concurrent_dispatches=args.concurrency)))
     cleanup.callback(_delete_queue, client, queue)
     client.pause_queue(name=queue)
-    result: dict = {"tasks": args.tasks, "raw_tasks": args.raw_tasks, "workers": args.workers, "mode": args.mode,
+    result: dict = {"quick": args.quick, "emulator": "given (--host)" if args.host else "own, open", "tasks": args.tasks, "raw_tasks": args.raw_tasks, "workers": args.workers, "mode": args.mode,
                     "rate_limit": args.rate, "cpus": os.cpu_count()}
 
+    # Its time budget starts with the phase: counted from the bench's start, the emulator's and the
+    # target's start-up ate it (a quick run once made 0 creates).
     n, dt = _run_pool(_create_batch, host, queue, url, args.tasks, args.workers, args.mode,
-                      started + args.client_seconds)
+                      time.time() + args.client_seconds)
+    if n == 0:
+        raise RuntimeError("the official-client phase created no task: nothing to compare")
     result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1))
     print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers})", flush=True)
 
@@ -209,6 +242,7 @@ def main() -> int:
     if args.serve_target:
         serve_target()
         return 0
+    interrupt_on_sigterm()
     started = time.time()
     with contextlib.ExitStack() as cleanup:  # closes in reverse: queue deleted, then target and emulator stopped
         host = args.host or start_helper(

@@ -188,7 +188,11 @@ def main() -> None:
     ap.add_argument("--rss-large", type=int, default=1_000_000)
     ap.add_argument("--rss-child", default="")
     ap.add_argument("--rss-only", action="store_true", help="skip the fan-out measurement")
+    ap.add_argument("--quick", action="store_true",
+                    help="a few seconds at tiny sizes: proves the bench runs and reports; no figure means anything")
     args = ap.parse_args()
+    if args.quick:
+        args.upcs, args.threads, args.rss_small, args.rss_large = 200, 8, 1_000, 5_000
     if args.rss_child:
         return rss_child(args.rss_child)
 

@@ -2,7 +2,9 @@
 baselines into bench/results.md; fails when a bench is broken or leaves a process running.
 
 `--only NAME` re-measures those benches and keeps the other benches' results (with their dates) from
-the current bench/results.md.
+the current bench/results.md. `--quick` runs every bench (or the --only ones) at tiny sizes, for seconds:
+it checks that each runs, prints its result line and leaves nothing behind; it checks no goal and does
+not touch bench/results.md (tests/integration/test_bench_quick.py runs it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -110,30 +113,45 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-def run_bench(name: str, timeout_s: float, env: dict[str, str]) -> BenchRun:
-    """One bench in its own process; SIGINT at the time limit so its own cleanup runs, then SIGKILL."""
+def run_bench(name: str, timeout_s: float, env: dict[str, str], quick: bool = False,
+              extra: list[str] | None = None) -> BenchRun:
+    """One bench in its own process group; SIGINT at the time limit (or when bench/run itself is
+    interrupted) so the bench's own cleanup runs, then SIGKILL to its group."""
     script = ROOT / "bench" / f"{name}_bench.py"
     if not script.exists():
         return BenchRun(name, None, "missing", 0.0, "", now_utc())
-    print(f"== {name}: {script.relative_to(ROOT)}", flush=True)
+    argv = [*(["--quick"] if quick else []), *(extra or [])]
+    print(f"== {name}: {' '.join([str(script.relative_to(ROOT)), *argv])}", flush=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # Its own session: a Ctrl-C on the terminal reaches bench/run alone, which then interrupts the
+    # bench and waits for its cleanup (a bench's helpers are in groups of their own, bench/helpers.py).
+    proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
         code: int | str = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+        out, err = _interrupt(proc)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         code = "timeout"
     took = time.monotonic() - t0
     sys.stdout.write(out)
     print(f"== {name}: exit {code} in {took:.0f} s", flush=True)
     return BenchRun(name, last_json(out) if code == 0 else None, code, took, (out + err)[-1500:], now_utc())
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    """SIGINT the bench (its cleanup stops its helpers), SIGKILL its group after 60 s; its output."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.communicate()
 
 
 def previous_runs(path: Path) -> dict[str, BenchRun]:
@@ -177,6 +195,9 @@ def results_table(runs: list[BenchRun]) -> list[tuple[str, ...]]:
     return table
 
 
+LOAD_AT_START = os.getloadavg()
+
+
 def machine_lines() -> list[str]:
     mem_kib = 0
     try:
@@ -189,14 +210,17 @@ def machine_lines() -> list[str]:
     return [
         f"- machine: {os.cpu_count()} CPUs (nproc), {mem_kib / 1024 / 1024:.1f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
-        f"- load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-        "(other sessions share this machine and its stack)",
+        f"- load average (1/5/15 min) at the start: {LOAD_AT_START[0]:.1f} / {LOAD_AT_START[1]:.1f} / "
+        f"{LOAD_AT_START[2]:.1f}, at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "(other sessions share this machine; above 2 the figures are not a quiet-machine measurement)",
     ]
 
 
-def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[str], left: list[str]) -> str:
+def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[str], left: list[str],
+               notes: list[str] = ()) -> str:
     md = ["# Benchmark results", "", f"- date: {now_utc()}", *machine_lines(),
-          "- produced by `bench/run`; every ratio is against a baseline measured in the same run"]
+          "- produced by `bench/run`; every ratio is against a baseline measured in the same run",
+          *(f"- note: {n}" for n in notes)]
     if kept:
         md.append(f"- not re-run this time, kept from the previous results: {', '.join(kept)} (see Measured)")
     md += ["", "| " + " | ".join(table[0]) + " |", "|" + "|".join("---" for _ in table[0]) + "|"]
@@ -213,15 +237,52 @@ def results_md(runs: list[BenchRun], table: list[tuple[str, ...]], kept: list[st
     return "\n".join(md + ["```", ""])
 
 
+def quick_report(fresh: dict[str, BenchRun], left: list[str]) -> int:
+    """--quick: one line per bench (ran, result fields), no goals; 1 when one broke or left a process."""
+    print()
+    for run in fresh.values():
+        if run.result is None:
+            print(f"QUICK {run.name}: BROKEN (exit {run.code} after {run.took_s:.0f} s)\n{run.tail.strip()}")
+        else:
+            print(f"QUICK {run.name}: ok in {run.took_s:.0f} s: {json.dumps(run.result)[:300]}")
+    print("QUICK_SUMMARY " + json.dumps({"ok": [r.name for r in fresh.values() if r.result is not None],
+                                         "broken": [r.name for r in fresh.values() if r.result is None],
+                                         "left_running": left}), flush=True)
+    return 1 if left or any(r.result is None for r in fresh.values()) else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="bench/run")
     ap.add_argument("--only", action="append", choices=BENCHES, default=[])
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per benchmark")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per benchmark (default 900, 120 with --quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help="every bench at tiny sizes: that it runs, reports and leaves nothing behind; "
+                         "no goal checked, bench/results.md untouched")
+    ap.add_argument("--bench-args", action="append", default=[], metavar="NAME=ARGS",
+                    help="extra arguments for one bench, e.g. ingest='--upcs 20000' (shown in results.md)")
+    ap.add_argument("--note", action="append", default=[], help="a line for results.md (e.g. what else ran)")
     args = ap.parse_args()
+    extra: dict[str, list[str]] = {}
+    for spec in args.bench_args:
+        name, _, rest = spec.partition("=")
+        if name not in BENCHES:
+            ap.error(f"--bench-args {spec!r}: the bench must be one of {', '.join(BENCHES)}")
+        extra[name] = shlex.split(rest)
+    timeout = args.timeout or (120.0 if args.quick else 900.0)
     run_id = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(ROOT), **{RUN_TAG: run_id})
-    fresh = {name: run_bench(name, args.timeout, env) for name in args.only or BENCHES}
-    left = leftover_processes(run_id)
+    fresh: dict[str, BenchRun] = {}
+    try:
+        for name in args.only or BENCHES:
+            fresh[name] = run_bench(name, timeout, env, args.quick, extra.get(name))
+    finally:  # also on Ctrl-C: whatever a bench started and left is listed and ended
+        left = leftover_processes(run_id)
+        if left:
+            print("bench/run: FAILED: processes left running by the benches (now ended):\n  " + "\n  ".join(left),
+                  flush=True)
+    if args.quick:
+        return quick_report(fresh, left)
     previous = previous_runs(RESULTS) if args.only else {}
     kept = [n for n in BENCHES if n not in fresh and n in previous]
     runs = [fresh.get(n) or previous[n] for n in BENCHES if n in fresh or n in kept]
@@ -231,10 +292,8 @@ def main() -> int:
     print()
     for r in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-    RESULTS.write_text(results_md(runs, table, kept, left))
+    RESULTS.write_text(results_md(runs, table, kept, left, args.note))
     print("\nwrote bench/results.md")
-    if left:
-        print("bench/run: FAILED: processes left running by the benches (now ended):\n  " + "\n  ".join(left))
     return 1 if left or any(r.result is None for r in fresh.values()) else 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devstack.procs import stop_process  # noqa: E402
+from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MIN = dt.timedelta(minutes=1)
@@ -52,11 +52,11 @@ def start_emulator() -> subprocess.Popen | None:
                           text=True, timeout=60).stdout.strip() or "/usr/lib/google-cloud-sdk"
     jar = Path(root) / "platform" / "cloud-firestore-emulator" / "cloud-firestore-emulator.jar"
     port = _free_port()
-    proc = subprocess.Popen([shutil.which("java") or "java", "-cp", str(jar),
+    proc = start_group([shutil.which("java") or "java", "-cp", str(jar),
                              "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
                              "--host=127.0.0.1", f"--port={port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 150  # a JVM start on a loaded 2-core machine took over a minute
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
@@ -66,8 +66,8 @@ def start_emulator() -> subprocess.Popen | None:
                 raise SystemExit("Firestore emulator exited")
             time.sleep(0.1)  # readiness poll, bounded by the deadline
     else:
-        proc.terminate()
-        raise SystemExit("Firestore emulator not ready in 60 s")
+        stop_group(proc)
+        raise SystemExit("Firestore emulator not ready in 150 s")
     os.environ["FIRESTORE_EMULATOR_HOST"] = f"127.0.0.1:{port}"
     return proc
 
@@ -168,7 +168,11 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--stalled", type=int, default=100)
     ap.add_argument("--items-per-stalled", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = ap.parse_args()
+    if args.quick:
+        args.jobs, args.stalled = 60, 5
+    interrupt_on_sigterm()
     proc = start_emulator()
     try:
         from google.cloud import firestore
@@ -219,7 +223,7 @@ def main() -> int:
         return 0
     finally:
         if proc is not None:
-            stop_process(proc)
+            stop_group(proc)
 
 
 if __name__ == "__main__":

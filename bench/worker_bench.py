@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devstack.procs import stop_process  # noqa: E402
+from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
 
 
 def _free_port() -> int:
@@ -44,7 +44,7 @@ def _start_emulator() -> tuple[subprocess.Popen, str]:
     if not jar.exists() or not java:
         raise SystemExit("Firestore emulator JAR or java not found")
     port = _free_port()
-    proc = subprocess.Popen(
+    proc = start_group(
         [java, "-cp", str(jar), "com.google.cloud.datastore.emulator.firestore.CloudFirestore", "--host=127.0.0.1", f"--port={port}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -57,7 +57,7 @@ def _start_emulator() -> tuple[subprocess.Popen, str]:
                 return proc, host
         except OSError:
             time.sleep(0.2)
-    proc.kill()
+    stop_group(proc)
     raise SystemExit("Firestore emulator did not start")
 
 
@@ -98,9 +98,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--max-phase-s", type=float, default=60.0)
     ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.items, args.threads, args.warmup, args.max_phase_s = 40, 4, 5, 20.0
+    interrupt_on_sigterm()
 
-    proc, host = _start_emulator()
+    # A running emulator is used when one is named (a test stack; its own project keeps it apart), as
+    # sweeper_bench does; otherwise its own, so nothing else's load is measured.
+    proc, host = (None, os.environ["FIRESTORE_EMULATOR_HOST"]) if os.environ.get("FIRESTORE_EMULATOR_HOST") \
+        else _start_emulator()
     try:
         os.environ["FIRESTORE_EMULATOR_HOST"] = host
         os.environ["GOOGLE_CLOUD_PROJECT"] = f"demo-bench-{uuid.uuid4().hex[:6]}"
@@ -182,7 +189,8 @@ def main(argv=None) -> int:
         core_done, core_s = _run(args.items, args.threads, args.max_phase_s, core)
         txns = TXN_COUNTER.snapshot()
     finally:
-        stop_process(proc)
+        if proc is not None:
+            stop_group(proc)
 
     base_rate = base_done / base_s if base_s else 0.0
     core_rate = core_done / core_s if core_s else 0.0

@@ -54,3 +54,52 @@ def test_only_reruns_keep_the_other_benches_results(tmp_path):
         "official-client creates vs raw-HTTP creates", "dispatch rate vs queue max_dispatches_per_second",
         "sandbox marketplace req/s (3,000 requests, 50 clients)"]
 
+
+
+def test_stop_group_ends_a_helper_and_what_it_started():
+    sys.path.insert(0, str(RUNNER.parents[1]))
+    from bench.helpers import start_group, stop_group
+
+    # A helper whose own child ignores SIGTERM: stopping the helper must still end its whole group.
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', "
+            "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(120)'],"
+            " stdout=subprocess.PIPE); c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)")
+    helper = start_group([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    import psutil
+
+    grandchild = psutil.Process(int(helper.stdout.readline()))
+    stop_group(helper, grace_s=2)
+    assert helper.poll() is not None
+    try:  # the SIGKILL is delivered asynchronously: wait for it (bounded), do not sleep
+        grandchild.wait(timeout=10)
+    except psutil.TimeoutExpired:
+        assert grandchild.status() == psutil.STATUS_ZOMBIE, "a helper's child survived stop_group"
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_a_bench_past_its_time_limit_is_interrupted_and_its_helper_stopped(tmp_path, monkeypatch):
+    """bench/run's time limit SIGINTs the bench; its cleanup stops its helper; nothing is left."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "slow_bench.py").write_text(
+        "import subprocess, sys, time\n"
+        "from bench.helpers import interrupt_on_sigterm, start_group, stop_group\n"
+        "interrupt_on_sigterm()\n"
+        "helper = start_group([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "try:\n    print('started', flush=True)\n    time.sleep(120)\nfinally:\n    stop_group(helper)\n")
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    run_id = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(RUNNER.parents[1]), runner.RUN_TAG: run_id}
+    run = runner.run_bench("slow", 3.0, env)
+    assert run.code == "timeout" and run.result is None
+    assert "started" in run.tail
+    assert runner.leftover_processes(run_id) == []
+
+
+def test_quick_report_fails_on_a_broken_bench_or_a_process_left():
+    ok = runner.BenchRun("worker", {"ratio": 0.1}, 0, 5.0, "", "now")
+    broken = runner.BenchRun("sweeper", None, 1, 5.0, "Traceback ...", "now")
+    assert runner.quick_report({"worker": ok}, []) == 0
+    assert runner.quick_report({"worker": ok, "sweeper": broken}, []) == 1
+    assert runner.quick_report({"worker": ok}, ["pid 1 (x)"]) == 1
