@@ -11,6 +11,7 @@ operator asks, only for open items that no task will deliver again, never for a 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -286,25 +287,37 @@ def export_results(job_id: str):
 # ---------------------------------------------------------------- cancel
 
 
+# How long an operator's cancel spends moving queued items to `cancelled` before it answers (the api
+# function's timeout is 60 s). Every item has a document from fan-out on, so a big job has far more
+# queued items than one request can write; the rest are cancelled by their own tasks' deliveries
+# (the worker cancels a cancelled job's item before any side effect), which Cloud Tasks keeps
+# retrying until they are.
+CANCEL_INLINE_BUDGET_S = 20.0
+
+
 def cancel_job(job_id: str, actor: str, now: dt.datetime | None = None) -> dict[str, Any]:
     """Cancel a job that is ingesting or running; idempotent for a cancelled job.
 
-    Queued items become `cancelled` here; items in flight finish or drain: the worker claims any
-    remaining task of a cancelled job as `cancelled`, a harmless no-op.
+    Queued items become `cancelled` here, for up to CANCEL_INLINE_BUDGET_S; the others, and items in
+    flight, are finished by the worker: it records any remaining task of a cancelled job as a
+    `cancelled` item, and stops a running handler before its next side effect.
     """
     now = now or _now()
     store = _store()
     changed = store.cancel_job(_checked_job_id(job_id), actor, now)
-    moved = _cancel_queued_items(store, job_id, now) if changed else 0
+    moved, finished = _cancel_queued_items(store, job_id, now) if changed else (0, True)
     log_event("job_cancelled" if changed else "job_cancel_repeated", job_id=job_id, actor=actor,
-              items_cancelled=moved)
+              items_cancelled=moved, items_left_to_deliveries=not finished)
     return {"job_id": job_id, "status": JobStatus.CANCELLED.value, "already_cancelled": not changed,
-            "items_cancelled": moved}
+            "items_cancelled": moved, "items_left_to_deliveries": not finished}
 
 
-def _cancel_queued_items(store: Store, job_id: str, now: dt.datetime) -> int:
-    """Queued → cancelled, page by page; an item that started in this round is left to the worker,
-    which finishes it truthfully (its effect may exist)."""
+def _cancel_queued_items(store: Store, job_id: str, now: dt.datetime,
+                         budget_s: float = CANCEL_INLINE_BUDGET_S) -> tuple[int, bool]:
+    """Queued → cancelled, page by page, until the budget is spent: (items moved, whether every queued
+    item was seen). An item that started in this round is left to the worker, which finishes it
+    truthfully (its effect may exist)."""
+    deadline = time.monotonic() + budget_s
     moved = 0
     page: list[Item] = []
     for item in store.iter_items(job_id, status=ItemStatus.QUEUED.value, page=_PAGE):
@@ -312,7 +325,9 @@ def _cancel_queued_items(store: Store, job_id: str, now: dt.datetime) -> int:
         if len(page) >= _PAGE:
             moved += _cancel_page(store, job_id, page, now)
             page = []
-    return moved + _cancel_page(store, job_id, page, now)
+            if time.monotonic() >= deadline:
+                return moved, False
+    return moved + _cancel_page(store, job_id, page, now), True
 
 
 def _cancel_page(store: Store, job_id: str, items: list[Item], now: dt.datetime) -> int:

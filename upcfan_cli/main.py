@@ -523,6 +523,9 @@ def cancel(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False
         console.print(f"job {job_id} was already cancelled")
     else:
         console.print(f"job {job_id} cancelled; {out.get('items_cancelled', 0)} queued items cancelled")
+        if out.get("items_left_to_deliveries"):
+            console.print("more queued items remain: each is cancelled when its task is next delivered "
+                          "(no side effect runs for a cancelled job)")
 
 
 @app.command()

@@ -249,7 +249,8 @@ def test_cancel_moves_queued_items_and_is_idempotent(ops):
     item_ref.update({"history": [{"status": "queued", "attempt": 1, "owner": "retry:ops", "at": NOW}]})
 
     out = operations.cancel_job(job_id, "carol", now=NOW)
-    assert out == {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 1}
+    assert out == {"job_id": job_id, "status": "cancelled", "already_cancelled": False, "items_cancelled": 1,
+                   "items_left_to_deliveries": False}
     after = _items(job_id)
     assert [after[_gtin(i)]["status"] for i in (1, 2, 3, 4)] == ["cancelled", "queued", "processing", "succeeded"]
     job = firestore_client().collection("jobs").document(job_id).get().to_dict()

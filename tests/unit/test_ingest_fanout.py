@@ -243,6 +243,19 @@ def test_an_item_born_without_its_task_gets_it_from_the_retry(monkeypatch):
     assert_exact(f)
 
 
+def test_an_operator_cancel_stops_moving_items_when_its_budget_is_spent(monkeypatch):
+    """A big job has more queued items than one request can write: the cancel answers after its budget
+    and says so; the remaining items are cancelled by their own deliveries."""
+    text, chunk_bytes = three_chunk_text()
+    f = Fanout(monkeypatch, text, chunk_bytes)
+    f.run(f.chunks[0])
+    f.store.cancel_job(JOB_ID, "ops", T0)
+    monkeypatch.setattr(operations, "_PAGE", 2)
+    assert operations._cancel_queued_items(f.store, JOB_ID, T0, budget_s=0.0) == (2, False)
+    moved, finished = operations._cancel_queued_items(f.store, JOB_ID, T0)
+    assert finished and moved == 7 and f.store.count_items_by_status(JOB_ID)["queued"] == 0
+
+
 def test_a_job_cancelled_while_ingesting_accounts_for_every_line(monkeypatch):
     """Chunk 0 fans out; the operator cancels (its never-claimed items are cancelled at once); chunk
     1 crashed before the cancel with 3 items born, and runs again after it; chunk 2 runs only after
@@ -253,8 +266,8 @@ def test_a_job_cancelled_while_ingesting_accounts_for_every_line(monkeypatch):
     with pytest.raises(RuntimeError):
         f.run(f.chunks[1], crash_after_tasks=5)  # lines 10-14: two duplicates of chunk 0, 3 items born
     f.store.cancel_job(JOB_ID, "ops", T0)
-    moved = operations._cancel_queued_items(f.store, JOB_ID, T0)
-    assert moved == 9 + 3  # never claimed, so not started: cancelled by the operator's cancel
+    moved, finished = operations._cancel_queued_items(f.store, JOB_ID, T0)
+    assert moved == 9 + 3 and finished  # never claimed, so not started: cancelled by the operator's cancel
     f.run(f.chunks[1])
     f.run(f.chunks[2])
     assert f.job["totals"] == EXPECTED_TOTALS and f.job["status"] == "cancelled"
