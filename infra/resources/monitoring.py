@@ -21,6 +21,7 @@ from infra.resources.base import CREATE, Change, Resource
 SWEEP_DONE_FILTER = ('resource.type="cloud_run_revision" AND resource.labels.service_name="sweeper" '
                      'AND jsonPayload.event="sweep_done"')
 PERIODS_WITHOUT_SWEEP = 3
+MAX_ABSENCE_S = 23 * 3600 + 30 * 60  # MetricAbsence.duration: at most 23 h 30 min
 WATCHDOG_DOC = ("The upcfan sweeper has completed no sweep for {periods} schedule periods ({minutes} min). "
                 "Nothing flags stalled jobs while it is down. Check: `gcloud scheduler jobs describe "
                 "upcfan-sweeper --location REGION` (state PAUSED? last attempt status?), the sweeper's "
@@ -95,6 +96,9 @@ class SweeperAbsencePolicy(Resource):
                  channels: tuple[str, ...] = (), labels: dict | None = None):
         if period_s < 60 or period_s % 60:
             raise ValueError(f"sweep period {period_s}s: the watchdog needs a whole number of minutes")
+        if PERIODS_WITHOUT_SWEEP * period_s > MAX_ABSENCE_S:
+            raise ValueError(f"sweep period {period_s}s: {PERIODS_WITHOUT_SWEEP} periods exceed the longest absence "
+                             f"window Cloud Monitoring allows ({MAX_ABSENCE_S // 60} min)")
         self.project = project
         self.display_name = display_name
         self.metric_type = metric_type

@@ -80,6 +80,13 @@ def test_a_schedule_without_a_fixed_period_is_refused_by_name(schedule):
         schedule_period_s(schedule)
 
 
+def test_a_period_too_long_for_an_absence_window_is_refused():
+    from infra.resources.monitoring import SweeperAbsencePolicy
+
+    with pytest.raises(ValueError, match="23 h|1410 min"):
+        SweeperAbsencePolicy(PROJECT, "p", "m", 12 * 3600)
+
+
 def test_cli_plan_lists_the_watchdog_and_says_when_nobody_is_notified():
     out = io.StringIO()
     assert cli.main(["plan", f"--project={PROJECT}", f"--region={REGION}", "--only=logging", "--only=monitoring"],
