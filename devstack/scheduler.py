@@ -11,6 +11,14 @@ Control routes (not Cloud Scheduler's API; what tests and scripts/smoke use):
   POST /_pause    stop firing on the schedule;  POST /_resume  start again
   GET  /_job      the job: uri, audience, invoker, schedule, state, next run time
   GET  /_runs     every run so far (time, trigger, status, duration);  GET /_health
+  POST /_watchdog {"period_s": P}  arm the watchdog with this period (0 disarms); GET /_watchdog
+
+Watchdog (the local equivalent of infra's "upcfan sweeper stopped" policy, infra/resources/monitoring.py):
+when no run has succeeded (2xx) for three periods, it posts one alert to the Slack webhook
+(`--watchdog-webhook`, the local Slack sink), and again only after a run has succeeded in between. The
+period is the schedule's; `period_s` is a local-only knob so a test needs no 15-minute wait. Armed from
+the start unless `--paused` (test stacks): pausing the job is exactly what it should notice, but a test
+stack's paused scheduler must not post into a test that counts Slack messages.
 
 `--paused` starts it paused. Test stacks run it paused (a background sweep could post Slack alerts or
 flag a test's job in the middle of a test that counts them); `scripts/dev up` runs it live, as deployed.
@@ -49,6 +57,19 @@ class Job:
         self.runs: list[dict] = []
         self.wake = asyncio.Event()
         self.next_run: dt.datetime | None = None
+        # watchdog: the last successful run (or when watching began), the period, one alert per outage
+        self.watchdog_webhook = ""
+        self.watchdog_period_s = 0.0
+        self.last_success = time.time()
+        self.watchdog_alerts: list[dict] = []
+        self.watchdog_alerted = False
+        self.watchdog_wake = asyncio.Event()
+
+    def schedule_period_s(self) -> float:
+        now = dt.datetime.now(dt.timezone.utc)
+        it = CronSim(self.schedule, now)
+        first = next(it)
+        return (next(it) - first).total_seconds()
 
     def describe(self) -> dict:
         return {"name": self.name, "uri": self.uri, "audience": self.audience, "invoker": self.invoker_email,
@@ -75,6 +96,9 @@ class Job:
         entry["duration_s"] = round(time.time() - started, 3)
         self.runs.append(entry)
         ok = isinstance(entry["status"], int) and 200 <= entry["status"] < 300
+        if ok:
+            self.last_success = time.time()
+            self.watchdog_alerted = False
         (log.info if ok else log.warning)("job %s run (%s): %s in %.2fs", self.name, trigger, entry["status"],
                                           entry["duration_s"])
         return entry
@@ -91,6 +115,44 @@ class Job:
                 pass
             if not self.paused:
                 asyncio.create_task(self.run(session, "schedule"))
+
+
+    def watchdog_state(self) -> dict:
+        return {"armed": self.watchdog_period_s > 0, "period_s": self.watchdog_period_s,
+                "silent_for_s": round(time.time() - self.last_success, 3), "alerts": self.watchdog_alerts}
+
+    async def watchdog(self, session: aiohttp.ClientSession) -> None:
+        """Alert once when no run has succeeded for PERIODS_WITHOUT_SWEEP periods."""
+        from infra.resources.monitoring import PERIODS_WITHOUT_SWEEP, WATCHDOG_DOC
+
+        while True:
+            self.watchdog_wake.clear()
+            period = self.watchdog_period_s
+            interval = min(max(period / 4, 0.2), 15.0) if period > 0 else 3600.0
+            try:
+                await asyncio.wait_for(self.watchdog_wake.wait(), timeout=interval)
+                continue  # re-armed: start over with the new period
+            except asyncio.TimeoutError:
+                pass
+            silent = time.time() - self.last_success
+            if period <= 0 or self.watchdog_alerted or silent < PERIODS_WITHOUT_SWEEP * period:
+                continue
+            self.watchdog_alerted = True
+            state = "PAUSED" if self.paused else "ENABLED"
+            doc = WATCHDOG_DOC.format(periods=PERIODS_WITHOUT_SWEEP, minutes=round(silent / 60, 1))
+            text = (f"CRITICAL: upcfan sweeper stopped: no sweep succeeded for {silent:.0f}s "
+                    f"({PERIODS_WITHOUT_SWEEP} periods of {period:g}s; job {self.name} {state}). {doc}")
+            alert = {"at": time.time(), "silent_for_s": round(silent, 3), "state": state, "status": None}
+            try:
+                async with session.post(self.watchdog_webhook, json={"text": text, "blocks": [
+                        {"type": "section", "text": {"type": "mrkdwn", "text": text}}]},
+                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                    alert["status"] = resp.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                alert["status"] = repr(exc)[:200]
+                self.watchdog_alerted = False  # not delivered: try again at the next check
+            self.watchdog_alerts.append(alert)
+            log.warning("watchdog: no successful sweep for %.0fs (%s); alert %s", silent, state, alert["status"])
 
 
 async def _run(request: web.Request) -> web.Response:
@@ -110,6 +172,28 @@ async def _resume(request: web.Request) -> web.Response:
     job.paused = False
     job.wake.set()
     return web.json_response(job.describe())
+
+
+async def _watchdog_get(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].watchdog_state())
+
+
+async def _watchdog_set(request: web.Request) -> web.Response:
+    job: Job = request.app[STATE_KEY]
+    body = await request.json() if request.can_read_body else {}
+    try:
+        period = float(body.get("period_s", job.schedule_period_s()))
+    except (TypeError, ValueError):
+        return web.json_response({"error": "period_s must be a number of seconds (0 disarms)"}, status=400)
+    if period < 0:
+        return web.json_response({"error": "period_s must be >= 0 (0 disarms)"}, status=400)
+    if period > 0 and not job.watchdog_webhook:
+        return web.json_response({"error": "no --watchdog-webhook: nowhere to alert"}, status=409)
+    job.watchdog_period_s = period
+    job.last_success = time.time()  # watching starts now
+    job.watchdog_alerted = False
+    job.watchdog_wake.set()
+    return web.json_response(job.watchdog_state())
 
 
 async def _job(request: web.Request) -> web.Response:
@@ -132,15 +216,18 @@ def make_app(job: Job) -> web.Application:
     async def timer(app: web.Application):
         async with aiohttp.ClientSession() as session:
             app["session"] = session
-            task = asyncio.create_task(job.timer(session))
+            tasks = [asyncio.create_task(job.timer(session)), asyncio.create_task(job.watchdog(session))]
             yield
-            task.cancel()
+            for task in tasks:
+                task.cancel()
 
     app.cleanup_ctx.append(timer)
     app.router.add_post("/_run", _run)
     app.router.add_post("/_pause", _pause)
     app.router.add_post("/_resume", _resume)
     app.router.add_get("/_job", _job)
+    app.router.add_get("/_watchdog", _watchdog_get)
+    app.router.add_post("/_watchdog", _watchdog_set)
     app.router.add_get("/_runs", _runs)
     app.router.add_get("/_health", _health)
     return app
@@ -157,10 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedule", required=True, help="cron, UTC")
     p.add_argument("--attempt-deadline-s", type=float, default=300.0)
     p.add_argument("--paused", action="store_true", help="start paused (test stacks)")
+    p.add_argument("--watchdog-webhook", default="", help="Slack webhook the watchdog alerts (the local sink)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     job = Job(args.job, args.uri, args.audience, args.invoker_email, args.schedule, args.attempt_deadline_s,
               paused=args.paused)
+    job.watchdog_webhook = args.watchdog_webhook
+    if args.watchdog_webhook and not args.paused:  # test stacks start paused and unarmed: see the docstring
+        job.watchdog_period_s = job.schedule_period_s()
     run_local_server(make_app(job), "scheduler", args.host, args.port)
 
 

@@ -689,7 +689,9 @@ def _scheduler(plan: _Plan) -> Iterator[Component]:
     argv = [sys.executable, "-m", "devstack.scheduler", "--host", HOST, "--port", str(plan.ports["scheduler"]),
             "--job", SCHEDULER_JOB, "--uri", target["uri"], "--audience", target["oidc_token"]["audience"],
             "--invoker-email", target["oidc_token"]["service_account_email"], "--schedule", job["schedule"],
-            "--attempt-deadline-s", str(job["attempt_deadline"])]
+            "--attempt-deadline-s", str(job["attempt_deadline"]),
+            # the local "upcfan sweeper stopped" alert (devstack/scheduler.py, watchdog) posts to the sink
+            "--watchdog-webhook", f"http://{HOST}:{plan.ports['slack_sink']}"]
     if os.environ.get("UPCFAN_SCHEDULER", "paused") != "live":
         argv.append("--paused")
     yield plan.component("scheduler", argv, env={"PYTHONPATH": str(paths.REPO_ROOT)})

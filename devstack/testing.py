@@ -138,6 +138,14 @@ class Scheduler:
     def resume(self) -> dict:
         return requests.post(f"{self.url}/_resume", timeout=10).json()
 
+    def watchdog(self, period_s: float | None = None) -> dict:
+        """The watchdog's state; with `period_s`, arm it with that period first (0 disarms)."""
+        if period_s is None:
+            return requests.get(f"{self.url}/_watchdog", timeout=10).json()
+        resp = requests.post(f"{self.url}/_watchdog", json={"period_s": period_s}, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
 
 def wait_job(db, job_id: str, statuses: set[str], timeout_s: float = 120.0) -> dict:
     """The job document once its status is one of `statuses` (AssertionError past the deadline)."""

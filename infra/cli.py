@@ -29,6 +29,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--item-queue-shards", type=int, default=None,
                    help="number of item queues (default: UPCFAN_ITEM_QUEUE_SHARDS or 1)")
     p.add_argument("--sweep-schedule", default="*/5 * * * *")
+    p.add_argument("--alert-channel", action="append", default=[], metavar="CHANNEL",
+                   help="a Cloud Monitoring notification channel (projects/P/notificationChannels/ID) the "
+                        "sweeper watchdog alerts; repeatable (docs/operations.md: who watches the watcher)")
     p.add_argument("--url-template", default=model.DEFAULT_URL_TEMPLATE,
                    help="function URL pattern with {region} {project} {function}")
     p.add_argument("--before-deploy", action="store_true",
@@ -105,12 +108,16 @@ def main(argv=None, clients: Clients | None = None, out=None) -> int:
     desired = model.from_settings(args.project, args.region, bucket=args.bucket,
                                   item_queue_shards=args.item_queue_shards,
                                   sweep_schedule=args.sweep_schedule, url_template=args.url_template,
-                                  submit_buckets=tuple(args.submit_bucket))
+                                  submit_buckets=tuple(args.submit_bucket),
+                                  alert_channels=tuple(args.alert_channel))
     resources = select(args, stack.build(desired))
     clients = clients or Clients()
     echo = lambda s: print(s, file=out)  # noqa: E731
     if args.command == "secrets":
         return secrets_main(args, clients, echo)
+    if not desired.alert_channels and any(r.kind == "monitoring.alertPolicy" for r in resources):
+        echo("note: no --alert-channel: the sweeper watchdog opens incidents in Cloud Monitoring but notifies "
+             "nobody (docs/operations.md, who watches the watcher)")
     if args.command == "plan":
         changes = runner.plan(resources, clients)
         for c in changes:

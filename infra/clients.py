@@ -53,6 +53,18 @@ def _projects():
     return resourcemanager_v3.ProjectsClient()
 
 
+def _logging_metrics():
+    from google.cloud import logging_v2
+
+    return logging_v2.services.metrics_service_v2.MetricsServiceV2Client()
+
+
+def _alert_policies():
+    from google.cloud import monitoring_v3
+
+    return monitoring_v3.AlertPolicyServiceClient()
+
+
 FACTORIES: dict[str, Callable[[], Any]] = {
     "tasks": _tasks,
     "scheduler": _scheduler,
@@ -60,6 +72,8 @@ FACTORIES: dict[str, Callable[[], Any]] = {
     "secrets": _secrets,
     "firestore_admin": _firestore_admin,
     "projects": _projects,
+    "logging_metrics": _logging_metrics,
+    "alert_policies": _alert_policies,
     "iam": lambda: IamAdminRest(),
     "run": lambda: RunServicesRest(),
     "storage_iam": lambda: BucketIam(),

@@ -284,6 +284,7 @@ def infra_cmd(action: str, d: model.Desired, before_deploy: bool) -> list[str]:
     if d.bucket:
         cmd.append(f"--bucket={d.bucket}")
     cmd += [f"--submit-bucket={b}" for b in d.submit_buckets]
+    cmd += [f"--alert-channel={c}" for c in d.alert_channels]
     if before_deploy:
         cmd.append("--before-deploy")
     return cmd
@@ -328,6 +329,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--submit-bucket", action="append", default=[], metavar="BUCKET",
                    help="a further bucket jobs may be submitted from with POST /api/batch/process, the ingest "
                         "HTTP trigger or `upcfan submit` (never watched); repeatable")
+    p.add_argument("--alert-channel", action="append", default=[], metavar="CHANNEL",
+                   help="a Cloud Monitoring notification channel (projects/P/notificationChannels/ID) the "
+                        "sweeper watchdog alerts; repeatable")
     p.add_argument("--marketplace-url", default="")
     from shared.handlers.registry import known_handler_names
 
@@ -351,7 +355,7 @@ def main(argv=None) -> int:
     and deployed, then infra again (invokers on the new services, scheduler, Eventarc)."""
     args = parse(argv)
     d = model.from_settings(args.project, args.region, bucket=args.bucket, item_queue_shards=args.item_queue_shards,
-                            submit_buckets=tuple(args.submit_bucket))
+                            submit_buckets=tuple(args.submit_bucket), alert_channels=tuple(args.alert_channel))
     fns = [f for f in args.functions.split(",") if f]
     unknown = sorted(set(fns) - set(model.FUNCTIONS))
     if unknown:

@@ -305,6 +305,62 @@ class FakeIamAdmin(IamHolder):
         return dict(self.accounts[spec.name])
 
 
+class FakeLogMetrics(Recorder):
+    """Cloud Logging's MetricsServiceV2: log-based metrics by `projects/P/metrics/ID`."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: dict[str, Any] = {}
+
+    def get_log_metric(self, request):
+        if request.metric_name not in self.metrics:
+            raise gexc.NotFound(request.metric_name)
+        m = self.metrics[request.metric_name]
+        return type(m).deserialize(type(m).serialize(m))
+
+    def create_log_metric(self, request):
+        self._record("create_log_metric", request)
+        name = f"{request.parent}/metrics/{request.metric.name}"
+        if name in self.metrics:
+            raise gexc.AlreadyExists(name)
+        self.metrics[name] = type(request.metric).deserialize(type(request.metric).serialize(request.metric))
+        return request.metric
+
+    def update_log_metric(self, request):
+        self._record("update_log_metric", request)
+        if request.metric_name not in self.metrics:
+            raise gexc.NotFound(request.metric_name)
+        self.metrics[request.metric_name] = type(request.metric).deserialize(type(request.metric).serialize(request.metric))
+        return request.metric
+
+
+class FakeAlertPolicies(Recorder):
+    """Cloud Monitoring's AlertPolicyService: policies get a server-assigned id, found by display name."""
+
+    def __init__(self):
+        super().__init__()
+        self.policies: dict[str, Any] = {}
+
+    def list_alert_policies(self, request):
+        want = request.filter.partition("display_name=")[2].strip('"') if request.filter else None
+        return [type(p).deserialize(type(p).serialize(p)) for p in self.policies.values()
+                if p.name.startswith(request.name + "/") and (want is None or p.display_name == want)]
+
+    def create_alert_policy(self, request):
+        self._record("create_alert_policy", request)
+        policy = type(request.alert_policy).deserialize(type(request.alert_policy).serialize(request.alert_policy))
+        policy.name = f"{request.name}/alertPolicies/{len(self.policies) + 1}"
+        self.policies[policy.name] = policy
+        return policy
+
+    def update_alert_policy(self, request):
+        self._record("update_alert_policy", request)
+        if request.alert_policy.name not in self.policies:
+            raise gexc.NotFound(request.alert_policy.name)
+        _merge(self.policies[request.alert_policy.name], request.alert_policy, request.update_mask.paths)
+        return self.policies[request.alert_policy.name]
+
+
 def fake_clients(bucket: str = "") -> dict[str, Any]:
     """One fake per client name used by infra.stack (pass as Clients(overrides=...))."""
     buckets = FakeBucketIam({f"projects/_/buckets/{bucket}"} if bucket else ())
@@ -318,4 +374,6 @@ def fake_clients(bucket: str = "") -> dict[str, Any]:
         "iam": FakeIamAdmin(),
         "run": FakeRun(),
         "storage_iam": buckets,
+        "logging_metrics": FakeLogMetrics(),
+        "alert_policies": FakeAlertPolicies(),
     }

@@ -103,6 +103,10 @@ GRANTS: tuple[Grant, ...] = (
 )
 
 SCHEDULER_JOB = "upcfan-sweeper"
+# Who watches the watcher (infra/resources/monitoring.py): a counter of the sweeper's `sweep_done` log
+# lines and an alert policy on its absence, sent to the deploy's notification channels.
+SWEEP_METRIC = "upcfan-sweep-done"
+WATCHDOG_POLICY = "upcfan sweeper stopped"
 EVENTARC_TRIGGER = "upcfan-ingest-finalize"
 FINALIZE_EVENT = "google.cloud.storage.object.v1.finalized"
 LABELS = {"app": "upcfan", "managed-by": "upcfan-infra"}
@@ -124,6 +128,9 @@ class Desired:
     service_urls: dict = field(default_factory=dict)
     # Buckets files may also be submitted from (over HTTP), unwatched; readable like `bucket`.
     submit_buckets: tuple = ()
+    # Cloud Monitoring notification channels (projects/P/notificationChannels/ID) the sweeper watchdog
+    # alerts; created once by an operator (docs/operations.md, "Who watches the watcher").
+    alert_channels: tuple = ()
 
     # ---- names -------------------------------------------------------------------------
     def sa_email(self, role: str) -> str:

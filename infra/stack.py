@@ -6,11 +6,12 @@ from pathlib import Path
 
 from infra.clients import ServiceAccountSpec
 from infra.model import (EVENTARC_TRIGGER, FINALIZE_EVENT, GRANTS, SA_IDS, SCHEDULER_JOB, SECRETS,
-                         Desired)
+                         SWEEP_METRIC, WATCHDOG_POLICY, Desired)
 from infra.resources.base import Resource
 from infra.resources.eventarc import FinalizeTrigger
 from infra.resources.firestore import load_index_file
 from infra.resources.iam import IamBindings
+from infra.resources.monitoring import SweepDoneMetric, SweeperAbsencePolicy, schedule_period_s
 from infra.resources.queues import TaskQueue
 from infra.resources.scheduler import SweeperJob
 from infra.resources.secrets import SecretContainer
@@ -93,7 +94,14 @@ def build(d: Desired, index_file: Path | None = INDEX_FILE) -> list[Resource]:
         out.extend(indexes)
         out.extend(ttls)
 
-    # 6. after the functions exist: invokers on their one target service, scheduler, eventarc
+    # 6. who watches the watcher: the sweep counter and the alert on its absence (neither needs the
+    # functions; the policy only alerts once sweeps were expected for three periods)
+    metric = SweepDoneMetric(d.project, SWEEP_METRIC)
+    out.append(metric)
+    out.append(SweeperAbsencePolicy(d.project, WATCHDOG_POLICY, metric.metric_type, schedule_period_s(d.sweep_schedule),
+                                    d.alert_channels, d.labels))
+
+    # 7. after the functions exist: invokers on their one target service, scheduler, eventarc
     out.extend(after)
     job = SweeperJob(d.location_path, SCHEDULER_JOB, d.function_url("sweeper"), d.sa_email("scheduler_invoker"),
                      d.sweep_schedule)

@@ -293,6 +293,56 @@ def notify_job_finished(job: dict[str, Any], *,
     return result
 
 
+def build_job_started_message(job: dict[str, Any]) -> SlackMessage:
+    """INFO: fan-out is done and the job runs: what the file held and how to follow it."""
+    job_id = str(job.get("job_id") or "?")
+    jid = escape(job_id)
+    totals = job.get("totals") or {}
+    summary = (
+        f"lines {int(totals.get('lines') or 0)} · items {int(totals.get('items') or 0)} · "
+        f"invalid {int(totals.get('invalid') or 0)} · duplicate {int(totals.get('duplicate') or 0)} · "
+        f"skipped {int(totals.get('skipped') or 0)}"
+    )
+    handler = escape(job.get("handler") or "unknown")
+    follow = [f"upcfan status {job_id}", f"upcfan events {job_id}", f"upcfan pause {job_id}",
+              f"upcfan cancel {job_id}", f"GET /api/batch/status/{job_id}"]
+    text = (f"INFO: upcfan job {jid} started. File {escape(job.get('gcs_path') or 'unknown')}. {summary}. "
+            f"Handler {handler}. Follow: upcfan status {jid}")
+    blocks = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['INFO']} *upcfan job {jid} started*"},
+         "fields": [
+             {"type": "mrkdwn", "text": "*Severity*\nINFO"},
+             {"type": "mrkdwn", "text": f"*Job*\n`{jid}`"},
+             {"type": "mrkdwn", "text": f"*File*\n{escape(job.get('gcs_path') or 'unknown')}"},
+             {"type": "mrkdwn", "text": f"*Lines*\n{summary}"},
+             {"type": "mrkdwn", "text": f"*Handler*\n{handler}"},
+         ]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": "*Follow it*\n" + _code_lines(follow)}},
+        {"type": "context",
+         "elements": [{"type": "mrkdwn", "text": "upcfan ingest · sent once when a job's fan-out is done"}]},
+    ]
+    return SlackMessage(text=text, blocks=blocks)
+
+
+def notify_job_started(job: dict[str, Any], *,
+                       post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
+    """Post the job-started note; never raises (a failure is returned and logged, the job is unaffected)."""
+    from shared.log import log_event
+
+    job_id = (job or {}).get("job_id")
+    try:
+        result = (post or post_message)(build_job_started_message(job or {}))
+    except Exception as exc:  # noqa: BLE001 - a notification must never fail the fan-out
+        result = SlackPostResult(ok=False, error=f"job-started notice failed: {type(exc).__name__}: {exc}"[:300])
+    if result.ok:
+        log_event("job_started_notified", job_id=job_id)
+    elif result.status is None and not result.transient:  # no webhook configured: nothing to tell
+        log_event("job_started_not_notified", job_id=job_id, reason=result.error)
+    else:
+        log_event("job_started_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
+    return result
+
+
 _PAUSE_WHY = {
     "marketplace_unauthorized": "the marketplace refused our credentials (401/403); every further call would be "
                                 "refused too",

@@ -529,6 +529,9 @@ def _maybe_finish_fanout(store: Store, job_id: str) -> bool:
                                   "message": f"{finished.get('gcs_path')} has no UPC lines "
                                              f"({totals['skipped']} blank, comment or header lines)"}, now)
     else:
+        from shared.progress import notify_started
+
+        notify_started(store, job_id, finished, now)
         # Items may all have finished before the last chunk was recorded (or there are none, all
         # lines invalid): no later completion would ask for a check, so check now.
         check_job_progress(job_id, store=store)

@@ -81,6 +81,22 @@ def _notify_finished(store: Store, job_id: str, job: Job, final: str, counts: di
                   error=f"{type(exc).__name__}: {exc}"[:300])
 
 
+def notify_started(store: Store, job_id: str, job_doc: dict[str, Any], at: dt.datetime) -> None:
+    """One Slack note when a job's fan-out is done and it starts running, and its outcome in the job's
+    events (`job_started_note`). Only the caller whose `finish_fanout` transaction moved the job gets
+    here (the transaction returns None to every other), so the note is sent once. Never raises."""
+    try:
+        from shared.alerts import notify_job_started
+
+        result = notify_job_started({**job_doc, "job_id": job_doc.get("job_id") or job_id})
+        store.record_event(job_id, Event("job_started_note", os.environ.get("K_SERVICE") or "ingest", at,
+                                         {"sent": result.ok, "status": result.status, "error": result.error},
+                                         event_id="job_started_note"))
+    except Exception as exc:  # noqa: BLE001 - a notice must never fail or repeat the fan-out
+        log_event("job_started_notify_failed", severity="WARNING", job_id=job_id,
+                  error=f"{type(exc).__name__}: {exc}"[:300])
+
+
 def _pause_if_too_many_failed(store: Store, job: Job, counts: dict[str, int], at: dt.datetime) -> bool:
     """The job option `max_failed_percent`: pause a job with items still open once its failed items are
     more than that share of `totals.items` (a job whose items are all final just completes)."""

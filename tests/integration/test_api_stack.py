@@ -116,7 +116,8 @@ def upload_job(upload, lines: list[str], **kw) -> str:
 
 def slack_notes(slack_sink, job_id: str) -> list[dict]:
     return [m for m in slack_sink.messages()
-            if (m.get("text") or "").startswith("INFO: upcfan job") and job_id in m["text"]]
+            if (m.get("text") or "").startswith("INFO: upcfan job") and job_id in m["text"]
+            and not m["text"].startswith(f"INFO: upcfan job {job_id} started")]  # the job-started note
 
 
 # ---------------------------------------------------------------------------------------------

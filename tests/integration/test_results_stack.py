@@ -83,7 +83,8 @@ def test_a_finished_job_has_its_results_manifest_export_and_history(
     assert by_line[6][1] == '12"AB'  # quoted on write, whole on read
 
     # The job-finished note links it.
-    note = poll(lambda: [m for m in slack_sink.messages() if job_id in json.dumps(m) and "INFO" in json.dumps(m)],
+    note = poll(lambda: [m for m in slack_sink.messages() if job_id in json.dumps(m) and "INFO" in json.dumps(m)
+                         and not (m.get("text") or "").startswith(f"INFO: upcfan job {job_id} started")],
                 60, 0.5, "the job-finished note")
     assert results["path"] in json.dumps(note[0])
 

@@ -198,9 +198,13 @@ def test_job_notes_reach_slack_through_the_mounted_webhook_secret(stack_env, upl
 
     bucket, name, generation = upload("\n".join(fresh_upcs(2)) + "\n", metadata={"upcfan-handler": "dry_run"})
     job_id = job_id_for(bucket, name, generation)
-    notes = poll(lambda: [m for m in slack_sink.messages() if job_id in (m.get("text") or "")], 60, 0.3,
+    # Both notes, once each: job-started (ingest, when fan-out is done) and job-finished.
+    notes = poll(lambda: [m for m in slack_sink.messages() if job_id in (m.get("text") or "")
+                          and not (m.get("text") or "").startswith(f"INFO: upcfan job {job_id} started")], 60, 0.3,
                  f"the job-finished note of {job_id}")
     assert notes[0]["text"].startswith("INFO: upcfan job") and len(notes) == 1, notes
+    started = [m for m in slack_sink.messages() if (m.get("text") or "").startswith(f"INFO: upcfan job {job_id} started")]
+    assert len(started) == 1 and "items 2" in started[0]["text"], started
 
 
 def test_scripts_dev_down_leaves_no_process(tmp_path):
