@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from shared import item_state
 from shared.config import settings
 from shared.events import Event
-from shared.exceptions import ForbiddenError, SourceObjectNotFoundError, UnreadableFileError, UpcfanError
+from shared.exceptions import (BadRequestError, ForbiddenError, SourceObjectNotFoundError, UnreadableFileError,
+                               UpcfanError)
 from shared.gcs import GcsObject, parse_gcs_path
 from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
@@ -33,6 +34,7 @@ from shared.model import Item, ItemStatus, JobStatus
 from shared.naming import chunk_task_name_for, job_id_for, plan_task_name_for, task_name_for
 from shared.payloads import ChunkTask, ItemTask, PlanTask, describe_validation_error
 from shared.progress import check_job_progress
+from shared.results import RESULTS_PREFIX
 from shared.store import Store, default_store
 from shared.store.base import ITEM_CREATE_BATCH
 from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, TaskSpec, create_task, item_queue_for
@@ -105,6 +107,10 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
     """Create (or find) the job for one object generation and enqueue its plan task."""
     bucket, name = parse_gcs_path(gcs_path)
     check_bucket_allowed(bucket)
+    if _is_results_manifest(bucket, name):
+        raise BadRequestError(f"gs://{bucket}/{name} is a results manifest this product wrote "
+                              f"({RESULTS_PREFIX}…), not a file of UPCs; it is never processed",
+                              code="results_manifest")
     obj = GcsObject.stat(bucket, name, generation)
     job_id = job_id_for(bucket, name, obj.generation)
     store = default_store()
@@ -152,6 +158,11 @@ def check_bucket_allowed(bucket: str) -> None:
                          code="bucket_not_allowed", details={"allowed_buckets": list(allowed)})
 
 
+def _is_results_manifest(bucket: str, name: str) -> bool:
+    """An object under `results/` in the watched bucket: where `shared/results.py` writes manifests."""
+    return bucket == settings().bucket and name.startswith(RESULTS_PREFIX)
+
+
 class ChunkPayloadMismatchError(UpcfanError):
     """A chunk task names another object than its job: planning reads the job document only."""
 
@@ -170,6 +181,11 @@ def handle_finalize_event(data: dict[str, Any], event_id: str = "") -> SubmitRes
         return None
     if name.endswith("/"):
         log_event("event_ignored", reason="folder placeholder", bucket=bucket, object=name, event_id=event_id)
+        return None
+    if _is_results_manifest(bucket, name):
+        # The product writes its manifests into the watched bucket: one taken for input would start a job
+        # whose manifest starts another, each creating listings again.
+        log_event("event_ignored", reason="results manifest", bucket=bucket, object=name, event_id=event_id)
         return None
     return submit_job(f"gs://{bucket}/{name}", generation=generation, source="event", actor=f"event:{event_id}")
 

@@ -100,3 +100,21 @@ def test_the_fanout_route_answers_a_mismatch_200_bad_payload(monkeypatch):
     resp = create_function_app("ingest").test_client().post("/fanout", json=CHUNK)
     assert resp.status_code == 200
     assert resp.get_json()["error"]["code"] == "bad_payload"
+
+
+def test_a_results_manifest_is_never_taken_for_input(monkeypatch):
+    """The product writes `results/{job}.csv` into the watched bucket: its finalize event is ignored and
+    a submit of it is refused, or each manifest would start a job whose manifest starts another."""
+    from shared import config, ingest
+    from shared.exceptions import BadRequestError
+
+    monkeypatch.setenv("UPCFAN_BUCKET", "watched")
+    config.settings.cache_clear()
+    submitted = []
+    monkeypatch.setattr(ingest.GcsObject, "stat", lambda *a, **k: submitted.append(a) or (_ for _ in ()).throw(
+        AssertionError("a manifest must not be read")))
+    assert ingest.handle_finalize_event({"bucket": "watched", "name": "results/j1.csv", "generation": "1"}) is None
+    with pytest.raises(BadRequestError) as exc:
+        ingest.submit_job("gs://watched/results/j1.r2.csv")
+    assert exc.value.code == "results_manifest" and "results manifest" in exc.value.message
+    assert submitted == []
