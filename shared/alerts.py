@@ -274,23 +274,30 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
     return SlackMessage(text=text, blocks=blocks)
 
 
-def notify_job_finished(job: dict[str, Any], *,
-                        post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
-    """Post the job-finished note; never raises (a failure is returned and logged, the job is unaffected)."""
+def _notify_job(note: str, build: Callable[[dict[str, Any]], SlackMessage], job: dict[str, Any],
+                post: Callable[[SlackMessage], SlackPostResult] | None, **log_fields: Any) -> SlackPostResult:
+    """Post one job note (`note`: started / finished); never raises: a failure is returned and logged,
+    the job is unaffected."""
     from shared.log import log_event
 
     job_id = (job or {}).get("job_id")
     try:
-        result = (post or post_message)(build_job_finished_message(job or {}))
-    except Exception as exc:  # noqa: BLE001 - a notification must never fail the progress check
-        result = SlackPostResult(ok=False, error=f"job-finished notice failed: {type(exc).__name__}: {exc}"[:300])
+        result = (post or post_message)(build(job or {}))
+    except Exception as exc:  # noqa: BLE001 - a notification must never fail the fan-out or the progress check
+        result = SlackPostResult(ok=False, error=f"job-{note} notice failed: {type(exc).__name__}: {exc}"[:300])
     if result.ok:
-        log_event("job_finished_notified", job_id=job_id, status=(job or {}).get("status"))
+        log_event(f"job_{note}_notified", job_id=job_id, **log_fields)
     elif result.status is None and not result.transient:  # no webhook configured: nothing to tell
-        log_event("job_finished_not_notified", job_id=job_id, reason=result.error)
+        log_event(f"job_{note}_not_notified", job_id=job_id, reason=result.error)
     else:
-        log_event("job_finished_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
+        log_event(f"job_{note}_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
     return result
+
+
+def notify_job_finished(job: dict[str, Any], *,
+                        post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
+    """Post the job-finished note; never raises."""
+    return _notify_job("finished", build_job_finished_message, job, post, status=(job or {}).get("status"))
 
 
 def build_job_started_message(job: dict[str, Any]) -> SlackMessage:
@@ -326,21 +333,8 @@ def build_job_started_message(job: dict[str, Any]) -> SlackMessage:
 
 def notify_job_started(job: dict[str, Any], *,
                        post: Callable[[SlackMessage], SlackPostResult] | None = None) -> SlackPostResult:
-    """Post the job-started note; never raises (a failure is returned and logged, the job is unaffected)."""
-    from shared.log import log_event
-
-    job_id = (job or {}).get("job_id")
-    try:
-        result = (post or post_message)(build_job_started_message(job or {}))
-    except Exception as exc:  # noqa: BLE001 - a notification must never fail the fan-out
-        result = SlackPostResult(ok=False, error=f"job-started notice failed: {type(exc).__name__}: {exc}"[:300])
-    if result.ok:
-        log_event("job_started_notified", job_id=job_id)
-    elif result.status is None and not result.transient:  # no webhook configured: nothing to tell
-        log_event("job_started_not_notified", job_id=job_id, reason=result.error)
-    else:
-        log_event("job_started_notify_failed", severity="WARNING", job_id=job_id, error=result.error)
-    return result
+    """Post the job-started note; never raises."""
+    return _notify_job("started", build_job_started_message, job, post)
 
 
 _PAUSE_WHY = {

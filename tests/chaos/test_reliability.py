@@ -74,9 +74,13 @@ def test_total_outage_longer_than_the_old_budget_ends_with_nothing_failed(reliab
 
     s, db = reliable, firestore_client()
     upcs = fresh_upcs(200)
-    # Every call answers 503 for longer than the old budget, then the marketplace is back by itself.
-    s.market("/_faults", {"outage_s": OUTAGE_S, "outage_status": 503})
+    # Every call answers 503 from before the file arrives; once items are failing (however long
+    # fan-out took), the outage goes on for longer than the old budget, then ends by itself.
+    s.market("/_faults", {"error_rate": 1.0, "status": 503})
     job_id = _submit(s.env, upcs)
+    poll(lambda: any(d.get("first_failed_at") for d in _items(db, job_id).values()), 240, 1.0,
+         f"items of {job_id} to fail in the outage")
+    s.market("/_faults", {"outage_s": OUTAGE_S, "outage_status": 503})
     poll(lambda: s.market("/_faults")["outage_s"] == 0, OUTAGE_S + 30, 1.0, "the outage to end")
     outage_calls = s.market("/_stats")["outage_calls"]
     assert outage_calls > 0
