@@ -126,7 +126,10 @@ def test_unauthorized_marketplace_pauses_the_job_once_and_resume_completes_it(re
     assert s.market("/_stats")["requests"] - calls_before == calls
     # Bounded by what was in flight when the first 401 came back plus what the job cache let through.
     assert 1 <= calls <= 120, calls
-    alerts = [m for m in slack.messages() if job_id in str(m)]
+    def pause_alerts() -> list[dict]:
+        return [m for m in slack.messages() if (m.get("text") or "").startswith(f"CRITICAL: upcfan job {job_id} paused")]
+
+    alerts = pause_alerts()
     assert len(alerts) == 1, alerts
     assert "resume" in str(alerts[0])
     items = _items(db, job_id)
@@ -140,6 +143,6 @@ def test_unauthorized_marketplace_pauses_the_job_once_and_resume_completes_it(re
     job = wait_job(db, job_id, {"completed", "completed_with_failures", "failed"}, timeout_s=240)
     assert job["status"] == "completed"
     assert {d["status"] for d in _items(db, job_id).values()} == {"succeeded"}
-    assert len([m for m in slack.messages() if job_id in str(m) and "paused" in str(m).lower()]) == 1
+    assert len(pause_alerts()) == 1
     _listed_once(s, upcs)
     print(f"\n  paused after {calls} marketplace calls; one alert; completed after resume")
