@@ -310,7 +310,7 @@ def build_job_started_message(job: dict[str, Any]) -> SlackMessage:
         f"invalid {int(totals.get('invalid') or 0)} · duplicate {int(totals.get('duplicate') or 0)} · "
         f"skipped {int(totals.get('skipped') or 0)}"
     )
-    handler = escape(job.get("handler") or "unknown")
+    handler = escape(job.get("handler") or (job.get("options") or {}).get("handler") or "unknown")
     follow = [f"upcfan status {job_id}", f"upcfan events {job_id}", f"upcfan pause {job_id}",
               f"upcfan cancel {job_id}", f"GET /api/batch/status/{job_id}"]
     text = (f"INFO: upcfan job {jid} started. File {escape(job.get('gcs_path') or 'unknown')}. {summary}. "

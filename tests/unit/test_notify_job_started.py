@@ -70,3 +70,10 @@ def test_every_note_sender_mounts_the_slack_webhook_in_production():
         assert f"{model.SLACK_ENV}={model.SLACK_SECRET}:latest" in flag, fn
         # Cloud Run refuses a revision whose service account cannot read a secret it mounts.
         assert (fn, "roles/secretmanager.secretAccessor", f"secret:{model.SLACK_SECRET}") in grants, fn
+
+
+def test_the_started_note_names_the_jobs_handler_from_its_options():
+    from shared.alerts import build_job_started_message
+
+    text = build_job_started_message({"job_id": "j1", "options": {"handler": "dry_run"}, "totals": {}}).text
+    assert "Handler dry_run" in text
