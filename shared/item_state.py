@@ -203,7 +203,7 @@ def cancel_queued(item: Item | None, at: dt.datetime) -> tuple[CancelKind, ItemW
         return CancelKind.NOT_QUEUED, None
     if item.started_in_current_round():
         return CancelKind.STARTED, None
-    return CancelKind.CANCELLED, cancelled_update(item, at, None, None)
+    return CancelKind.CANCELLED, cancelled_update(item, at, None, JOB_CANCELLED_CODE)
 
 
 # --------------------------------------------------------------------------------------------- complete
