@@ -2,7 +2,7 @@
 
 1. Fan-out speed: an N-UPC file (default 100k) dropped in the bucket → time until all N item
    tasks exist in the (paused) item queue, against a bare concurrent CreateTask loop with the
-   official client on the same emulator in the same run. Goal: ratio ≥ 0.8.
+   official client on the same emulator in the same run. Goal: ratio ≥ 0.9 (issue 17).
 2. Memory: peak RSS of a process running the real ingest code (plan + every chunk) on 1M
    lines vs 10k lines. Goal: ≤ 1.2×. Creating 1M items and tasks would take ~15 min on this
    machine, so the RSS runs classify every line with the enqueue step only counting (no item or
@@ -227,7 +227,7 @@ def main() -> None:
     rows = [
         ("bare CreateTask loop", f"{args.upcs:,} tasks", f"{base_s:.1f} s", f"{args.upcs / base_s:,.0f}/s"),
         ("ingest fan-out (upload→all tasks)", f"{args.upcs:,} tasks", f"{fan_s:.1f} s", f"{args.upcs / fan_s:,.0f}/s"),
-        ("ratio (goal ≥ 0.8)", "", f"{ratio:.2f}", ""),
+        ("ratio (goal ≥ 0.9)", "", f"{ratio:.2f}", ""),
         (f"ingest peak RSS {args.rss_small:,} lines", f"{small['chunks']} chunks", f"{small['maxrss_kib'] / 1024:.0f} MiB", ""),
         (f"ingest peak RSS {args.rss_large:,} lines", f"{large['chunks']} chunks", f"{large['maxrss_kib'] / 1024:.0f} MiB", ""),
         ("RSS ratio (goal ≤ 1.2)", "", f"{rss_ratio:.2f}", ""),
@@ -237,7 +237,7 @@ def main() -> None:
     print(f"job: {detail}")
     print("BENCH_RESULT " + json.dumps({
         "bench": "ingest", "upcs": args.upcs, "baseline_s": _num(base_s, 2), "fanout_s": _num(fan_s, 2),
-        "ratio": _num(ratio, 3), "goal_ratio": 0.8, "rss_small_kib": small["maxrss_kib"],
+        "ratio": _num(ratio, 3), "goal_ratio": 0.9, "rss_small_kib": small["maxrss_kib"],
         "rss_large_kib": large["maxrss_kib"], "rss_ratio": round(rss_ratio, 3), "goal_rss_ratio": 1.2}))
 
 

@@ -30,7 +30,7 @@ from shared.handlers.choice import HandlerChoice, job_handler_name
 from shared.lines import (BLOCK_BYTES, FileFormat, RawLine, Utf8Checker, classify_line, detect_binary,
                           iter_raw_lines, sniff_format)
 from shared.log import log_event
-from shared.model import Item, ItemStatus, JobStatus
+from shared.model import ITEM_BIRTH, ITEM_BIRTH_FANOUT, Item, ItemStatus, JobStatus
 from shared.naming import chunk_task_name_for, job_id_for, plan_task_name_for, task_name_for
 from shared.payloads import ChunkTask, ItemTask, PlanTask, describe_validation_error
 from shared.progress import check_job_progress
@@ -121,7 +121,7 @@ def submit_job(gcs_path: str, *, choice: HandlerChoice | None = None, source: st
         "status": JobStatus.INGESTING.value, "options": {**resolve_options(obj, choice), **(options or {})},
         "totals": None, "chunks_total": None, "round": 1, "counts": {},
         "created_at": now, "updated_at": now, "fanout_done_at": None, "last_progress_at": now,
-        "completed_at": None, "stall": None, "error": None,
+        "completed_at": None, "stall": None, "error": None, ITEM_BIRTH: ITEM_BIRTH_FANOUT,
     }
     created_event = Event("created", actor or source, now, {"gcs_path": obj.gcs_path, "generation": str(obj.generation),
                                                             "options": doc["options"]}, event_id="created")

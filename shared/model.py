@@ -60,6 +60,12 @@ EVENTS = "events"  # jobs/{job_id}/events/{auto}
 STALL_EVENTS = "stall_events"  # top level: stall_events/{auto}
 ALERT_STATE = "alert_state"  # top level: alert_state/{job_id or "systemic"}
 
+# jobs/{id}.item_birth: where the job's items are born. "fanout": every item document is created
+# (queued, attempt 0) before its task, so once fan-out is done no item is unborn and the sweeper's
+# never-claimed count needs one aggregation, not two. Absent on jobs from before (born at first claim).
+ITEM_BIRTH = "item_birth"
+ITEM_BIRTH_FANOUT = "fanout"
+
 # jobs/{id} fields set when a progress check could not be enqueued (shared/worker/progress_requests.py),
 # cleared by the next check; the sweeper reports a running job that carries them.
 PROGRESS_CHECK_MISSED_AT = "progress_check_missed_at"

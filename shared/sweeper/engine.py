@@ -19,7 +19,7 @@ from shared.sweeper.outbox import UNNOTIFIED, post_outbox
 from shared.sweeper.plan import JobPlan, plan_findings, plan_recovery
 from shared.sweeper.report import SweepReport
 from shared.sweeper.rules.base import MATCHED, Query, Rule, Where
-from shared.sweeper.store import FirestoreSweepStore, StoredDoc, SweepStore
+from shared.sweeper.store import AddStallEvent, FirestoreSweepStore, StoredDoc, SweepStore
 from shared.sweeper.systemic import plan_and_write_systemic
 
 # Never-claimed counts of the alerted jobs run in parallel.
@@ -62,7 +62,7 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
     report.checked = found.checked
     mark = report.phase_done("scan", started)
 
-    outbox = _flag(store, found, now, cfg, report)
+    outbox, records = _flag(store, found, now, cfg, report)
     mark = report.phase_done("flag", mark)
     systemic = plan_and_write_systemic(store, now, cfg)
     mark = report.phase_done("systemic", mark)
@@ -70,7 +70,7 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
         report.systemic = True
         outbox.append(systemic)
 
-    post_outbox(store, found.pending, outbox, url, now, report, systemic_posted=bool(systemic))
+    post_outbox(store, found.pending, outbox, url, now, report, systemic_posted=bool(systemic), records=records)
     report.phase_done("deliver", mark)
     report.documents_read = store.meter.reads - reads_before
     report.ms = round((time.monotonic() - started) * 1000, 1)
@@ -79,8 +79,9 @@ def run_sweep(now: dt.datetime | None = None, settings: Settings | None = None, 
 
 
 def _flag(store: SweepStore, found: Scan, now: dt.datetime, cfg: Settings,
-          report: SweepReport) -> list[tuple[str, alerts.SlackMessage]]:
-    """Plans and commits every finding and recovery; tallies them; returns the alerts to post."""
+          report: SweepReport) -> tuple[list[tuple[str, alerts.SlackMessage]], dict[str, dict]]:
+    """Plans and commits every finding and recovery; tallies them; returns the alerts to post and the
+    stall_events records written, by id."""
     with ThreadPoolExecutor(max_workers=COUNT_WORKERS) as pool:
         plans = plan_findings(store, list(found.findings.values()), found.cooldowns, now, cfg, pool)
     plans += [plan_recovery(store, j, now) for j in found.flagged if j["job_id"] not in found.findings]
@@ -90,7 +91,8 @@ def _flag(store: SweepStore, found: Scan, now: dt.datetime, cfg: Settings,
         alert = _tally(plan, i in moved, report)
         if alert is not None:
             outbox.append(alert)
-    return outbox
+    records = {w.event_id: w.record for p in plans for w in p.writes if isinstance(w, AddStallEvent)}
+    return outbox, records
 
 
 def _tally(plan: JobPlan, moved: bool, report: SweepReport) -> tuple[str, alerts.SlackMessage] | None:

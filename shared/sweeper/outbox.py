@@ -71,9 +71,11 @@ def _retry_queue(pending: list[StoredDoc]) -> list[tuple[str, alerts.SlackMessag
 
 
 def post_outbox(store: SweepStore, pending: list[StoredDoc], outbox: list[tuple[str, alerts.SlackMessage]],
-                url: str, now: dt.datetime, report: SweepReport, *, systemic_posted: bool = False) -> None:
+                url: str, now: dt.datetime, report: SweepReport, *, systemic_posted: bool = False,
+                records: dict[str, dict] | None = None) -> None:
     """Posts the systemic alert and earlier un-notified alerts first, then this sweep's; bounded, and
-    stops at the first outage. Outcomes are written back in one batch."""
+    stops at the first outage. Outcomes are written back in one batch. `records`: this sweep's own
+    stall_events records by id, so marking them needs no read (the pending ones were read by the scan)."""
     if systemic_posted and outbox:
         outbox = [outbox[-1]] + outbox[:-1]  # the systemic alert (last in) goes first
     queue = _retry_queue(pending) + [(event_id, msg, False, 0) for event_id, msg in outbox]
@@ -107,7 +109,7 @@ def post_outbox(store: SweepStore, pending: list[StoredDoc], outbox: list[tuple[
                   status=result.status)
         if result.transient:
             outage = result.error
-    store.write_notify_outcomes(outcomes)
+    store.write_notify_outcomes(outcomes, {d.id: d.data for d in pending} | (records or {}))
 
 
 def _outcome(state: NotifyState, error: str | None) -> dict[str, Any]:

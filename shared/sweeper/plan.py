@@ -15,7 +15,7 @@ from typing import Any
 from shared import alerts
 from shared.config import Settings
 from shared.log import log_event
-from shared.model import ITEMS, JOBS, ItemStatus
+from shared.model import ITEM_BIRTH_FANOUT, ITEMS, JOBS, ItemStatus
 from shared.sweeper import rules
 from shared.sweeper.decisions import FlagAction, decide_alert, decide_flag, moved_since_flag, prior_alert
 from shared.sweeper.findings import Finding, Severity, as_utc, never_claimed_from_snapshot, open_in_snapshot
@@ -79,15 +79,18 @@ def _reports_never_claimed(kind: str) -> bool:
 def never_claimed(store: SweepStore, job_id: str, job: dict, now: dt.datetime, cfg: Settings) -> int | None:
     """Items whose task never reached a worker: born at fan-out and never claimed (`queued`, attempt 0),
     plus, for jobs fanned out before items were born there, `totals.items - count(items)`. Two count
-    aggregations, only when the job's own snapshot cannot give the exact answer."""
+    aggregations, only when the job's own snapshot cannot give the exact answer; one for a job whose
+    items were all born at fan-out (`item_birth`), which has no unborn items once fan-out is done."""
     known, exact = never_claimed_from_snapshot(job)
     if exact:
         return known
-    total = int((job.get("totals") or {}).get("items"))
     items = f"{JOBS}/{job_id}/{ITEMS}"
-    born = store.count(Query(items, ()), now, cfg)
     unclaimed = store.count(Query(items, (Where("status", "==", lambda now, cfg: ItemStatus.QUEUED.value),
                                           Where("attempt", "==", lambda now, cfg: 0))), now, cfg)
+    if job.get("item_birth") == ITEM_BIRTH_FANOUT:
+        return unclaimed
+    total = int((job.get("totals") or {}).get("items"))
+    born = store.count(Query(items, ()), now, cfg)
     return max(0, total - born) + unclaimed
 
 

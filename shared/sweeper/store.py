@@ -127,8 +127,9 @@ class SweepStore(ABC):
         """One atomic write of a few records (the systemic alert)."""
 
     @abstractmethod
-    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]]) -> None:
-        """Fields onto stall_events records by id; a lost outcome costs one extra retry post, never a crash."""
+    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]], records: dict[str, dict] | None = None) -> None:
+        """Fields onto stall_events records by id; a lost outcome costs one extra retry post, never a crash.
+        `records`: the records this sweep already holds, by id (its own alerts and the pending ones it read)."""
 
 
 class FirestoreSweepStore(SweepStore):
@@ -223,7 +224,7 @@ class FirestoreSweepStore(SweepStore):
         self._write_all(batch, writes)
         batch.commit()
 
-    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]]) -> None:
+    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]], records: dict[str, dict] | None = None) -> None:
         from google.api_core import exceptions as gexc
 
         for i in range(0, len(outcomes), MARKS_PER_BATCH):
@@ -231,16 +232,17 @@ class FirestoreSweepStore(SweepStore):
             for event_id, fields in outcomes[i:i + MARKS_PER_BATCH]:
                 ref = self.db.collection(STALL_EVENTS).document(event_id)
                 batch.update(ref, fields)
-                if fields.get("notified"):  # the job's history says an alert reached people (one read per post)
-                    self._write_alert_sent_event(batch, ref, event_id, fields)
+                if fields.get("notified"):  # the job's history says an alert reached people
+                    self._write_alert_sent_event(batch, ref, event_id, fields, (records or {}).get(event_id))
             try:
                 batch.commit()
             except gexc.GoogleAPICallError as exc:  # a lost mark means one extra retry post, never a crash
                 log_event("stall_event_mark_failed", severity="WARNING", logger="upcfan.sweeper",
                           error=type(exc).__name__)
 
-    def _write_alert_sent_event(self, batch, ref, stall_event_id: str, fields: dict) -> None:
-        record = ref.get().to_dict() or {}
+    def _write_alert_sent_event(self, batch, ref, stall_event_id: str, fields: dict, record: dict | None) -> None:
+        if record is None:  # not held by this sweep: one read
+            record = ref.get().to_dict() or {}
         job_id = record.get("job_id")
         if not job_id or record.get("kind") == "systemic":  # the systemic alert names no one job
             return

@@ -82,7 +82,7 @@ class InMemorySweepStore(SweepStore):
     def write_together(self, writes: list[Write]) -> None:
         self._write_all(writes)
 
-    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]]) -> None:
+    def write_notify_outcomes(self, outcomes: list[tuple[str, dict]], records: dict[str, dict] | None = None) -> None:
         for event_id, fields in outcomes:
             path = f"{STALL_EVENTS}/{event_id}"
             if path in self.docs:

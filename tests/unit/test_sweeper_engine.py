@@ -185,3 +185,19 @@ def test_no_webhook_leaves_alerts_pending_for_the_next_sweep(mem, posts):
     assert r.retried == 1 and r.alerts_held == 0
     [record] = mem.collection(STALL_EVENTS).values()
     assert record["notify_state"] == "sent"
+
+
+@pytest.mark.parametrize("item_birth, counts", [("fanout", 1), (None, 2)])
+def test_never_claimed_costs_one_count_for_items_born_at_fanout(item_birth, counts):
+    from shared.sweeper.plan import never_claimed
+
+    store = InMemorySweepStore()
+    job = {"job_id": "j", "status": "running", "totals": {"items": 4}, "fanout_done_at": T0,
+           "counts": {"queued": 3, "succeeded": 1}}
+    if item_birth:
+        job["item_birth"] = item_birth
+    for gtin, status, attempt in (("1", "queued", 0), ("2", "queued", 0), ("3", "queued", 1), ("4", "succeeded", 1)):
+        store.put(f"{JOBS}/j/items/{gtin}", {"job_id": "j", "status": status, "attempt": attempt})
+    before = store.meter.reads
+    assert never_claimed(store, "j", job, T0, CFG) == 2
+    assert store.meter.reads - before == counts  # an aggregation over < 1000 entries costs 1 read
