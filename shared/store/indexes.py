@@ -98,6 +98,13 @@ QUERIES: tuple[QueryShape, ...] = (
     QueryShape("sweeper systemic episodes", ALERT_STATE, range=("episode_at", ASC)),
 )
 
+# Queries people run (console, gcloud), not the code: kept indexed on purpose. Never on a HIGH_RATE
+# collection (an index for a person's occasional query is not worth a write hot spot).
+MANUAL_QUERIES: tuple[QueryShape, ...] = (
+    QueryShape("operator: one job's stall history, oldest first (console; docs/operations.md, stall alerts)", STALL_EVENTS,
+               equals=("job_id",), range=("detected_at", ASC)),
+)
+
 
 @dataclass(frozen=True)
 class StoredField:
@@ -133,7 +140,7 @@ FIELDS: dict[str, tuple[StoredField, ...]] = {
 def needed_single_fields(collection_group: str) -> dict[str, set[tuple[str, str]]]:
     """field -> {(mode, scope)} of the single-field indexes the queries need on this collection group."""
     out: dict[str, set[tuple[str, str]]] = {}
-    for q in QUERIES:
+    for q in QUERIES + MANUAL_QUERIES:
         if q.collection_group == collection_group:
             for field, mode, scope in q.single_fields():
                 out.setdefault(field, set()).add((mode, scope))
@@ -141,7 +148,7 @@ def needed_single_fields(collection_group: str) -> dict[str, set[tuple[str, str]
 
 
 def needed_composites() -> set[tuple[str, str, tuple[tuple[str, str], ...]]]:
-    return {c for q in QUERIES if (c := q.composite()) is not None}
+    return {c for q in QUERIES + MANUAL_QUERIES if (c := q.composite()) is not None}
 
 
 def field_overrides() -> list[dict]:
