@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.cloud import firestore
 
+from shared.naming import lease_shard_for
 from shared import sweeper
 from shared.sweeper import engine, store
 from shared.config import load_settings
@@ -105,7 +106,7 @@ def make_job(db, *, status="running", last_progress=None, created=None, fanout=N
 def make_item(db, job_id, gtin, *, status="processing", lease_expires=None):
     db.collection(JOBS).document(job_id).collection(ITEMS).document(gtin).set({
         "job_id": job_id, "gtin": gtin, "status": status, "attempt": 1, "round": 1,
-        "lease_expires_at": lease_expires or T0, "lease_owner": "w1",
+        "lease_expires_at": lease_expires or T0, "lease_owner": "w1", "lease_shard": lease_shard_for(gtin),
     })
 
 
