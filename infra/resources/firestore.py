@@ -11,6 +11,7 @@ drift: that is the audit), and its update is awaited.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from pathlib import Path
 
@@ -182,7 +183,13 @@ class FieldOverride(Resource):
             return
         op = client.update_field(request=firestore_admin_v1.UpdateFieldRequest(
             field=field, update_mask=field_mask_pb2.FieldMask(paths=paths)))
-        op.result(timeout=FIELD_UPDATE_TIMEOUT_S)
+        try:
+            op.result(timeout=FIELD_UPDATE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError as exc:
+            raise RuntimeError(
+                f"field override {self.name} ({', '.join(paths)}) still in progress after "
+                f"{FIELD_UPDATE_TIMEOUT_S:.0f} s (a large collection's index entries are being changed); "
+                "run apply again once `plan` shows it done") from exc
 
 
 def load_index_file(path: Path, project: str) -> tuple[list[CompositeIndex], list[FieldOverride]]:

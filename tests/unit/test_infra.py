@@ -341,6 +341,24 @@ def test_field_overrides_leave_fields_not_in_the_file_alone(tmp_path):
     assert touched == {f"projects/{PROJECT}/databases/(default)/collectionGroups/items/fields/heartbeat_at"}
 
 
+def test_field_override_still_in_progress_stops_apply_with_a_specific_message(tmp_path):
+    import concurrent.futures
+
+    fakes = deployed_fakes()
+
+    class Slow:
+        def result(self, timeout=None):
+            raise concurrent.futures.TimeoutError()
+
+    admin = fakes["firestore_admin"]
+    real = admin.update_field
+    admin.update_field = lambda request: (real(request), Slow())[1]
+    path = _override_file(tmp_path, [{"collectionGroup": "items", "fieldPath": "heartbeat_at", "indexes": []}])
+    resources = [r for r in stack.build(desired(), index_file=path) if r.kind == "firestore.field"]
+    with pytest.raises(RuntimeError, match="items/fields/heartbeat_at .index_config. still in progress after 900 s"):
+        runner.apply(resources, Clients(overrides=fakes))
+
+
 @pytest.mark.parametrize("override, message", [
     ({"collectionGroup": "items", "fieldPath": "x"}, "no \"indexes\" list"),
     ({"collectionGroup": "items", "fieldPath": "x", "indexes": [{"queryScope": "COLLECTION"}]}, "needs order"),
