@@ -105,7 +105,8 @@ def _field_mode(f) -> str:
 # "inherited"): ascending, descending and array-contains, collection scope.
 INHERITED = "inherited"
 # Changing a field's indexes is a long-running operation (index entries are added or removed); apply
-# waits for each before the next, as Firestore runs index changes of one database one after another.
+# waits for each before the next, so a failure or a slow change names its field and the next `plan`
+# sees finished states only.
 FIELD_UPDATE_TIMEOUT_S = 900.0
 
 
@@ -131,7 +132,7 @@ class FieldOverride(Resource):
         return f"{_db_path(self.project)}/collectionGroups/{self.collection_group}/fields/{self.field_path}"
 
     def desired(self) -> dict:
-        want: dict = {"indexes": [f"{m}:{s}" for m, s in self.indexes]}
+        want: dict = {"indexes": sorted(f"{m}:{s}" for m, s in self.indexes)}
         if self.ttl:
             want["ttl_config"] = "enabled"
         return want
