@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
+from shared.naming import lease_shard_for  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
 MIN = dt.timedelta(minutes=1)
@@ -125,7 +126,8 @@ def seed(db, n_jobs: int, n_stalled: int, items_per_stalled: int) -> float:
     for job_id in stalled_ids:
         for k in range(items_per_stalled):
             docs.append((f"jobs/{job_id}/items/{k:014d}", {"job_id": job_id, "gtin": f"{k:014d}", "attempt": 0,
-                                                             "status": "queued", "lease_expires_at": None}))
+                                                             "status": "queued", "lease_expires_at": None,
+                                                             "lease_shard": lease_shard_for(f"{k:014d}")}))
 
     def write(chunk):
         batch = db.batch()

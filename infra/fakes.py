@@ -247,19 +247,35 @@ class FakeFirestoreAdmin(Recorder):
         return _Op(ix)
 
     def get_field(self, request):
+        """A field without an override answers like the API: its config inherited from the
+        database's default (`uses_ancestor_config`, ascending, descending and array-contains)."""
         from google.cloud import firestore_admin_v1
 
         f = self.fields.get(request.name)
-        return f if f is not None else firestore_admin_v1.Field(name=request.name)
+        if f is not None:
+            return type(f).deserialize(type(f).serialize(f))
+        Field, Index = firestore_admin_v1.Field, firestore_admin_v1.Index
+        path = request.name.rsplit("/", 1)[-1]
+        defaults = [Index(query_scope=Index.QueryScope.COLLECTION, fields=[Index.IndexField(field_path=path, order=o)])
+                    for o in (Index.IndexField.Order.ASCENDING, Index.IndexField.Order.DESCENDING)]
+        defaults.append(Index(query_scope=Index.QueryScope.COLLECTION, fields=[Index.IndexField(
+            field_path=path, array_config=Index.IndexField.ArrayConfig.CONTAINS)]))
+        ancestor = request.name.rsplit("/collectionGroups/", 1)[0] + "/collectionGroups/__default__/fields/*"
+        return Field(name=request.name, index_config=Field.IndexConfig(
+            indexes=defaults, uses_ancestor_config=True, ancestor_field=ancestor))
 
     def update_field(self, request):
+        """Merges the masked parts into the field's stored override (a TTL set earlier stays when
+        only the indexes change, as in the API)."""
         from google.cloud import firestore_admin_v1
 
         self._record("update_field", request)
-        f = firestore_admin_v1.Field(name=request.field.name)
+        f = self.fields.get(request.field.name) or firestore_admin_v1.Field(name=request.field.name)
         _merge(f, request.field, request.update_mask.paths)
-        if "ttl_config" in f:
+        if "ttl_config" in request.update_mask.paths:
             f.ttl_config.state = firestore_admin_v1.Field.TtlConfig.State.CREATING
+        if "index_config" in request.update_mask.paths:
+            f.index_config.uses_ancestor_config = False
         self.fields[request.field.name] = f
         return _Op(f)
 

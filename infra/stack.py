@@ -88,11 +88,11 @@ def build(d: Desired, index_file: Path | None = INDEX_FILE) -> list[Resource]:
     before, after = iam_bindings(d)
     out.extend(before)
 
-    # 5. Firestore indexes and TTL policies
+    # 5. Firestore indexes and field overrides (exemptions of unqueried item fields, TTL policies)
     if index_file is not None and Path(index_file).exists():
-        indexes, ttls = load_index_file(Path(index_file), d.project)
+        indexes, overrides = load_index_file(Path(index_file), d.project)
         out.extend(indexes)
-        out.extend(ttls)
+        out.extend(overrides)
 
     # 6. who watches the watcher: the sweep counter and the alert on its absence (neither needs the
     # functions; the policy only alerts once sweeps were expected for three periods)

@@ -26,7 +26,7 @@ from typing import Any, Union
 from shared.durations import format_duration
 from shared.exceptions import ItemError
 from shared.model import RETRY_OWNER_PREFIX, Item, ItemStatus, as_utc
-from shared.naming import task_name_for
+from shared.naming import lease_shard_for, task_name_for
 from shared.payloads import ItemTask
 
 JOB_CANCELLED_CODE = "job_cancelled"
@@ -69,6 +69,7 @@ def new_item(task: ItemTask, task_name: str, at: dt.datetime, status: ItemStatus
         "attempt": attempt,
         "round": task.round,
         "lease_owner": owner if leased else None,
+        "lease_shard": lease_shard_for(task.gtin),
         "lease_expires_at": lease_until if leased else None,
         "heartbeat_at": at if leased else None,
         "task_name": task_name,
@@ -139,6 +140,8 @@ def claim(item: Item | None, task: ItemTask, task_name: str, owner: str, at: dt.
         "attempt": attempt,
         "round": new_round,
         "lease_owner": owner,
+        # Items born before the shard existed get it at their next claim, before they can overrun.
+        "lease_shard": lease_shard_for(item.gtin),
         "lease_expires_at": lease_until,
         "heartbeat_at": at,
         "task_name": task_name,

@@ -32,6 +32,17 @@ def task_name_for(job_id: str, gtin: str, round_: int) -> str:
     return name
 
 
+# Spreads the index the sweeper's lease-overrun query uses (items CG: status, lease_shard,
+# lease_expires_at): claims and heartbeats write lease times near "now + lease", one insertion point
+# per shard instead of one for every item in flight (Firestore: ~500 writes/s per sequential range).
+LEASE_SHARDS = 16
+
+
+def lease_shard_for(gtin: str) -> int:
+    """An item's lease shard, 0..LEASE_SHARDS-1: fixed per GTIN, spread evenly by a hash."""
+    return int(_short_hash(f"lease:{gtin}", 8), 16) % LEASE_SHARDS
+
+
 def redrive_task_name_for(job_id: str, gtin: str, round_: int, redrive: int) -> str:
     """Task id for an operator's re-drive `redrive` (1, 2, …) of one item in one round: the round's task
     id plus `-d{redrive}`. A new name because the round's own name may be tombstoned (Cloud Tasks keeps a

@@ -1,18 +1,23 @@
-"""Firestore composite indexes (from firestore.indexes.json) and TTL policies.
+"""Firestore composite indexes and field overrides (single-field indexes, exemptions, TTL), all
+from firestore.indexes.json.
 
-Indexes are immutable: a missing one is created, an existing one (any state) is left alone,
-and indexes not in the file are never deleted. Index creation returns a long-running
-operation that is not awaited (builds take minutes); `plan` then reports it as existing.
+Composite indexes are immutable: a missing one is created, an existing one (any state) is left
+alone, and indexes not in the file are never deleted (one a query no longer needs is removed by
+hand, after the code that used it is gone: docs/operations.md). Index creation returns a
+long-running operation that is not awaited (builds take minutes); `plan` then reports it as
+existing. A field override is changed only where it differs from the file (`plan` lists the
+drift: that is the audit), and its update is awaited.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from pathlib import Path
 
 from google.api_core import exceptions as gexc
 
-from infra.resources.base import CREATE, Change, Resource
+from infra.resources.base import CREATE, UPDATE, Change, Resource
 
 DATABASE = "(default)"
 
@@ -96,21 +101,41 @@ def _field_mode(f) -> str:
     return "UNSPECIFIED"
 
 
-class TtlPolicy(Resource):
-    kind = "firestore.ttl"
+# Firestore's default single-field indexes of a field without an override (what `read` reports as
+# "inherited"): ascending, descending and array-contains, collection scope.
+INHERITED = "inherited"
+# Changing a field's indexes is a long-running operation (index entries are added or removed); apply
+# waits for each before the next, so a failure or a slow change names its field and the next `plan`
+# sees finished states only.
+FIELD_UPDATE_TIMEOUT_S = 900.0
+
+
+class FieldOverride(Resource):
+    """One `fieldOverrides` entry: the field's single-field indexes (exactly those listed; none =
+    exempt) and, when the entry says `ttl: true`, its TTL policy. Only the parts the file declares
+    are managed: a TTL the file does not ask for is left as it is, and fields not in the file are
+    never read or changed."""
+
+    kind = "firestore.field"
     client_name = "firestore_admin"
 
-    def __init__(self, project: str, collection_group: str, field_path: str):
+    def __init__(self, project: str, collection_group: str, field_path: str, indexes: list[tuple[str, str]],
+                 ttl: bool = False):
         self.project = project
         self.collection_group = collection_group
         self.field_path = field_path
+        self.indexes = sorted({(m.upper(), s.upper()) for m, s in indexes})  # (ASCENDING|DESCENDING|CONTAINS, scope)
+        self.ttl = ttl
 
     @property
     def name(self) -> str:
         return f"{_db_path(self.project)}/collectionGroups/{self.collection_group}/fields/{self.field_path}"
 
     def desired(self) -> dict:
-        return {"ttl_config": "enabled"}
+        want: dict = {"indexes": sorted(f"{m}:{s}" for m, s in self.indexes)}
+        if self.ttl:
+            want["ttl_config"] = "enabled"
+        return want
 
     def read(self, client) -> dict | None:
         from google.cloud import firestore_admin_v1
@@ -118,26 +143,59 @@ class TtlPolicy(Resource):
         try:
             f = client.get_field(request=firestore_admin_v1.GetFieldRequest(name=self.name))
         except gexc.NotFound:
-            return {"ttl_config": "disabled"}
-        # ttl_config present (CREATING / ACTIVE / NEEDS_REPAIR) means the policy exists.
-        if "ttl_config" in f:
-            return {"ttl_config": "enabled"}
-        return {"ttl_config": "disabled"}
+            f = None
+        got: dict = {"indexes": INHERITED}
+        if f is not None and "index_config" in f and not f.index_config.uses_ancestor_config:
+            got["indexes"] = sorted(f"{_field_mode(ix.fields[0])}:{firestore_admin_v1.Index.QueryScope(ix.query_scope).name}"
+                                    for ix in f.index_config.indexes if ix.fields)
+        if self.ttl:
+            # ttl_config present (CREATING / ACTIVE / NEEDS_REPAIR) means the policy exists.
+            got["ttl_config"] = "enabled" if f is not None and "ttl_config" in f else "disabled"
+        return got
+
+    def diff(self, actual):
+        change = super().diff(actual)
+        # The API always answers for a field (its inherited config when it has no override): an
+        # override that differs is an update of the field, never a create.
+        if change.action == CREATE:
+            change.action = UPDATE
+        return change
 
     def apply(self, client, change: Change) -> None:
         from google.cloud import firestore_admin_v1
         from google.protobuf import field_mask_pb2
 
-        client.update_field(
-            request=firestore_admin_v1.UpdateFieldRequest(
-                field=firestore_admin_v1.Field(name=self.name, ttl_config=firestore_admin_v1.Field.TtlConfig()),
-                update_mask=field_mask_pb2.FieldMask(paths=["ttl_config"]),
-            )
-        )
+        Field, Index = firestore_admin_v1.Field, firestore_admin_v1.Index
+        field = Field(name=self.name)
+        paths = []
+        if "indexes" in change.fields:
+            indexes = []
+            for mode, scope in self.indexes:
+                ix_field = (Index.IndexField(field_path=self.field_path, array_config=Index.IndexField.ArrayConfig.CONTAINS)
+                            if mode == "CONTAINS" else
+                            Index.IndexField(field_path=self.field_path, order=Index.IndexField.Order[mode]))
+                indexes.append(Index(query_scope=Index.QueryScope[scope], fields=[ix_field]))
+            field.index_config = Field.IndexConfig(indexes=indexes)
+            paths.append("index_config")
+        if "ttl_config" in change.fields:
+            field.ttl_config = Field.TtlConfig()
+            paths.append("ttl_config")
+        if not paths:
+            return
+        op = client.update_field(request=firestore_admin_v1.UpdateFieldRequest(
+            field=field, update_mask=field_mask_pb2.FieldMask(paths=paths)))
+        try:
+            op.result(timeout=FIELD_UPDATE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError as exc:
+            raise RuntimeError(
+                f"field override {self.name} ({', '.join(paths)}) still in progress after "
+                f"{FIELD_UPDATE_TIMEOUT_S:.0f} s (a large collection's index entries are being changed); "
+                "run apply again once `plan` shows it done") from exc
 
 
-def load_index_file(path: Path, project: str) -> tuple[list[CompositeIndex], list[TtlPolicy]]:
-    """Composite indexes and TTL field overrides from a firestore.indexes.json (Firebase CLI format)."""
+def load_index_file(path: Path, project: str) -> tuple[list[CompositeIndex], list[FieldOverride]]:
+    """Composite indexes and field overrides (single-field indexes, exemptions, TTL) from a
+    firestore.indexes.json (Firebase CLI format)."""
     data = json.loads(Path(path).read_text())
     indexes = [
         CompositeIndex(
@@ -153,9 +211,20 @@ def load_index_file(path: Path, project: str) -> tuple[list[CompositeIndex], lis
         if ix.name in seen:
             raise ValueError(f"{path}: index {ix.name} is declared twice")
         seen.add(ix.name)
-    ttls = [
-        TtlPolicy(project, fo["collectionGroup"], fo["fieldPath"])
-        for fo in data.get("fieldOverrides", [])
-        if fo.get("ttl")
-    ]
-    return indexes, ttls
+    overrides = []
+    for fo in data.get("fieldOverrides", []):
+        where = f"{path}: field override {fo.get('collectionGroup')}.{fo.get('fieldPath')}"
+        if "indexes" not in fo:
+            raise ValueError(f"{where} has no \"indexes\" list (an empty list exempts the field)")
+        modes = []
+        for ix in fo["indexes"]:
+            mode = ix.get("order") or ("CONTAINS" if ix.get("arrayConfig") == "CONTAINS" else None)
+            if mode not in ("ASCENDING", "DESCENDING", "CONTAINS"):
+                raise ValueError(f"{where}: index {ix} needs order ASCENDING|DESCENDING or arrayConfig CONTAINS")
+            modes.append((mode, ix.get("queryScope", "COLLECTION")))
+        override = FieldOverride(project, fo["collectionGroup"], fo["fieldPath"], modes, ttl=bool(fo.get("ttl")))
+        if override.name in seen:
+            raise ValueError(f"{where} is declared twice")
+        seen.add(override.name)
+        overrides.append(override)
+    return indexes, overrides

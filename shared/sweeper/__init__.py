@@ -25,7 +25,7 @@ row is in its module's docstring; its index is `Rule.index`, kept in firestore.i
 | `no_progress`, `queued_stall` (rules/running.py) | jobs `status == running AND last_progress_at < now - min(stall, queued_stall)`; classified in memory | jobs (status, last_progress_at) |
 | `ingesting_stall` (rules/ingesting.py) | jobs `status == ingesting AND created_at < now - ingesting_stall` | jobs (status, created_at) |
 | `progress_check_missed` (rules/progress_missed.py) | jobs `status == running AND progress_check_missed_at < now - 2 min` | jobs (status, progress_check_missed_at) |
-| `lease_overrun` (rules/lease_overrun.py) | group `items` `status == processing AND lease_expires_at < now - overrun` | items CG (status, lease_expires_at) |
+| `lease_overrun` (rules/lease_overrun.py) | group `items` `status == processing AND lease_shard in [0..15] AND lease_expires_at < now - overrun` | items CG (status, lease_shard, lease_expires_at) |
 | flagged jobs (recovery check) | jobs `stall.flagged_at > epoch` | automatic single-field index |
 | per-job cooldown | none: read from the finding's own `stall.last_alert_at/last_severity` | — |
 | systemic cooldown | get `alert_state/systemic`, only when the count reaches the threshold | — |

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from google.cloud import firestore
 
+from shared.naming import lease_shard_for
 from shared import sweeper
 from shared.sweeper import engine, store
 from shared.config import load_settings
@@ -105,7 +106,7 @@ def make_job(db, *, status="running", last_progress=None, created=None, fanout=N
 def make_item(db, job_id, gtin, *, status="processing", lease_expires=None):
     db.collection(JOBS).document(job_id).collection(ITEMS).document(gtin).set({
         "job_id": job_id, "gtin": gtin, "status": status, "attempt": 1, "round": 1,
-        "lease_expires_at": lease_expires or T0, "lease_owner": "w1",
+        "lease_expires_at": lease_expires or T0, "lease_owner": "w1", "lease_shard": lease_shard_for(gtin),
     })
 
 
@@ -511,3 +512,30 @@ def test_a_missed_progress_check_is_reported_until_a_check_runs(env, sink):
     db.collection(JOBS).document(jid).update({"progress_check_missed_at": None})
     r2 = sweep(env, sink, T0 + MIN)
     assert r2.recovered == 1 and job(db, jid)["stall"] is None
+
+
+def test_lease_overrun_finds_overrun_items_in_every_lease_shard(env, sink):
+    """The sharded query (`lease_shard in [0..15]`) reads what the unsharded one did: overrun items of
+    every shard, none of a live lease; and an item still processing from before shards existed has
+    none, so it is not matched (docs/architecture.md, Firestore write rate)."""
+    from shared.naming import LEASE_SHARDS
+
+    db, _ = env
+    jid = make_job(db, last_progress=T0 - 1 * MIN)  # moving: only its items can flag it
+    by_shard: dict[int, str] = {}
+    n = 0
+    while len(by_shard) < LEASE_SHARDS:
+        gtin = f"{n:014d}"
+        by_shard.setdefault(lease_shard_for(gtin), gtin)
+        n += 1
+    for gtin in by_shard.values():
+        make_item(db, jid, gtin, status="processing", lease_expires=T0 - 30 * MIN)
+    make_item(db, jid, "09999999999999", status="processing", lease_expires=T0 + 1 * MIN)  # live lease
+    legacy = "09999999999990"
+    make_item(db, jid, legacy, status="processing", lease_expires=T0 - 30 * MIN)
+    db.collection(JOBS).document(jid).collection(ITEMS).document(legacy).update({"lease_shard": firestore.DELETE_FIELD})
+    r = sweep(env, sink, T0)
+    (finding,) = [f for f in r.findings if f["job_id"] == jid]
+    assert finding["kind"] == "lease_overrun"
+    flag = job(db, jid)["stall"]
+    assert flag["kind"] == "lease_overrun" and f"{LEASE_SHARDS} item(s) processing" in flag["reason"]

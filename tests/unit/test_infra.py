@@ -237,7 +237,7 @@ def test_index_file_has_the_indexes_the_architecture_implies():
         ("jobs", "COLLECTION", (("status", A), ("created_at", A))),
         ("jobs", "COLLECTION", (("gcs_path", A), ("created_at", D))),
         ("jobs", "COLLECTION", (("status", A), ("created_at", D))),
-        ("items", "COLLECTION_GROUP", (("status", A), ("lease_expires_at", A))),
+        ("items", "COLLECTION_GROUP", (("status", A), ("lease_shard", A), ("lease_expires_at", A))),
         ("stall_events", "COLLECTION", (("job_id", A), ("detected_at", A))),
         # queries in the code: api job list with both filters, sweeper's un-notified alert retry
         ("jobs", "COLLECTION", (("status", A), ("gcs_path", A), ("created_at", D))),
@@ -251,14 +251,123 @@ def test_index_file_has_the_indexes_the_architecture_implies():
 def test_index_file_has_no_duplicates_and_duplicates_are_rejected(tmp_path):
     from infra.resources.firestore import load_index_file
 
-    indexes, ttls = load_index_file(stack.INDEX_FILE, PROJECT)
-    assert len({i.name for i in indexes}) == len(indexes) and len(ttls) == 2
+    indexes, overrides = load_index_file(stack.INDEX_FILE, PROJECT)
+    assert len({i.name for i in indexes}) == len(indexes) and len({o.name for o in overrides}) == len(overrides)
+    assert sum(o.ttl for o in overrides) == 2
     data = json.loads(stack.INDEX_FILE.read_text())
     data["indexes"].append(data["indexes"][0])
     dup = tmp_path / "firestore.indexes.json"
     dup.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="declared twice"):
         load_index_file(dup, PROJECT)
+
+
+# ---- Firestore field overrides (exemptions, single-field indexes, TTL) -------------------
+
+def _override_file(tmp_path, overrides) -> Path:
+    path = tmp_path / "firestore.indexes.json"
+    path.write_text(json.dumps({"indexes": [], "fieldOverrides": overrides}))
+    return path
+
+
+def _field_changes(changes):
+    return [c for c in changes if c.resource.kind == "firestore.field"]
+
+
+def test_field_overrides_apply_exactly_the_file_and_then_plan_clean():
+    from google.cloud import firestore_admin_v1
+
+    fakes = deployed_fakes()
+    clients = Clients(overrides=fakes)
+    resources = stack.build(desired())
+    first = _field_changes(runner.plan(resources, clients))
+    data = json.loads(stack.INDEX_FILE.read_text())
+    assert len(first) == len(data["fieldOverrides"]) and all(c.action == UPDATE for c in first)
+    runner.apply(resources, clients)
+    admin = fakes["firestore_admin"]
+    base = f"projects/{PROJECT}/databases/(default)/collectionGroups"
+    field = lambda group, name: admin.fields[f"{base}/{group}/fields/{name}"]  # noqa: E731
+    created = field("items", "created_at")
+    assert not created.index_config.uses_ancestor_config and list(created.index_config.indexes) == []
+    line = field("items", "line")
+    (ix,) = line.index_config.indexes
+    assert ix.query_scope == firestore_admin_v1.Index.QueryScope.COLLECTION
+    assert ix.fields[0].order == firestore_admin_v1.Index.IndexField.Order.ASCENDING
+    ttl = field("events", "expire_at")
+    assert "ttl_config" in ttl and list(ttl.index_config.indexes) == []
+    # idempotent: a second plan changes nothing, a second apply makes no call
+    assert [c.render() for c in _field_changes(runner.plan(resources, clients)) if c.action != NOOP] == []
+    calls = len(admin.calls)
+    runner.apply(resources, clients)
+    assert len(admin.calls) == calls
+
+
+def test_field_override_drift_is_reported_and_only_the_drifted_part_is_sent(tmp_path):
+    fakes = deployed_fakes()
+    clients = Clients(overrides=fakes)
+    path = _override_file(tmp_path, [
+        {"collectionGroup": "items", "fieldPath": "updated_at", "indexes": []},
+        {"collectionGroup": "events", "fieldPath": "expire_at", "ttl": True, "indexes": []},
+    ])
+    resources = [r for r in stack.build(desired(), index_file=path) if r.kind == "firestore.field"]
+    runner.apply(resources, clients)
+    admin = fakes["firestore_admin"]
+    # someone re-enables the automatic indexes on updated_at by hand (console: "revert to default")
+    from google.cloud import firestore_admin_v1
+
+    name = resources[0].name
+    admin.fields.pop(name)
+    changes = runner.plan(resources, clients)
+    drift = [c for c in changes if c.action != NOOP]
+    assert [c.resource.name for c in drift] == [name]
+    assert drift[0].fields["indexes"] == ("inherited", [])
+    assert "inherited" in drift[0].render()
+    before = len(admin.calls)
+    runner.apply(resources, clients)
+    (method, request), = admin.calls[before:]
+    assert method == "update_field" and list(request.update_mask.paths) == ["index_config"]
+    assert isinstance(request, firestore_admin_v1.UpdateFieldRequest)
+    # the TTL field kept its policy when only its indexes were written, and nothing else was touched
+    assert "ttl_config" in admin.fields[resources[1].name]
+
+
+def test_field_overrides_leave_fields_not_in_the_file_alone(tmp_path):
+    fakes = deployed_fakes()
+    clients = Clients(overrides=fakes)
+    path = _override_file(tmp_path, [{"collectionGroup": "items", "fieldPath": "heartbeat_at", "indexes": []}])
+    runner.apply(stack.build(desired(), index_file=path), clients)
+    admin = fakes["firestore_admin"]
+    touched = {r.field.name for m, r in admin.calls if m == "update_field"}
+    assert touched == {f"projects/{PROJECT}/databases/(default)/collectionGroups/items/fields/heartbeat_at"}
+
+
+def test_field_override_still_in_progress_stops_apply_with_a_specific_message(tmp_path):
+    import concurrent.futures
+
+    fakes = deployed_fakes()
+
+    class Slow:
+        def result(self, timeout=None):
+            raise concurrent.futures.TimeoutError()
+
+    admin = fakes["firestore_admin"]
+    real = admin.update_field
+    admin.update_field = lambda request: (real(request), Slow())[1]
+    path = _override_file(tmp_path, [{"collectionGroup": "items", "fieldPath": "heartbeat_at", "indexes": []}])
+    resources = [r for r in stack.build(desired(), index_file=path) if r.kind == "firestore.field"]
+    with pytest.raises(RuntimeError, match="items/fields/heartbeat_at .index_config. still in progress after 900 s"):
+        runner.apply(resources, Clients(overrides=fakes))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"collectionGroup": "items", "fieldPath": "x"}, "no \"indexes\" list"),
+    ({"collectionGroup": "items", "fieldPath": "x", "indexes": [{"queryScope": "COLLECTION"}]}, "needs order"),
+])
+def test_bad_field_override_is_refused_with_a_specific_error(tmp_path, override, message):
+    from infra.resources.firestore import load_index_file
+
+    with pytest.raises(ValueError, match=message):
+        load_index_file(_override_file(tmp_path, [override]), PROJECT)
 
 
 def test_operations_doc_states_the_shard_arithmetic():

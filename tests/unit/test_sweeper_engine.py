@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sweeper_fakes import InMemorySweepStore
 
+from shared.naming import lease_shard_for
 from shared import alerts
 from shared.config import load_settings
 from shared.model import ALERT_STATE, JOBS, STALL_EVENTS
@@ -149,10 +150,10 @@ def test_a_job_that_moved_after_the_scan_is_left_alone(mem, posts, monkeypatch):
 
 def test_lease_overrun_reads_the_jobs_no_other_query_returned(mem, posts):
     _job(mem, "busy")  # running and moving: only its stuck item finds it
-    mem.put(f"{JOBS}/busy/items/00000000000017", {"status": "processing", "gtin": "00000000000017",
+    mem.put(f"{JOBS}/busy/items/00000000000017", {"status": "processing", "gtin": "00000000000017", "lease_shard": lease_shard_for("00000000000017"),
                                                   "lease_expires_at": T0 - 30 * MIN})
     _job(mem, "done", status="completed")
-    mem.put(f"{JOBS}/done/items/00000000000024", {"status": "processing", "gtin": "00000000000024",
+    mem.put(f"{JOBS}/done/items/00000000000024", {"status": "processing", "gtin": "00000000000024", "lease_shard": lease_shard_for("00000000000024"),
                                                   "lease_expires_at": T0 - 30 * MIN})
     r = sweep(mem, T0)
     assert [(f["job_id"], f["kind"]) for f in r.findings] == [("busy", "lease_overrun")]

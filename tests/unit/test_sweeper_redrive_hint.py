@@ -9,6 +9,7 @@ import pytest
 from sweeper_fakes import InMemorySweepStore
 from test_sweeper_engine import CFG, MIN, T0, _job
 
+from shared.naming import lease_shard_for
 from shared import alerts
 from shared.model import JOBS
 from shared.sweeper import engine
@@ -48,7 +49,7 @@ def test_queued_items_not_moving_name_the_redrive(posts):
 def test_a_lapsed_lease_names_the_redrive(posts):
     mem = InMemorySweepStore()
     _job(mem, "held")
-    mem.put(f"{JOBS}/held/items/00000000000017", {"status": "processing", "gtin": "00000000000017",
+    mem.put(f"{JOBS}/held/items/00000000000017", {"status": "processing", "gtin": "00000000000017", "lease_shard": lease_shard_for("00000000000017"),
                                                   "lease_expires_at": T0 - 30 * MIN})
     _sweep(mem)
     text, _ = _alert_for(posts, "held")

@@ -75,6 +75,24 @@ def test_claim_absent_item_creates_it_processing():
     assert d["history"] == [{"status": "processing", "attempt": 1, "owner": "a", "at": _at(T0), "error_code": None}]
 
 
+def test_every_item_carries_its_lease_shard_born_or_claimed():
+    """The sweeper's lease-overrun query matches only items with a lease shard: items are born with
+    it, and an item born before the shard existed gets it at its next claim (before it can overrun)."""
+    from shared.naming import LEASE_SHARDS, lease_shard_for
+
+    shard = lease_shard_for(TASK.gtin)
+    assert 0 <= shard < LEASE_SHARDS and _claimed().data["lease_shard"] == shard
+    legacy = Item({"status": "queued", "attempt": 0, "round": 1, "history": []})
+    assert "lease_shard" not in legacy.data
+    legacy.claim("a", T0)
+    assert legacy.data["lease_shard"] == shard
+    # spread: a sorted run of GTINs (a sorted input file) lands in every shard, evenly
+    counts = [0] * LEASE_SHARDS
+    for n in range(16_000):
+        counts[lease_shard_for(f"{40_000_000_000_000 + n:014d}")] += 1
+    assert min(counts) > 800 and max(counts) < 1200
+
+
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
 def test_claim_terminal_is_noop(status):
     ref = Item({"status": status, "attempt": 2, "round": 1})
