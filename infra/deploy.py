@@ -59,7 +59,7 @@ MODULE_DISTS = {
     "dotenv": "python-dotenv",
 }
 # Come with a distribution above (or with the runtime) and need no pin of their own.
-TRANSITIVE = {"flask", "werkzeug", "google.api_core", "google.auth", "google.protobuf", "google.rpc",
+TRANSITIVE = {"flask", "werkzeug", "jinja2", "google.api_core", "google.auth", "google.protobuf", "google.rpc",
               "google.iam", "google.cloud.exceptions", "google.oauth2", "proto", "grpc"}
 ALWAYS = ("functions-framework",)
 LOCAL = {"shared", "functions", "main"}

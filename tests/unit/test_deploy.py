@@ -278,6 +278,10 @@ def test_real_tree_builds_for_functions_that_exist(tmp_path):
     for fn in present:
         out, digest = deploy.build(fn, REPO, tmp_path / "build")
         assert (out / "requirements.txt").read_text().startswith(("cloudevents", "functions-framework"))
+        if fn == "api":  # the web console's templates and script ship with the api function
+            for name in ("templates/base.html", "templates/jobs.html", "templates/job.html", "assets/console.js",
+                         "assets/console.css"):
+                assert (out / name).is_file(), name
 
 
 def test_dry_run_prints_the_profile_it_would_write_and_the_cli_reads_it(source_root, tmp_path, monkeypatch):
