@@ -181,7 +181,7 @@ def test_failed_items_are_grouped_by_error_code_with_lines_and_messages(page, co
     assert page.get_by_role("button", name="Retry failed items (2)").is_visible()
     shot = os.environ.get("UPCFAN_CONSOLE_SCREENSHOT")
     if shot:
-        page.screenshot(path=shot, full_page=False)
+        page.screenshot(path=shot, full_page=True)
 
 
 def test_an_action_needs_its_confirmation_and_is_recorded_as_the_operator(page, console_url, upload, api,
@@ -228,10 +228,14 @@ def test_a_post_from_another_origin_is_refused(page, console_url, upload, api, g
     api.wait(job_id, lambda v: v["status"] == "running" and v.get("fanout_done_at"), "fanned out")
     other_origin = console_url.replace("127.0.0.1", "localhost")
     page.goto(other_origin + "/")
-    status = page.evaluate("""async (url) => {
-        const r = await fetch(url, {method: 'POST', mode: 'no-cors', body: 'x', headers: {'Content-Type': 'text/plain'}});
-        return r.type; }""", f"{console_url}/api/batch/jobs/{job_id}/cancel")
-    assert status == "opaque"
+    # The classic forgery: a form of the other origin posting to the console's address.
+    with page.expect_navigation():
+        page.evaluate("""(url) => {
+            const form = document.createElement('form');
+            form.method = 'POST'; form.action = url;
+            document.body.appendChild(form); form.submit(); }""", f"{console_url}/api/batch/jobs/{job_id}/cancel")
+    assert page.url == f"{console_url}/api/batch/jobs/{job_id}/cancel"
+    assert '"forbidden_origin"' in page.content()
     assert api.view(job_id)["status"] == "running"
     with operator_session() as s:  # tidy up: the stalled item would keep the job running
         s.post(f"{os.environ['UPCFAN_API_URL'].rstrip('/')}/api/batch/jobs/{job_id}/cancel", timeout=30)
