@@ -95,21 +95,25 @@ class ConsoleProxy:
         self.host, self.port = host, self._server.server_address[1]
         self._allowed_hosts = {f"{host}:{self.port}", f"localhost:{self.port}"}
         self._thread: threading.Thread | None = None
+        self._served = False  # shutdown() waits for a serve_forever loop, so only after one ran
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/"
 
     def start(self) -> "ConsoleProxy":
+        self._served = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="console-proxy", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        self._served = True
         self._server.serve_forever()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._served:
+            self._server.shutdown()
         self._server.server_close()
         self._session.close()
 
