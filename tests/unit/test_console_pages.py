@@ -131,3 +131,20 @@ def test_a_browsers_post_must_be_same_origin_and_from_the_console(client, core, 
 def test_openapi_does_not_list_the_html_pages(client):
     paths = client.get("/openapi.json").get_json()["paths"]
     assert "/" not in paths and not any(p.startswith(("/jobs", "/static")) for p in paths)
+
+
+@pytest.mark.parametrize("over, shows", [
+    ({"status": "paused", "pause": {"code": "operator", "message": "checking the feed", "actor": "a@example.com"}},
+     ["checking the feed (by a@example.com)", 'data-action="resume"']),
+    ({"status": "failed", "error": {"code": "unreadable", "message": "not a UPC file"}, "fanout_done_at": None},
+     ["not a UPC file", "status-failed"]),
+    ({"status": "completed", "stall": {"kind": "no_progress", "flagged_at": "2026-11-30T12:20:00Z"}},
+     ["stalled", "no progress, flagged 2026-11-30 12:20:00 UTC", 'data-live="false"']),
+])
+def test_job_page_of_paused_failed_and_stalled_jobs(client, core, monkeypatch, over, shows):
+    monkeypatch.setattr(operations, "get_job_status", lambda job_id, now=None: dict(RUNNING, job_id=job_id, **over))
+    resp = client.get("/jobs/j1")
+    assert resp.status_code == 200, resp.get_data(as_text=True)[:2000]
+    html = resp.get_data(as_text=True)
+    for text in shows:
+        assert text in html
