@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from devstack.identity import OPERATOR_EMAIL
 from devstack.testing import fresh_upcs, gtin14, operator_session, poll
@@ -95,7 +95,10 @@ def api(stack_env):
 
     class Api:
         def view(self, job_id: str) -> dict | None:
-            r = session.get(f"{base}/api/batch/status/{job_id}", timeout=10)
+            try:  # a cold or busy function may answer slowly: the caller's poll asks again until its deadline
+                r = session.get(f"{base}/api/batch/status/{job_id}", timeout=30)
+            except requests.RequestException:
+                return None
             return r.json() if r.status_code == 200 else None
 
         def wait(self, job_id: str, ok, what: str, timeout_s: float = 120.0) -> dict:
