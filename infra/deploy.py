@@ -59,7 +59,7 @@ MODULE_DISTS = {
     "dotenv": "python-dotenv",
 }
 # Come with a distribution above (or with the runtime) and need no pin of their own.
-TRANSITIVE = {"flask", "werkzeug", "google.api_core", "google.auth", "google.protobuf", "google.rpc",
+TRANSITIVE = {"flask", "werkzeug", "jinja2", "google.api_core", "google.auth", "google.protobuf", "google.rpc",
               "google.iam", "google.cloud.exceptions", "google.oauth2", "proto", "grpc"}
 ALWAYS = ("functions-framework",)
 LOCAL = {"shared", "functions", "main"}
@@ -198,7 +198,7 @@ def build(fn: str, source_root: Path, build_root: Path) -> tuple[Path, str]:
 
 # ---- commands ------------------------------------------------------------------------------
 
-def env_vars(d: model.Desired, marketplace_url: str, default_handler: str) -> dict[str, str]:
+def env_vars(d: model.Desired, marketplace_url: str, default_handler: str, console_url: str = "") -> dict[str, str]:
     env = {
         "GOOGLE_CLOUD_PROJECT": d.project,
         "UPCFAN_LOCATION": d.region,
@@ -219,6 +219,9 @@ def env_vars(d: model.Desired, marketplace_url: str, default_handler: str) -> di
     }
     if marketplace_url:
         env["UPCFAN_MARKETPLACE_URL"] = marketplace_url
+    # Where operators open the web console: alerts and job notes link to a job's page there.
+    if console_url:
+        env["UPCFAN_CONSOLE_URL"] = console_url.rstrip("/")
     return env
 
 
@@ -333,6 +336,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="a Cloud Monitoring notification channel (projects/P/notificationChannels/ID) the "
                         "sweeper watchdog alerts; repeatable")
     p.add_argument("--marketplace-url", default="")
+    p.add_argument("--console-url", default="",
+                   help="where operators open the web console (an IAP address, or http://127.0.0.1:PORT of "
+                        "`upcfan console --port PORT`); Slack alerts and job notes link to job pages there")
     from shared.handlers.registry import known_handler_names
 
     p.add_argument("--default-handler", required=True, choices=known_handler_names(),
@@ -365,7 +371,7 @@ def main(argv=None) -> int:
     if handler_needs_marketplace(args.default_handler) and not args.marketplace_url:
         raise SystemExit(f"deploy: --default-handler {args.default_handler} sends items to the marketplace: "
                          f"give --marketplace-url")
-    env = env_vars(d, args.marketplace_url, args.default_handler)
+    env = env_vars(d, args.marketplace_url, args.default_handler, args.console_url)
     print(f"dropped files run: {handler_mode(args.default_handler)}", flush=True)
 
     def run(cmd: list[str], step: str) -> None:

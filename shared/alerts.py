@@ -81,6 +81,27 @@ def api_paths(job_id: str, stranded: bool = False) -> list[str]:
     return [api.format(job=job_id) for _, api in actions]
 
 
+def console_link(job_id: str) -> str:
+    """The job's page in the web console (UPCFAN_CONSOLE_URL), or '' when no console address is set."""
+    from shared.console_view import job_page_url
+
+    try:
+        base = _settings().console_url
+    except Exception:  # noqa: BLE001 - a message is still sent without the link
+        base = ""
+    return job_page_url(base, job_id)
+
+
+def _with_console_link(blocks: list[dict], job_id: str) -> list[dict]:
+    """`blocks` with a link to the job's console page before the closing context line (unchanged without one)."""
+    url = console_link(job_id)
+    if not url:
+        return blocks
+    link = {"type": "section", "text": {"type": "mrkdwn", "text": f"<{escape(url)}|Open job {escape(job_id)} in the console>"}}
+    at = len(blocks) - 1 if blocks and blocks[-1].get("type") == "context" else len(blocks)
+    return [*blocks[:at], link, *blocks[at:]]
+
+
 def _code_lines(lines: list[str]) -> str:
     return "```" + "\n".join(escape(line) for line in lines) + "```"
 
@@ -132,7 +153,7 @@ def build_stall_message(alert: StallAlert) -> SlackMessage:
             "elements": [{"type": "mrkdwn", "text": "upcfan sweeper · flags only, never retries or completes"}],
         },
     ]
-    return SlackMessage(text=text, blocks=blocks)
+    return SlackMessage(text=text, blocks=_with_console_link(blocks, alert.job_id))
 
 
 def build_recovered_message(job_id: str, gcs_path: str, kind: str, how: str, stalled_for_s: float) -> SlackMessage:
@@ -146,7 +167,7 @@ def build_recovered_message(job_id: str, gcs_path: str, kind: str, how: str, sta
         {"type": "section", "text": {"type": "mrkdwn", "text": f"{SEVERITY_EMOJI['INFO']} {text}"}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": escape(f"upcfan status {job_id}")}]},
     ]
-    return SlackMessage(text=text, blocks=blocks)
+    return SlackMessage(text=text, blocks=_with_console_link(blocks, job_id))
 
 
 def build_systemic_message(stalled_jobs: int, threshold: int, job_ids: list[str], window_minutes: int = 60) -> SlackMessage:
@@ -271,7 +292,7 @@ def build_job_finished_message(job: dict[str, Any]) -> SlackMessage:
         {"type": "context",
          "elements": [{"type": "mrkdwn", "text": "upcfan progress · sent once when a job finishes"}]},
     ]
-    return SlackMessage(text=text, blocks=blocks)
+    return SlackMessage(text=text, blocks=_with_console_link(blocks, job_id))
 
 
 def _notify_job(note: str, build: Callable[[dict[str, Any]], SlackMessage], job: dict[str, Any],
@@ -328,7 +349,7 @@ def build_job_started_message(job: dict[str, Any]) -> SlackMessage:
         {"type": "context",
          "elements": [{"type": "mrkdwn", "text": "upcfan ingest · sent once when a job's fan-out is done"}]},
     ]
-    return SlackMessage(text=text, blocks=blocks)
+    return SlackMessage(text=text, blocks=_with_console_link(blocks, job_id))
 
 
 def notify_job_started(job: dict[str, Any], *,
@@ -373,7 +394,7 @@ def build_pause_message(job: dict[str, Any], code: str, message: str, actor: str
         {"type": "context",
          "elements": [{"type": "mrkdwn", "text": "upcfan circuit breaker · pausing only stops work; it never resumes on its own"}]},
     ]
-    return SlackMessage(text=text, blocks=blocks)
+    return SlackMessage(text=text, blocks=_with_console_link(blocks, job_id))
 
 
 def notify_job_paused(job: dict[str, Any], code: str, message: str, actor: str, *,

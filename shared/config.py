@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     ingest_url: Url = _env("UPCFAN_INGEST_URL", "")
     worker_url: Url = _env("UPCFAN_WORKER_URL", "")
     marketplace_url: Url = _env("UPCFAN_MARKETPLACE_URL", "")
+    # Where operators open the web console (an IAP address, or the fixed port of `upcfan console`); alerts
+    # and job notes link to the job's page there. Empty: no link.
+    console_url: Url = _env("UPCFAN_CONSOLE_URL", "")
     # Bearer token sent on every marketplace call (a Secret Manager secret in production, the local
     # stack's .local/secrets.env locally); never logged, and left out of the repr.
     marketplace_api_key: Text = _env("UPCFAN_MARKETPLACE_API_KEY", "", repr=False)

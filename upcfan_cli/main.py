@@ -101,7 +101,7 @@ class _ExitCodeGroup(TyperGroup):
 app = typer.Typer(
     cls=_ExitCodeGroup,
     help="Operate upcfan jobs: submit, status, jobs, items, events, export, pause, resume, cancel, retry-failed, redrive, "
-         "sweep.\n\n" + EXIT_CODES_HELP,
+         "sweep, console.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -769,6 +769,45 @@ def _slack_webhook() -> str:
                                 f"{str(exc)[:300]}. Your account needs roles/secretmanager.secretAccessor on it; or "
                                 "run `upcfan sweep --no-alerts` to leave the alerts pending for the scheduled "
                                 "sweeper.") from None
+
+
+@app.command("console")
+def console_command(
+    job_id: Optional[str] = typer.Argument(None, help="open this job's page instead of the jobs list"),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="local port (default: a free one)"),
+    no_browser: bool = typer.Option(False, "--no-browser", help="print the URL only"),
+) -> None:
+    """Open the web console: serve the private api on http://127.0.0.1:PORT/ through a proxy that adds your
+    ID token (the local stack's operator token, or `gcloud auth print-identity-token` with --project or
+    --profile), print the URL and open a browser at it. Runs until Ctrl-C."""
+    import webbrowser
+
+    from shared.console_view import job_page_url
+    from upcfan_cli.console_proxy import ConsoleProxy, GcloudIdentityToken, StaticToken
+
+    api_url = os.environ.get("UPCFAN_API_URL", "")
+    if not api_url:
+        raise _fail(EXIT_ERROR, f"console needs UPCFAN_API_URL (the api function's URL), which {_source} does not "
+                                f"have. {_hint}.")
+    local_token = os.environ.get("UPCFAN_OPERATOR_TOKEN", "")
+    token = StaticToken(local_token) if local_token else GcloudIdentityToken()
+    try:
+        proxy = ConsoleProxy(api_url, token, port=port)
+    except (OSError, ValueError) as exc:
+        raise _fail(EXIT_ERROR, f"console: cannot serve on 127.0.0.1:{port}: {exc}") from None
+    url = job_page_url(proxy.url, job_id) if job_id else proxy.url
+    who = "the local stack's operator" if local_token else "your gcloud account's ID token"
+    # The URL alone on stdout's first line, for scripts (and the browser tests) to read.
+    print(url, flush=True)
+    err_console.print(f"upcfan console: {api_url} as {who}, on {proxy.url} (Ctrl-C stops it)", highlight=False)
+    if not no_browser:
+        webbrowser.open(url)
+    try:
+        proxy.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
 
 
 def read_secret(secret: str) -> str:

@@ -19,14 +19,20 @@ from shared.required_settings import require_settings
 
 try:  # deployed: this directory is the function's source root
     import api_schemas as schemas
+    import console_pages
 except ImportError:  # pragma: no cover - imported as a package (tests, tools)
     from functions.api import api_schemas as schemas
+    from functions.api import console_pages
 
 setup_logging()
 require_settings("api")  # a missing or bad setting stops the start, naming it
 
 _URLS = Map(
     [
+        # The operators' web console (HTML; not in the OpenAPI document, which describes the JSON API).
+        Rule("/", endpoint="console_jobs", methods=["GET"]),
+        Rule("/jobs/<job_id>", endpoint="console_job", methods=["GET"]),
+        Rule("/assets/<name>", endpoint="console_asset", methods=["GET"]),
         Rule("/health", endpoint="health", methods=["GET"]),
         Rule("/openapi.json", endpoint="openapi", methods=["GET"]),
         Rule("/api/batch/process", endpoint="process", methods=["POST"]),
@@ -174,6 +180,8 @@ _HANDLERS: dict[str, Callable[..., Response]] = {
     "health": health, "openapi": openapi, "process": process, "status": status, "jobs": jobs,
     "items": items, "events": events, "results_csv": results_csv, "cancel": cancel, "retry_failed": retry_failed,
     "redrive": redrive, "pause": pause, "resume": resume,
+    "console_jobs": console_pages.jobs_page, "console_job": console_pages.job_page,
+    "console_asset": console_pages.asset_file,
 }
 
 
@@ -188,6 +196,12 @@ def api(request: Request) -> Response:
                       {"Allow": allowed})
     except NotFound:
         return _error(404, "not_found", f"no route {request.method} {request.path}")
+    if request.method == "POST":
+        refused = console_pages.forged_request_reason(request)
+        if refused:
+            log_event("api_forged_request_refused", severity="WARNING", endpoint=endpoint, reason=refused,
+                      origin=(request.headers.get("Origin") or "")[:200])
+            return _error(403, "forbidden_origin", refused)
     try:
         return _HANDLERS[endpoint](request, **args)
     except ValidationError as exc:

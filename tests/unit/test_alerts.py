@@ -132,3 +132,25 @@ def test_a_stranded_alert_names_the_redrive_dry_run_first():
     assert "POST /api/batch/jobs/job-1/redrive" in commands
     plain = alerts.build_stall_message(_alert(job_id="job-1"))
     assert "redrive" not in _all_text(plain)
+
+
+def test_alerts_and_job_notes_link_to_the_jobs_console_page_only_when_a_console_url_is_set(monkeypatch):
+    from shared import alerts as alerts_module
+    from shared.config import settings
+
+    job = {"job_id": "j-1", "status": "completed", "gcs_path": "gs://b/f.csv", "totals": {"lines": 1, "items": 1}}
+    builders = [lambda: alerts_module.build_job_finished_message(job),
+                lambda: alerts_module.build_job_started_message(job),
+                lambda: alerts_module.build_pause_message(job, "operator", "why", "op@example.com"),
+                lambda: alerts_module.build_recovered_message("j-1", "gs://b/f.csv", "no_progress", "moved", 60)]
+    monkeypatch.delenv("UPCFAN_CONSOLE_URL", raising=False)
+    settings.cache_clear()
+    for build in builders:
+        assert "console" not in str(build().blocks)
+    monkeypatch.setenv("UPCFAN_CONSOLE_URL", "https://console.example/")
+    settings.cache_clear()
+    for build in builders:
+        blocks = build().blocks
+        links = [b for b in blocks if "https://console.example/jobs/j-1|Open job j-1 in the console" in str(b)]
+        assert len(links) == 1 and blocks.index(links[0]) == len(blocks) - 2, blocks  # before the context line
+    settings.cache_clear()

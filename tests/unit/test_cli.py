@@ -306,3 +306,25 @@ def test_render_status_before_fanout_shows_planning():
     console = Console(record=True, width=100)
     console.print(cli.render_status(view))
     assert "planning" in console.export_text()
+
+
+def test_console_needs_the_api_url_and_prints_the_url_it_serves(core, monkeypatch, tmp_path):
+    from upcfan_cli import console_proxy
+
+    monkeypatch.delenv("UPCFAN_API_URL", raising=False)
+    result = runner.invoke(cli.app, ["console", "--no-browser"])
+    assert result.exit_code == 1 and "UPCFAN_API_URL" in result.output
+
+    env = tmp_path / "with-api.env"
+    env.write_text("GOOGLE_CLOUD_PROJECT=demo-cli-test\nUPCFAN_API_URL=http://127.0.0.1:4\n"
+                   "UPCFAN_OPERATOR_TOKEN=tok\n")
+    served, opened = [], []
+    monkeypatch.setattr(console_proxy.ConsoleProxy, "serve_forever", lambda self: served.append(self.upstream))
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url))
+    result = runner.invoke(cli.app, ["--env-file", str(env), "console", "job-1", "--no-browser"])
+    assert result.exit_code == 0, result.output
+    url = result.output.splitlines()[0]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/jobs/job-1")
+    assert served == ["http://127.0.0.1:4"] and opened == []
+    result = runner.invoke(cli.app, ["--env-file", str(env), "console"])
+    assert result.exit_code == 0 and opened == [result.output.splitlines()[0]]

@@ -278,6 +278,10 @@ def test_real_tree_builds_for_functions_that_exist(tmp_path):
     for fn in present:
         out, digest = deploy.build(fn, REPO, tmp_path / "build")
         assert (out / "requirements.txt").read_text().startswith(("cloudevents", "functions-framework"))
+        if fn == "api":  # the web console's templates and script ship with the api function
+            for name in ("templates/base.html", "templates/jobs.html", "templates/job.html", "assets/console.js",
+                         "assets/console.css"):
+                assert (out / name).is_file(), name
 
 
 def test_dry_run_prints_the_profile_it_would_write_and_the_cli_reads_it(source_root, tmp_path, monkeypatch):
@@ -318,3 +322,9 @@ def test_dry_run_prints_the_profile_it_would_write_and_the_cli_reads_it(source_r
         from shared.clients import reset_clients
 
         reset_clients()
+
+
+def test_console_url_is_set_on_the_functions_only_when_given():
+    d = model.from_settings("demo-prod", "us-central1", bucket="upcfan-drop")
+    assert "UPCFAN_CONSOLE_URL" not in deploy.env_vars(d, "", "dry_run")
+    assert deploy.env_vars(d, "", "dry_run", "http://127.0.0.1:8765/")["UPCFAN_CONSOLE_URL"] == "http://127.0.0.1:8765"
