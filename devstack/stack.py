@@ -321,7 +321,8 @@ def read_local_secrets() -> dict[str, str]:
 
 def base_process_env() -> dict[str, str]:
     """The caller's environment minus anything pointing at another stack."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST")) and not k.startswith("UPCFAN_")}
     env["PYTHONPATH"] = str(paths.REPO_ROOT)
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -80,11 +80,15 @@ def make_tasks_client(emulator_host: str = "", credentials=None, grpc_host: str 
 
 
 # Local emulator channels: no TLS, so no proxy either (a proxy from the environment would swallow
-# plaintext HTTP/2 to 127.0.0.1), and no message size limits (the client's own defaults).
+# plaintext HTTP/2 to 127.0.0.1); no message size limits (the client's own defaults); and reconnects
+# within a second after the emulator restarts (tests bounce it), not gRPC's default of up to 2 min.
 EMULATOR_CHANNEL_OPTIONS = (
     ("grpc.enable_http_proxy", 0),
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 )
 _channels: dict[str, object] = {}
 

@@ -43,7 +43,7 @@ class PolicySwitch:
         extra = {iam.DROP_GRANTS_ENV: ",".join(dropped)}
         for name in ("cloudtasks", "gcs_gate"):
             bounce_component(name, extra_env=extra)
-        port = int(self.env["CLOUD_TASKS_EMULATOR_HOST"].rsplit(":", 1)[1])
+        port = int(self.env["CLOUD_TASKS_EMULATOR_GRPC_HOST"].rsplit(":", 1)[1])
         stack.create_queues(port, self.env["UPCFAN_LOCATION"], self.env["UPCFAN_OPERATOR_TOKEN"])
         self.current = dropped
 
