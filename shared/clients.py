@@ -126,7 +126,8 @@ def _bearer_token_interceptor():
             headers: dict[str, str] = {}
             self.credentials.apply(headers)
             if headers.get("authorization"):
-                details = details._replace(metadata=[*(details.metadata or ()), ("authorization", headers["authorization"])])
+                token = ("authorization", headers["authorization"])
+                details = details._replace(metadata=[*(details.metadata or ()), token])
             return continuation(details, request)
 
     return BearerToken

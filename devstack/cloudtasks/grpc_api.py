@@ -66,7 +66,8 @@ class GrpcApi:
                 raise invalid(f"Invalid resource name {path!r} for {handler}")
             if self.enforcer is not None:
                 metadata = dict(context.invocation_metadata() or ())
-                authorize(self.enforcer, metadata.get("authorization"), iam_checks(handler, path, body or {}, full_view))
+                checks = iam_checks(handler, path, body or {}, full_view)
+                authorize(self.enforcer, metadata.get("authorization"), checks)
             return run()
         except ApiError as exc:
             error = exc
@@ -79,7 +80,8 @@ class GrpcApi:
     async def create_queue(self, request, context):
         body = _to_json(request.queue)
         return await self._call(context, "create_queue", request.parent,
-                                lambda: _from_json(self.emu.create_queue(request.parent, body).to_json(True), tasks_v2.Queue))
+                                lambda: _from_json(self.emu.create_queue(request.parent, body).to_json(True),
+                                                   tasks_v2.Queue))
 
     async def list_queues(self, request, context):
         def run():
@@ -208,14 +210,16 @@ def _handlers(api: GrpcApi, service: str, rpcs: dict) -> grpc.GenericRpcHandler:
     })
 
 
-async def start_grpc_server(emu: Emulator, enforcer: Enforcer | None, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_server(emu: Emulator, enforcer: Enforcer | None, host: str,
+                            port: int) -> tuple[grpc.aio.Server, int]:
     """Serve the gRPC surface on host:port (0: a free port); returns the started server and its port.
     RPCs it does not serve (BatchCreate, IAM, CMEK, BufferTask) answer UNIMPLEMENTED, as over REST."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
     api = GrpcApi(emu, enforcer)
-    server.add_generic_rpc_handlers((_handlers(api, SERVICE, _TASKS_RPCS), _handlers(api, LOCATIONS_SERVICE, _LOCATION_RPCS)))
+    server.add_generic_rpc_handlers((_handlers(api, SERVICE, _TASKS_RPCS),
+                                     _handlers(api, LOCATIONS_SERVICE, _LOCATION_RPCS)))
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
