@@ -156,10 +156,11 @@ def test_audit_of_the_stack_is_clean(stack_env, policy):
     assert "upcfan-ingest@" in out.getvalue() and "denied on purpose" in out.getvalue()
 
 
-def test_grpc_calls_carry_the_callers_identity(stack_env):
+def test_grpc_calls_carry_the_callers_identity(stack_env, policy):
     """The stack's clients speak gRPC (production's transport) over a plaintext channel, where the
     official client attaches no credentials: the caller's token travels as call metadata and the
-    emulator checks it as over REST (401 → Unauthenticated, 403 → PermissionDenied)."""
+    emulator checks it as over REST (401 → Unauthenticated, 403 → PermissionDenied). Run while the
+    module's grants are dropped, so the audit lists these deliberate denials apart."""
     from google.api_core import exceptions as gexc
     from google.auth.credentials import AnonymousCredentials
     from google.oauth2.credentials import Credentials
@@ -167,6 +168,7 @@ def test_grpc_calls_carry_the_callers_identity(stack_env):
     from devstack.testing import component_env
     from shared.clients import make_tasks_client
 
+    policy.set(DROPPED)
     grpc_host, queue = stack_env["CLOUD_TASKS_EMULATOR_GRPC_HOST"], stack_env["UPCFAN_QUEUE"]
 
     def client(credentials):
