@@ -1,10 +1,13 @@
 """Benchmark the local Cloud Tasks emulator (127.0.0.1 only, bounded to well under 2 minutes).
 
 Phases:
-1. official-client creates: up to N named tasks into a *paused* queue with the official client (REST
-   transport) from a thread pool (default) or a process pool, for --client-seconds -> creates/s;
+1. official-client creates: up to N named tasks into a *paused* queue with the official client from
+   a thread pool (default) or a process pool, for --client-seconds each over both transports:
+   REST, then gRPC (production's transport; the emulator's gRPC port) -> creates/s each;
 2. raw-HTTP creates: --raw-tasks more with the same REST call over pooled http.client connections
    (no proto-plus / requests overhead), to separate client overhead from emulator cost;
+   every create phase also reports the client's CPU per create (process CPU time of the bench and
+   its pool, emulator excluded, / creates): what limits a fan-out on a small machine;
 3. dispatch: resume the queue and time delivery of all tasks to a trivial local HTTP target
    (aiohttp, in a separate process) -> dispatches/s, limited by the queue's rate (default 500/s).
 
@@ -16,11 +19,13 @@ emulator's create cost and the client's overhead, nothing else, and no other ses
 shared stack. With `--host` (e.g. the stack's emulator, which enforces IAM) both phases send the
 caller's local token (UPCFAN_OPERATOR_TOKEN / UPCFAN_LOCAL_ACCESS_TOKEN, as the official client
 does through shared.clients.local_credentials) and the queue goes in GOOGLE_CLOUD_PROJECT, so the
-raw figure is the create rate a fan-out on that stack can reach, token check included. `--quick`
-uses CLOUD_TASKS_EMULATOR_HOST when it is set (a test stack), so that path is exercised as well.
+raw figure is the create rate a fan-out on that stack can reach, token check included; its gRPC
+phase needs `--grpc-host` (else it is skipped). `--quick` uses CLOUD_TASKS_EMULATOR_HOST and
+CLOUD_TASKS_EMULATOR_GRPC_HOST when they are set (a test stack), so that path is exercised as well.
 
 Usage: python bench/cloudtasks_bench.py [--tasks 20000] [--workers 4] [--mode threads|processes]
-       [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT (else one is started)] [--quick]
+       [--rate 500] [--raw-tasks 5000] [--host 127.0.0.1:PORT --grpc-host 127.0.0.1:PORT
+       (else one is started)] [--quick]
 The last stdout line is a JSON object with the results.
 """
 
@@ -33,6 +38,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -75,36 +81,44 @@ def serve_target() -> None:
     asyncio.run(run())
 
 
-def start_helper(cleanup: contextlib.ExitStack, argv: list[str], ready_word: str) -> str:
-    """Start a helper process that is stopped when `cleanup` closes; return the URL of its ready line."""
+def start_helper(cleanup: contextlib.ExitStack, argv: list[str], ready_word: str) -> list[str]:
+    """Start a helper process that is stopped when `cleanup` closes; return the words of its ready
+    line after the ready word (the URL first)."""
     proc = start_group(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cleanup.callback(stop_group, proc)
     line = proc.stdout.readline()
     if ready_word not in line:
         raise RuntimeError(f"{argv[1:3]} failed to start: {line!r}")
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # never a full pipe
-    return line.split()[1]
+    return line.split()[1:]
 
 
 _local = threading.local()
 
 
 def _create_batch(args) -> int:
-    """Worker (thread or process): create tasks [start, stop) with the official client."""
+    """Worker (thread or process): create tasks [start, stop) with the official client; `host` is
+    "rest:HOST:PORT" or "grpc:HOST:PORT" (one client per thread and transport, as shared.clients
+    makes it: gRPC clients share one channel)."""
     host, queue, url, start, stop, deadline = args
     from google.cloud import tasks_v2
 
     from shared.clients import make_tasks_client
 
-    client = getattr(_local, "client", None)
+    transport, address = host.split(":", 1)
+    clients = getattr(_local, "clients", None)
+    if clients is None:
+        clients = _local.clients = {}
+    client = clients.get(host)
     if client is None:
-        client = _local.client = make_tasks_client(host)
+        client = clients[host] = (make_tasks_client(grpc_host=address) if transport == "grpc"
+                                  else make_tasks_client(address))
     n = 0
     for i in range(start, stop):
         if time.time() > deadline:
             break
         client.create_task(parent=queue, task=tasks_v2.Task(
-            name=f"{queue}/tasks/{i:04x}-bench-{i}",
+            name=f"{queue}/tasks/{i:04x}-{transport}-{i}",
             http_request=tasks_v2.HttpRequest(url=url, body=b'{"i": %d}' % i)))
         n += 1
     return n
@@ -139,15 +153,27 @@ def _raw_batch(args) -> int:
     return n
 
 
-def _run_pool(fn, host, queue, url, total, workers, mode, deadline) -> tuple[int, float]:
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its reaped children (a process pool, once shut down); the
+    emulator and the target are children never reaped before the end, so they do not count."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _run_pool(fn, host, queue, url, total, workers, mode, deadline) -> tuple[int, float, float]:
+    """(creates, wall seconds, client CPU seconds) of one create phase."""
     chunk = (total + workers - 1) // workers
     jobs = [(host, queue, url, s, min(s + chunk, total), deadline) for s in range(0, total, chunk)]
     ex_cls = cf.ProcessPoolExecutor if mode == "processes" else cf.ThreadPoolExecutor
     kwargs = {"mp_context": mp.get_context("spawn")} if mode == "processes" else {}
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     with ex_cls(max_workers=workers, **kwargs) as ex:
         done = sum(ex.map(fn, jobs))
-    return done, time.perf_counter() - t0
+    return done, time.perf_counter() - t0, _cpu_s() - cpu0
+
+
+def _cpu_ms(cpu_s: float, n: int) -> float:
+    return round(1000 * cpu_s / n, 3)
 
 
 def _parse_args() -> argparse.Namespace:
@@ -158,8 +184,10 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--mode", choices=["threads", "processes"], default="threads")
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--concurrency", type=int, default=1000)
-    ap.add_argument("--client-seconds", type=float, default=25.0, help="time budget of the official-client phase")
+    ap.add_argument("--client-seconds", type=float, default=20.0,
+                    help="time budget of each official-client phase (REST, gRPC)")
     ap.add_argument("--host", default="", help="an emulator to use (its IAM, if any, gets the local token)")
+    ap.add_argument("--grpc-host", default="", help="that emulator's gRPC address (with --host; else no gRPC phase)")
     ap.add_argument("--quick", action="store_true", help=QUICK_HELP)
     ap.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,12 +195,14 @@ def _parse_args() -> argparse.Namespace:
         args.tasks, args.raw_tasks, args.client_seconds, args.workers = 200, 200, 10.0, 2
         # A quick run on a stack uses the stack's emulator, so the IAM path (token on both phases) is
         # exercised too: without the token the raw phase got 401s and made 0 creates unnoticed.
-        args.host = args.host or os.environ.get("CLOUD_TASKS_EMULATOR_HOST", "")
+        if not args.host:
+            args.host = os.environ.get("CLOUD_TASKS_EMULATOR_HOST", "")
+            args.grpc_host = os.environ.get("CLOUD_TASKS_EMULATOR_GRPC_HOST", "")
     return args
 
 
-def measure(args, host: str, url: str, started: float, cleanup: contextlib.ExitStack) -> dict:
-    """The three phases on a fresh paused queue (deleted when `cleanup` closes)."""
+def measure(args, host: str, grpc_host: str, url: str, started: float, cleanup: contextlib.ExitStack) -> dict:
+    """The phases on a fresh paused queue (deleted when `cleanup` closes)."""
     from google.cloud import tasks_v2
 
     from shared.clients import make_tasks_client
@@ -194,22 +224,37 @@ def measure(args, host: str, url: str, started: float, cleanup: contextlib.ExitS
 
     # Its time budget starts with the phase: counted from the bench's start, the emulator's and the
     # target's start-up ate it (a quick run once made 0 creates).
-    n, dt = _run_pool(_create_batch, host, queue, url, args.tasks, args.workers, args.mode,
-                      time.time() + args.client_seconds)
+    n, dt, cpu = _run_pool(_create_batch, f"rest:{host}", queue, url, args.tasks, args.workers, args.mode,
+                           time.time() + args.client_seconds)
     if n == 0:
         raise RuntimeError("the official-client phase created no task: nothing to compare")
-    result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1))
-    print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers})", flush=True)
+    result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1),
+                  client_cpu_ms_per_create=_cpu_ms(cpu, n))
+    print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers}, REST), "
+          f"client CPU {1000 * cpu / n:.2f} ms/create", flush=True)
+
+    gn = 0
+    if grpc_host:  # ids of its own (…-grpc-…), so the same range never collides with the REST phase's
+        gn, gdt, gcpu = _run_pool(_create_batch, f"grpc:{grpc_host}", queue, url, args.tasks, args.workers, args.mode,
+                                  time.time() + args.client_seconds)
+        if gn == 0:
+            raise RuntimeError("the official-client gRPC phase created no task: nothing to compare")
+        result.update(grpc_creates=gn, grpc_create_s=round(gdt, 3), grpc_creates_per_s=round(gn / gdt, 1),
+                      grpc_cpu_ms_per_create=_cpu_ms(gcpu, gn))
+        print(f"official client: {gn} creates in {gdt:.2f}s = {gn / gdt:,.0f}/s ({args.mode} x{args.workers}, "
+              f"gRPC), client CPU {1000 * gcpu / gn:.2f} ms/create", flush=True)
 
     # Its own task count (ids that cannot collide with the client's), not what the client phase left.
-    rn, rdt = _run_pool(_raw_batch, host, queue, url, args.raw_tasks, args.workers, "threads",
-                        time.time() + RAW_PHASE_S)
+    rn, rdt, rcpu = _run_pool(_raw_batch, host, queue, url, args.raw_tasks, args.workers, "threads",
+                              time.time() + RAW_PHASE_S)
     if rn == 0:
         raise RuntimeError("the raw-HTTP phase created no task: no baseline for the client's creates")
-    result.update(raw_creates=rn, raw_create_s=round(rdt, 3), raw_creates_per_s=round(rn / rdt, 1))
-    print(f"raw HTTP:        {rn} creates in {rdt:.2f}s = {rn / rdt:,.0f}/s (threads x{args.workers})", flush=True)
+    result.update(raw_creates=rn, raw_create_s=round(rdt, 3), raw_creates_per_s=round(rn / rdt, 1),
+                  raw_cpu_ms_per_create=_cpu_ms(rcpu, rn))
+    print(f"raw HTTP:        {rn} creates in {rdt:.2f}s = {rn / rdt:,.0f}/s (threads x{args.workers}), "
+          f"client CPU {1000 * rcpu / rn:.2f} ms/create", flush=True)
 
-    result.update(dispatch(client, host, queue, qid, n + rn, started))
+    result.update(dispatch(client, host, queue, qid, n + gn + rn, started))
     print(f"dispatch:        {result['succeeded']} delivered in {result['dispatch_s']:.2f}s = "
           f"{result['dispatches_per_s']:,.0f}/s (queue rate {args.rate:g}/s)", flush=True)
     return result
@@ -245,15 +290,14 @@ def main() -> int:
     interrupt_on_sigterm()
     started = time.time()
     with contextlib.ExitStack() as cleanup:  # closes in reverse: queue deleted, then target and emulator stopped
-        host = args.host or start_helper(
-            cleanup,
-            [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1", "--port", "0",
-             "--log-level", "WARNING"],
-            "READY",
-        ).replace("http://", "")
+        host, grpc_host = args.host, args.grpc_host
+        if not host:
+            ready = start_helper(cleanup, [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1",
+                                           "--port", "0", "--grpc-port", "0", "--log-level", "WARNING"], "READY")
+            host, grpc_host = ready[0].replace("http://", ""), ready[1].removeprefix("grpc=")
         emu.wait_ready(host, 10)
-        url = start_helper(cleanup, [sys.executable, __file__, "--serve-target"], TARGET_READY) + "/task"
-        result = measure(args, host, url, started, cleanup)
+        url = start_helper(cleanup, [sys.executable, __file__, "--serve-target"], TARGET_READY)[0] + "/task"
+        result = measure(args, host, grpc_host, url, started, cleanup)
     result["total_s"] = round(time.time() - started, 2)
     print(json.dumps(result), flush=True)
     return 0

@@ -69,7 +69,8 @@ SINKS = ("slack_sink", "marketplace")
 COMPONENTS = ("firestore", "pubsub", "gcs", "gcs_gate", "bridge", "cloudtasks", "slack_sink", "marketplace", *FUNCTIONS,
               "scheduler")
 # Extra ports firebase-tools wants (hub, logging, websocket); pinned so two stacks never collide.
-PORT_NAMES = (*COMPONENTS, "firebase_hub", "firebase_logging", "firestore_ws")
+# The Cloud Tasks emulator's gRPC API (what the stack's clients use) listens beside its REST one.
+PORT_NAMES = (*COMPONENTS, "cloudtasks_grpc", "firebase_hub", "firebase_logging", "firestore_ws")
 # Used with UPCFAN_DEVSTACK_PORTS=fixed (each checked before start); otherwise free ports are picked.
 DEFAULT_PORTS = {
     "firestore": 8080,
@@ -78,6 +79,7 @@ DEFAULT_PORTS = {
     "gcs_gate": 4444,
     "bridge": 8092,
     "cloudtasks": 8123,
+    "cloudtasks_grpc": 8124,
     "slack_sink": 8091,
     "marketplace": 8090,
     "ingest": 8101,
@@ -255,6 +257,8 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         # Through the IAM gate (devstack/gcs_gate.py), never fake-gcs-server directly.
         "STORAGE_EMULATOR_HOST": url("gcs_gate"),
         "CLOUD_TASKS_EMULATOR_HOST": f"{HOST}:{ports['cloudtasks']}",
+        # Set: clients use the emulator's gRPC API, production's transport (REST stays for /_emulator).
+        "CLOUD_TASKS_EMULATOR_GRPC_HOST": f"{HOST}:{ports['cloudtasks_grpc']}",
         "PUBSUB_EMULATOR_HOST": f"{HOST}:{ports['pubsub']}",
         "UPCFAN_BUCKET": BUCKET,
         "UPCFAN_SUBMIT_BUCKETS": SUBMIT_BUCKET,
@@ -317,7 +321,8 @@ def read_local_secrets() -> dict[str, str]:
 
 def base_process_env() -> dict[str, str]:
     """The caller's environment minus anything pointing at another stack."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST")) and not k.startswith("UPCFAN_")}
     env["PYTHONPATH"] = str(paths.REPO_ROOT)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -364,18 +369,19 @@ def create_bucket(gcs_port: int, bucket: str = BUCKET) -> None:
         raise StackError(f"gcs: cannot create bucket {bucket}: {status} {text[:200]}")
 
 
-def create_queues(tasks_port: int, location: str, operator_token: str) -> None:
-    """Create the product's queues from shared.config with the official client (REST to the emulator),
+def create_queues(grpc_port: int, location: str, operator_token: str) -> None:
+    """Create the product's queues from shared.config with the official client (gRPC to the emulator),
     as the local operator (the emulator enforces IAM)."""
     from google.api_core import exceptions as gexc
     from google.cloud import tasks_v2
     from google.oauth2.credentials import Credentials
     from google.protobuf import duration_pb2
 
+    from shared.api_errors import is_already_exists
     from shared.clients import make_tasks_client
     from shared.config import CONTROL_QUEUE, ITEM_QUEUE
 
-    client = make_tasks_client(f"{HOST}:{tasks_port}", credentials=Credentials(token=operator_token))
+    client = make_tasks_client(credentials=Credentials(token=operator_token), grpc_host=f"{HOST}:{grpc_port}")
     parent = f"projects/{PROJECT}/locations/{location}"
     for spec in (ITEM_QUEUE, CONTROL_QUEUE):
         r = spec.retry
@@ -395,7 +401,9 @@ def create_queues(tasks_port: int, location: str, operator_token: str) -> None:
         )
         try:
             client.create_queue(parent=parent, queue=queue)
-        except gexc.Conflict:  # AlreadyExists over REST
+        except gexc.Conflict as exc:  # AlreadyExists (gRPC), a Conflict saying ALREADY_EXISTS (REST)
+            if not is_already_exists(exc):
+                raise
             client.update_queue(queue=queue)
 
 
@@ -566,9 +574,10 @@ def _cloudtasks(plan: _Plan) -> Iterator[Component]:
     yield plan.component(
         "cloudtasks",
         [sys.executable, "-m", "devstack.cloudtasks", "--host", HOST, "--port", str(plan.ports["cloudtasks"]),
+         "--grpc-port", str(plan.ports["cloudtasks_grpc"]),
          "--iam-policy", "local", "--location", plan.env["UPCFAN_LOCATION"], "--iam-log-dir", str(paths.RUN_DIR)],
         env=dict(plan.env),
-        setup=lambda: create_queues(plan.ports["cloudtasks"], plan.env["UPCFAN_LOCATION"],
+        setup=lambda: create_queues(plan.ports["cloudtasks_grpc"], plan.env["UPCFAN_LOCATION"],
                                     plan.env["UPCFAN_OPERATOR_TOKEN"]),
     )
 
@@ -631,7 +640,7 @@ def gate_args(plan: _Plan, spec: FunctionSpec) -> list[str]:
 # What a function process gets locally beyond its deployed env: where the emulators are, who it is
 # (the access token of its service account), and how many instances one local process stands for.
 LOCAL_RUNTIME_ENV = ("GCLOUD_PROJECT", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
-                     "CLOUD_TASKS_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
+                     "CLOUD_TASKS_EMULATOR_HOST", "CLOUD_TASKS_EMULATOR_GRPC_HOST", "PUBSUB_EMULATOR_HOST")
 # K_SERVICE: Cloud Run sets it to the service's name in every instance.
 LOCAL_ONLY_ENV = (*LOCAL_RUNTIME_ENV, "UPCFAN_LOCAL_ACCESS_TOKEN", "WORKERS", "PYTHONPATH", "K_SERVICE")
 

@@ -306,7 +306,7 @@ def kill_component(name: str, local_dir: str | Path | None = None) -> int:
 def restart_component(name: str, extra_env: dict[str, str] | None = None,
                       local_dir: str | Path | None = None, timeout_s: float = 90.0) -> int:
     """Start the (stopped) component again through devstack; returns its new pid once it is ready."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST"))}
     env["UPCFAN_LOCAL_DIR"] = str(_local(local_dir))
     env["PYTHONPATH"] = str(paths.REPO_ROOT)
     out = subprocess.run([sys.executable, "-c", _RESTART, name, json.dumps(extra_env or {})], env=env,
@@ -365,7 +365,7 @@ def bounce_component(name: str, extra_env: dict[str, str] | None = None, local_d
 
 def run_devstack(args: list[str], local_dir: str | Path, timeout_s: float) -> subprocess.CompletedProcess:
     """`python -m devstack ARGS` for the stack under `local_dir` (its own UPCFAN_LOCAL_DIR)."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST"))}
     env.update(UPCFAN_LOCAL_DIR=str(_local(local_dir)), PYTHONPATH=str(paths.REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "devstack", *args], env=env, cwd=str(paths.REPO_ROOT),
                           capture_output=True, text=True, timeout=timeout_s)

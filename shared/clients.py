@@ -49,14 +49,22 @@ def storage_client():
 
 @lru_cache(maxsize=1)
 def tasks_client():
-    return make_tasks_client(os.environ.get("CLOUD_TASKS_EMULATOR_HOST", ""))
+    return make_tasks_client(os.environ.get("CLOUD_TASKS_EMULATOR_HOST", ""),
+                             grpc_host=os.environ.get("CLOUD_TASKS_EMULATOR_GRPC_HOST", ""))
 
 
-def make_tasks_client(emulator_host: str = "", credentials=None):
-    """The official Cloud Tasks client; against an emulator it uses the REST transport over http, with
-    `credentials` (default: `local_credentials()`)."""
+def make_tasks_client(emulator_host: str = "", credentials=None, grpc_host: str = ""):
+    """The official Cloud Tasks client. Against the emulator: its gRPC endpoint when `grpc_host` is
+    given (production's transport, so the same exception classes), else REST over http to
+    `emulator_host`; either way with `credentials` (default: `local_credentials()`). Neither: Google,
+    with the default (gRPC) transport and application default credentials."""
     from google.cloud import tasks_v2
 
+    if grpc_host:
+        from google.cloud.tasks_v2.services.cloud_tasks.transports import CloudTasksGrpcTransport
+
+        channel = _emulator_channel(grpc_host, credentials or local_credentials())
+        return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
     if emulator_host:
         from google.api_core.client_options import ClientOptions
 
@@ -71,12 +79,68 @@ def make_tasks_client(emulator_host: str = "", credentials=None):
     return tasks_v2.CloudTasksClient()
 
 
+# Local emulator channels: no TLS, so no proxy either (a proxy from the environment would swallow
+# plaintext HTTP/2 to 127.0.0.1); no message size limits (the client's own defaults); and reconnects
+# within a second after the emulator restarts (tests bounce it), not gRPC's default of up to 2 min.
+EMULATOR_CHANNEL_OPTIONS = (
+    ("grpc.enable_http_proxy", 0),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+_channels: dict[str, object] = {}
+
+
+def _emulator_channel(host: str, credentials):
+    """A channel to the emulator's gRPC endpoint carrying `credentials` on every call.
+
+    One plaintext channel per host and process (created on first use, never at import, so a forking
+    server creates it in each worker), shared by every client and thread: gRPC multiplexes calls
+    over one HTTP/2 connection. The official client attaches credentials only to TLS channels, so
+    over plaintext the caller's bearer token is added by an interceptor, per client."""
+    import grpc
+
+    target = host.split("://", 1)[-1]
+    with _lock:
+        channel = _channels.get(target)
+        if channel is None:
+            channel = _channels[target] = grpc.insecure_channel(target, options=list(EMULATOR_CHANNEL_OPTIONS))
+    return grpc.intercept_channel(channel, _bearer_token_interceptor()(credentials))
+
+
+@lru_cache(maxsize=1)
+def _bearer_token_interceptor():
+    """The interceptor class (built on first use: grpc is imported only when a channel is made)."""
+    import grpc
+
+    class BearerToken(grpc.UnaryUnaryClientInterceptor):
+        """Adds `authorization: Bearer <token>` (what google-auth puts on Google's TLS channels) to
+        each call's metadata; nothing for anonymous credentials."""
+
+        def __init__(self, credentials):
+            self.credentials = credentials
+
+        def intercept_unary_unary(self, continuation, details, request):
+            headers: dict[str, str] = {}
+            self.credentials.apply(headers)
+            if headers.get("authorization"):
+                token = ("authorization", headers["authorization"])
+                details = details._replace(metadata=[*(details.metadata or ()), token])
+            return continuation(details, request)
+
+    return BearerToken
+
+
 def reset_clients() -> None:
-    """Forget cached clients and settings (tests that change the environment call this)."""
+    """Forget cached clients, channels and settings (tests that change the environment call this)."""
     from shared import config
 
     for fn in (firestore_client, storage_client, tasks_client, config.settings):
         fn.cache_clear()
+    with _lock:
+        _channels.clear()  # not closed: a client made before may still be in use
 
 
 def _tune_rest_session(session) -> None:

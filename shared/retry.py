@@ -17,10 +17,12 @@ from typing import Any, Callable, TypeVar
 from google.api_core import exceptions as gexc
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
+from shared.api_errors import is_aborted
+
 T = TypeVar("T")
 
 # Faults that say "nothing was decided, the same call may succeed later". Conflict (HTTP 409) is
-# not here: over REST it means ALREADY_EXISTS as well as ABORTED, and the caller must tell which.
+# not here: over REST it means ALREADY_EXISTS as well as ABORTED; `is_transient` reads which.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
@@ -33,13 +35,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS)
+    # A REST 409 ABORTED is a plain Conflict; gRPC raises Aborted (in TRANSIENT_ERRORS).
+    return isinstance(exc, TRANSIENT_ERRORS) or isinstance(exc, gexc.Conflict) and is_aborted(exc)
 
 
 def is_contention(exc: BaseException) -> bool:
     """A transaction lost to another one: ABORTED, or the Firestore client's own give-up, a
     ValueError ("failed to commit in N attempts") raised from the Aborted it kept getting."""
-    if isinstance(exc, gexc.Aborted):
+    if is_aborted(exc):
         return True
     return isinstance(exc, ValueError) and isinstance(exc.__cause__, gexc.Aborted)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from shared.api_errors import is_already_exists
 from shared.clients import tasks_client
 from shared.config import CONTROL_QUEUE, ITEM_QUEUE, PROGRESS_DISPATCH_DEADLINE_S, QueueSpec, settings
 from shared.log import log_event
@@ -112,11 +113,11 @@ def create_task(queue_path: str, spec: TaskSpec) -> bool:
     try:
         TASK_API.call(lambda: tasks_client().create_task(parent=queue_path, task=task))
         return True
-    except gexc.Aborted:
+    except gexc.Conflict as exc:
+        # gRPC raises AlreadyExists; REST raises Conflict for it and for ABORTED alike (api_errors).
+        if is_already_exists(exc):
+            return False
         raise
-    except gexc.Conflict:
-        # gRPC raises AlreadyExists; the REST transport maps the same 409 ALREADY_EXISTS to Conflict.
-        return False
 
 
 def task_exists(queue_path: str, task_id: str) -> bool:

@@ -47,10 +47,11 @@ def firestore_db(stack_env):
 
 @pytest.fixture(scope="session")
 def tasks_client(stack_env):
-    """The official Cloud Tasks client (REST) on the local emulator."""
+    """The official Cloud Tasks client on the local emulator, over gRPC as the stack's functions use it."""
     from shared.clients import make_tasks_client
 
-    return make_tasks_client(stack_env["CLOUD_TASKS_EMULATOR_HOST"])
+    return make_tasks_client(stack_env["CLOUD_TASKS_EMULATOR_HOST"],
+                             grpc_host=stack_env.get("CLOUD_TASKS_EMULATOR_GRPC_HOST", ""))
 
 
 @pytest.fixture(scope="session")

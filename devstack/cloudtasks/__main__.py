@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m devstack.cloudtasks", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8123, help="0 picks a free port (printed in the ready line)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the gRPC API on this port (0: a free one, printed in the ready line as "
+                        "grpc=HOST:PORT); default: REST only")
     p.add_argument("--tombstone-seconds", type=float, default=3600.0,
                    help="how long an ended task's name stays reserved (Cloud Tasks: ~1 h)")
     p.add_argument("--duplicate-deliveries", type=int, default=0, help="extra copies of every dispatch (chaos)")
@@ -66,20 +69,29 @@ def _enforcer(args):
 async def _serve(args) -> None:
     emu = Emulator(tombstone_seconds=args.tombstone_seconds, duplicate_deliveries=args.duplicate_deliveries,
                    min_dispatch_deadline=args.min_dispatch_deadline)
-    app = make_app(emu, _enforcer(args))
+    enforcer = _enforcer(args)
+    app = make_app(emu, enforcer)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024, reuse_address=True)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    grpc_server, grpc_note = None, ""
+    if args.grpc_port is not None:
+        from devstack.cloudtasks.grpc_api import start_grpc_server
+
+        grpc_server, grpc_port = await start_grpc_server(emu, enforcer, args.host, args.grpc_port)
+        grpc_note = f" grpc={args.host}:{grpc_port}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"CLOUDTASKS_EMULATOR_READY http://{args.host}:{port} "
+    print(f"CLOUDTASKS_EMULATOR_READY http://{args.host}:{port}{grpc_note} "
           f"(tombstone_seconds={args.tombstone_seconds:g}, iam_policy={args.iam_policy})", flush=True)
     await stop.wait()
     logging.getLogger("cloudtasks-emulator").info("shutting down")
+    if grpc_server is not None:
+        await grpc_server.stop(grace=1)
     await runner.cleanup()
 
 

@@ -44,6 +44,9 @@ ROUTES = [
     ("GET", r"^(?P<name>projects/[^/:]+)/locations$", "list_locations"),
 ]
 _COMPILED = [(m, re.compile(rx), h) for m, rx, h in ROUTES]
+# handler -> the pattern of its name or parent alone (the route without its suffix): the gRPC
+# surface gets that field, not a URL path.
+ROUTE_FOR = {h: re.compile(rx[:rx.rindex(")") + 1] + "$") for _m, rx, h in ROUTES}
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -108,22 +111,30 @@ _BAD_TOKEN = ("Request had invalid authentication credentials. Expected OAuth 2 
 
 
 async def _iam_checks(request: web.Request, handler: str, groups: dict[str, str]) -> list[tuple[str, str]]:
-    """The (method, resource) pairs Google checks for this call, in its order."""
-    path = groups.get("name") or groups.get("parent")
-    resource = path.split("/tasks/")[0] if handler in ("get_task", "delete_task", "run_task") else path
-    method = "cloudtasks." + _METHODS[handler]
+    """The (method, resource) pairs Google checks for this REST call, in its order."""
     body: dict = {}
     if handler in ("create_task", "run_task"):
         try:
             body = await _body(request)
         except ApiError:
             body = {}  # the handler reports the bad body after the permission check
+    full_view = False
     if handler in _HAS_VIEW:
         try:
-            if _view(request, body) == pj.TaskView.FULL:
-                method += "(FULL)"
+            full_view = _view(request, body) == pj.TaskView.FULL
         except (ApiError, ValueError):
             pass
+    return iam_checks(handler, groups.get("name") or groups.get("parent"), body, full_view)
+
+
+def iam_checks(handler: str, path: str, body: dict, full_view: bool) -> list[tuple[str, str]]:
+    """The (method, resource) pairs Google checks for a call, in its order, whichever transport
+    carried it: `path` is the request's name or parent, `body` its JSON form (camelCase, as REST sends
+    it), `full_view` whether it asks for the FULL task view."""
+    resource = path.split("/tasks/")[0] if handler in ("get_task", "delete_task", "run_task") else path
+    method = "cloudtasks." + _METHODS[handler]
+    if handler in _HAS_VIEW and full_view:
+        method += "(FULL)"
     checks = [(method, resource)]
     if handler == "create_task":
         task = body.get("task") if isinstance(body.get("task"), dict) else {}
@@ -135,6 +146,29 @@ async def _iam_checks(request: web.Request, handler: str, groups: dict[str, str]
             # the account whose OIDC token the task will carry.
             checks.append(("iam.actAs(oidc_token)", f"projects/{path.split('/')[1]}/serviceAccounts/{email}"))
     return checks
+
+
+def authorize(enforcer: Enforcer, authorization: str | None, checks: list[tuple[str, str]]) -> None:
+    """Enforce the local IAM policy on one call (either transport); ApiError when refused."""
+    try:
+        enforcer.authorize(authorization, checks)
+    except Denied as exc:
+        log.warning("iam denied", extra={"principal": exc.email or "<unauthenticated>", "method": exc.method,
+                                         "resource": exc.resource, "permission": exc.permission,
+                                         "http": exc.status})
+        raise _denied(exc) from None
+
+
+def queue_page(emu: Emulator, parent: str, flt: str, page_size, page_token: str) -> tuple[list, str]:
+    """One page of ListQueues: (queues, next_page_token or "")."""
+    qs = emu.list_queues(parent, flt)
+    size = pj.parse_int(page_size, "page_size", 0, 10_000) or 9800
+    start = 0
+    if page_token:
+        if not page_token.isdigit():
+            raise invalid("Invalid page_token")
+        start = int(page_token)
+    return qs[start:start + size], str(start + size) if start + size < len(qs) else ""
 
 
 def _denied(exc: Denied) -> ApiError:
@@ -153,14 +187,7 @@ class Api:
         self.enforcer = enforcer
 
     async def _authorize(self, request: web.Request, handler: str, groups: dict[str, str]) -> None:
-        checks = await _iam_checks(request, handler, groups)
-        try:
-            self.enforcer.authorize(request.headers.get("Authorization"), checks)
-        except Denied as exc:
-            log.warning("iam denied", extra={"principal": exc.email or "<unauthenticated>", "method": exc.method,
-                                             "resource": exc.resource, "permission": exc.permission,
-                                             "http": exc.status})
-            raise _denied(exc) from None
+        authorize(self.enforcer, request.headers.get("Authorization"), await _iam_checks(request, handler, groups))
 
     async def dispatch(self, request: web.Request) -> web.Response:
         path = request.match_info["tail"]
@@ -187,18 +214,11 @@ class Api:
         return _json(q.to_json(_enum_int(request)))
 
     async def list_queues(self, request, parent):
-        qs = self.emu.list_queues(parent, request.query.get("filter", ""))
-        size = pj.parse_int(request.query.get("pageSize", "0"), "page_size", 0, 10_000) or 9800
-        token = request.query.get("pageToken", "")
-        start = 0
-        if token:
-            if not token.isdigit():
-                raise invalid("Invalid page_token")
-            start = int(token)
-        page = qs[start:start + size]
+        page, nxt = queue_page(self.emu, parent, request.query.get("filter", ""), request.query.get("pageSize", "0"),
+                               request.query.get("pageToken", ""))
         out = {"queues": [q.to_json(_enum_int(request)) for q in page]}
-        if start + size < len(qs):
-            out["nextPageToken"] = str(start + size)
+        if nxt:
+            out["nextPageToken"] = nxt
         return _json(out)
 
     async def get_queue(self, request, name):
@@ -261,12 +281,20 @@ class Api:
 
     # locations
     async def get_location(self, request, name):
-        loc = name.split("/")[-1]
-        return _json({"name": name, "locationId": loc, "displayName": loc})
+        return _json(location_json(name))
 
     async def list_locations(self, request, name):
-        locs = sorted({q.location for q in self.emu.queues.values() if q.project == name.split("/")[1]} or {"us-central1"})
-        return _json({"locations": [{"name": f"{name}/locations/{loc}", "locationId": loc} for loc in locs]})
+        return _json(locations_json(self.emu, name))
+
+
+def location_json(name: str) -> dict:
+    loc = name.split("/")[-1]
+    return {"name": name, "locationId": loc, "displayName": loc}
+
+
+def locations_json(emu: Emulator, project: str) -> dict:
+    locs = sorted({q.location for q in emu.queues.values() if q.project == project.split("/")[1]} or {"us-central1"})
+    return {"locations": [{"name": f"{project}/locations/{loc}", "locationId": loc} for loc in locs]}
 
 
 # ---------------------------------------------------------------- inspection API

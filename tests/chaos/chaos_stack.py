@@ -89,7 +89,8 @@ class ChaosStack:
             return duration_pb2.Duration(seconds=int(seconds), nanos=int(seconds % 1 * 1e9))
 
         client = make_tasks_client(self.env["CLOUD_TASKS_EMULATOR_HOST"],
-                                   credentials=Credentials(token=self.env["UPCFAN_OPERATOR_TOKEN"]))
+                                   credentials=Credentials(token=self.env["UPCFAN_OPERATOR_TOKEN"]),
+                                   grpc_host=self.env.get("CLOUD_TASKS_EMULATOR_GRPC_HOST", ""))
         name = f"{self.env['UPCFAN_QUEUE'].rsplit('/queues/', 1)[0]}/queues/{queue}"
         retry = tasks_v2.RetryConfig(min_backoff=duration(retry_s["min_backoff_s"]),
                                      max_backoff=duration(retry_s["max_backoff_s"]),

@@ -1,7 +1,9 @@
 """Fixtures for the Cloud Tasks emulator conformance suite.
 
-The emulator runs as a subprocess on a free 127.0.0.1 port for the whole session; tests talk to it
-only through the official client (REST transport) and the /_emulator inspection API. Targets are
+The emulator runs as a subprocess on free 127.0.0.1 ports (REST and gRPC) for the whole session;
+tests talk to it only through the official client and the /_emulator inspection API. The client
+fixture is parametrized over the transport, so every test that uses it runs over REST (the local
+default without CLOUD_TASKS_EMULATOR_GRPC_HOST) and over gRPC (production's transport). Targets are
 small servers on 127.0.0.1 that record every delivery: Target (aiohttp, by path) and
 ConnectionTarget (raw HTTP/1.1, by connection, for keep-alive behaviour).
 """
@@ -30,9 +32,11 @@ PARENT = f"projects/{PROJECT}/locations/{LOCATION}"
 
 
 @pytest.fixture(scope="session")
-def emulator_host():
+def emulator_hosts():
+    """(REST host:port, gRPC host:port) of the session's emulator."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "devstack.cloudtasks", "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0",
+         "--log-level", "WARNING"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -43,20 +47,37 @@ def emulator_host():
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"emulator did not start: {line!r}")
             line = proc.stdout.readline()
-        host = line.split()[1].replace("http://", "")
+        words = line.split()
+        host = words[1].replace("http://", "")
+        grpc_host = words[2].removeprefix("grpc=")
         emu.wait_ready(host, timeout=5)
         # Drain the emulator's log output so a full pipe never blocks it.
         threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-        yield host
+        yield host, grpc_host
     finally:
         stop_process(proc)
 
 
 @pytest.fixture(scope="session")
-def tasks_client(emulator_host):
+def emulator_host(emulator_hosts):
+    """The emulator's REST host:port (also where the /_emulator inspection API is)."""
+    return emulator_hosts[0]
+
+
+@pytest.fixture(scope="session", params=["rest", "grpc"])
+def transport(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tasks_client(emulator_hosts, transport):
+    """The official client as shared.clients makes it for the local stack, over `transport`."""
     from shared.clients import make_tasks_client
 
-    return make_tasks_client(emulator_host)
+    rest_host, grpc_host = emulator_hosts
+    client = make_tasks_client(rest_host, grpc_host=grpc_host if transport == "grpc" else "")
+    assert client.transport.kind == transport
+    return client
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """Conformance suite for the local Cloud Tasks emulator.
 
-Only the official google-cloud-tasks client (REST transport) and the /_emulator inspection API are
-used. Synchronisation is by polling with deadlines; the only fixed waits are short observation
+Only the official google-cloud-tasks client and the /_emulator inspection API are used; every test
+that takes `tasks_client` runs twice, over REST and over gRPC (conftest.py). Synchronisation is by polling with deadlines; the only fixed waits are short observation
 windows that prove something did *not* happen (paused queue, schedule_time not reached).
 
 Note on exception classes: over the REST transport google-api-core maps HTTP 409 to `Conflict` and
 400 to `BadRequest` (the gRPC-only subclasses AlreadyExists / InvalidArgument / FailedPrecondition
-are not raised). Product code must catch `Conflict`, which is also the base class of AlreadyExists.
-The google.rpc status name is in the JSON error body, checked by `_status`.
+are not raised); over gRPC each status has its class. Tests catch the REST classes (the gRPC ones
+are their subclasses) and check the google.rpc status with `_status` (shared.api_errors), which
+over gRPC reads it from the class and over REST from the JSON error body.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from google.cloud import tasks_v2
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 
 from devstack.cloudtasks import client as emu
+from shared.api_errors import rpc_status
 
 PARENT = "projects/demo-emulator/locations/us-central1"  # same as conftest.PARENT
 
@@ -42,7 +44,7 @@ def poll(fn, timeout: float = 10.0, interval: float = 0.02, what: str = "conditi
 
 
 def _status(exc: gexc.GoogleAPICallError) -> str:
-    return exc.response.json()["error"]["status"]
+    return rpc_status(exc)
 
 
 def _dur(seconds: float) -> duration_pb2.Duration:
@@ -104,6 +106,24 @@ def test_queue_crud(tasks_client, make_queue):
     created = tasks_client.update_queue(queue=tasks_v2.Queue(name=q + "x"))
     assert created.name == q + "x"
     tasks_client.delete_queue(name=q + "x")
+
+
+def test_error_classes_follow_the_transport(tasks_client, transport, make_queue, target):
+    """gRPC raises production's classes (what shared/ code sees deployed); REST the HTTP ones."""
+    q = make_queue(paused=True)
+    name = f"{q}/tasks/classes-1"
+    tasks_client.create_task(parent=q, task=_http_task(target.url("/ok"), name))
+    with pytest.raises(gexc.Conflict) as exists:
+        tasks_client.create_task(parent=q, task=_http_task(target.url("/ok"), name))
+    with pytest.raises(gexc.BadRequest) as bad:
+        tasks_client.create_task(parent=q, task=_http_task(target.url("/ok"), f"{q}/tasks/has space"))
+    with pytest.raises(gexc.NotFound) as missing:
+        tasks_client.get_task(name=f"{q}/tasks/never")
+    expected = ({"grpc": gexc.AlreadyExists, "rest": gexc.Conflict}, {"grpc": gexc.InvalidArgument, "rest": gexc.BadRequest},
+                {"grpc": gexc.NotFound, "rest": gexc.NotFound})
+    assert [type(e.value) for e in (exists, bad, missing)] == [classes[transport] for classes in expected]
+    assert [_status(e.value) for e in (exists, bad, missing)] == ["ALREADY_EXISTS", "INVALID_ARGUMENT", "NOT_FOUND"]
+    assert "already exists" in exists.value.message
 
 
 def test_invalid_queue_names(tasks_client):
@@ -490,4 +510,22 @@ def test_bad_input_never_crashes(emulator_host, make_queue):
         assert body["error"]["message"]
     code, body = _raw(emulator_host, "GET", f"/v2/{q}/tasks/nope", None)
     assert code == 404 and body["error"]["status"] == "NOT_FOUND"
+    assert emu.health(emulator_host)["ok"]
+
+
+def test_bad_grpc_input_never_crashes(emulator_hosts, emulator_host, make_queue):
+    """Bytes that are no CreateTaskRequest, an unknown method, a malformed name: each one a status."""
+    import grpc
+
+    q = make_queue(paused=True)
+    with grpc.insecure_channel(emulator_hosts[1], options=[("grpc.enable_http_proxy", 0)]) as channel:
+        def call(method: str, payload: bytes) -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as ei:
+                channel.unary_unary(f"/google.cloud.tasks.v2.CloudTasks/{method}")(payload, timeout=5)
+            return ei.value.code()
+
+        assert call("CreateTask", b"\xff\xff\xff") == grpc.StatusCode.INVALID_ARGUMENT
+        assert call("BufferTask", b"") == grpc.StatusCode.UNIMPLEMENTED
+        name_only = tasks_v2.GetTaskRequest.serialize(tasks_v2.GetTaskRequest(name=f"{q}/not-a-task"))
+        assert call("GetTask", name_only) == grpc.StatusCode.INVALID_ARGUMENT
     assert emu.health(emulator_host)["ok"]

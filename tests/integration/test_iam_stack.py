@@ -43,7 +43,7 @@ class PolicySwitch:
         extra = {iam.DROP_GRANTS_ENV: ",".join(dropped)}
         for name in ("cloudtasks", "gcs_gate"):
             bounce_component(name, extra_env=extra)
-        port = int(self.env["CLOUD_TASKS_EMULATOR_HOST"].rsplit(":", 1)[1])
+        port = int(self.env["CLOUD_TASKS_EMULATOR_GRPC_HOST"].rsplit(":", 1)[1])
         stack.create_queues(port, self.env["UPCFAN_LOCATION"], self.env["UPCFAN_OPERATOR_TOKEN"])
         self.current = dropped
 
@@ -154,3 +154,31 @@ def test_audit_of_the_stack_is_clean(stack_env, policy):
     code = cli.main(["audit", "--run-dir", str(Path(stack_env["UPCFAN_STACK_LOGS"]).parent / "run")], out=out)
     assert code == 0, out.getvalue()
     assert "upcfan-ingest@" in out.getvalue() and "denied on purpose" in out.getvalue()
+
+
+def test_grpc_calls_carry_the_callers_identity(stack_env, policy):
+    """The stack's clients speak gRPC (production's transport) over a plaintext channel, where the
+    official client attaches no credentials: the caller's token travels as call metadata and the
+    emulator checks it as over REST (401 → Unauthenticated, 403 → PermissionDenied). Run while the
+    module's grants are dropped, so the audit lists these deliberate denials apart."""
+    from google.api_core import exceptions as gexc
+    from google.auth.credentials import AnonymousCredentials
+    from google.oauth2.credentials import Credentials
+
+    from devstack.testing import component_env
+    from shared.clients import make_tasks_client
+
+    policy.set(DROPPED)
+    grpc_host, queue = stack_env["CLOUD_TASKS_EMULATOR_GRPC_HOST"], stack_env["UPCFAN_QUEUE"]
+
+    def client(credentials):
+        return make_tasks_client(credentials=credentials, grpc_host=grpc_host)
+
+    operator = client(Credentials(token=stack_env["UPCFAN_OPERATOR_TOKEN"]))
+    assert operator.get_queue(name=queue).name == queue
+    with pytest.raises(gexc.Unauthenticated):
+        client(AnonymousCredentials()).get_queue(name=queue)
+    with pytest.raises(gexc.PermissionDenied) as denied:  # the worker enqueues; it never deletes queues
+        worker = client(Credentials(token=component_env("worker")["UPCFAN_LOCAL_ACCESS_TOKEN"]))
+        worker.delete_queue(name=queue.rsplit("/", 1)[0] + "/no-such-queue")
+    assert "cloudtasks.queues.delete" in denied.value.message

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_KEYS = (
     "GOOGLE_CLOUD_PROJECT", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CLOUD_TASKS_EMULATOR_HOST",
-    "PUBSUB_EMULATOR_HOST", "UPCFAN_BUCKET", "UPCFAN_QUEUE", "UPCFAN_API_URL", "UPCFAN_INGEST_URL",
+    "CLOUD_TASKS_EMULATOR_GRPC_HOST", "PUBSUB_EMULATOR_HOST", "UPCFAN_BUCKET", "UPCFAN_QUEUE", "UPCFAN_API_URL", "UPCFAN_INGEST_URL",
     "UPCFAN_WORKER_URL", "UPCFAN_SWEEPER_URL", "UPCFAN_SLACK_SINK_URL", "UPCFAN_MARKETPLACE_URL",
     "UPCFAN_OPERATOR_TOKEN", "UPCFAN_SCHEDULER_URL",
 )  # fmt: skip
@@ -209,7 +209,7 @@ def test_job_notes_reach_slack_through_the_mounted_webhook_secret(stack_env, upl
 
 def test_scripts_dev_down_leaves_no_process(tmp_path):
     """A private stack (own .local dir, own ports) goes up and down; no process of it survives."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST") and not k.startswith("UPCFAN_")}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST")) and not k.startswith("UPCFAN_")}
     env["UPCFAN_LOCAL_DIR"] = str(tmp_path / "local")
     env["PYTHONPATH"] = str(REPO_ROOT)
     run = lambda *args: subprocess.run(  # noqa: E731

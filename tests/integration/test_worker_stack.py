@@ -214,7 +214,8 @@ def firestore_db(stack_env):
 def tasks_client(stack_env):
     from shared.clients import make_tasks_client
 
-    return make_tasks_client(stack_env["CLOUD_TASKS_EMULATOR_HOST"])
+    return make_tasks_client(stack_env["CLOUD_TASKS_EMULATOR_HOST"],
+                             grpc_host=stack_env.get("CLOUD_TASKS_EMULATOR_GRPC_HOST", ""))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from infra import deploy, model
 
 REPO = Path(__file__).resolve().parents[2]
 EMULATOR_HOSTS = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CLOUD_TASKS_EMULATOR_HOST",
-                  "PUBSUB_EMULATOR_HOST")
+                  "CLOUD_TASKS_EMULATOR_GRPC_HOST", "PUBSUB_EMULATOR_HOST")
 
 
 def deployed_env(function: str, default_handler: str = "marketplace_draft") -> dict[str, str]:

@@ -51,7 +51,7 @@ def test_only_reruns_keep_the_other_benches_results(tmp_path):
     assert previous["cloudtasks"].measured_at == "2026-11-24 09:00 UTC"
     table = runner.results_table(list(previous.values()))
     assert [r[1] for r in table[1:]] == [
-        "official-client creates vs raw-HTTP creates", "dispatch rate vs queue max_dispatches_per_second",
+        "official-client creates (REST) vs raw-HTTP creates", "dispatch rate vs queue max_dispatches_per_second",
         "sandbox marketplace req/s (3,000 requests, 50 clients)"]
 
 

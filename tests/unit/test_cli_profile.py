@@ -24,7 +24,7 @@ def production_shell(monkeypatch, tmp_path):
     """An operator's shell: no local stack in sight, a private config dir; os.environ restored after."""
     saved = dict(os.environ)
     for var in list(os.environ):
-        if var.endswith("_EMULATOR_HOST") or var.startswith("UPCFAN_") or var in ("GOOGLE_CLOUD_PROJECT",
+        if var.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST")) or var.startswith("UPCFAN_") or var in ("GOOGLE_CLOUD_PROJECT",
                                                                                   "GCLOUD_PROJECT"):
             del os.environ[var]
     os.environ["UPCFAN_CONFIG_DIR"] = str(tmp_path / "config")

@@ -308,7 +308,7 @@ def test_dry_run_prints_the_profile_it_would_write_and_the_cli_reads_it(source_r
     write_env_file(profile, printed)
     saved = dict(os.environ)
     try:
-        for var in [v for v in os.environ if v.endswith("_EMULATOR_HOST") or v.startswith("UPCFAN_")]:
+        for var in [v for v in os.environ if v.endswith(("_EMULATOR_HOST", "_EMULATOR_GRPC_HOST")) or v.startswith("UPCFAN_")]:
             del os.environ[var]
         cli._configure(env_file=None, project="demo-prod", profile=profile)
         from shared.config import settings
