@@ -79,7 +79,11 @@ SMALL_ITEM_QUEUE = QueueSpec(
     retry=ITEM_QUEUE.retry,
     rate=RateLimits(max_dispatches_per_second=100.0, max_concurrent_dispatches=200),
     dispatch_deadline_s=ITEM_QUEUE.dispatch_deadline_s,
-    local_max_concurrent_dispatches=16,
+    # Locally one worker process serves both lanes, so its CPU is split by in-flight dispatches: as
+    # many as the bulk queue's gives a small job at least half the worker while a bulk job runs (with
+    # 16 against 32 it got a third, and took 3.0x its solo time in bench/fairness_bench.py). In
+    # production the worker scales out and the lane's own 200 concurrent dispatches are its share.
+    local_max_concurrent_dispatches=ITEM_QUEUE.local_max_concurrent_dispatches,
 )
 
 # The lanes a job's items may be dispatched in, decided once when the job is planned and recorded on
