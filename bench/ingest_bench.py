@@ -139,7 +139,7 @@ def rss_child(name: str) -> None:
     # Classification only: since issue 15 even a cancelled job's chunk writes one item per UPC, and the
     # enqueue path (an item create and a task per UPC) is what the fan-out run measures; its memory is
     # bounded by the chunk size. Here it only counts.
-    def count_only(store, chunk, candidates, result, on_task, *, cancelled):
+    def count_only(store, chunk, candidates, result, on_task, *, cancelled, lane):
         result.items += len(candidates)
         return []
 

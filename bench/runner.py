@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.procs import describe_process, end_processes, processes_with_env  # noqa: E402
 
-BENCHES = ["cloudtasks", "ingest", "worker", "sweeper", "marketplace"]
+BENCHES = ["cloudtasks", "ingest", "worker", "sweeper", "marketplace", "fairness"]
 RESULTS = ROOT / "bench" / "results.md"
 # Set in every bench's environment (and so in every process a bench starts): what is still running
 # with this run's value once all benches returned was left behind.
@@ -112,6 +112,17 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
     elif name == "marketplace":
         add("sandbox marketplace req/s (3,000 requests, 50 clients)", f"{r['req_per_s']:,}/s",
             f"{r['req_per_s'] / 500:.2f}", "≥ 500 req/s", r["req_per_s"] >= 500)
+    elif name == "fairness":
+        b, a = r["before"], r["after"]
+        sizes = f"{r['small']:,} UPCs during {r['large']:,}"
+        out.append((name, f"small job with a large one / solo, lane off ({sizes})",
+                     f"{b['with_large_s']:.1f} s vs {b['solo_s']:.1f} s", f"{b['ratio']:.2f}",
+                     "(same-run baseline: one shared item queue)"))
+        add(f"small job with a large one / solo, small-jobs lane on ({sizes})",
+            f"{a['with_large_s']:.1f} s vs {a['solo_s']:.1f} s", f"{a['ratio']:.2f}",
+            f"≤ {r.get('goal_ratio', 2.0):g}", a["ratio"] <= r.get("goal_ratio", 2.0))
+        out.append((name, "large job's time, lane on / lane off", f"{a['large_s']:.1f} s vs {b['large_s']:.1f} s",
+                    f"{r['large_slowdown']:.2f}", "(no goal stated; what fairness costs the large job)"))
     elif name == "sweeper":
         budget = r.get("read_budget") or 3 * r.get("stalled", 100)
         for s in r.get("sweeps", []):

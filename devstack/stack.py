@@ -56,6 +56,11 @@ if TYPE_CHECKING:
 PROJECT = "demo-upcfan"
 # The mode of dropped files in the local stack: live, against the sandbox marketplace.
 LOCAL_DEFAULT_HANDLER = "marketplace_draft"
+# The small-jobs lane is created locally (queue, IAM) but off by default (threshold 0: every job is
+# bulk): the integration and chaos tests park, count and tune item tasks in UPCFAN_QUEUE, and their
+# jobs are all small. tests/integration/test_lanes_stack.py and bench/fairness_bench.py restart
+# ingest with UPCFAN_SMALL_JOB_MAX_LINES set (production's default is shared.config.SMALL_JOB_MAX_LINES).
+LOCAL_SMALL_JOB_MAX_LINES = 0
 HOST = "127.0.0.1"
 BUCKET = "upcfan-uploads"
 # Files submitted over HTTP without a finalize event (tests use it so no event races their request).
@@ -245,7 +250,7 @@ def allocate_ports() -> dict[str, int]:
 
 def stack_env(ports: dict[str, int]) -> dict[str, str]:
     """The contract written to .local/stack.env (docs/architecture.md, "Local stack contract")."""
-    from shared.config import CONTROL_QUEUE, ITEM_QUEUE, load_settings
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE, SMALL_ITEM_QUEUE, load_settings
 
     location = os.environ.get("UPCFAN_LOCATION", load_settings().location)
     url = lambda name: f"http://{HOST}:{ports[name]}"  # noqa: E731
@@ -264,6 +269,7 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_SUBMIT_BUCKETS": SUBMIT_BUCKET,
         "UPCFAN_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{ITEM_QUEUE.name}",
         "UPCFAN_CONTROL_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{CONTROL_QUEUE.name}",
+        "UPCFAN_SMALL_ITEM_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{SMALL_ITEM_QUEUE.name}",
         "UPCFAN_API_URL": url("api"),
         "UPCFAN_INGEST_URL": url("ingest"),
         "UPCFAN_WORKER_URL": url("worker"),
@@ -292,6 +298,7 @@ def local_desired(ports: dict[str, int], location: str) -> Desired:
     from infra.model import Desired
 
     return Desired(project=PROJECT, region=location, bucket=BUCKET, item_queue_shards=1,
+                   small_job_max_lines=LOCAL_SMALL_JOB_MAX_LINES,
                    service_urls={name: f"http://{HOST}:{ports[name]}" for name in FUNCTIONS},
                    submit_buckets=(SUBMIT_BUCKET,))
 
@@ -379,11 +386,11 @@ def create_queues(grpc_port: int, location: str, operator_token: str) -> None:
 
     from shared.api_errors import is_already_exists
     from shared.clients import make_tasks_client
-    from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE, SMALL_ITEM_QUEUE
 
     client = make_tasks_client(credentials=Credentials(token=operator_token), grpc_host=f"{HOST}:{grpc_port}")
     parent = f"projects/{PROJECT}/locations/{location}"
-    for spec in (ITEM_QUEUE, CONTROL_QUEUE):
+    for spec in (ITEM_QUEUE, SMALL_ITEM_QUEUE, CONTROL_QUEUE):
         r = spec.retry
         queue = tasks_v2.Queue(
             name=f"{parent}/queues/{spec.name}",
@@ -674,9 +681,12 @@ def local_instances(function: str, threads: int) -> int:
     queue's 8 local dispatches and leave the rest waiting behind long chunks, where Cloud Run scales
     out. So each function runs as many gunicorn workers (each an instance: its own threads, pools and
     caches) as the local queues that call it can keep busy."""
-    from shared.tasks import TASK_KINDS
+    from shared.config import SMALL_ITEM_QUEUE
+    from shared.tasks import ITEM_TASK, TASK_KINDS
 
     queues = {kind.queue.name: kind.queue for kind in TASK_KINDS if kind.function == function}
+    if function == ITEM_TASK.function:  # item tasks come from the small-jobs lane too
+        queues[SMALL_ITEM_QUEUE.name] = SMALL_ITEM_QUEUE
     inflow = sum(queue.local_max_concurrent_dispatches for queue in queues.values())
     return max(1, -(-inflow // threads))
 

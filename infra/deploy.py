@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import model
-from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+from shared.config import CONTROL_QUEUE, ITEM_QUEUE, SMALL_ITEM_QUEUE
 from shared.deadlines import function_timeout_s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,8 @@ class FunctionSpec:
 
 
 def function_specs(shards: int) -> list[FunctionSpec]:
-    item_conc = shards * ITEM_QUEUE.rate.max_concurrent_dispatches
+    # The bulk shards and the small-jobs lane all call the worker.
+    item_conc = shards * ITEM_QUEUE.rate.max_concurrent_dispatches + SMALL_ITEM_QUEUE.rate.max_concurrent_dispatches
     control_conc = CONTROL_QUEUE.rate.max_concurrent_dispatches
     worker_conc = 80
     ingest_conc = 4
@@ -205,6 +206,8 @@ def env_vars(d: model.Desired, marketplace_url: str, default_handler: str, conso
         "UPCFAN_ITEM_QUEUE_NAME": d.item_queue.name,
         "UPCFAN_CONTROL_QUEUE_NAME": d.control_queue.name,
         "UPCFAN_ITEM_QUEUE_SHARDS": str(d.item_queue_shards),
+        "UPCFAN_SMALL_ITEM_QUEUE_NAME": d.small_item_queue.name,
+        "UPCFAN_SMALL_JOB_MAX_LINES": str(d.small_job_max_lines),
         "UPCFAN_INGEST_URL": d.function_url("ingest"),
         "UPCFAN_WORKER_URL": d.function_url("worker"),
         "UPCFAN_BUCKET": d.bucket,

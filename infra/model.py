@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from infra.sharding import shard_queue_name
-from shared.config import CONTROL_QUEUE, ITEM_QUEUE, QueueSpec
+from shared.config import CONTROL_QUEUE, ITEM_QUEUE, SMALL_ITEM_QUEUE, SMALL_JOB_MAX_LINES, QueueSpec
 
 FUNCTIONS = ("ingest", "worker", "sweeper", "api")
 
@@ -50,7 +50,8 @@ SECRETS = (SLACK_SECRET, MARKETPLACE_SECRET)
 class Grant:
     """One IAM grant: `role` to the service account `account` (a key of SA_IDS) on `target`.
 
-    Targets: "project", "item_queues" (every shard), "item_queue:0" (the first shard only),
+    Targets: "project", "item_queues" (every item queue: the bulk shards and the small-jobs lane),
+    "item_queue:0" (the first bulk shard only), "small_item_queue" (the small-jobs lane),
     "control_queue", "bucket", "secret:<id>", "sa:<account>" (a service account as a resource),
     "run:<function>" (the Cloud Run service behind a function; exists only after deploy).
     """
@@ -79,8 +80,8 @@ GRANTS: tuple[Grant, ...] = (
     Grant("ingest", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: one task per item (fan-out)"),
     Grant("api", "roles/cloudtasks.enqueuer", "item_queues", "CreateTask: retry rounds (retry-failed) and re-drive"),
     Grant("api", "roles/cloudtasks.viewer", "item_queues",
-          "GetQueue: /health checks the first item queue; GetTask: re-drive checks whether an open item's "
-          "task still exists (in the item's shard)"),
+          "GetQueue: /health checks the first item queue and the small-jobs lane; GetTask: re-drive checks "
+          "whether an open item's task still exists (in its job's lane, the item's shard)"),
     Grant("ingest", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: plan tasks (/plan), chunk tasks (/fanout)"),
     Grant("worker", "roles/cloudtasks.enqueuer", "control_queue", "CreateTask: progress checks (/progress)"),
     Grant("api", "roles/cloudtasks.enqueuer", "control_queue",
@@ -120,6 +121,10 @@ class Desired:
     bucket: str = ""
     item_queue_shards: int = 1
     item_queue: QueueSpec = ITEM_QUEUE
+    # The small-jobs lane (shared/config.py SMALL_ITEM_QUEUE): one queue, never sharded.
+    small_item_queue: QueueSpec = SMALL_ITEM_QUEUE
+    # Jobs of at most this many lines run in the small-jobs lane (UPCFAN_SMALL_JOB_MAX_LINES; 0: none).
+    small_job_max_lines: int = SMALL_JOB_MAX_LINES
     control_queue: QueueSpec = CONTROL_QUEUE
     sweep_schedule: str = "*/5 * * * *"
     url_template: str = DEFAULT_URL_TEMPLATE
@@ -146,12 +151,12 @@ class Desired:
         return f"projects/{self.project}/locations/{self.region}"
 
     def queue_specs(self) -> list[QueueSpec]:
-        """Item shards (`upcfan-items`, `upcfan-items-1`, ...) then the control queue."""
+        """Item shards (`upcfan-items`, `upcfan-items-1`, ...), the small-jobs lane, then the control queue."""
         shards = [
             replace(self.item_queue, name=shard_queue_name(self.item_queue.name, i))
             for i in range(self.item_queue_shards)
         ]
-        return shards + [self.control_queue]
+        return shards + [self.small_item_queue, self.control_queue]
 
     def secret_path(self, secret_id: str) -> str:
         return f"projects/{self.project}/secrets/{secret_id}"
@@ -176,6 +181,8 @@ class Desired:
             return queues[:-1]
         if kind == "item_queue":
             return [queues[int(arg)]]
+        if kind == "small_item_queue":
+            return [queues[-2]]
         if kind == "control_queue":
             return [queues[-1]]
         if kind == "bucket":  # the watched bucket and the submit-only ones: ingest and the API read them alike
@@ -200,6 +207,8 @@ def from_settings(project: str, region: str, bucket: str = "", item_queue_shards
     s = load_settings()
     shards = item_queue_shards if item_queue_shards is not None else s.item_queue_shards
     item = replace(ITEM_QUEUE, name=s.item_queue)
+    small = replace(SMALL_ITEM_QUEUE, name=s.small_item_queue)
     control = replace(CONTROL_QUEUE, name=s.control_queue)
     return Desired(project=project, region=region, bucket=bucket or s.bucket,
-                   item_queue_shards=shards, item_queue=item, control_queue=control, **kw)
+                   item_queue_shards=shards, item_queue=item, small_item_queue=small,
+                   small_job_max_lines=s.small_job_max_lines, control_queue=control, **kw)

@@ -143,6 +143,7 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("cloudtasks.CreateTask", "control_queue", "shared/ingest.py::submit_job (plan task)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_item_tasks (retry rounds)"),
         Call("cloudtasks.GetQueue", "item_queue:0", "shared/operations.py::health (/health)"),
+        Call("cloudtasks.GetQueue", "small_item_queue", "shared/operations.py::health (/health, the small-jobs lane)"),
         Call("cloudtasks.GetTask", "item_queues", "shared/tasks.py::task_exists via "
                                                   "shared/operations.py::redrive_job (re-drive)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_redrive_tasks (re-drive)"),
@@ -197,7 +198,8 @@ def calls_needing(account: str, role: str) -> list[Call]:
 
 # ---- docs/operations.md: one table per service account (a unit test keeps the doc in step) ----
 
-_TARGET_WORDS = {"project": "project", "item_queues": "every item queue", "item_queue": "first item queue only",
+_TARGET_WORDS = {"project": "project", "item_queues": "every item queue (bulk shards and small-jobs lane)",
+                 "item_queue": "first item queue only", "small_item_queue": "small-jobs item queue",
                  "control_queue": "control queue", "bucket": "watched bucket", "secret": "secret `{}`",
                  "sa": "service account `{}`", "run": "service `{}`"}
 
@@ -210,7 +212,8 @@ def _on(target: str) -> str:
 
 
 def _serves(grant_target: str, call_target: str) -> bool:
-    return grant_target in (call_target, "project") or (grant_target, call_target) == ("item_queues", "item_queue:0")
+    return grant_target in (call_target, "project") or (
+        grant_target == "item_queues" and call_target in ("item_queue:0", "small_item_queue"))
 
 
 def grant_calls(grant: model.Grant) -> list[Call]:

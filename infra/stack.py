@@ -44,7 +44,7 @@ def _holder(d: Desired, target: str) -> tuple[str, dict]:
     kind, _, arg = target.partition(":")
     if kind == "project":
         return "projects", {}
-    if kind in ("item_queues", "item_queue", "control_queue"):
+    if kind in ("item_queues", "item_queue", "small_item_queue", "control_queue"):
         return "tasks", {}
     if kind == "bucket":
         return "storage_iam", {"missing_hint": f"bucket {d.bucket} does not exist"}

@@ -68,6 +68,33 @@ ITEM_QUEUE = QueueSpec(
     dispatch_deadline_s=180,
 )
 
+# The small-jobs lane (issue 17): item tasks of a job whose file has at most UPCFAN_SMALL_JOB_MAX_LINES
+# lines. Cloud Tasks dispatches one queue roughly in schedule-time order, so behind a million-item
+# job's backlog a 500-line job would wait for the whole backlog; in its own queue, with its own rate
+# and concurrency, it is dispatched beside the bulk job instead of after it. Same retry config and
+# deadline as the item queue (the same worker, the same item life); less concurrency, because one
+# small job at a time needs little and the lane must not become a second bulk queue.
+SMALL_ITEM_QUEUE = QueueSpec(
+    name="upcfan-items-small",
+    retry=ITEM_QUEUE.retry,
+    rate=RateLimits(max_dispatches_per_second=100.0, max_concurrent_dispatches=200),
+    dispatch_deadline_s=ITEM_QUEUE.dispatch_deadline_s,
+    # Locally one worker process serves both lanes, so its CPU is split by in-flight dispatches: as
+    # many as the bulk queue's gives a small job at least half the worker while a bulk job runs (with
+    # 16 against 32 it got a third, and took 3.0x its solo time in bench/fairness_bench.py). In
+    # production the worker scales out and the lane's own 200 concurrent dispatches are its share.
+    local_max_concurrent_dispatches=ITEM_QUEUE.local_max_concurrent_dispatches,
+)
+
+# The lanes a job's items may be dispatched in, decided once when the job is planned and recorded on
+# the job document (`item_lane`); a job without one (planned before lanes existed) is bulk.
+BULK_LANE = "bulk"
+# Production's threshold: a job of up to 5,000 lines takes minutes at most, so it is never worth
+# waiting behind a bulk backlog; it also bounds what the lane can be handed by one job.
+SMALL_JOB_MAX_LINES = 5000
+SMALL_LANE = "small"
+ITEM_LANES = (BULK_LANE, SMALL_LANE)
+
 # Control tasks (file chunks, job progress checks) live apart so a backlog of items never
 # delays a chunk or a completion check.
 CONTROL_QUEUE = QueueSpec(
@@ -144,6 +171,11 @@ class Settings(BaseSettings):
     location: Text = _env("UPCFAN_LOCATION", "us-central1")
     item_queue: Text = _env("UPCFAN_ITEM_QUEUE_NAME", ITEM_QUEUE.name, min_length=1)
     control_queue: Text = _env("UPCFAN_CONTROL_QUEUE_NAME", CONTROL_QUEUE.name, min_length=1)
+    small_item_queue: Text = _env("UPCFAN_SMALL_ITEM_QUEUE_NAME", SMALL_ITEM_QUEUE.name, min_length=1)
+    # A job whose file has at most this many lines runs in the small-jobs lane (0: no small lane,
+    # every job is bulk). Lines as the plan task counts them (blank and header lines included): an
+    # upper bound of the job's items, known before the first item task exists.
+    small_job_max_lines: int = _env("UPCFAN_SMALL_JOB_MAX_LINES", SMALL_JOB_MAX_LINES, ge=0)
     item_queue_shards: Count = _env("UPCFAN_ITEM_QUEUE_SHARDS", 1)
     ingest_url: Url = _env("UPCFAN_INGEST_URL", "")
     worker_url: Url = _env("UPCFAN_WORKER_URL", "")
@@ -226,6 +258,10 @@ class Settings(BaseSettings):
         if self.breaker_min_attempts > self.breaker_window:
             raise ValueError(f"UPCFAN_BREAKER_MIN_ATTEMPTS ({self.breaker_min_attempts}) must be at most "
                              f"UPCFAN_BREAKER_WINDOW ({self.breaker_window})")
+        bulk_names = {self.item_queue, *(f"{self.item_queue}-{i}" for i in range(1, self.item_queue_shards))}
+        if self.small_item_queue in bulk_names | {self.control_queue}:
+            raise ValueError(f"UPCFAN_SMALL_ITEM_QUEUE_NAME ({self.small_item_queue}) must name a queue of its own, "
+                             f"not an item queue shard or the control queue")
         if self.stall_critical_minutes < self.stall_minutes:
             raise ValueError(f"UPCFAN_STALL_CRITICAL_MINUTES ({self.stall_critical_minutes:g}) must be at least "
                              f"UPCFAN_STALL_MINUTES ({self.stall_minutes:g})")
@@ -257,6 +293,18 @@ class Settings(BaseSettings):
     def item_queue_path(self, shard: int = 0) -> str:
         name = self.item_queue if shard == 0 else f"{self.item_queue}-{shard}"
         return self.queue_path(name)
+
+    def lane_queue_path(self, lane: str, shard: int = 0) -> str:
+        """The queue of a lane: the small lane's one queue, or the bulk lane's shard `shard`."""
+        if lane == SMALL_LANE:
+            return self.queue_path(self.small_item_queue)
+        if lane == BULK_LANE:
+            return self.item_queue_path(shard)
+        raise ValueError(f"unknown item lane {lane!r}; known lanes: {', '.join(ITEM_LANES)}")
+
+    def lane_for_lines(self, raw_lines: int) -> str:
+        """The lane of a job whose file has `raw_lines` lines (decided once, at planning)."""
+        return SMALL_LANE if raw_lines <= self.small_job_max_lines else BULK_LANE
 
     @property
     def control_queue_path(self) -> str:

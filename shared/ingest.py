@@ -274,9 +274,16 @@ def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:
         plan = plan_file(obj, s.chunk_bytes, s.max_lines)
     except UnreadableFileError as exc:
         return _fail_job(store, job_id, exc.to_dict(), now)
+    # The lane is decided once, before any chunk task exists: a plan task run again (it ended before
+    # `planned_at`) keeps the lane already recorded, so every item task of the job lands in one queue
+    # even if UPCFAN_SMALL_JOB_MAX_LINES changed in between.
+    current = store.get_job(job_id)
+    lane = (current.doc.get("item_lane") if current else None) or s.lane_for_lines(plan.raw_lines)
     store.update_job(job_id, {"plan": {"format": plan.format.to_dict(), "raw_lines": plan.raw_lines,
                                        "size": plan.size},
-                              "chunks_total": len(plan.chunks), "updated_at": now})
+                              "item_lane": lane, "chunks_total": len(plan.chunks), "updated_at": now})
+    log_event("item_lane_chosen", job_id=job_id, lane=lane, raw_lines=plan.raw_lines,
+              small_job_max_lines=s.small_job_max_lines)
     created = 0
     for chunk in plan.chunks:
         payload = ChunkTask(job_id=job_id, bucket=obj.bucket, object=obj.name, generation=str(obj.generation),
@@ -285,9 +292,10 @@ def _plan_and_enqueue(store: Store, job_id: str, obj: GcsObject) -> dict:
                                                               kind=CHUNK_TASK, payload=payload.to_body()))
     store.update_job(job_id, {"planned_at": _now(), "updated_at": _now()})
     store.record_event(job_id, Event("planned", "ingest", _now(), {"chunks": len(plan.chunks), "raw_lines": plan.raw_lines,
-                                                                   "format": plan.format.kind}, event_id="planned"))
+                                                                   "format": plan.format.kind, "item_lane": lane},
+                                     event_id="planned"))
     log_event("job_planned", job_id=job_id, chunks=len(plan.chunks), chunk_tasks_created=created,
-              raw_lines=plan.raw_lines, format=plan.format.kind, size=plan.size)
+              raw_lines=plan.raw_lines, item_lane=lane, format=plan.format.kind, size=plan.size)
     job = store.get_job(job_id)
     return job.doc if job else {}
 
@@ -362,7 +370,7 @@ def process_chunk(payload: ChunkTask | dict[str, Any], *, crash_after_tasks: int
     # the file ends as an item or a line record whenever the cancel came.
     cancelled = job.status == JobStatus.CANCELLED.value
     todo = candidates if crash_after_tasks is None else candidates[:crash_after_tasks]
-    line_records += _enqueue_items(store, chunk, todo, result, on_task, cancelled=cancelled)
+    line_records += _enqueue_items(store, chunk, todo, result, on_task, cancelled=cancelled, lane=job.item_lane)
     if crash_after_tasks is not None:
         raise RuntimeError(f"injected crash after {len(todo)} task creations")
     _record_chunk_done(store, chunk, result, line_records, enqueued=not cancelled)
@@ -432,7 +440,7 @@ def _classify_chunk(chunk: ChunkTask, source: GcsObject, fmt: FileFormat,
 
 
 def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate], result: ChunkResult,
-                   on_task: Callable[[str], None] | None, *, cancelled: bool) -> list[dict]:
+                   on_task: Callable[[str], None] | None, *, cancelled: bool, lane: str) -> list[dict]:
     """Each candidate's item is born here, then gets its task (round 1); counts them into `result`;
     returns the line records of candidates that turned out to be duplicates of another chunk's line.
 
@@ -445,7 +453,7 @@ def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate],
 
     Items are created `ITEM_CREATE_BATCH` at a time (one store call each, `Store.create_items`), and
     the next batch's items are written while this batch's tasks are created on the fan-out pool: an
-    item is still always born before its task.
+    item is still always born before its task. Tasks go to the job's lane (`Job.item_lane`).
     """
     s = settings()
     job_id, round_ = chunk.job_id, 1
@@ -482,7 +490,7 @@ def _enqueue_items(store: Store, chunk: ChunkTask, candidates: list[_Candidate],
         task = ItemTask(job_id=job_id, gtin=c.gtin, upc=c.upc, line=c.line, round=round_)
         spec = TaskSpec(task_id=task_id, kind=ITEM_TASK, payload=task.to_body())
         # AlreadyExists: an earlier attempt of this chunk created it (the item is ours, see above).
-        return c, "created" if create_task(item_queue_for(task_id), spec) else "mine"
+        return c, "created" if create_task(item_queue_for(task_id, lane), spec) else "mine"
 
     # Candidates are unique per chunk (`_classify_chunk`): a BatchWrite may not write one document twice.
     batches = [candidates[i:i + ITEM_CREATE_BATCH] for i in range(0, len(candidates), ITEM_CREATE_BATCH)]

@@ -183,6 +183,14 @@ class Job:
         return as_utc(self.doc.get("resumed_at"))
 
     @property
+    def item_lane(self) -> str:
+        """The lane its item tasks go to, decided once at planning (`shared.ingest`); a job planned
+        before lanes existed (no field) is bulk, where its tasks have always been."""
+        from shared.config import BULK_LANE
+
+        return str(self.doc.get("item_lane") or BULK_LANE)
+
+    @property
     def retry_enqueuing(self) -> bool:
         """An operator's retry round of this job's current round is still re-queueing items."""
         return self.retry.get("state") == RETRY_ENQUEUING and int(self.retry.get("round") or 0) == self.round

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shared import item_state
-from shared.config import settings
+from shared.config import SMALL_LANE, settings
 from shared.exceptions import BadRequestError, ConflictError, NotFoundError
 from shared.job_state import job_not_found
 from shared.log import log_event
@@ -360,7 +360,7 @@ def retry_failed(job_id: str, actor: str, now: dt.datetime | None = None) -> dic
         # Items moved to this round before the interruption: their tasks may be missing.
         for page in _pages(store.iter_items(job_id, status=ItemStatus.QUEUED.value, round_=rnd.round, page=_PAGE)):
             requeued += len(page)
-            created += _create_item_tasks(job_id, page, rnd.round)
+            created += _create_item_tasks(job_id, page, rnd.round, job.item_lane)
     # Failed items of earlier rounds → queued in this round, then their tasks. An item that already
     # failed again in this round (round == rnd.round) is left alone.
     earlier = (i for i in store.iter_items(job_id, status=ItemStatus.FAILED.value, page=_PAGE) if i.round < rnd.round)
@@ -368,7 +368,7 @@ def retry_failed(job_id: str, actor: str, now: dt.datetime | None = None) -> dic
         moved = [item for item, ok in store.apply_to_items(
             "requeue", job_id, page, lambda item: item_state.requeue_for_round(item, job_id, rnd.round, now, actor)) if ok]
         requeued += len(moved)
-        created += _create_item_tasks(job_id, moved, rnd.round)
+        created += _create_item_tasks(job_id, moved, rnd.round, job.item_lane)
 
     store.finish_retry_round(job_id, rnd.round, _now(), requeued, created)
     log_event("retry_round_enqueued", job_id=job_id, actor=actor, round=rnd.round, requeued=requeued,
@@ -407,8 +407,8 @@ def _pages(items, size: int | None = None):
         yield page
 
 
-def _create_item_tasks(job_id: str, items: list[Item], round_: int) -> int:
-    """Create one task per item for `round_`; AlreadyExists (a resumed round) counts as enqueued."""
+def _create_item_tasks(job_id: str, items: list[Item], round_: int, lane: str) -> int:
+    """Create one task per item for `round_` in the job's lane; AlreadyExists (a resumed round) counts as enqueued."""
     from shared.tasks import ITEM_TASK, TaskSpec, create_task, item_queue_for
 
     specs = [TaskSpec(task_id=task_name_for(job_id, i.gtin, round_), kind=ITEM_TASK,
@@ -418,7 +418,7 @@ def _create_item_tasks(job_id: str, items: list[Item], round_: int) -> int:
     if not specs:
         return 0
     with ThreadPoolExecutor(max_workers=min(_TASK_THREADS, len(specs))) as pool:
-        results = list(pool.map(lambda s: create_task(item_queue_for(s.task_id), s), specs))
+        results = list(pool.map(lambda s: create_task(item_queue_for(s.task_id, lane), s), specs))
     return sum(1 for r in results if r)
 
 
@@ -454,9 +454,11 @@ def redrive_job(job_id: str, actor: str, *, dry_run: bool, limit: int = REDRIVE_
         raise BadRequestError("cursor is not valid", code="bad_cursor")
     now = now or _now()
     store = _store()
-    job_state.refuse_unless_redrivable(job_id, store.get_job(_checked_job_id(job_id)))
+    job = store.get_job(_checked_job_id(job_id))
+    job_state.refuse_unless_redrivable(job_id, job)
+    lane = job.item_lane  # refuse_unless_redrivable raised for a missing job
     candidates, next_cursor = _open_items(store, job_id, now, limit, cursor)
-    stranded = _without_live_task(job_id, candidates, now)
+    stranded = _without_live_task(job_id, candidates, now, lane)
     out: dict[str, Any] = {"job_id": job_id, "dry_run": dry_run, "redrive": None, "examined": len(candidates),
                            "stranded": len(stranded), "items": [row for _, row in stranded],
                            "tasks_created": 0, "already_enqueued": 0, "moved_meanwhile": 0, "tasks_failed": 0,
@@ -477,7 +479,7 @@ def redrive_job(job_id: str, actor: str, *, dry_run: bool, limit: int = REDRIVE_
     out["moved_meanwhile"] = len(stranded) - len(written)
     for _, row in stranded:
         row["new_task_name"] = new_names[row["gtin"]] if row["gtin"] in written else None
-    results = _create_redrive_tasks(job_id, [item for item, _ in stranded if item.gtin in written], new_names)
+    results = _create_redrive_tasks(job_id, [item for item, _ in stranded if item.gtin in written], new_names, lane)
     for _, row in stranded:
         row["outcome"] = results.get(row["gtin"], "moved_meanwhile")
     out["tasks_created"] = sum(1 for r in results.values() if r == "created")
@@ -525,15 +527,16 @@ def _recorded_task_name(job_id: str, item: Item) -> str:
     return name if isinstance(name, str) and is_valid_task_id(name) else task_name_for(job_id, item.gtin, item.round)
 
 
-def _without_live_task(job_id: str, items: list[Item], now: dt.datetime) -> list[tuple[Item, dict[str, Any]]]:
-    """The items whose recorded task is gone (GetTask NotFound in the item's shard), each with its row."""
+def _without_live_task(job_id: str, items: list[Item], now: dt.datetime,
+                       lane: str) -> list[tuple[Item, dict[str, Any]]]:
+    """The items whose recorded task is gone (GetTask NotFound in the job's lane, the item's shard), each with its row."""
     from shared.tasks import item_queue_for, task_exists
 
     if not items:
         return []
     names = [_recorded_task_name(job_id, i) for i in items]
     with ThreadPoolExecutor(max_workers=min(_TASK_THREADS, len(items))) as pool:
-        live = list(pool.map(lambda name: task_exists(item_queue_for(name), name), names))
+        live = list(pool.map(lambda name: task_exists(item_queue_for(name, lane), name), names))
     out = []
     for item, name, alive in zip(items, names, live):
         if alive:
@@ -551,7 +554,7 @@ def _without_live_task(job_id: str, items: list[Item], now: dt.datetime) -> list
     return out
 
 
-def _create_redrive_tasks(job_id: str, items: list[Item], names: dict[str, str]) -> dict[str, str]:
+def _create_redrive_tasks(job_id: str, items: list[Item], names: dict[str, str], lane: str) -> dict[str, str]:
     """One task per item under its re-drive name; gtin → created | already_enqueued | failed.
     AlreadyExists (the same re-drive's create repeated) counts as enqueued; any other failure is
     reported, and the item, pointed at a task that does not exist, is found again by the next re-drive."""
@@ -563,7 +566,7 @@ def _create_redrive_tasks(job_id: str, items: list[Item], names: dict[str, str])
             spec = TaskSpec(task_id=name, kind=ITEM_TASK, payload=ItemTask(
                 job_id=job_id, gtin=item.gtin, upc=item.doc.get("upc"), line=item.doc.get("line"),
                 round=item.round).to_body())
-            created = create_task(item_queue_for(name), spec)
+            created = create_task(item_queue_for(name, lane), spec)
         except Exception as exc:  # noqa: BLE001 - reported per item; the rest still go out
             log_event("item_redrive_failed", severity="ERROR", job_id=job_id, gtin=item.gtin, task_name=name,
                       error=f"{type(exc).__name__}: {exc}"[:300])
@@ -648,9 +651,14 @@ def health(timeout_s: float = 5.0) -> tuple[bool, dict[str, str]]:
         parts["firestore"] = "ok"
     except Exception as exc:  # noqa: BLE001 - health reports any failure by name
         parts["firestore"] = f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
-    try:
-        tasks_client().get_queue(name=settings().item_queue_path(0), timeout=timeout_s)
-        parts["item_queue"] = "ok"
-    except Exception as exc:  # noqa: BLE001
-        parts["item_queue"] = f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+    # The first bulk queue and the small-jobs lane's queue: a job of either lane needs its queue.
+    queues = {"item_queue": settings().item_queue_path(0)}
+    if settings().small_job_max_lines > 0:
+        queues["small_item_queue"] = settings().lane_queue_path(SMALL_LANE)
+    for part, path in queues.items():
+        try:
+            tasks_client().get_queue(name=path, timeout=timeout_s)
+            parts[part] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            parts[part] = f"unreachable: {type(exc).__name__}: {str(exc)[:200]}"
     return all(v == "ok" for v in parts.values()), parts

@@ -80,6 +80,8 @@ ITEM_QUEUE_NAME = Requirement("UPCFAN_ITEM_QUEUE_NAME", "the deployed item queue
                               "in production")
 ITEM_QUEUE_SHARDS = Requirement("UPCFAN_ITEM_QUEUE_SHARDS", "item tasks are spread over the deployed shards",
                                 in_production, "in production")
+SMALL_ITEM_QUEUE_NAME = Requirement("UPCFAN_SMALL_ITEM_QUEUE_NAME", "the deployed small-jobs item queue (a small "
+                                   "job's retry rounds and re-drives go there)", in_production, "in production")
 CONTROL_QUEUE_NAME = Requirement("UPCFAN_CONTROL_QUEUE_NAME", "the deployed control queue", in_production,
                                  "in production")
 

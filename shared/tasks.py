@@ -11,7 +11,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from shared.api_errors import is_already_exists
 from shared.clients import tasks_client
-from shared.config import CONTROL_QUEUE, ITEM_QUEUE, PROGRESS_DISPATCH_DEADLINE_S, QueueSpec, settings
+from shared.config import BULK_LANE, CONTROL_QUEUE, ITEM_QUEUE, PROGRESS_DISPATCH_DEADLINE_S, QueueSpec, settings
 from shared.log import log_event
 from shared.retry import TASK_API
 
@@ -79,9 +79,11 @@ def shard_for(task_id: str, shards: int) -> int:
     return int(hashlib.sha256(task_id.encode()).hexdigest()[:8], 16) % shards
 
 
-def item_queue_for(task_id: str) -> str:
+def item_queue_for(task_id: str, lane: str = BULK_LANE) -> str:
+    """The queue of an item task: its job's lane (`Job.item_lane`), and in the bulk lane the shard
+    its name hashes to. Every path that creates or looks up a job's item task passes the job's lane."""
     s = settings()
-    return s.item_queue_path(shard_for(task_id, s.item_queue_shards))
+    return s.lane_queue_path(lane, shard_for(task_id, s.item_queue_shards))
 
 
 def _build_task(queue_path: str, spec: TaskSpec):

@@ -25,7 +25,7 @@ from shared.durations import format_duration
 from shared.envfile import load_env_file
 from shared.exceptions import ConflictError, NotFoundError, UpcfanError
 from shared.required_settings import (BUCKET, CONTROL_QUEUE_NAME, INGEST_URL, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS,
-                                      LOCATION, PROJECT, TASK_SA, WORKER_URL)
+                                      LOCATION, PROJECT, SMALL_ITEM_QUEUE_NAME, TASK_SA, WORKER_URL)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -63,8 +63,9 @@ COMMAND_SETTINGS = {
     "resume": (PROJECT, LOCATION, WORKER_URL, TASK_SA, CONTROL_QUEUE_NAME),
     "events": (PROJECT,),
     "export": (PROJECT,),
-    "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, CONTROL_QUEUE_NAME),
-    "redrive": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS),
+    "retry-failed": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, SMALL_ITEM_QUEUE_NAME,
+                     CONTROL_QUEUE_NAME),
+    "redrive": (PROJECT, LOCATION, WORKER_URL, TASK_SA, ITEM_QUEUE_NAME, ITEM_QUEUE_SHARDS, SMALL_ITEM_QUEUE_NAME),
     "submit gs://": (PROJECT, LOCATION, INGEST_URL, TASK_SA, CONTROL_QUEUE_NAME),
     "submit FILE": (PROJECT, BUCKET),
     # and the Slack webhook, or its secret, or --no-alerts (see `sweep`)

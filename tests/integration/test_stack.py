@@ -24,7 +24,7 @@ CONTRACT_KEYS = (
     "GOOGLE_CLOUD_PROJECT", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CLOUD_TASKS_EMULATOR_HOST",
     "CLOUD_TASKS_EMULATOR_GRPC_HOST", "PUBSUB_EMULATOR_HOST", "UPCFAN_BUCKET", "UPCFAN_QUEUE", "UPCFAN_API_URL", "UPCFAN_INGEST_URL",
     "UPCFAN_WORKER_URL", "UPCFAN_SWEEPER_URL", "UPCFAN_SLACK_SINK_URL", "UPCFAN_MARKETPLACE_URL",
-    "UPCFAN_OPERATOR_TOKEN", "UPCFAN_SCHEDULER_URL",
+    "UPCFAN_OPERATOR_TOKEN", "UPCFAN_SCHEDULER_URL", "UPCFAN_SMALL_ITEM_QUEUE",
 )  # fmt: skip
 
 
@@ -47,9 +47,10 @@ def test_stack_env_holds_the_contract(stack_env):
 
 
 def test_queues_exist_with_the_configured_retry_and_rates(stack_env, tasks_client):
-    from shared.config import CONTROL_QUEUE, ITEM_QUEUE
+    from shared.config import CONTROL_QUEUE, ITEM_QUEUE, SMALL_ITEM_QUEUE
 
-    for spec, path in ((ITEM_QUEUE, stack_env["UPCFAN_QUEUE"]), (CONTROL_QUEUE, stack_env["UPCFAN_CONTROL_QUEUE"])):
+    for spec, path in ((ITEM_QUEUE, stack_env["UPCFAN_QUEUE"]), (CONTROL_QUEUE, stack_env["UPCFAN_CONTROL_QUEUE"]),
+                       (SMALL_ITEM_QUEUE, stack_env["UPCFAN_SMALL_ITEM_QUEUE"])):
         q = tasks_client.get_queue(name=path)
         assert q.retry_config.max_attempts == spec.retry.max_attempts
         assert q.retry_config.max_doublings == spec.retry.max_doublings

@@ -266,7 +266,8 @@ def test_unknown_third_party_import_fails_the_build(source_root, tmp_path):
 
 def test_sizing_arithmetic_matches_docs():
     specs = {s.name: s for s in deploy.function_specs(4)}
-    assert specs["worker"].max_instances == math.ceil((4 * 1000 + 20) / 80) == 51
+    # 4 bulk shards of 1000, the small-jobs lane's 200 and the control queue's 20, at 80 per instance
+    assert specs["worker"].max_instances == math.ceil((4 * 1000 + 200 + 20) / 80) == 53
     assert specs["ingest"].max_instances == math.ceil(20 / 4) + 2 == 7
     assert {s.name for s in deploy.function_specs(1)} == set(model.FUNCTIONS)
 

@@ -66,6 +66,10 @@ def test_health_get_queue_only_on_the_first_item_queue(policy):
     assert policy.check(sa(policy, "api"), "cloudtasks.GetQueue", first).allowed
     assert not policy.check(sa(policy, "api"), "cloudtasks.GetQueue", control).allowed
     assert not policy.check(sa(policy, "worker"), "cloudtasks.GetQueue", first).allowed
+    # /health also checks the small-jobs lane (issue 17, item 3); the api's viewer grant covers it.
+    small = d.target_resources("small_item_queue")[0]
+    assert small.endswith("/queues/upcfan-items-small")
+    assert policy.check(sa(policy, "api"), "cloudtasks.GetQueue", small).allowed
 
 
 def test_api_may_read_item_tasks_in_every_shard_for_redrive(policy):

@@ -74,7 +74,7 @@ def test_shard_queue_names_match_settings_paths():
     s = load_settings()
     d = desired(item_queue_shards=3)
     names = [q.name for q in d.queue_specs()]
-    assert names == ["upcfan-items", "upcfan-items-1", "upcfan-items-2", "upcfan-control"]
+    assert names == ["upcfan-items", "upcfan-items-1", "upcfan-items-2", "upcfan-items-small", "upcfan-control"]
     assert [s.item_queue_path(i).rsplit("/", 1)[1] for i in range(3)] == names[:3]
 
 
@@ -87,7 +87,11 @@ def test_queue_desired_state_comes_from_config():
     assert item["retry_config"] == {"max_attempts": -1, "min_backoff": 1.0,
                                     "max_backoff": 300.0, "max_doublings": 6, "max_retry_duration": 0.0}
     assert item["rate_limits"] == {"max_dispatches_per_second": 500.0, "max_concurrent_dispatches": 1000}
-    assert qs[1].name.endswith("/queues/upcfan-items-1") and qs[2].name.endswith("/queues/upcfan-control")
+    assert qs[1].name.endswith("/queues/upcfan-items-1") and qs[3].name.endswith("/queues/upcfan-control")
+    # The small-jobs lane: the item queue's retry config, its own rate and concurrency (issue 17, item 3).
+    small = qs[2].desired()
+    assert qs[2].name.endswith("/queues/upcfan-items-small") and small["retry_config"] == item["retry_config"]
+    assert small["rate_limits"] == {"max_dispatches_per_second": 100.0, "max_concurrent_dispatches": 200}
 
 
 def test_from_settings_reads_shards_and_bucket_from_env(monkeypatch):

@@ -45,6 +45,7 @@ class FakeTasks:
         self.live: dict[str, dict] = {}
         self.tombstones: set[str] = set()
         self.created: list[str] = []
+        self.queues: dict[str, str] = {}  # task id -> the queue it was created in
         self.fail_once: set[str] = set()  # task ids whose next create raises a transient fault
 
     def create(self, queue_path, spec) -> bool:
@@ -56,6 +57,7 @@ class FakeTasks:
                 return False
             self.live[spec.task_id] = spec.payload
             self.created.append(spec.task_id)
+            self.queues[spec.task_id] = queue_path
             return True
 
     def run_all(self, store: MemoryStore) -> None:
@@ -114,7 +116,7 @@ class Fanout:
         self.tasks = FakeTasks()
         self.store = MemoryStore()
         monkeypatch.setattr(ingest, "create_task", self.tasks.create)
-        monkeypatch.setattr(ingest, "item_queue_for", lambda task_id: "items")
+        monkeypatch.setattr(ingest, "item_queue_for", lambda task_id, lane: f"items:{lane}")
         monkeypatch.setattr(GcsObject, "read", lambda obj, start, end: self.file.read_generation(obj, start, end))
         plan = ingest.plan_file(self.file, chunk_bytes, 10**6)
         self.chunks = [ChunkTask(job_id=JOB_ID, bucket=BUCKET, object=OBJECT, generation=str(GENERATION),
@@ -324,3 +326,15 @@ def test_the_fanout_route_answers_a_gone_generation_200(monkeypatch):
         "first_line": 1, "index": 0})
     assert resp.status_code == 200 and resp.get_json()["skipped_reason"] == "object_generation_gone"
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("lane", ["small", "bulk", None])
+def test_item_tasks_go_to_the_lane_recorded_on_the_job(monkeypatch, lane):
+    """Issue 17, item 3: the lane is read from the job document (absent on older jobs: bulk)."""
+    f = Fanout(monkeypatch, "036000291452\n4006381333931\n", 1024)
+    if lane is not None:
+        f.store.update_job(JOB_ID, {"item_lane": lane})
+    for chunk in f.chunks:
+        f.run(chunk)
+    assert len(f.tasks.created) == 2
+    assert set(f.tasks.queues.values()) == {f"items:{lane or 'bulk'}"}

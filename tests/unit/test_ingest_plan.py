@@ -112,3 +112,28 @@ def test_an_unreadable_file_fails_the_job_in_the_plan_task(world):
     doc = ingest.plan_job(PlanTask(job_id=job_id))
     assert doc["status"] == "failed" and doc["error"]["code"] == "compressed_file"
     assert [t.kind for t in tasks] == [PLAN_TASK]
+
+
+def _plan(store, monkeypatch, max_lines: str | None, recorded: str | None = None) -> dict:
+    if max_lines is not None:
+        monkeypatch.setenv("UPCFAN_SMALL_JOB_MAX_LINES", max_lines)
+    settings.cache_clear()
+    job_id = ingest.submit_job("gs://upcfan-uploads/in/file.txt").job_id
+    if recorded:
+        store.update_job(job_id, {"item_lane": recorded})  # an earlier attempt of this plan task chose it
+    return ingest.plan_job(PlanTask(job_id=job_id))
+
+
+@pytest.mark.parametrize("max_lines, lane", [(None, "small"), ("2", "small"), ("1", "bulk"), ("0", "bulk")])
+def test_the_plan_records_the_jobs_lane_from_its_line_count(world, monkeypatch, max_lines, lane):
+    """Issue 17, item 3: at most UPCFAN_SMALL_JOB_MAX_LINES lines (2 here) is the small-jobs lane; 0 = no lane."""
+    store, obj, tasks = world
+    doc = _plan(store, monkeypatch, max_lines)
+    assert doc["item_lane"] == lane and doc["plan"]["raw_lines"] == 2
+    planned = [d for _, d in store.events[doc["job_id"]] if d["type"] == "planned"]
+    assert planned[0]["details"]["item_lane"] == lane
+
+
+def test_a_plan_run_again_keeps_the_lane_already_recorded(world, monkeypatch):
+    store, obj, tasks = world
+    assert _plan(store, monkeypatch, None, recorded="bulk")["item_lane"] == "bulk"

@@ -292,3 +292,16 @@ def test_bounded_pages_with_a_cursor(env):
     third = redrive(dry_run=True, limit=2, cursor=second["next_cursor"])
     assert [r["gtin"] for r in second["items"] + third["items"]] == gs[2:] and third["next_cursor"] is None
     assert len(redrive(limit=5)["items"]) == 5
+
+
+def test_a_small_jobs_redrive_looks_and_creates_in_the_small_lane(env):
+    """Issue 17, item 3: GetTask and CreateTask go to the job's lane (`item_lane`), not a bulk shard."""
+    store, fake = env
+    seed(store, item_lane="small")
+    small = settings().lane_queue_path("small")
+    live, gone = add_item(store, 1, "queued"), add_item(store, 2, "queued")
+    fake.live[f"{small}/tasks/{task_name_for(JOB, live, 1)}"] = {}
+    out = redrive()
+    assert [row["gtin"] for row in out["items"]] == [gone] and out["tasks_created"] == 1
+    assert all(name.startswith(small + "/tasks/") for name in fake.gets)
+    assert fake.creates == [f"{small}/tasks/{redrive_task_name_for(JOB, gone, 1, 1)}"]

@@ -12,7 +12,8 @@ from shared.config import SettingsError, load_settings, parse_bool
 
 VARS = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "UPCFAN_LEASE_S", "UPCFAN_HEARTBEAT_S", "UPCFAN_ITEM_QUEUE_SHARDS",
         "UPCFAN_DEFAULT_HANDLER", "UPCFAN_WORKER_URL", "UPCFAN_MARKETPLACE_API_KEY", "UPCFAN_MAX_LINES",
-        "UPCFAN_STALL_MINUTES", "UPCFAN_STALL_CRITICAL_MINUTES", "UPCFAN_SLACK_WEBHOOK_URL")
+        "UPCFAN_STALL_MINUTES", "UPCFAN_STALL_CRITICAL_MINUTES", "UPCFAN_SLACK_WEBHOOK_URL",
+        "UPCFAN_SMALL_JOB_MAX_LINES", "UPCFAN_SMALL_ITEM_QUEUE_NAME", "UPCFAN_CONTROL_QUEUE_NAME")
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +52,10 @@ def test_defaults_and_the_variable_names_stay_as_they_were(clean_env):
     ({"UPCFAN_STALL_MINUTES": "20", "UPCFAN_STALL_CRITICAL_MINUTES": "10"},
      "UPCFAN_STALL_CRITICAL_MINUTES (10) must be at least UPCFAN_STALL_MINUTES (20)"),
     ({"UPCFAN_DEFAULT_HANDLER": "live"}, "UPCFAN_DEFAULT_HANDLER=live: unknown handler 'live'; known handlers: dry_run"),
+    ({"UPCFAN_SMALL_JOB_MAX_LINES": "-1"}, "UPCFAN_SMALL_JOB_MAX_LINES=-1: Input should be greater than or equal to 0"),
+    ({"UPCFAN_SMALL_ITEM_QUEUE_NAME": "upcfan-items-2", "UPCFAN_ITEM_QUEUE_SHARDS": "3"},
+     "UPCFAN_SMALL_ITEM_QUEUE_NAME (upcfan-items-2) must name a queue of its own"),
+    ({"UPCFAN_SMALL_ITEM_QUEUE_NAME": "upcfan-control"}, "UPCFAN_SMALL_ITEM_QUEUE_NAME (upcfan-control) must name a queue"),
 ])
 def test_a_bad_value_fails_naming_the_variable(clean_env, env, expected):
     for key, value in env.items():
@@ -100,3 +105,17 @@ def test_mode_of_dropped_files(clean_env, name, mode):
     if name:
         clean_env.setenv("UPCFAN_DEFAULT_HANDLER", name)
     assert load_settings().mode == mode
+
+
+def test_lanes_choose_their_queues_and_the_threshold_its_lane(clean_env):
+    """Issue 17, item 3: the small lane is one queue, the bulk lane the item queue's shards."""
+    clean_env.setenv("UPCFAN_ITEM_QUEUE_SHARDS", "3")
+    s = load_settings()
+    assert s.small_job_max_lines == config.SMALL_JOB_MAX_LINES
+    assert s.lane_queue_path("small").endswith("/queues/upcfan-items-small")
+    assert s.lane_queue_path("bulk", 2).endswith("/queues/upcfan-items-2")
+    assert (s.lane_for_lines(config.SMALL_JOB_MAX_LINES), s.lane_for_lines(config.SMALL_JOB_MAX_LINES + 1)) == (
+        "small", "bulk")
+    assert s.replace(small_job_max_lines=0).lane_for_lines(1) == "bulk"
+    with pytest.raises(ValueError, match="unknown item lane 'fast'; known lanes: bulk, small"):
+        s.lane_queue_path("fast")
