@@ -4,7 +4,7 @@
    dropped in the bucket -> plan time (upload -> job has its plan) and fan-out rate (items born and
    tasks created per second, from the job's own timestamps); then the queue resumed -> the worker's
    drain rate (items final per second, the progress check's window taken out).
-2. Run a 5,000- and a 20,000-UPC job end to end with the queue live: upload -> job `completed`.
+2. Run a 5,000- and a 20,000-UPC job end to end with the queue live: upload -> job observed `completed`.
 3. Feed (1) to the model (one host: fan-out and workers share its CPU, `host_cpu_shared`; the
    emulators have no Firestore ramp or index cap) and report predicted vs measured. Goal: within 25%.
 
@@ -113,11 +113,16 @@ def calibrate(n: int, deadline_s: float) -> dict:
 
 
 def run_job(n: int, deadline_s: float) -> dict:
+    """Upload -> the job observed `completed` (what an operator sees). The job's `completed_at` is when the
+    completing progress check started, before its count of the items: on a loaded emulator that count took
+    minutes for 20k items (one run), so it is kept apart as `completed_at_s`."""
     job_id, started = _upload(n, "job")
     done = _wait(job_id, "completed", lambda j: j.get("status") == "completed", deadline_s)
+    observed = time.time()
     completed = _ts(done["completed_at"])
     fanout_done = _ts(done.get("fanout_done_at"))
-    return {"job_id": job_id, "upcs": n, "measured_s": round(completed - started, 2),
+    return {"job_id": job_id, "upcs": n, "measured_s": round(observed - started, 2),
+            "completed_at_s": round(completed - started, 2),
             "fanout_done_s": round(fanout_done - started, 2) if fanout_done else None}
 
 
