@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.procs import describe_process, end_processes, processes_with_env  # noqa: E402
 
-BENCHES = ["cloudtasks", "ingest", "worker", "sweeper", "marketplace", "fairness"]
+BENCHES = ["cloudtasks", "ingest", "worker", "sweeper", "marketplace", "fairness", "capacity"]
+# A bench's script is bench/<name>_bench.py unless named here.
+SCRIPTS = {"capacity": "capacity_validation.py"}
 RESULTS = ROOT / "bench" / "results.md"
 # Set in every bench's environment (and so in every process a bench starts): what is still running
 # with this run's value once all benches returned was left behind.
@@ -123,6 +125,15 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
             f"≤ {r.get('goal_ratio', 2.0):g}", a["ratio"] <= r.get("goal_ratio", 2.0))
         out.append((name, "large job's time, lane on / lane off", f"{a['large_s']:.1f} s vs {b['large_s']:.1f} s",
                     f"{r['large_slowdown']:.2f}", "(no goal stated; what fairness costs the large job)"))
+    elif name == "capacity":
+        cal = r.get("calibration") or {}
+        load = r.get("load_before") or [0.0]
+        for j in r.get("jobs", []):
+            add(f"capacity model vs {j['upcs']:,}-UPC job end to end (limits measured in the same run: fan-out "
+                f"{cal.get('fanout_items_per_s')}/s, workers {cal.get('worker_items_per_s')}/s; load {load[0]:.1f})",
+                f"predicted {j['predicted_s']:.0f} s vs measured {j['measured_s']:.0f} s",
+                f"{j['predicted_s'] / j['measured_s']:.2f}", f"within {r.get('goal_abs_error', 0.25):.0%}",
+                abs(j["error"]) <= r.get("goal_abs_error", 0.25))
     elif name == "sweeper":
         budget = r.get("read_budget") or 3 * r.get("stalled", 100)
         for s in r.get("sweeps", []):
@@ -140,7 +151,7 @@ def run_bench(name: str, timeout_s: float, env: dict[str, str], quick: bool = Fa
               extra: list[str] | None = None) -> BenchRun:
     """One bench in its own process group; SIGINT at the time limit (or when bench/run itself is
     interrupted) so the bench's own cleanup runs, then SIGKILL to its group."""
-    script = ROOT / "bench" / f"{name}_bench.py"
+    script = ROOT / "bench" / SCRIPTS.get(name, f"{name}_bench.py")
     if not script.exists():
         return BenchRun(name, None, "missing", 0.0, "", now_utc())
     argv = [*(["--quick"] if quick else []), *(extra or [])]

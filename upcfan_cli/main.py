@@ -102,7 +102,7 @@ class _ExitCodeGroup(TyperGroup):
 app = typer.Typer(
     cls=_ExitCodeGroup,
     help="Operate upcfan jobs: submit, status, jobs, items, events, export, pause, resume, cancel, retry-failed, redrive, "
-         "sweep, console.\n\n" + EXIT_CODES_HELP,
+         "sweep, console; predict a file's time: capacity.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -747,6 +747,81 @@ def sweep(
     console.print(table)
     for finding in data.get("findings") or []:
         console.print(finding)
+
+
+@app.command()
+def capacity(
+    upcs: int = typer.Option(..., "--upcs", help="UPC lines in the file"),
+    shards: int = typer.Option(1, "--shards", help="item queues (UPCFAN_ITEM_QUEUE_SHARDS)"),
+    queue_rate: float = typer.Option(500.0, "--queue-rate", help="max_dispatches_per_second per item queue (≤ 500)"),
+    queue_concurrent: int = typer.Option(1000, "--queue-concurrent", help="max_concurrent_dispatches per item queue"),
+    marketplace_rps: Optional[float] = typer.Option(None, "--marketplace-rps",
+                                                    help="marketplace request quota, calls/s (default: none)"),
+    marketplace_latency_s: float = typer.Option(0.15, "--marketplace-latency-s", help="one marketplace call's latency"),
+    instances: Optional[int] = typer.Option(None, "--instances",
+                                            help="worker max instances (default: as deploy sizes it for --shards)"),
+    threads: int = typer.Option(80, "--threads", help="worker concurrency (gunicorn THREADS) per instance"),
+    worker_rate: float = typer.Option(150.0, "--worker-items-per-s",
+                                      help="items/s one worker instance's CPU processes (estimate)"),
+    fanout_rate: float = typer.Option(200.0, "--fanout-items-per-s",
+                                      help="items/s one ingest instance fans out (estimate)"),
+    exemptions: bool = typer.Option(True, "--exemptions/--no-exemptions",
+                                    help="item timestamp fields exempt from indexing (else the ~500 writes/s "
+                                         "sequential-index cap applies)"),
+    ramp: bool = typer.Option(True, "--ramp/--no-ramp",
+                              help="apply Firestore's 500/50/5 ramp to the job's new key range"),
+    cold_start_s: float = typer.Option(5.0, "--cold-start-s", help="a new worker instance's cold start"),
+    as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
+) -> None:
+    """Predict how long a file of --upcs UPCs takes end to end, the limit that binds, and what to lift next."""
+    from pydantic import ValidationError
+
+    from shared.capacity import LIMITS, CapacityParams, assess
+
+    given = dict(upcs=upcs, item_queues=shards, queue_dispatches_per_s=queue_rate,
+                 queue_max_concurrent=queue_concurrent, marketplace_call_s=marketplace_latency_s,
+                 worker_instances=instances, worker_threads=threads, worker_items_per_s_per_instance=worker_rate,
+                 fanout_items_per_s_per_instance=fanout_rate, index_exemptions=exemptions, firestore_ramp=ramp,
+                 cold_start_s=cold_start_s)
+    if marketplace_rps is not None:
+        given["marketplace_rps"] = marketplace_rps
+    try:
+        params = CapacityParams(**given)
+    except ValidationError as exc:
+        flags = {"upcs": "--upcs", "item_queues": "--shards", "queue_dispatches_per_s": "--queue-rate",
+                 "queue_max_concurrent": "--queue-concurrent", "marketplace_rps": "--marketplace-rps",
+                 "marketplace_call_s": "--marketplace-latency-s", "worker_instances": "--instances",
+                 "worker_threads": "--threads", "worker_items_per_s_per_instance": "--worker-items-per-s",
+                 "fanout_items_per_s_per_instance": "--fanout-items-per-s", "cold_start_s": "--cold-start-s"}
+        problems = "; ".join(f"{flags.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'options'}: {e['msg']}"
+                             for e in exc.errors())
+        raise _fail(EXIT_ERROR, f"capacity: {problems}") from None
+    report = assess(params)
+    data = report.to_dict()
+    if as_json:
+        _print_json(data)
+        return
+    p = report.prediction
+    table = Table(title=f"{upcs:,} UPCs, {shards} item queue(s): {format_duration(p.total_s)} end to end")
+    table.add_column("stage")
+    table.add_column("done at", justify="right")
+    for name, at in (("plan", p.plan_s), ("fan-out (every item and task made)", p.fanout_done_s),
+                     ("last item final", p.work_done_s), ("job completed", p.total_s)):
+        table.add_row(name, format_duration(at))
+    console.print(table)
+    console.print(f"binding limit: [bold]{report.binding}[/] ({LIMITS[report.binding]}); lifting it: "
+                  f"{format_duration(report.next_total_s)}"
+                  + (f", then [bold]{report.next_limit}[/] binds ({LIMITS[report.next_limit]})"
+                     if report.next_limit else ""), highlight=False)
+    lifts = Table(title="if one limit were lifted")
+    lifts.add_column("limit")
+    lifts.add_column("end to end", justify="right")
+    lifts.add_column("saved", justify="right")
+    for effect in report.effects:
+        if effect.saved_s >= 0.5:
+            lifts.add_row(effect.limit, format_duration(effect.total_if_lifted_s), format_duration(effect.saved_s))
+    if lifts.row_count:
+        console.print(lifts)
 
 
 def _slack_webhook() -> str:

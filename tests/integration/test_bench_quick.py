@@ -41,7 +41,7 @@ def test_every_bench_runs_quick_and_leaves_nothing_behind(stack_env):
                     if line.startswith("QUICK_SUMMARY ")), None)
     assert summary is not None, out
     assert summary["broken"] == [] and summary["left_running"] == [], out
-    assert sorted(summary["ok"]) == ["cloudtasks", "fairness", "ingest", "marketplace", "sweeper", "worker"], out
+    assert sorted(summary["ok"]) == ["capacity", "cloudtasks", "fairness", "ingest", "marketplace", "sweeper", "worker"], out
     assert proc.returncode == 0, out
     for name in summary["ok"]:
         assert f"QUICK {name}: ok" in out, (name, out)

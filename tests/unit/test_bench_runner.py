@@ -103,3 +103,14 @@ def test_quick_report_fails_on_a_broken_bench_or_a_process_left():
     assert runner.quick_report({"worker": ok}, []) == 0
     assert runner.quick_report({"worker": ok, "sweeper": broken}, []) == 1
     assert runner.quick_report({"worker": ok}, ["pid 1 (x)"]) == 1
+
+
+def test_capacity_rows_compare_prediction_and_measurement_against_the_25_percent_goal():
+    result = {"bench": "capacity", "calibration": {"fanout_items_per_s": 90.0, "worker_items_per_s": 30.0},
+              "jobs": [{"upcs": 5000, "measured_s": 200.0, "predicted_s": 220.0, "error": 0.1},
+                       {"upcs": 20000, "measured_s": 600.0, "predicted_s": 900.0, "error": 0.5}],
+              "goal_abs_error": 0.25, "load_before": [3.0, 2.0, 1.0]}
+    rows = runner.rows_for("capacity", result)
+    assert [r[3] for r in rows] == ["1.10", "1.50"]
+    assert rows[0][4].endswith("ok") and rows[1][4].endswith("MISSED")
+    assert runner.SCRIPTS["capacity"] == "capacity_validation.py" and "capacity" in runner.BENCHES
