@@ -67,6 +67,34 @@ def queue_task_count(host: str, queue_path: str) -> int:
     return int(q.get("tasks", 0))
 
 
+def stack_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) each stack component's processes have used so far, children
+    included, plus this bench process ("bench", the baseline's client): the difference over a phase
+    says where that phase's CPU went on a machine whose cores everything shares."""
+    import psutil
+
+    from devstack import procs
+
+    out = {"bench": sum(psutil.Process().cpu_times()[:2])}
+    for name, info in procs.read_pids().items():
+        proc = procs._same_process(info["pid"], info.get("create_time", 0.0))
+        if proc is None:
+            continue
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += sum(p.cpu_times()[:2])
+            except psutil.Error:
+                continue
+        out[name] = total
+    return out
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    spent = {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+    return {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
 def baseline_create_loop(n: int, threads: int, queue_path: str) -> float:
     """Bare concurrent CreateTask loop with the official client: the ceiling for fan-out."""
     from shared.tasks import ITEM_TASK, TaskSpec, create_task
@@ -214,10 +242,15 @@ def main() -> None:
 
     if args.rss_only:
         base_s = fan_s = float("nan")
+        base_cpu, fan_cpu = {}, {}
         detail = "fan-out skipped (--rss-only)"
     else:
+        cpu0 = stack_cpu_s()
         base_s = baseline_create_loop(args.upcs, args.threads, base_queue)
+        cpu1 = stack_cpu_s()
         fan_s, detail = fanout_through_stack(args.upcs, deadline_s=600)
+        cpu2 = stack_cpu_s()
+        base_cpu, fan_cpu = cpu_spent(cpu0, cpu1), cpu_spent(cpu1, cpu2)
     tasks_client().delete_queue(name=base_queue)
     small = measure_rss(args.rss_small)
     large = measure_rss(args.rss_large)
@@ -235,10 +268,23 @@ def main() -> None:
     for r in rows:
         print(f"{r[0]:<40} {r[1]:>16} {r[2]:>10} {r[3]:>10}")
     print(f"job: {detail}")
+    ncpu = os.cpu_count() or 1
+    for label, spent, wall in (("bare loop", base_cpu, base_s), ("fan-out", fan_cpu, fan_s)):
+        if spent:
+            total = sum(spent.values())
+            print(f"CPU of {label}: {total:.1f} s over {wall:.1f} s wall on {ncpu} CPUs "
+                  f"({1000 * total / args.upcs:.2f} ms per task): {spent}")
+    # On a machine whose cores the whole stack shares, a phase cannot finish faster than its CPU
+    # seconds / cores: the bare loop over the fan-out CPU is the ratio that CPU alone allows.
+    cpu_bound_ratio = (sum(base_cpu.values()) / sum(fan_cpu.values())) if base_cpu and fan_cpu else None
+    if cpu_bound_ratio:
+        print(f"CPU ratio (bare loop CPU / fan-out CPU): {cpu_bound_ratio:.2f}")
     print("BENCH_RESULT " + json.dumps({
         "bench": "ingest", "upcs": args.upcs, "baseline_s": _num(base_s, 2), "fanout_s": _num(fan_s, 2),
         "ratio": _num(ratio, 3), "goal_ratio": 0.9, "rss_small_kib": small["maxrss_kib"],
-        "rss_large_kib": large["maxrss_kib"], "rss_ratio": round(rss_ratio, 3), "goal_rss_ratio": 1.2}))
+        "rss_large_kib": large["maxrss_kib"], "rss_ratio": round(rss_ratio, 3), "goal_rss_ratio": 1.2,
+        "cpu_s": {"baseline": base_cpu, "fanout": fan_cpu},
+        "cpu_ratio": _num(cpu_bound_ratio, 3) if cpu_bound_ratio else None, "load": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":
