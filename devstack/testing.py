@@ -299,8 +299,18 @@ def kill_component(name: str, local_dir: str | Path | None = None) -> int:
         raise AssertionError(f"pid {info['pid']} of {name} was reused; refusing to kill it")
     os.killpg(pgid, signal.SIGKILL)
     _, alive = psutil.wait_procs([proc], timeout=10)
+    # A killed process that nobody has reaped yet is a zombie: dead, but psutil still finds it. An
+    # orphan's reaper is whatever adopted it (PID 1 here need not reap at once), so a zombie counts as gone.
+    alive = [p for p in alive if not _is_zombie(p)]
     assert not alive, f"{name} pid {info['pid']} survived SIGKILL"
     return info["pid"]
+
+
+def _is_zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def restart_component(name: str, extra_env: dict[str, str] | None = None,
