@@ -111,16 +111,18 @@ _PAUSE_LOCKS = _PauseLocks()
 
 
 def pause_job(store: Store, job_id: str, code: str, message: str, actor: str, at: dt.datetime, *,
-              post: Callable[..., Any] | None = None) -> PauseResult:
-    """Pause the job (running/ingesting → paused) and, when this call paused it, send the one alert."""
+              post: Callable[..., Any] | None = None, evidence_at: dt.datetime | None = None) -> PauseResult:
+    """Pause the job (running/ingesting → paused) and, when this call paused it, send the one alert.
+    `evidence_at`: see `job_state.pause` (a resume after it wins)."""
     with _PAUSE_LOCKS.of(job_id):
         current = store.get_job(job_id)  # no transaction when another delivery paused it meanwhile
         if current is not None and current.status == JobStatus.PAUSED.value:
             log_event("job_pause_noop", job_id=job_id, status=current.status, code=code, actor=actor)
             return PauseResult(False, current.status, current)
-        result = store.pause_job(job_id, {"code": code, "message": message}, actor, at)
+        result = store.pause_job(job_id, {"code": code, "message": message}, actor, at, evidence_at)
     if not result.changed:
-        log_event("job_pause_noop", job_id=job_id, status=result.status, code=code, actor=actor)
+        log_event("job_pause_noop", job_id=job_id, status=result.status, code=code, actor=actor,
+                  **({"reason": "resumed after the evidence"} if result.stale_evidence else {}))
         return result
     log_event("job_paused", severity="WARNING", job_id=job_id, status=result.status, code=code,
               error=message, actor=actor, previous_status=result.job.status if result.job else None)

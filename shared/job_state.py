@@ -119,15 +119,28 @@ class PauseResult:
     changed: bool
     status: str
     job: Job | None = None
+    # Not paused because an operator resumed the job after the evidence for this pause was gathered
+    # (e.g. a 401 from a call made before the key was fixed): the evidence is stale, not the job.
+    stale_evidence: bool = False
 
 
-def pause(job: Job | None, job_id: str, reason: dict, actor: str, at: dt.datetime) -> tuple[PauseResult, JobWrite | None]:
+def _utc(at: dt.datetime) -> dt.datetime:
+    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
+
+
+def pause(job: Job | None, job_id: str, reason: dict, actor: str, at: dt.datetime,
+          evidence_at: dt.datetime | None = None) -> tuple[PauseResult, JobWrite | None]:
     """ingesting/running → paused, recording why (`reason` {code, message}), by whom and the status to
-    resume to. Already paused or finished: nothing changes (the caller decides whether that is an error)."""
+    resume to. Already paused or finished: nothing changes (the caller decides whether that is an error).
+    `evidence_at`: when what calls for the pause began (the failing call's attempt); a job an operator
+    resumed after that is not paused again by it."""
     if job is None:
         raise job_not_found(job_id)
     if job.status not in PAUSABLE:
         return PauseResult(False, job.status, job), None
+    resumed_at = job.doc.get("resumed_at")
+    if evidence_at is not None and resumed_at is not None and _utc(resumed_at) > _utc(evidence_at):
+        return PauseResult(False, job.status, job, stale_evidence=True), None
     reason = {"code": str(reason.get("code") or "paused"), "message": str(reason.get("message") or "")}
     fields = {
         "status": JobStatus.PAUSED.value, "paused_at": at, "updated_at": at,

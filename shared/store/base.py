@@ -257,8 +257,10 @@ class Store(abc.ABC):
     def cancel_job(self, job_id: str, actor: str, at: dt.datetime) -> bool:
         return self.transact_job("cancel_job", job_id, lambda job: job_state.cancel(job, job_id, actor, at))
 
-    def pause_job(self, job_id: str, reason: dict, actor: str, at: dt.datetime) -> job_state.PauseResult:
-        return self.transact_job("pause_job", job_id, lambda job: job_state.pause(job, job_id, reason, actor, at))
+    def pause_job(self, job_id: str, reason: dict, actor: str, at: dt.datetime,
+                  evidence_at: dt.datetime | None = None) -> job_state.PauseResult:
+        return self.transact_job("pause_job", job_id,
+                                 lambda job: job_state.pause(job, job_id, reason, actor, at, evidence_at))
 
     def resume_job(self, job_id: str, actor: str, at: dt.datetime) -> job_state.PauseResult:
         return self.transact_job("resume_job", job_id, lambda job: job_state.resume(job, job_id, actor, at))

@@ -263,14 +263,20 @@ def _trip_for_systemic_error(run: _Run, outcome: HandlerOutcome, fields: dict, e
     item back without charging it (the fault is not the item's). None: the job could not be paused
     (e.g. it finished meanwhile), so the outcome is completed as usual."""
     error = outcome.error
+    now = run.clock.at()
     try:
+        # The refusal is evidence from when the handler started: an operator who resumed the job since
+        # (having fixed the key) must not see it paused again by a call made with the old one.
         result = breaker.pause_job(run.store, run.task.job_id, error.code, error.message,
-                                   f"breaker:{run.delivery.owner}", run.clock.at())
+                                   f"breaker:{run.delivery.owner}", now,
+                                   evidence_at=now - dt.timedelta(milliseconds=elapsed_ms))
     except Exception as exc:  # noqa: BLE001 - the fault is still not the item's: put it back, uncharged
         log_event("breaker_pause_failed", severity="ERROR", error=f"{type(exc).__name__}: {exc}"[:300], **fields)
         return _stop_for_job(run, JobStatus.PAUSED.value, True, fields, elapsed_ms)
     if result.status in (JobStatus.PAUSED.value, JobStatus.CANCELLED.value):
         return _stop_for_job(run, result.status, True, fields, elapsed_ms)
+    if result.stale_evidence:  # resumed since: back to queued, uncharged, and retried with the fixed key
+        return _stop_for_job(run, JobStatus.PAUSED.value, True, fields, elapsed_ms)
     return None
 
 

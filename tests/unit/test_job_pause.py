@@ -340,3 +340,19 @@ def test_job_cache_forget_makes_the_next_delivery_read_the_job_again():
     cache.forget("j1")
     cache.get(Store(), "j1")
     assert reads == ["j1", "j1"]
+
+
+def test_evidence_from_before_a_resume_does_not_pause_the_job_again():
+    # A 401 from a call made with the old key (before the operator fixed it and resumed) is stale.
+    store = MemoryStore()
+    store.create_job({"job_id": "j", "status": "running", "round": 1}, Event("created", "t", T0))
+    assert store.pause_job("j", REASON, "breaker:a", T0).changed
+    resumed = T0 + dt.timedelta(seconds=10)
+    store.resume_job("j", "op", resumed)
+    stale = breaker.pause_job(store, "j", REASON["code"], "401 again", "breaker:b", resumed + dt.timedelta(seconds=1),
+                              evidence_at=resumed - dt.timedelta(seconds=2), post=lambda *a, **k: None)
+    assert not stale.changed and stale.stale_evidence and store.get_job("j").status == "running"
+    fresh = breaker.pause_job(store, "j", REASON["code"], "401 with the new key", "breaker:c",
+                              resumed + dt.timedelta(seconds=3), evidence_at=resumed + dt.timedelta(seconds=1),
+                              post=lambda *a, **k: SlackPostResult(ok=True, status=200))
+    assert fresh.changed and store.get_job("j").status == "paused"
