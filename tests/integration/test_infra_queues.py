@@ -76,7 +76,7 @@ def _non_noop(changes):
 def test_apply_then_plan_twice_is_a_no_op(clients):
     d = _desired(PROJECT + "-a", item_queue_shards=3)
     first = runner.apply(stack.queues(d), clients)
-    assert [c.action for c in first] == [CREATE] * 4
+    assert [c.action for c in first] == [CREATE] * 5  # 3 item shards, the small-jobs queue, control
     for _ in range(2):
         assert _non_noop(runner.plan(stack.queues(d), clients)) == []
     # what the emulator holds is what config says
@@ -112,11 +112,11 @@ def test_cli_apply_and_plan_queues_only(clients):
     argv = ["--project", PROJECT + "-c", "--region", REGION, "--item-queue-shards", "2", "--only", "cloudtasks.queue"]
     out = io.StringIO()
     cli.main(["apply", *argv], clients=clients, out=out)
-    assert "Applied: 3 to create, 0 to update, 0 unchanged" in out.getvalue()
+    assert "Applied: 4 to create, 0 to update, 0 unchanged" in out.getvalue()
     for _ in range(2):
         out = io.StringIO()
         cli.main(["plan", *argv], clients=clients, out=out)
-        assert out.getvalue().strip().splitlines()[-1] == "Plan: 0 to create, 0 to update, 3 unchanged"
+        assert out.getvalue().strip().splitlines()[-1] == "Plan: 0 to create, 0 to update, 4 unchanged"
 
 
 def test_paused_queue_stays_paused(clients):
