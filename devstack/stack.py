@@ -270,6 +270,9 @@ def stack_env(ports: dict[str, int]) -> dict[str, str]:
         "UPCFAN_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{ITEM_QUEUE.name}",
         "UPCFAN_CONTROL_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{CONTROL_QUEUE.name}",
         "UPCFAN_SMALL_ITEM_QUEUE": f"projects/{PROJECT}/locations/{location}/queues/{SMALL_ITEM_QUEUE.name}",
+        # The functions' lane threshold, so code a test or tool runs in-process with this env (planning
+        # a job, say) routes items as the stack's ingest does.
+        "UPCFAN_SMALL_JOB_MAX_LINES": str(LOCAL_SMALL_JOB_MAX_LINES),
         "UPCFAN_API_URL": url("api"),
         "UPCFAN_INGEST_URL": url("ingest"),
         "UPCFAN_WORKER_URL": url("worker"),
