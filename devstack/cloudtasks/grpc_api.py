@@ -139,19 +139,20 @@ class GrpcApi:
         return await self._call(context, "list_tasks", request.parent, run, None, view == pj.TaskView.FULL)
 
     async def get_task(self, request, context):
-        view = _view(request.response_view)
-        return await self._call(context, "get_task", request.name, lambda: _from_json(
-            self.emu.task_json(self.emu.get_task(request.name), view, True), tasks_v2.Task),
-            None, view == pj.TaskView.FULL)
+        return await self._one_task(context, "get_task", request, self.emu.get_task)
 
     async def delete_task(self, request, context):
         return await self._call(context, "delete_task", request.name,
                                 lambda: self.emu.delete_task(request.name) or empty_pb2.Empty())
 
     async def run_task(self, request, context):
+        return await self._one_task(context, "run_task", request, self.emu.run_task)
+
+    async def _one_task(self, context, rpc: str, request, act):
+        """An RPC on one named task that answers that task in the requested view (GetTask, RunTask)."""
         view = _view(request.response_view)
-        return await self._call(context, "run_task", request.name, lambda: _from_json(
-            self.emu.task_json(self.emu.run_task(request.name), view, True), tasks_v2.Task),
+        return await self._call(context, rpc, request.name, lambda: _from_json(
+            self.emu.task_json(act(request.name), view, True), tasks_v2.Task),
             None, view == pj.TaskView.FULL)
 
     # locations (the client's mixin methods)
