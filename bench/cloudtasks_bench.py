@@ -224,25 +224,21 @@ def measure(args, host: str, grpc_host: str, url: str, started: float, cleanup: 
 
     # Its time budget starts with the phase: counted from the bench's start, the emulator's and the
     # target's start-up ate it (a quick run once made 0 creates).
-    n, dt, cpu = _run_pool(_create_batch, f"rest:{host}", queue, url, args.tasks, args.workers, args.mode,
-                           time.time() + args.client_seconds)
-    if n == 0:
-        raise RuntimeError("the official-client phase created no task: nothing to compare")
-    result.update(client_creates=n, client_create_s=round(dt, 3), client_creates_per_s=round(n / dt, 1),
-                  client_cpu_ms_per_create=_cpu_ms(cpu, n))
-    print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers}, REST), "
-          f"client CPU {1000 * cpu / n:.2f} ms/create", flush=True)
+    def client_phase(transport: str, target: str, prefix: str) -> int:
+        n, dt, cpu = _run_pool(_create_batch, target, queue, url, args.tasks, args.workers, args.mode,
+                               time.time() + args.client_seconds)
+        if n == 0:
+            raise RuntimeError(f"the official-client {transport} phase created no task: nothing to compare")
+        result.update({f"{prefix}_creates": n, f"{prefix}_create_s": round(dt, 3),
+                       f"{prefix}_creates_per_s": round(n / dt, 1), f"{prefix}_cpu_ms_per_create": _cpu_ms(cpu, n)})
+        print(f"official client: {n} creates in {dt:.2f}s = {n / dt:,.0f}/s ({args.mode} x{args.workers}, "
+              f"{transport}), client CPU {1000 * cpu / n:.2f} ms/create", flush=True)
+        return n
 
+    n = client_phase("REST", f"rest:{host}", "client")
     gn = 0
     if grpc_host:  # ids of its own (…-grpc-…), so the same range never collides with the REST phase's
-        gn, gdt, gcpu = _run_pool(_create_batch, f"grpc:{grpc_host}", queue, url, args.tasks, args.workers, args.mode,
-                                  time.time() + args.client_seconds)
-        if gn == 0:
-            raise RuntimeError("the official-client gRPC phase created no task: nothing to compare")
-        result.update(grpc_creates=gn, grpc_create_s=round(gdt, 3), grpc_creates_per_s=round(gn / gdt, 1),
-                      grpc_cpu_ms_per_create=_cpu_ms(gcpu, gn))
-        print(f"official client: {gn} creates in {gdt:.2f}s = {gn / gdt:,.0f}/s ({args.mode} x{args.workers}, "
-              f"gRPC), client CPU {1000 * gcpu / gn:.2f} ms/create", flush=True)
+        gn = client_phase("gRPC", f"grpc:{grpc_host}", "grpc")
 
     # Its own task count (ids that cannot collide with the client's), not what the client phase left.
     rn, rdt, rcpu = _run_pool(_raw_batch, host, queue, url, args.raw_tasks, args.workers, "threads",
