@@ -115,7 +115,9 @@ def test_an_unreadable_file_fails_the_job_in_the_plan_task(world):
 
 
 def _plan(store, monkeypatch, max_lines: str | None, recorded: str | None = None) -> dict:
-    if max_lines is not None:
+    if max_lines is None:  # the default: the session may carry the local stack's setting (lane off)
+        monkeypatch.delenv("UPCFAN_SMALL_JOB_MAX_LINES", raising=False)
+    else:
         monkeypatch.setenv("UPCFAN_SMALL_JOB_MAX_LINES", max_lines)
     settings.cache_clear()
     job_id = ingest.submit_job("gs://upcfan-uploads/in/file.txt").job_id
