@@ -17,7 +17,7 @@ def steady(n: int, **over) -> CapacityParams:
     """No ramp, no cold start, instant plan and fan-out: only the work stage's constant rate limits remain."""
     base = dict(upcs=n, firestore_ramp=False, cold_start_s=0.0, plan_overhead_s=0.0, plan_read_mb_per_s=1e9,
                 fanout_items_per_s_per_instance=1e9, create_task_s=1e-9, progress_check_s=0.0,
-                progress_check_latency_s=0.0)
+                progress_check_latency_s=0.0, progress_count_s_per_item=0.0)
     return CapacityParams(**{**base, **over})
 
 
@@ -94,7 +94,10 @@ def test_lifting_any_limit_gives_valid_parameters(limit):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 200_000), shards=st.integers(1, 8), rate=st.floats(10, 500))
 def test_more_upcs_never_faster_and_more_queues_never_slower(n, shards, rate):
-    p = CapacityParams(upcs=n, item_queues=shards, queue_dispatches_per_s=rate)
+    # Without the Firestore ramp: under it, fan-out and work share one ops budget and the model slows
+    # both by the same factor, so faster dispatch takes ops from the fan-out and a run with one more
+    # queue can end a little later (146,521 UPCs: 919 s with 1 queue, 936 s with 2).
+    p = CapacityParams(upcs=n, item_queues=shards, queue_dispatches_per_s=rate, firestore_ramp=False)
     t = simulate(p).total_s
     assert simulate(p.model_copy(update={"upcs": n * 2})).total_s >= t - max(1.0, 0.005 * t)
     assert simulate(p.model_copy(update={"item_queues": shards + 1})).total_s <= t * 1.01 + 1.0
@@ -130,3 +133,18 @@ def test_cli_capacity_json_and_errors():
     assert table.exit_code == 0 and "binding limit" in table.output
     bad = runner.invoke(app, ["capacity", "--upcs", "10", "--shards", "0"])
     assert bad.exit_code == 1 and "--shards" in bad.output
+
+
+@pytest.mark.parametrize("count_s_per_item, window_s, expected_s", [
+    (0.0, 5.0, 5.5),  # window + dispatch latency
+    (1e-4, 5.0, 5.5 + 1.0 * (1 + 0.2 / 2)),  # 10k items: a 1 s count, busy a fifth of each window
+    (1e-3, 5.0, 5.5 + 10.0 * 1.5),  # a 10 s count: checks back to back, the last item lands mid-count
+])
+def test_completion_waits_for_the_window_and_one_count_and_a_half_when_counts_overlap(count_s_per_item, window_s,
+                                                                                     expected_s):
+    from shared.capacity import completion_s
+
+    p = CapacityParams(upcs=10_000, progress_check_s=window_s, progress_check_latency_s=0.5,
+                       progress_count_s_per_item=count_s_per_item)
+    assert completion_s(p) == pytest.approx(expected_s)
+    assert simulate(p).total_s - simulate(p).work_done_s == pytest.approx(expected_s)
