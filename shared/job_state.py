@@ -14,7 +14,7 @@ from typing import Any
 from shared.config import settings
 from shared.events import Event
 from shared.exceptions import ConflictError, NotFoundError
-from shared.model import RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus
+from shared.model import PROGRESS_CHECK_UNTIL, RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus
 
 TOTAL_KEYS = ("lines", "items", "invalid", "duplicate", "skipped")
 
@@ -82,6 +82,20 @@ class Completion:
     job: Job | None
 
 
+def begin_progress_check(job: Job | None, at: dt.datetime,
+                         until: dt.datetime) -> tuple[tuple[Job | None, bool], JobWrite | None]:
+    """(the job, True) and the job held for this check until `until`, unless another check holds it
+    past `at` (then (the job, False), no write). A job's items are counted by one check at a time:
+    a count costs time in proportion to the job's items, and checks asked for every few seconds
+    would otherwise overlap and add up on a large job."""
+    if job is None:
+        return (None, True), None
+    held = job.doc.get(PROGRESS_CHECK_UNTIL)
+    if held is not None and _utc(held) > _utc(at):
+        return (job, False), None
+    return (job, True), JobWrite({PROGRESS_CHECK_UNTIL: until})
+
+
 def complete(job: Job | None, counts: dict[str, int], at: dt.datetime) -> tuple[Completion, JobWrite | None]:
     """Move a job whose items are all final to completed / completed_with_failures, once."""
     if job is None or job.status not in COMPLETABLE or job.fanout_done_at is None:
@@ -90,7 +104,8 @@ def complete(job: Job | None, counts: dict[str, int], at: dt.datetime) -> tuple[
     if job.retry.get("state") == RETRY_ENQUEUING:
         return Completion(None, job), None
     final = JobStatus.COMPLETED_WITH_FAILURES if counts.get(ItemStatus.FAILED.value, 0) else JobStatus.COMPLETED
-    fields = {"status": final.value, "counts": counts, "completed_at": at, "last_progress_at": at, "updated_at": at}
+    fields = {"status": final.value, "counts": counts, "completed_at": at, "last_progress_at": at, "updated_at": at,
+              PROGRESS_CHECK_UNTIL: None}
     event = Event("completed", "progress_check", at,
                   {"status": final.value, "counts": counts, "total_items": (job.totals or {}).get("items")})
     return Completion(final.value, job), JobWrite(fields, (event,))

@@ -70,6 +70,8 @@ ITEM_BIRTH_FANOUT = "fanout"
 # cleared by the next check; the sweeper reports a running job that carries them.
 PROGRESS_CHECK_MISSED_AT = "progress_check_missed_at"
 PROGRESS_CHECK_MISSED_ERROR = "progress_check_missed_error"
+# While a progress check of the job counts its items, until when (shared/progress.py: one at a time).
+PROGRESS_CHECK_UNTIL = "progress_check_until"
 
 ITEM_HISTORY_LIMIT = 8
 # The owner written into an item's history when an operator's retry round re-queues it.

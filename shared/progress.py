@@ -10,7 +10,9 @@ from typing import Any
 from shared.events import Event
 from shared.job_state import COMPLETABLE, Completion
 from shared.log import log_event
-from shared.model import PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, TERMINAL_ITEM_STATUSES, ItemStatus, Job
+from shared.config import PROGRESS_DISPATCH_DEADLINE_S, settings
+from shared.model import (PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL,
+                          TERMINAL_ITEM_STATUSES, ItemStatus, Job)
 from shared.retry import is_contention
 from shared.store import Store, default_store
 
@@ -120,10 +122,40 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
     if now is None:
         now = time.time()
     at = now if isinstance(now, dt.datetime) else dt.datetime.fromtimestamp(now, tz=dt.timezone.utc)
-    job = store.get_job(job_id)
+    job, ours = store.begin_progress_check(job_id, at, at + dt.timedelta(seconds=PROGRESS_DISPATCH_DEADLINE_S))
     if job is None:
         log_event("progress_job_missing", severity="WARNING", job_id=job_id)
         return {"job_id": job_id, "status": "job_missing", "completed": False}
+    if not ours:
+        # Another check is counting. It may have counted before the write that asked for this check,
+        # so this one is not dropped: it is asked for again in the next window.
+        from shared.worker.progress_requests import request_progress_check
+
+        window_s = settings().progress_check_s or 5.0
+        again = request_progress_check(job_id, at.timestamp() + window_s, store=store)
+        log_event("progress_check_busy", severity="DEBUG", job_id=job_id, asked_again=again)
+        return {"job_id": job_id, "status": "busy", "completed": False, "asked_again": again}
+    result: dict[str, Any] = {}
+    try:
+        result = _check_held_job(store, job_id, job, at)
+        return result
+    finally:
+        if not result.get("completed"):  # a completion clears the lease in its own transaction
+            _end_progress_check(store, job_id)
+
+
+def _end_progress_check(store: Store, job_id: str) -> None:
+    """Let the next check count. Never raises: a lease left behind only delays the next check to its
+    expiry (a check that finds the job held asks again for the next window, until one gets it)."""
+    try:
+        store.update_job(job_id, {PROGRESS_CHECK_UNTIL: None})
+    except Exception as exc:  # noqa: BLE001
+        log_event("progress_check_release_failed", severity="WARNING", job_id=job_id,
+                  error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _check_held_job(store: Store, job_id: str, job: Job, at: dt.datetime) -> dict[str, Any]:
+    """The check proper, with the job's progress lease held: count, record, complete when all are final."""
     counts = store.count_items_by_status(job_id)
     terminal = _terminal(counts)
     total_items = job.total_items

@@ -244,6 +244,10 @@ class Store(abc.ABC):
 
     # ----------------------------------------------------------------------------- jobs
 
+    def begin_progress_check(self, job_id: str, at: dt.datetime, until: dt.datetime) -> tuple[Job | None, bool]:
+        return self.transact_job("begin_progress_check", job_id,
+                                 lambda job: job_state.begin_progress_check(job, at, until))
+
     def complete_job(self, job_id: str, counts: dict[str, int], at: dt.datetime) -> job_state.Completion:
         return self.transact_job("complete_job", job_id, lambda job: job_state.complete(job, counts, at))
 

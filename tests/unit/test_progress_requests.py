@@ -13,7 +13,7 @@ from google.api_core import exceptions as gexc
 from shared import tasks
 from shared.config import settings
 from shared.events import Event
-from shared.model import PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR
+from shared.model import PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL
 from shared.payloads import ItemTask
 from shared.progress import check_job_progress
 from shared.store.memory import MemoryStore
@@ -146,3 +146,59 @@ def test_the_progress_window_is_taken_after_the_complete_commit(store, monkeypat
     (now, wall), = asked
     assert now - completed_at >= 0.05 - 1e-3, "the window must be named after the commit, not before it"
     assert commits and wall >= commits[0]
+
+
+# ---------------------------------------------------------------- one check of a job counts at a time
+
+
+def _recording_tasks(monkeypatch) -> list[tasks.TaskSpec]:
+    made: list[tasks.TaskSpec] = []
+    monkeypatch.setattr(tasks, "create_task", lambda queue, spec: made.append(spec) or True)
+    return made
+
+
+def test_a_check_that_finds_another_counting_asks_again_for_the_next_window(store, monkeypatch):
+    """A count costs time in proportion to the job's items: checks of one job must not pile up. The
+    check that is turned away may carry the write that completes the job, so it is asked for again."""
+    made = _recording_tasks(monkeypatch)
+    window_s = settings().progress_check_s
+    counted: list[str] = []
+    inner: dict = {}
+
+    real_count = store.count_items_by_status
+
+    def count_with_another_check_arriving(job_id):
+        counted.append(job_id)
+        if not inner:  # while the first check counts, a second one is dispatched
+            inner["out"] = check_job_progress(JOB_ID, T0 + 1, store=store)
+        return real_count(job_id)
+
+    monkeypatch.setattr(store, "count_items_by_status", count_with_another_check_arriving)
+    outer = check_job_progress(JOB_ID, T0, store=store)
+
+    assert outer["status"] == "running" and inner["out"]["status"] == "busy"
+    assert counted == [JOB_ID], "the second check must not count while the first one does"
+    (spec,) = made
+    assert spec.task_id == inner["out"]["asked_again"]
+    assert spec.schedule_time.timestamp() >= (int((T0 + 1) // window_s) + 2) * window_s, "the next window's check"
+    # The first check let go when it was done: the next one counts.
+    assert store.get_job(JOB_ID).doc[PROGRESS_CHECK_UNTIL] is None
+    assert check_job_progress(JOB_ID, T0 + 10, store=store)["status"] == "running" and len(counted) == 2
+
+
+def test_a_check_left_holding_the_job_is_taken_over_once_its_lease_has_passed(store, monkeypatch):
+    made = _recording_tasks(monkeypatch)
+    store.update_job(JOB_ID, {PROGRESS_CHECK_UNTIL: _at(T0 + 30)})  # a check that died while counting
+    assert check_job_progress(JOB_ID, T0 + 29, store=store)["status"] == "busy" and len(made) == 1
+    assert check_job_progress(JOB_ID, T0 + 31, store=store)["status"] == "running"
+
+
+def test_the_completing_check_lets_go_in_its_completion(store, monkeypatch):
+    _recording_tasks(monkeypatch)
+    monkeypatch.setattr("shared.progress._notify_finished", lambda *a, **k: None)
+    for gtin in ("00000000000017", "00000000000024"):
+        store.create_item(JOB_ID, gtin, {"status": "succeeded", "attempt": 1, "round": 1})
+    out = check_job_progress(JOB_ID, T0, store=store)
+    assert out["completed"] and out["status"] == "completed"
+    job = store.get_job(JOB_ID).doc
+    assert job["status"] == "completed" and job[PROGRESS_CHECK_UNTIL] is None
