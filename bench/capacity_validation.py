@@ -3,7 +3,8 @@
 1. Measure the stack's limits with a calibration job (default 3,000 UPCs): item queue paused, the file
    dropped in the bucket -> plan time (upload -> job has its plan) and fan-out rate (items born and
    tasks created per second, from the job's own timestamps); then the queue resumed -> the worker's
-   drain rate (items final per second, the progress check's window taken out).
+   drain rate (items final per second, the progress check's window taken out), and what one progress
+   check's count of the job's items takes.
 2. Run a 5,000- and a 20,000-UPC job end to end with the queue live: upload -> job observed `completed`.
 3. Feed (1) to the model (one host: fan-out and workers share its CPU, `host_cpu_shared`; the
    emulators have no Firestore ramp or index cap) and report predicted vs measured. Goal: within 25%.
@@ -97,25 +98,41 @@ def calibrate(n: int, deadline_s: float) -> dict:
     done = _wait(job_id, "completed", lambda j: j.get("status") == "completed", deadline_s)
     completed = _ts(done["completed_at"])
     items = int((fanned.get("totals") or {}).get("items") or n)
+    count_s = _time_progress_count(job_id)
     plan_s = plan_seen - started
     # Fan-out starts when the plan is done (every process here shares one host clock).
     fanout_work_s = max(1e-3, fanout_done - started - plan_s)
     tail_s = s.progress_check_s  # the completion check runs at the end of the last item's window (mean: half)
-    drain_s = completed - resumed
+    drain_s = completed - resumed  # `completed_at` is the completing check's start: its count is not in it
     drain_work_s = max(1e-3, drain_s - tail_s / 2)
     return {
         "job_id": job_id, "upcs": n, "items": items,
         "plan_s": round(plan_s, 2), "fanout_s": round(fanout_work_s, 2),
         "fanout_items_per_s": round(items / fanout_work_s, 1),
         "drain_s": round(drain_s, 2), "worker_items_per_s": round(items / drain_work_s, 1),
-        "progress_check_s": tail_s, "item_queues": len(queues),
+        "progress_check_s": tail_s, "progress_count_s": round(count_s, 3),
+        "progress_count_s_per_item": count_s / max(1, items), "item_queues": len(queues),
     }
+
+
+def _time_progress_count(job_id: str, repeats: int = 3) -> float:
+    """What one progress check's counts of this job's items take on this emulator (best of `repeats`:
+    the stack is idle between jobs here; under a job's load the completing check runs after its work)."""
+    from shared.store import default_store
+
+    store = default_store()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        store.count_items_by_status(job_id)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def run_job(n: int, deadline_s: float) -> dict:
     """Upload -> the job observed `completed` (what an operator sees). The job's `completed_at` is when the
-    completing progress check started, before its count of the items: on a loaded emulator that count took
-    minutes for 20k items (one run), so it is kept apart as `completed_at_s`."""
+    completing progress check started, before its count of the items, so it is kept apart as
+    `completed_at_s`."""
     job_id, started = _upload(n, "job")
     done = _wait(job_id, "completed", lambda j: j.get("status") == "completed", deadline_s)
     observed = time.time()
@@ -144,6 +161,7 @@ def local_params(n: int, cal: dict):
         firestore_ramp=False, index_exemptions=True,
         claim_s=0.01, complete_s=0.01, marketplace_call_s=0.005,
         progress_check_s=cal["progress_check_s"] / 2, progress_check_latency_s=0.5,
+        progress_count_s_per_item=cal.get("progress_count_s_per_item", 0.0),
         host_cpu_shared=True,
     )
 
@@ -165,7 +183,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     cal = calibrate(args.calibrate, args.deadline_s)
     print(f"calibration ({cal['upcs']:,} UPCs): plan {cal['plan_s']} s, fan-out {cal['fanout_items_per_s']}/s, "
-          f"workers {cal['worker_items_per_s']}/s", flush=True)
+          f"workers {cal['worker_items_per_s']}/s, progress count {cal['progress_count_s']} s", flush=True)
     jobs = []
     for n in (int(x) for x in args.jobs.split(",") if x.strip()):
         measured = run_job(n, args.deadline_s)

@@ -136,7 +136,8 @@ def rows_for(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
         load = r.get("load_before") or [0.0]
         for j in r.get("jobs", []):
             add(f"capacity model vs {j['upcs']:,}-UPC job end to end (limits measured in the same run: fan-out "
-                f"{cal.get('fanout_items_per_s')}/s, workers {cal.get('worker_items_per_s')}/s; load {load[0]:.1f})",
+                f"{cal.get('fanout_items_per_s')}/s, workers {cal.get('worker_items_per_s')}/s, a progress count "
+                f"{cal.get('progress_count_s', '?')} s per {cal.get('items', 0):,} items; load {load[0]:.1f})",
                 f"predicted {j['predicted_s']:.0f} s vs measured {j['measured_s']:.0f} s",
                 f"{j['predicted_s'] / j['measured_s']:.2f}", f"within {r.get('goal_abs_error', 0.25):.0%}",
                 abs(j["error"]) <= r.get("goal_abs_error", 0.25))

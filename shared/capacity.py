@@ -17,7 +17,8 @@ Stages, as the code runs them (shared/ingest.py, shared/worker/, shared/progress
    items are a new key range, `jobs/{job_id}/items/...`) and, without index exemptions, the ~500
    writes/s a collection takes when an indexed field increases monotonically (item timestamps);
    on the local stack, the one host's CPU shared by fan-out and workers;
-6. completion: the last item's progress check runs at the end of its `progress_check_s` window.
+6. completion: the last item's progress check runs at the end of its `progress_check_s` window and
+   counts the job's items (`completion_s`).
 
 Pure: no clients, no Flask; `upcfan capacity` (upcfan_cli/main.py) and bench/capacity_validation.py
 call it. docs/capacity.md gives each production default's source.
@@ -49,7 +50,7 @@ LIMITS: dict[str, str] = {
     "firestore_sequential_index": "~500 writes/s to a collection with a monotonically increasing indexed field",
     "host_cpu": "one host's CPU shared by fan-out and workers (local stack only)",
     "cold_start": "worker instances beyond the minimum start after the first item arrives",
-    "progress_check": "the last item's progress check at the end of its window",
+    "progress_check": "the last item's progress check at the end of its window, and its count of the items",
 }
 
 
@@ -119,6 +120,9 @@ class CapacityParams(BaseModel):
     # completion
     progress_check_s: float = Field(5.0, ge=0, description="UPCFAN_PROGRESS_CHECK_S: progress check window")
     progress_check_latency_s: float = Field(0.5, ge=0, description="a progress check's dispatch and run")
+    progress_count_s_per_item: float = Field(
+        2e-6, ge=0, description="seconds a progress check's counts take per item of the job (estimate: count() "
+                                "latency grows with the index entries it scans; the local bench measures it)")
 
     # local stack only
     host_cpu_shared: bool = Field(False, description="fan-out and workers share one host's CPU (the local stack): "
@@ -331,9 +335,19 @@ def simulate(p: CapacityParams) -> Prediction:
             fanout_done_s = t
     work_done_s = t + service_s  # the last delivery still runs its own service time
     fanout_done_s = fanout_done_s if fanout_done_s is not None else t
-    total = work_done_s + p.progress_check_s + p.progress_check_latency_s
+    total = work_done_s + completion_s(p)
     return Prediction(total_s=total, plan_s=plan_s, fanout_done_s=fanout_done_s, work_done_s=work_done_s,
                       work_bound_by=_shares(work_bound), fanout_bound_by=_shares(fan_bound))
+
+
+def completion_s(p: CapacityParams) -> float:
+    """Last item final -> job completed. The check asked for by the last item runs at the end of its
+    window and counts every item. One check of a job counts at a time (shared/progress.py): when a
+    count takes longer than a window, checks run back to back and the last item lands, on average,
+    halfway through one that may not see it, so the completing check starts after that one's rest."""
+    count_s = p.upcs * p.progress_count_s_per_item
+    busy = min(1.0, count_s / p.progress_check_s) if p.progress_check_s > 0 else 1.0
+    return p.progress_check_s + p.progress_check_latency_s + count_s * (1.0 + busy / 2.0)
 
 
 def _shares(seconds: dict[str, float]) -> dict[str, float]:
@@ -357,7 +371,7 @@ def lifted(p: CapacityParams, limit: str) -> CapacityParams:
         "firestore_sequential_index": {"index_exemptions": True},
         "host_cpu": {"host_cpu_shared": False},
         "cold_start": {"cold_start_s": 0.0},
-        "progress_check": {"progress_check_s": 0.0, "progress_check_latency_s": 0.0},
+        "progress_check": {"progress_check_s": 0.0, "progress_check_latency_s": 0.0, "progress_count_s_per_item": 0.0},
     }[limit]
     if limit == "worker_slots" and p.worker_instances is None:
         change = {**change, "worker_instances": p.max_worker_instances}  # the threads change must not resize
