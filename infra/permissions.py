@@ -121,6 +121,8 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("storage.objects.get", "bucket", "shared/results.py::write_results (exists, and re-reading an "
                                               "object an earlier attempt wrote)"),
         Call("cloudtasks.CreateTask", "control_queue", "shared/results.py::request_results (when a job completes)"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/progress.py::check_job_progress (at fan-out done: "
+                                                       "asks again when another check is counting)"),
         _ACT_AS,
         _SLACK,
     ),
@@ -147,6 +149,8 @@ FUNCTION_CALLS: dict[str, tuple[Call, ...]] = {
         Call("cloudtasks.GetTask", "item_queues", "shared/tasks.py::task_exists via "
                                                   "shared/operations.py::redrive_job (re-drive)"),
         Call("cloudtasks.CreateTask", "item_queues", "shared/operations.py::_create_redrive_tasks (re-drive)"),
+        Call("cloudtasks.CreateTask", "control_queue", "shared/progress.py::check_job_progress (after a retry "
+                                                       "round: asks again when another check is counting)"),
         _ACT_AS,
         _SLACK,
     ),
