@@ -87,25 +87,27 @@ def item_queue_for(task_id: str, lane: str = BULK_LANE) -> str:
 
 
 def _build_task(queue_path: str, spec: TaskSpec):
+    """The task as the official client's `tasks_v2.Task`, filled in place on its raw protobuf message
+    (`Task.wrap` takes it without a copy). Built through proto-plus field by field it cost ~0.15 ms of
+    CPU per task, a sixth of a whole create; a fan-out's rate on a small machine is client CPU
+    (tests/unit/test_tasks.py checks it against the proto-plus construction)."""
     from google.cloud import tasks_v2
-    from google.protobuf import duration_pb2, timestamp_pb2
 
-    http_request = tasks_v2.HttpRequest(
-        url=spec.url,
-        http_method=tasks_v2.HttpMethod.POST,
-        headers={"Content-Type": "application/json"},
-        body=json.dumps(spec.payload, separators=(",", ":")).encode(),
-    )
+    raw = tasks_v2.Task.pb()()
+    raw.name = f"{queue_path}/tasks/{spec.task_id}"
+    http = raw.http_request
+    http.url = spec.url
+    http.http_method = tasks_v2.HttpMethod.POST.value
+    http.headers["Content-Type"] = "application/json"
+    http.body = json.dumps(spec.payload, separators=(",", ":")).encode()
     sa = settings().task_service_account
     if sa:
-        http_request.oidc_token = tasks_v2.OidcToken(service_account_email=sa, audience=spec.audience())
-    task = tasks_v2.Task(name=f"{queue_path}/tasks/{spec.task_id}", http_request=http_request)
+        http.oidc_token.service_account_email = sa
+        http.oidc_token.audience = spec.audience()
     if spec.schedule_time is not None:
-        ts = timestamp_pb2.Timestamp()
-        ts.FromDatetime(spec.schedule_time.astimezone(dt.timezone.utc).replace(tzinfo=None))
-        task.schedule_time = ts
-    task.dispatch_deadline = duration_pb2.Duration(seconds=spec.kind.dispatch_deadline_s)
-    return task
+        raw.schedule_time.FromDatetime(spec.schedule_time.astimezone(dt.timezone.utc).replace(tzinfo=None))
+    raw.dispatch_deadline.seconds = spec.kind.dispatch_deadline_s
+    return tasks_v2.Task.wrap(raw)
 
 
 def create_task(queue_path: str, spec: TaskSpec) -> bool:

@@ -74,3 +74,40 @@ def test_each_kind_takes_its_deadline_from_its_queue_unless_it_calls_another_fun
     # progress checks ride the control queue to the worker: their deadline fits the worker's timeout
     assert PROGRESS_TASK.queue is CONTROL_QUEUE and PROGRESS_TASK.dispatch_deadline_s <= ITEM_QUEUE.dispatch_deadline_s
     assert {k.name for k in TASK_KINDS} == {"item", "plan", "chunk", "progress", "results"}
+
+
+def _proto_plus_task(queue_path: str, spec: TaskSpec, sa: str):
+    """The task built the documented proto-plus way, field by field: what `_build_task` must equal."""
+    import datetime as dt
+    import json
+
+    from google.cloud import tasks_v2
+    from google.protobuf import duration_pb2, timestamp_pb2
+
+    http_request = tasks_v2.HttpRequest(url=spec.url, http_method=tasks_v2.HttpMethod.POST,
+                                        headers={"Content-Type": "application/json"},
+                                        body=json.dumps(spec.payload, separators=(",", ":")).encode())
+    if sa:
+        http_request.oidc_token = tasks_v2.OidcToken(service_account_email=sa, audience=spec.audience())
+    task = tasks_v2.Task(name=f"{queue_path}/tasks/{spec.task_id}", http_request=http_request)
+    if spec.schedule_time is not None:
+        ts = timestamp_pb2.Timestamp()
+        ts.FromDatetime(spec.schedule_time.astimezone(dt.timezone.utc).replace(tzinfo=None))
+        task.schedule_time = ts
+    task.dispatch_deadline = duration_pb2.Duration(seconds=spec.kind.dispatch_deadline_s)
+    return task
+
+
+@pytest.mark.parametrize("kind", TASK_KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("when", [None, "2026-11-30T16:40:05.250+00:00", "2026-11-30T11:40:05-05:00"])
+def test_the_built_task_equals_the_proto_plus_construction(prod_settings, kind, when):
+    import datetime as dt
+
+    from google.cloud import tasks_v2
+
+    schedule = dt.datetime.fromisoformat(when) if when else None
+    spec = TaskSpec(task_id="job-1-t-00012345678905-r1", kind=kind, schedule_time=schedule,
+                    payload={"job_id": "job-1", "gtin": "00012345678905", "line": 7, "note": "é"})
+    built = _build_task(QUEUE, spec)
+    assert isinstance(built, tasks_v2.Task)
+    assert tasks_v2.Task.pb(built) == tasks_v2.Task.pb(_proto_plus_task(QUEUE, spec, SA))
