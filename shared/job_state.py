@@ -87,9 +87,9 @@ def begin_progress_check(job: Job | None, at: dt.datetime,
     """(the job, True) and the job held for this check until `until`, unless another check holds it
     past `at` (then (the job, False), no write). A job's items are counted by one check at a time:
     a count costs time in proportion to the job's items, and checks asked for every few seconds
-    would otherwise overlap and add up on a large job."""
-    if job is None:
-        return (None, True), None
+    would otherwise overlap and add up on a large job. A finished job is not held (nothing to finish)."""
+    if job is None or job.status not in CANCELLABLE:
+        return (job, True), None
     held = job.doc.get(PROGRESS_CHECK_UNTIL)
     if held is not None and _utc(held) > _utc(at):
         return (job, False), None

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from shared.events import Event
-from shared.job_state import COMPLETABLE, Completion
+from shared.job_state import CANCELLABLE, COMPLETABLE, Completion
 from shared.log import log_event
 from shared.config import PROGRESS_DISPATCH_DEADLINE_S, settings
 from shared.model import (PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL,
@@ -140,7 +140,8 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
         result = _check_held_job(store, job_id, job, at)
         return result
     finally:
-        if not result.get("completed"):  # a completion clears the lease in its own transaction
+        # A completion clears the lease in its own transaction; a finished job was not held.
+        if job.status in CANCELLABLE and not result.get("completed"):
             _end_progress_check(store, job_id)
 
 

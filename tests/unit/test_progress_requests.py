@@ -202,3 +202,14 @@ def test_the_completing_check_lets_go_in_its_completion(store, monkeypatch):
     assert out["completed"] and out["status"] == "completed"
     job = store.get_job(JOB_ID).doc
     assert job["status"] == "completed" and job[PROGRESS_CHECK_UNTIL] is None
+
+
+def test_a_check_of_a_finished_job_neither_holds_nor_releases_it(store, monkeypatch):
+    _recording_tasks(monkeypatch)
+    store.update_job(JOB_ID, {"status": "completed"})
+    writes = []
+    real_update = store.update_job
+    monkeypatch.setattr(store, "update_job", lambda job_id, fields: writes.append(fields) or real_update(job_id, fields))
+    assert check_job_progress(JOB_ID, T0, store=store)["status"] == "completed"
+    assert PROGRESS_CHECK_UNTIL not in store.get_job(JOB_ID).doc
+    assert all(PROGRESS_CHECK_UNTIL not in w for w in writes)
