@@ -771,6 +771,8 @@ def capacity(
     ramp: bool = typer.Option(True, "--ramp/--no-ramp",
                               help="apply Firestore's 500/50/5 ramp to the job's new key range"),
     cold_start_s: float = typer.Option(5.0, "--cold-start-s", help="a new worker instance's cold start"),
+    count_us: float = typer.Option(2.0, "--count-us-per-item",
+                                   help="µs a progress check's counts take per item of the job (estimate)"),
     as_json: bool = typer.Option(False, "--json", help="print the prediction as JSON"),
 ) -> None:
     """Predict how long a file of --upcs UPCs takes end to end, the limit that binds, and what to lift next."""
@@ -782,7 +784,7 @@ def capacity(
                  queue_max_concurrent=queue_concurrent, marketplace_call_s=marketplace_latency_s,
                  worker_instances=instances, worker_threads=threads, worker_items_per_s_per_instance=worker_rate,
                  fanout_items_per_s_per_instance=fanout_rate, index_exemptions=exemptions, firestore_ramp=ramp,
-                 cold_start_s=cold_start_s)
+                 cold_start_s=cold_start_s, progress_count_s_per_item=count_us / 1e6)
     if marketplace_rps is not None:
         given["marketplace_rps"] = marketplace_rps
     try:
@@ -792,7 +794,8 @@ def capacity(
                  "queue_max_concurrent": "--queue-concurrent", "marketplace_rps": "--marketplace-rps",
                  "marketplace_call_s": "--marketplace-latency-s", "worker_instances": "--instances",
                  "worker_threads": "--threads", "worker_items_per_s_per_instance": "--worker-items-per-s",
-                 "fanout_items_per_s_per_instance": "--fanout-items-per-s", "cold_start_s": "--cold-start-s"}
+                 "fanout_items_per_s_per_instance": "--fanout-items-per-s", "cold_start_s": "--cold-start-s",
+                 "progress_count_s_per_item": "--count-us-per-item"}
         problems = "; ".join(f"{flags.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'options'}: {e['msg']}"
                              for e in exc.errors())
         raise _fail(EXIT_ERROR, f"capacity: {problems}") from None

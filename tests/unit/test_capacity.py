@@ -133,6 +133,14 @@ def test_cli_capacity_json_and_errors():
     assert table.exit_code == 0 and "binding limit" in table.output
     bad = runner.invoke(app, ["capacity", "--upcs", "10", "--shards", "0"])
     assert bad.exit_code == 1 and "--shards" in bad.output
+    slow = runner.invoke(app, ["capacity", "--upcs", "200000", "--shards", "2", "--no-ramp", "--json",
+                               "--count-us-per-item", "100"])
+    slow_data = json.loads(slow.output)
+    assert slow_data["params"]["progress_count_s_per_item"] == pytest.approx(1e-4)
+    # 200k items: a 20 s count (checks back to back: 1.5 counts) instead of 0.4 s (busy 0.08 of a window)
+    assert slow_data["total_s"] == pytest.approx(data["total_s"] + 20.0 * 1.5 - 0.4 * 1.08, abs=0.2)
+    negative = runner.invoke(app, ["capacity", "--upcs", "10", "--count-us-per-item", "-1"])
+    assert negative.exit_code == 1 and "--count-us-per-item" in negative.output
 
 
 @pytest.mark.parametrize("count_s_per_item, window_s, expected_s", [
