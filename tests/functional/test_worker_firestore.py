@@ -564,7 +564,8 @@ def test_create_items_in_one_batch_write_some_existing(db, job):
 
 class _FaultyBatch:
     """A BatchWrite batch whose first commit does not send the writes of `fail` and answers them with
-    `code` (a google.rpc.Code): what BatchWrite reports for a write it could not apply."""
+    `code` (a google.rpc.Code): what BatchWrite reports for a write it could not apply. It takes the
+    store's Writes as `BulkWriteBatch._add_write_pbs` does (shared/store/create_writes.py builds them)."""
 
     commits = 0
 
@@ -573,21 +574,23 @@ class _FaultyBatch:
 
         self.real, self.fail, self.code, self.writes = BulkWriteBatch(db), fail, code, []
 
-    def create(self, ref, doc):
-        self.writes.append((ref, doc))
+    def _add_write_pbs(self, write_pbs):
+        self.writes.extend(write_pbs)
 
     def commit(self, retry=None):
         from types import SimpleNamespace
 
+        def doc_id(write) -> str:
+            return write.update.name.rsplit("/", 1)[-1]
+
         type(self).commits += 1
         first = type(self).commits == 1
-        sent = [(ref, doc) for ref, doc in self.writes if not (first and ref.id in self.fail)]
-        for ref, doc in sent:
-            self.real.create(ref, doc)
+        sent = [w for w in self.writes if not (first and doc_id(w) in self.fail)]
+        self.real._add_write_pbs(sent)
         answers = iter(self.real.commit(retry=retry).status if sent else [])
         return SimpleNamespace(status=[SimpleNamespace(code=self.code, message="injected")
-                                       if first and ref.id in self.fail else next(answers)
-                                       for ref, _ in self.writes])
+                                       if first and doc_id(w) in self.fail else next(answers)
+                                       for w in self.writes])
 
 
 @pytest.mark.parametrize("code,retried", [(14, True), (10, True), (7, False)], ids=["unavailable", "aborted",
