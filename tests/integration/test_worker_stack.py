@@ -310,10 +310,24 @@ def test_duplicate_deliveries_make_one_listing_and_one_handler_run_per_item(
     n = 30
     upcs = fresh_upcs(n)
     before = marketplace.stats()
+
+    def answered(job_id: str, gtin: str) -> list[dict] | None:
+        """The task's deliveries once it has ended: every copy answered and the last primary a 200.
+        A primary that got 409 is retried after the job is final (its copy finished the item)."""
+        at = ct.attempts(emulator, item_queue, task_name_for(job_id, gtin, 1))
+        primary = [a for a in at if not a["duplicate"]]
+        paired = sum(a["duplicate"] for a in at) * 2 == len(at)
+        return at if primary and paired and primary[-1]["status"] == 200 else None
+
     ct.set_config(emulator, duplicate_deliveries=1)
     try:
         job_id = start_job(upcs)
         job = wait_final(firestore_db, job_id)
+        # Copies stay on until every task has ended: a retry dispatched after the switch would have none.
+        # A primary answered 409 more than once (its copy still held the item) waits the queue's backoff
+        # each time, 1, 2, 4, 8 s…: the deadline allows a few such rounds on a loaded machine.
+        attempts_of = {gtin14(u): poll(lambda g=gtin14(u): answered(job_id, g), 60, 0.2, f"{gtin14(u)}'s task to end")
+                       for u in upcs}
     finally:
         ct.set_config(emulator, duplicate_deliveries=0)
     after = marketplace.stats()
@@ -331,12 +345,7 @@ def test_duplicate_deliveries_make_one_listing_and_one_handler_run_per_item(
         assert [o["offerId"] for o in by_sku.get(gtin, [])] == [item["result"]["offer_id"]], gtin
         # Cloud Tasks delivered every attempt twice at once. Whichever delivery lost the claim got
         # 409; when that was the primary, Cloud Tasks retried and the retry was a no-op (terminal).
-        # A primary answered 409 more than once (its copy still held the item) waits the queue's backoff
-        # each time, 1, 2, 4, 8 s…: the deadline allows a few such rounds on a loaded machine.
-        attempts = poll(lambda: (lambda at: at if at and sum(a["duplicate"] for a in at) * 2 == len(at) else None)(
-            ct.attempts(emulator, item_queue, task_name_for(job_id, gtin, 1))), 60, 0.2, f"{gtin}'s copies to answer")
-        primary = [a for a in attempts if not a["duplicate"]]
-        assert primary[-1]["status"] == 200, attempts
+        attempts = attempts_of[gtin]
         # 503 = the claim transaction stayed contended (store busy under load): retried, still harmless.
         assert all(a["status"] in (200, 409, 503) for a in attempts), attempts
         deliveries[gtin] = len(attempts)
