@@ -14,7 +14,7 @@ from typing import Any
 from shared.config import settings
 from shared.events import Event
 from shared.exceptions import ConflictError, NotFoundError
-from shared.model import PROGRESS_CHECK_UNTIL, RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus
+from shared.model import PROGRESS_CHECK_UNTIL, RETRY_DONE, RETRY_ENQUEUING, ItemStatus, Job, JobStatus, as_utc
 
 TOTAL_KEYS = ("lines", "items", "invalid", "duplicate", "skipped")
 
@@ -91,7 +91,7 @@ def begin_progress_check(job: Job | None, at: dt.datetime,
     if job is None or job.status not in CANCELLABLE:
         return (job, True), None
     held = job.doc.get(PROGRESS_CHECK_UNTIL)
-    if held is not None and _utc(held) > _utc(at):
+    if held is not None and as_utc(held) > as_utc(at):
         return (job, False), None
     return (job, True), JobWrite({PROGRESS_CHECK_UNTIL: until})
 
@@ -139,10 +139,6 @@ class PauseResult:
     stale_evidence: bool = False
 
 
-def _utc(at: dt.datetime) -> dt.datetime:
-    return at if at.tzinfo else at.replace(tzinfo=dt.timezone.utc)
-
-
 def pause(job: Job | None, job_id: str, reason: dict, actor: str, at: dt.datetime,
           evidence_at: dt.datetime | None = None) -> tuple[PauseResult, JobWrite | None]:
     """ingesting/running → paused, recording why (`reason` {code, message}), by whom and the status to
@@ -154,7 +150,7 @@ def pause(job: Job | None, job_id: str, reason: dict, actor: str, at: dt.datetim
     if job.status not in PAUSABLE:
         return PauseResult(False, job.status, job), None
     resumed_at = job.doc.get("resumed_at")
-    if evidence_at is not None and resumed_at is not None and _utc(resumed_at) > _utc(evidence_at):
+    if evidence_at is not None and resumed_at is not None and as_utc(resumed_at) > as_utc(evidence_at):
         return PauseResult(False, job.status, job, stale_evidence=True), None
     reason = {"code": str(reason.get("code") or "paused"), "message": str(reason.get("message") or "")}
     fields = {
