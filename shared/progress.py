@@ -10,7 +10,7 @@ from typing import Any
 from shared.events import Event
 from shared.job_state import CANCELLABLE, COMPLETABLE, Completion
 from shared.log import log_event
-from shared.config import PROGRESS_DISPATCH_DEADLINE_S, settings
+from shared.config import PROGRESS_DISPATCH_DEADLINE_S
 from shared.model import (PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL,
                           TERMINAL_ITEM_STATUSES, ItemStatus, Job)
 from shared.retry import is_contention
@@ -129,10 +129,9 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
     if not ours:
         # Another check is counting. It may have counted before the write that asked for this check,
         # so this one is not dropped: it is asked for again in the next window.
-        from shared.worker.progress_requests import request_progress_check
+        from shared.worker.progress_requests import progress_window_s, request_progress_check
 
-        window_s = settings().progress_check_s or 5.0
-        again = request_progress_check(job_id, at.timestamp() + window_s, store=store)
+        again = request_progress_check(job_id, at.timestamp() + progress_window_s(), store=store)
         log_event("progress_check_busy", severity="DEBUG", job_id=job_id, asked_again=again)
         return {"job_id": job_id, "status": "busy", "completed": False, "asked_again": again}
     result: dict[str, Any] = {}

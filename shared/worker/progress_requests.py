@@ -42,6 +42,12 @@ class ProgressRequests:
 PROGRESS_REQUESTS = ProgressRequests()
 
 
+def progress_window_s() -> float:
+    """The progress check window, UPCFAN_PROGRESS_CHECK_S (5 s when unset or 0)."""
+    configured = settings().progress_check_s
+    return configured if configured > 0 else 5.0
+
+
 def request_progress_check(job_id: str, now: float, *, store: Store | None = None) -> str | None:
     """Ask for one progress check of the job at the end of the current window (name-deduplicated).
 
@@ -54,7 +60,7 @@ def request_progress_check(job_id: str, now: float, *, store: Store | None = Non
     from shared.tasks import PROGRESS_TASK, TaskSpec, create_task
 
     s = settings()
-    window_s = s.progress_check_s if s.progress_check_s > 0 else 5.0
+    window_s = progress_window_s()
     window = int(now // window_s)
     if not PROGRESS_REQUESTS.first(job_id, window):
         return None
