@@ -61,16 +61,21 @@ class FirestoreStore(Store):
 
     def transact_item(self, name: str, job_id: str, gtin: str, transition: ItemTransition, *,
                       must_commit: bool = False) -> Any:
+        from shared.store.raw_writes import create_write, update_write
+
         ref = self._item_ref(job_id, gtin)
 
         def body(tx):
             snap = ref.get(transaction=tx)
-            item = Item.from_doc(snap.to_dict() or {}, gtin, snap.update_time) if snap.exists else None
+            item = Item.from_doc(_snapshot_data(snap), gtin, snap.update_time) if snap.exists else None
             result, write = transition(item)
+            # `tx.create` / `tx.update` with the Writes built on the raw protobuf: the client's proto-plus
+            # encoding was the largest part of a delivery's CPU beyond the bare transactions
+            # (shared/store/raw_writes.py).
             if isinstance(write, Create):
-                tx.create(ref, write.doc)
+                tx._add_write_pbs([create_write(ref._document_path, write.doc)])
             elif isinstance(write, Update):
-                tx.update(ref, write.fields)
+                tx._add_write_pbs([update_write(ref._document_path, write.fields)])
             return result
 
         return self._run(name, body, STORE_MUST_COMMIT if must_commit else STORE_TRANSACTION)
@@ -170,7 +175,7 @@ class FirestoreStore(Store):
         so one existing item does not fail the others as it would in an atomic batch (`WriteBatch`).
         Not `BulkWriter`: its rate limiter starts at 500 writes/s (the 500/50/5 ramp-up) and would pace
         a 20k-item fan-out slower than one create per item did."""
-        from shared.store.create_writes import create_write
+        from shared.store.raw_writes import create_write
 
         if len(docs) > ITEM_CREATE_BATCH:
             raise ValueError(f"create_items takes at most {ITEM_CREATE_BATCH} items per call, got {len(docs)}")
@@ -182,7 +187,7 @@ class FirestoreStore(Store):
             batch = _bulk_batch(self.db)
             gtins = list(pending)
             # `batch.create` with the Write built on the raw protobuf: the client's proto-plus encoding
-            # was most of the fan-out's CPU per item (shared/store/create_writes.py).
+            # was most of the fan-out's CPU per item (shared/store/raw_writes.py).
             batch._add_write_pbs([create_write(self._item_ref(job_id, gtin)._document_path, pending[gtin])
                                   for gtin in gtins])
             # retry=None: STORE_BATCH_WRITE is the only loop (the client's default would nest in it).
@@ -315,6 +320,15 @@ class FirestoreStore(Store):
 
     def ping(self, timeout_s: float) -> None:
         self._job_ref("_health").get(timeout=timeout_s)
+
+
+def _snapshot_data(snap) -> dict[str, Any]:
+    """The snapshot's fields without `to_dict()`'s deep copy (a tenth of a worker delivery's CPU:
+    every value of the item, its history included, copied once more). Safe for a snapshot read inside
+    a transaction body and dropped at its end, which nothing else holds; `Item.from_doc` keeps its
+    own shallow copy. tests/unit/test_raw_writes.py checks this against `to_dict()`."""
+    data = getattr(snap, "_data", None)
+    return data if isinstance(data, dict) else (snap.to_dict() or {})
 
 
 def _bulk_batch(db):

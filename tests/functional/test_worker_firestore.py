@@ -565,7 +565,7 @@ def test_create_items_in_one_batch_write_some_existing(db, job):
 class _FaultyBatch:
     """A BatchWrite batch whose first commit does not send the writes of `fail` and answers them with
     `code` (a google.rpc.Code): what BatchWrite reports for a write it could not apply. It takes the
-    store's Writes as `BulkWriteBatch._add_write_pbs` does (shared/store/create_writes.py builds them)."""
+    store's Writes as `BulkWriteBatch._add_write_pbs` does (shared/store/raw_writes.py builds them)."""
 
     commits = 0
 
