@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.helpers import QUICK_HELP, interrupt_on_sigterm  # noqa: E402
+from bench.helpers import QUICK_HELP, delete_jobs, interrupt_on_sigterm  # noqa: E402
 from bench.ingest_bench import load_stack_env, make_upcs  # noqa: E402
 
 GOAL_ERROR = 0.25
@@ -64,6 +64,10 @@ def _wait(job_id: str, what: str, done, deadline_s: float) -> dict:
     raise SystemExit(f"job {job_id}: {what} not reached in {deadline_s:.0f} s (last: {_job(job_id).get('status')})")
 
 
+# Jobs this run stored: kept until the end (calibration and validation see the same store), then deleted.
+_CREATED: list[str] = []
+
+
 def _upload(n: int, tag: str) -> tuple[str, float]:
     """Drop an n-UPC file in the stack's bucket; (job id, wall time the upload started)."""
     from shared.clients import storage_client
@@ -73,7 +77,9 @@ def _upload(n: int, tag: str) -> tuple[str, float]:
     blob = storage_client().bucket(os.environ["UPCFAN_BUCKET"]).blob(f"bench/capacity-{tag}-{n}-{time.time_ns()}.txt")
     started = time.time()
     blob.upload_from_string(data, content_type="text/plain")
-    return job_id_for(blob.bucket.name, blob.name, blob.generation), started
+    job_id = job_id_for(blob.bucket.name, blob.name, blob.generation)
+    _CREATED.append(job_id)
+    return job_id, started
 
 
 def calibrate(n: int, deadline_s: float) -> dict:
@@ -178,6 +184,13 @@ def main(argv=None) -> int:
     interrupt_on_sigterm()
     load_stack_env()
     os.environ.setdefault("UPCFAN_LOG_LEVEL", "WARNING")
+    try:
+        return _validate(args)
+    finally:
+        print(f"tidied: {len(_CREATED)} jobs, {delete_jobs(_CREATED):,} documents deleted", flush=True)
+
+
+def _validate(args) -> int:
     from shared.capacity import assess
 
     load_before = os.getloadavg()

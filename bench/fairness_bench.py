@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.helpers import QUICK_HELP, interrupt_on_sigterm  # noqa: E402
+from bench.helpers import QUICK_HELP, delete_jobs, interrupt_on_sigterm  # noqa: E402
 from bench.ingest_bench import load_stack_env, make_upcs, queue_task_count  # noqa: E402
 
 RUN_TAG = "UPCFAN_BENCH_RUN"  # bench/runner.py's tag: a process carrying it is "left behind"
@@ -68,6 +68,14 @@ class Jobs:
         self.db = firestore_client()
         self.bucket = storage_client().bucket(os.environ["UPCFAN_BUCKET"])
         self.seed = int(time.time())
+        self.created: list[str] = []  # stored by this bench and not yet deleted
+
+    def tidy(self) -> int:
+        """Delete the jobs uploaded so far: the second mode starts on the same store as the first (the
+        emulator's counts scan every stored item), and the bench leaves nothing behind."""
+        deleted = delete_jobs(self.created)
+        self.created.clear()
+        return deleted
 
     def upload(self, n: int, label: str) -> tuple[str, float]:
         """Upload a fresh n-UPC file (dry run); (job id, monotonic time just before the upload)."""
@@ -79,7 +87,9 @@ class Jobs:
         blob.metadata = DRY_RUN
         t0 = time.monotonic()
         blob.upload_from_string(data, content_type="text/plain")
-        return job_id_for(self.bucket.name, blob.name, blob.generation), t0
+        job_id = job_id_for(self.bucket.name, blob.name, blob.generation)
+        self.created.append(job_id)
+        return job_id, t0
 
     def doc(self, job_id: str) -> dict:
         from shared.model import JOBS
@@ -125,6 +135,7 @@ def measure(jobs: Jobs, mode: str, threshold: int, small: int, large: int, deadl
     backlog = jobs.wait_backlog(large_id, large, deadline_s)
     with_s, with_lane = jobs.run_small(small, f"{mode}-with-large", deadline_s)
     large_s, large_doc = jobs.wait_done(large_id, large_t0, deadline_s * 4)
+    jobs.tidy()
     out = {"threshold": threshold, "solo_s": round(solo_s, 2), "with_large_s": round(with_s, 2),
            "ratio": round(with_s / solo_s, 3), "large_s": round(large_s, 2), "backlog_at_submit": backlog,
            "small_lane": with_lane, "solo_lane": solo_lane, "large_lane": large_doc.get("item_lane") or "bulk"}
@@ -156,6 +167,7 @@ def main() -> None:
         after = measure(jobs, "after", threshold, args.small, args.large, args.deadline)
     finally:
         restart_ingest(None)
+        jobs.tidy()
     load = os.getloadavg()
     rows = [
         ("lane off: small solo / with large", f"{before['solo_s']:.1f} s / {before['with_large_s']:.1f} s",

@@ -45,3 +45,38 @@ def _signal_group(pgid: int, sig: int) -> None:
 def interrupt_on_sigterm() -> None:
     """A SIGTERM (bench/run's time limit, a test's teardown) runs the bench's cleanup like Ctrl-C does."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+# The emulator takes deletes as fast as they come; the client's default BulkWriter paces them at 500/s
+# (production's ramp for a new key range), which would make tidying a 100k-item job take minutes.
+_CLEANUP_DELETES_PER_S = 20_000
+
+
+def delete_jobs(job_ids) -> int:
+    """Delete each job's document and everything under it (items, chunks, line records, events) from
+    the stack's Firestore; returns how many documents went. A bench leaves nothing behind: the
+    emulator's count aggregation scans every document it stores, so a 100k-item job left by one bench
+    slowed every later job's progress checks (and the next bench's figures) by seconds."""
+    from google.cloud.firestore_v1.bulk_writer import BulkWriterOptions
+
+    from shared.clients import firestore_client
+    from shared.model import JOBS
+
+    db = firestore_client()
+    deleted = 0
+    for job_id in job_ids:
+        writer = db.bulk_writer(options=BulkWriterOptions(initial_ops_per_second=_CLEANUP_DELETES_PER_S,
+                                                          max_ops_per_second=_CLEANUP_DELETES_PER_S))
+        deleted += db.recursive_delete(db.collection(JOBS).document(job_id), bulk_writer=writer)
+    return deleted
+
+
+def wipe_emulator_project(host: str, project: str) -> None:
+    """Drop every document of `project` from the Firestore emulator at `host` (its own reset endpoint),
+    for a bench that seeded a project of its own on a shared emulator."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{host}/emulator/v1/projects/{project}/databases/(default)/documents",
+                                     method="DELETE")
+    with urllib.request.urlopen(request, timeout=60):
+        pass

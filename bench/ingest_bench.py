@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.helpers import delete_jobs  # noqa: E402
+
 
 def load_stack_env() -> dict:
     from devstack import paths
@@ -125,8 +127,9 @@ def raw_create_rate(n: int, threads: int, queue_path: str) -> tuple[int, float]:
     return done, wall
 
 
-def fanout_through_stack(n: int, deadline_s: float) -> tuple[float, str]:
-    """Upload → finalize event → ingest → chunk tasks → item tasks, timed until all N exist."""
+def fanout_through_stack(n: int, deadline_s: float, created: list[str]) -> tuple[float, str]:
+    """Upload → finalize event → ingest → chunk tasks → item tasks, timed until all N exist; the job's
+    id is added to `created`."""
     from google.cloud import tasks_v2
 
     from shared.clients import firestore_client, storage_client, tasks_client
@@ -144,6 +147,7 @@ def fanout_through_stack(n: int, deadline_s: float) -> tuple[float, str]:
         t0 = time.perf_counter()
         blob.upload_from_string(data, content_type="text/plain")
         job_id = job_id_for(blob.bucket.name, blob.name, blob.generation)
+        created.append(job_id)
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             if queue_task_count(host, item_queue) - before >= n:
@@ -191,7 +195,8 @@ def rss_child(name: str) -> None:
         ingest.process_chunk({"job_id": job_id, "bucket": obj.bucket, "object": name,
                               "generation": str(obj.generation), "start": c.start, "end": c.end,
                               "first_line": c.first_line, "index": c.index})
-    print(json.dumps({"lines": plan.raw_lines, "chunks": len(plan.chunks), "maxrss_kib": peak_rss_kib()}))
+    print(json.dumps({"lines": plan.raw_lines, "chunks": len(plan.chunks), "maxrss_kib": peak_rss_kib(),
+                      "job_id": job_id}))
 
 
 def peak_rss_kib() -> int:
@@ -256,6 +261,18 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - exists from an earlier run
         pass
 
+    created: list[str] = []  # the jobs this run stored, deleted at the end
+    try:
+        _measure_and_report(args, base_queue, created)
+    finally:
+        tasks_client().delete_queue(name=base_queue)
+        deleted = delete_jobs(created)
+        print(f"tidied: {len(created)} jobs, {deleted:,} documents deleted", flush=True)
+
+
+def _measure_and_report(args, base_queue: str, created: list[str]) -> None:
+    from shared.clients import tasks_client
+
     if args.rss_only:
         base_s = fan_s = float("nan")
         base_cpu, fan_cpu = {}, {}
@@ -265,14 +282,15 @@ def main() -> None:
         cpu0 = stack_cpu_s()
         base_s = baseline_create_loop(args.upcs, args.threads, base_queue)
         cpu1 = stack_cpu_s()
-        fan_s, detail = fanout_through_stack(args.upcs, deadline_s=600)
+        fan_s, detail = fanout_through_stack(args.upcs, deadline_s=600, created=created)
         cpu2 = stack_cpu_s()
         base_cpu, fan_cpu = cpu_spent(cpu0, cpu1), cpu_spent(cpu1, cpu2)
         tasks_client().purge_queue(name=base_queue)
         raw_n, raw_s = raw_create_rate(args.raw_tasks, 4, base_queue)
-    tasks_client().delete_queue(name=base_queue)
     small = measure_rss(args.rss_small)
+    created.append(small["job_id"])
     large = measure_rss(args.rss_large)
+    created.append(large["job_id"])
 
     ratio = base_s / fan_s
     raw_rate = raw_n / raw_s if raw_n else float("nan")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
+from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group, wipe_emulator_project  # noqa: E402
 from shared.naming import lease_shard_for  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -254,6 +254,7 @@ def main() -> int:
         args.jobs, args.stalled = 60, 5
     interrupt_on_sigterm()
     proc = start_emulator()
+    projects: list[str] = []  # seeded by this run, dropped at the end from a shared emulator
     try:
         from google.cloud import firestore
 
@@ -262,8 +263,9 @@ def main() -> int:
 
         run_id = uuid.uuid4().hex[:8]
         project = f"demo-sweepbench-{run_id}"
+        projects[:] = [project, f"demo-sweepbare-{run_id}"]
         db = firestore.Client(project=project)
-        bare_db = firestore.Client(project=f"demo-sweepbare-{run_id}")  # the same data, for the bare sweep
+        bare_db = firestore.Client(project=projects[1])  # the same data, for the bare sweep
         cfg = load_settings().replace(project=project, stall_minutes=15, stall_critical_minutes=60,
                                   queued_stall_minutes=30, alert_cooldown_minutes=60, systemic_threshold=3)
         sink = Sink()
@@ -316,6 +318,9 @@ def main() -> int:
     finally:
         if proc is not None:
             stop_group(proc)
+        else:
+            for name in projects:
+                wipe_emulator_project(os.environ["FIRESTORE_EMULATOR_HOST"], name)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group  # noqa: E402
+from bench.helpers import QUICK_HELP, interrupt_on_sigterm, start_group, stop_group, wipe_emulator_project  # noqa: E402
 
 
 def _free_port() -> int:
@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     finally:
         if proc is not None:
             stop_group(proc)
+        else:  # a shared emulator: leave none of this run's documents in it
+            wipe_emulator_project(host, os.environ["GOOGLE_CLOUD_PROJECT"])
 
     base_rate = base_done / base_s if base_s else 0.0
     core_rate = core_done / core_s if core_s else 0.0

@@ -1,5 +1,5 @@
 """`bench/run --quick` on the shared test stack: every bench runs at tiny sizes, prints its result
-line and leaves no process behind, so that no change can break a bench unnoticed (issue 17, item 5).
+line and leaves no process and no job behind, so that no change can break a bench unnoticed (issue 17, item 5).
 No timing is asserted: on a shared 2-core machine the figures of a quick run mean nothing."""
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _bench_processes() -> list[psutil.Process]:
 def test_every_bench_runs_quick_and_leaves_nothing_behind(stack_env):
     results_before = RESULTS.read_text()
     before = {p.pid for p in _bench_processes()}  # another session's bench run is not ours
+    jobs_before = set(_jobs_of_bench_files())  # e.g. left by an interrupted run: not this run's
     proc = subprocess.run([str(REPO_ROOT / "bench" / "run"), "--quick"], cwd=REPO_ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
@@ -50,3 +51,17 @@ def test_every_bench_runs_quick_and_leaves_nothing_behind(stack_env):
     assert re.search(r"official client: 200 creates", out) and re.search(r"raw HTTP:\s+200 creates", out), out
     assert [p for p in _bench_processes() if p.pid not in before] == [], out
     assert RESULTS.read_text() == results_before  # a quick run is not a measurement
+    assert set(_jobs_of_bench_files()) - jobs_before == set(), out  # every bench deleted the jobs it stored
+
+
+def _jobs_of_bench_files() -> list[str]:
+    """Jobs in the stack's Firestore whose file the benches uploaded (`bench/…` objects)."""
+    from google.cloud import firestore
+
+    from shared.clients import firestore_client
+    from shared.model import JOBS
+
+    query = (firestore_client().collection(JOBS)
+             .where(filter=firestore.FieldFilter("object", ">=", "bench/"))
+             .where(filter=firestore.FieldFilter("object", "<", "bench0")))
+    return [snap.id for snap in query.stream()]
