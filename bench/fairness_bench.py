@@ -109,10 +109,16 @@ class Jobs:
             time.sleep(0.25)
         raise SystemExit(f"job {job_id} not completed within {deadline_s:.0f} s: {self.doc(job_id).get('counts')}")
 
-    def run_small(self, n: int, label: str, deadline_s: float) -> tuple[float, str]:
+    def run_small(self, n: int, label: str, deadline_s: float) -> tuple[float, str, dict]:
+        """(seconds to completed, lane, its phases: seconds from the job's creation to its fan-out's
+        end and to its completing check)."""
         job_id, t0 = self.upload(n, label)
         seconds, doc = self.wait_done(job_id, t0, deadline_s)
-        return seconds, doc.get("item_lane") or "bulk"
+        created = doc.get("created_at")
+        phases = {name: round((doc[field] - created).total_seconds(), 2)
+                  for name, field in (("fanout_done_s", "fanout_done_at"), ("completed_at_s", "completed_at"))
+                  if created and doc.get(field)}
+        return seconds, doc.get("item_lane") or "bulk", phases
 
     def wait_backlog(self, job_id: str, n: int, deadline_s: float) -> int:
         """Until a quarter of the large job's items wait in the bulk queue (or its fan-out is done)."""
@@ -130,15 +136,16 @@ class Jobs:
 
 def measure(jobs: Jobs, mode: str, threshold: int, small: int, large: int, deadline_s: float) -> dict:
     restart_ingest(threshold)
-    solo_s, solo_lane = jobs.run_small(small, f"{mode}-solo", deadline_s)
+    solo_s, solo_lane, solo_phases = jobs.run_small(small, f"{mode}-solo", deadline_s)
     large_id, large_t0 = jobs.upload(large, f"{mode}-large")
     backlog = jobs.wait_backlog(large_id, large, deadline_s)
-    with_s, with_lane = jobs.run_small(small, f"{mode}-with-large", deadline_s)
+    with_s, with_lane, with_phases = jobs.run_small(small, f"{mode}-with-large", deadline_s)
     large_s, large_doc = jobs.wait_done(large_id, large_t0, deadline_s * 4)
     jobs.tidy()
     out = {"threshold": threshold, "solo_s": round(solo_s, 2), "with_large_s": round(with_s, 2),
            "ratio": round(with_s / solo_s, 3), "large_s": round(large_s, 2), "backlog_at_submit": backlog,
-           "small_lane": with_lane, "solo_lane": solo_lane, "large_lane": large_doc.get("item_lane") or "bulk"}
+           "small_lane": with_lane, "solo_lane": solo_lane, "large_lane": large_doc.get("item_lane") or "bulk",
+           "solo_phases": solo_phases, "with_large_phases": with_phases}
     print(f"{mode}: {json.dumps(out)}", flush=True)
     return out
 

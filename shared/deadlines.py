@@ -30,6 +30,7 @@ from shared.handlers import marketplace_draft
 from shared.handlers.base import HANDLER_BUDGET_S
 from shared.retry import SLACK, STORE_MUST_COMMIT, STORE_TRANSACTION, TASK_API, RetryPolicy
 from shared.tasks import CHUNK_TASK, ITEM_TASK, PLAN_TASK, PROGRESS_TASK, RESULTS_TASK, TASK_KINDS, TaskKind
+from shared.worker.lanes import BULK_YIELD_MAX_S
 from shared.worker.lease import LAST_ATTEMPT_POLL_S, LAST_ATTEMPT_WAIT_MAX_S
 
 # Time of the store and Cloud Tasks calls themselves (claim, complete, job read, count aggregations,
@@ -75,11 +76,12 @@ def slack_note_s() -> float:
 
 
 def item_budget_s() -> float:
-    """An item delivery on its last attempt: wait for a holder (capped, plus the poll it may overrun
-    by), claim (transaction retries), the handler (its time budget, retries included), complete
-    (must-commit retries), then the progress check's CreateTask (API retries). The holder wait is
-    counted while a task has a last attempt (item queue max_attempts > 0)."""
-    wait = LAST_ATTEMPT_WAIT_MAX_S + LAST_ATTEMPT_POLL_S
+    """An item delivery on its last attempt: a bulk delivery's wait for small jobs' deliveries
+    (capped), wait for a holder (capped, plus the poll it may overrun by), claim (transaction
+    retries), the handler (its time budget, retries included), complete (must-commit retries), then
+    the progress check's CreateTask (API retries). The holder wait is counted while a task has a last
+    attempt (item queue max_attempts > 0)."""
+    wait = BULK_YIELD_MAX_S + LAST_ATTEMPT_WAIT_MAX_S + LAST_ATTEMPT_POLL_S
     retries = retry_waits_s(STORE_TRANSACTION) + retry_waits_s(STORE_MUST_COMMIT) + retry_waits_s(TASK_API)
     return wait + marketplace_handler_s() + retries + STORE_CALLS_ALLOWANCE_S
 

@@ -11,7 +11,7 @@ from google.api_core import exceptions as gexc
 from pydantic import ValidationError
 
 from shared import breaker
-from shared.config import settings
+from shared.config import SMALL_LANE, settings
 from shared.exceptions import BadRequestError, ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
 from shared.handlers.base import HANDLER_BUDGET_S
@@ -25,6 +25,7 @@ from shared.worker import answers
 from shared.worker.answers import WorkerOutcome
 from shared.worker.delivery import Clock, TaskDelivery, utc
 from shared.worker.job_cache import JOB_CACHE
+from shared.worker.lanes import LANE_PRIORITY
 from shared.worker.lease import Heartbeat, last_attempt_wait_s, while_held
 from shared.worker.progress_requests import request_progress_check
 
@@ -99,13 +100,23 @@ def _deliver(run: _Run, handler: ItemHandler | None) -> WorkerOutcome:
         # (up to the queue's max_backoff) until an operator resumes or cancels the job.
         log_event("delivery_job_paused", status="paused", **run.fields)
         return answers.paused(run.task)
+    # Small jobs' deliveries go first in this process; a bulk one waits for them before its claim
+    # (shared/worker/lanes.py).
+    if job.item_lane == SMALL_LANE:
+        with LANE_PRIORITY.small_delivery():
+            return _claim_and_run(run, job, handler, yielded_s=0.0)
+    return _claim_and_run(run, job, handler, yielded_s=LANE_PRIORITY.yield_to_small())
+
+
+def _claim_and_run(run: _Run, job: Job, handler: ItemHandler | None, *, yielded_s: float) -> WorkerOutcome:
     claim = _claim(run)
     if claim.kind is not ClaimKind.CLAIMED:
         return _not_claimed(run, claim)
     fields = {**run.fields, "attempt": claim.attempt}
     log_event("item_claimed", status=ItemStatus.PROCESSING.value, created=claim.created,
               reclaimed_from=claim.previous_owner if claim.reclaimed else None,
-              retry_count=run.delivery.retry_count, execution_count=run.delivery.execution_count, **fields)
+              retry_count=run.delivery.retry_count, execution_count=run.delivery.execution_count,
+              yielded_ms=int(yielded_s * 1000) if yielded_s else None, **fields)
     return _run_and_complete(run, job, claim, handler, fields)
 
 

@@ -29,10 +29,11 @@ def test_worker_timeout_is_the_item_deadline():
 
 
 def test_item_budget_arithmetic():
-    # wait cap + one poll, the handler's 75 s time budget (its in-attempt retries inside it), the claim,
-    # complete and CreateTask retry waits (3.0 + 4.6 + 6.2 s), and the store-calls allowance
+    # a bulk delivery's yield to small jobs (5 s), wait cap + one poll, the handler's 75 s time budget (its
+    # in-attempt retries inside it), the claim, complete and CreateTask retry waits (3.0 + 4.6 + 6.2 s),
+    # and the store-calls allowance
     assert deadlines.marketplace_handler_s() == HANDLER_BUDGET_S == 75.0
-    assert deadlines.item_budget_s() == pytest.approx(65.0 + 1.0 + 75.0 + 13.8 + 15.0)
+    assert deadlines.item_budget_s() == pytest.approx(5.0 + 65.0 + 1.0 + 75.0 + 13.8 + 15.0)
     assert deadlines.item_budget_s() < ITEM_TASK.dispatch_deadline_s
 
 
