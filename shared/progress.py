@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import time
@@ -10,11 +11,12 @@ from typing import Any
 from shared.events import Event
 from shared.job_state import CANCELLABLE, COMPLETABLE, Completion
 from shared.log import log_event
-from shared.config import PROGRESS_DISPATCH_DEADLINE_S
+from shared.config import PROGRESS_DISPATCH_DEADLINE_S, SMALL_LANE
 from shared.model import (PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL,
                           TERMINAL_ITEM_STATUSES, ItemStatus, Job)
 from shared.retry import is_contention
 from shared.store import Store, default_store
+from shared.worker.lanes import LANE_PRIORITY
 
 
 def _terminal(counts: dict[str, int]) -> int:
@@ -136,7 +138,10 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
         return {"job_id": job_id, "status": "busy", "completed": False, "asked_again": again}
     result: dict[str, Any] = {}
     try:
-        result = _check_held_job(store, job_id, job, at)
+        # A small job's completing count goes first in this process, as its items do: a bulk delivery
+        # waits for it before its claim (shared/worker/lanes.py).
+        with LANE_PRIORITY.small_delivery() if job.item_lane == SMALL_LANE else contextlib.nullcontext():
+            result = _check_held_job(store, job_id, job, at)
         return result
     finally:
         # A completion clears the lease in its own transaction; a finished job was not held.

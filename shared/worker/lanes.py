@@ -1,4 +1,4 @@
-"""Within one worker process, deliveries of small jobs go first.
+"""Within one worker process, deliveries of small jobs go first: their items and their progress checks.
 
 The small-jobs lane (its own queue, see docs/architecture.md, "Fairness between jobs") keeps a small
 job's tasks from waiting behind a bulk backlog in Cloud Tasks. It cannot keep them from sharing a
@@ -6,7 +6,9 @@ worker's CPU with bulk deliveries: an instance serves both lanes, and with every
 Run at its max instances, or one local process) a small job's items ran at a fifth of their solo rate
 while 32 bulk deliveries ran beside them. So a bulk delivery that arrives while small-job deliveries
 are in flight in this process waits for them, at most `BULK_YIELD_MAX_S`, before its claim: it holds
-no lease while it waits, and the cap bounds what a stream of small jobs can cost the large one.
+no lease while it waits, and the cap bounds what a stream of small jobs can cost the large one. A
+small job's progress check counts as one of its deliveries (`shared.progress.check_job_progress`):
+its completing count, under a bulk job's load, was what was left of its delay.
 """
 
 from __future__ import annotations

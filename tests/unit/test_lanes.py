@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import uuid
@@ -107,3 +108,30 @@ def test_the_worker_counts_a_small_jobs_delivery_and_makes_a_bulk_one_yield(monk
         assert seen == [(0, True), (0, False)]  # asked to yield before its claim
     assert priority._small_in_flight == 0
     assert lanes.BULK_YIELD_MAX_S > 0
+
+
+@pytest.mark.parametrize("lane, counted", [(SMALL_LANE, 1), ("bulk", 0)])
+def test_a_small_jobs_progress_check_goes_first_too(monkeypatch, lane, counted):
+    from shared.events import Event
+    from shared.progress import check_job_progress
+
+    priority = LanePriority()
+    monkeypatch.setattr("shared.progress.LANE_PRIORITY", priority)
+    monkeypatch.setattr("shared.progress._notify_finished", lambda *a, **k: None)
+    in_flight_while_counting: list[int] = []
+
+    class Recording(MemoryStore):
+        def count_items_by_status(self, job_id):
+            in_flight_while_counting.append(priority._small_in_flight)
+            return super().count_items_by_status(job_id)
+
+    store = Recording()
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    at = dt.datetime(2026, 11, 30, tzinfo=dt.timezone.utc)
+    store.create_job({"job_id": job_id, "status": "running", "options": {}, "round": 1, "item_lane": lane,
+                      "totals": {"lines": 1, "items": 1, "invalid": 0, "duplicate": 0, "skipped": 0},
+                      "fanout_done_at": at, "counts": {}, "created_at": at}, Event("created", "test", at))
+    store.create_item(job_id, "00000000000017", {"status": "succeeded", "attempt": 1, "round": 1})
+    assert check_job_progress(job_id, at.timestamp() + 60, store=store)["completed"]
+    assert in_flight_while_counting and set(in_flight_while_counting) == {counted}
+    assert priority._small_in_flight == 0
