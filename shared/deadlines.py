@@ -87,8 +87,9 @@ def item_budget_s() -> float:
 
 
 def progress_budget_s() -> float:
-    """A progress check: count aggregations, the completion transaction, one job-finished Slack note."""
-    return retry_waits_s(STORE_TRANSACTION) + slack_note_s() + STORE_CALLS_ALLOWANCE_S
+    """A progress check: a bulk job's wait for small jobs' deliveries (capped), count aggregations, the
+    completion transaction, one job-finished Slack note."""
+    return BULK_YIELD_MAX_S + retry_waits_s(STORE_TRANSACTION) + slack_note_s() + STORE_CALLS_ALLOWANCE_S
 
 
 def chunk_estimate_s() -> float:

@@ -138,15 +138,23 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
         return {"job_id": job_id, "status": "busy", "completed": False, "asked_again": again}
     result: dict[str, Any] = {}
     try:
-        # A small job's completing count goes first in this process, as its items do: a bulk delivery
-        # waits for it before its claim (shared/worker/lanes.py).
-        with LANE_PRIORITY.small_delivery() if job.item_lane == SMALL_LANE else contextlib.nullcontext():
+        # A small job's check goes first in this process, as its items do; a bulk job's check (a count
+        # of every item of a large job) waits for small jobs' deliveries like a bulk item does
+        # (shared/worker/lanes.py). Held meanwhile, it is the only check of its job.
+        with _in_lane(job):
             result = _check_held_job(store, job_id, job, at)
         return result
     finally:
         # A completion clears the lease in its own transaction; a finished job was not held.
         if job.status in CANCELLABLE and not result.get("completed"):
             _end_progress_check(store, job_id)
+
+
+def _in_lane(job: Job) -> contextlib.AbstractContextManager:
+    if job.item_lane == SMALL_LANE:
+        return LANE_PRIORITY.small_delivery()
+    LANE_PRIORITY.yield_to_small()
+    return contextlib.nullcontext()
 
 
 def _end_progress_check(store: Store, job_id: str) -> None:

@@ -110,14 +110,17 @@ def test_the_worker_counts_a_small_jobs_delivery_and_makes_a_bulk_one_yield(monk
     assert lanes.BULK_YIELD_MAX_S > 0
 
 
-@pytest.mark.parametrize("lane, counted", [(SMALL_LANE, 1), ("bulk", 0)])
-def test_a_small_jobs_progress_check_goes_first_too(monkeypatch, lane, counted):
+@pytest.mark.parametrize("lane, counted, yielded", [(SMALL_LANE, 1, 0), ("bulk", 0, 1)])
+def test_a_small_jobs_progress_check_goes_first_and_a_bulk_ones_yields(monkeypatch, lane, counted, yielded):
     from shared.events import Event
     from shared.progress import check_job_progress
 
     priority = LanePriority()
     monkeypatch.setattr("shared.progress.LANE_PRIORITY", priority)
     monkeypatch.setattr("shared.progress._notify_finished", lambda *a, **k: None)
+    yields: list[float] = []
+    real_yield = priority.yield_to_small
+    monkeypatch.setattr(priority, "yield_to_small", lambda: yields.append(real_yield()) or yields[-1])
     in_flight_while_counting: list[int] = []
 
     class Recording(MemoryStore):
@@ -134,4 +137,5 @@ def test_a_small_jobs_progress_check_goes_first_too(monkeypatch, lane, counted):
     store.create_item(job_id, "00000000000017", {"status": "succeeded", "attempt": 1, "round": 1})
     assert check_job_progress(job_id, at.timestamp() + 60, store=store)["completed"]
     assert in_flight_while_counting and set(in_flight_while_counting) == {counted}
+    assert len(yields) == yielded
     assert priority._small_in_flight == 0
