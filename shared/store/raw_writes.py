@@ -66,10 +66,11 @@ def _fill(pb: Any, value: Any) -> None:
         raise _NotPlain(kind)
 
 
-def create_write(document_path: str, data: dict[str, Any]) -> write_types.Write:
-    """The Write that creates `document_path` with `data` only if it does not exist yet."""
+def _document_write(document_path: str, data: dict[str, Any], *, exists: bool) -> Any | None:
+    """The raw Write setting `data` on `document_path` with precondition `exists`; None when a key or
+    a value is not plain (then the client encodes the whole Write)."""
     raw = write_types.Write.pb()()
-    raw.current_document.exists = False
+    raw.current_document.exists = exists
     raw.update.name = document_path
     fields = raw.update.fields
     try:
@@ -78,6 +79,14 @@ def create_write(document_path: str, data: dict[str, Any]) -> write_types.Write:
                 raise _NotPlain(key)
             _fill(fields[key], value)
     except _NotPlain:
+        return None
+    return raw
+
+
+def create_write(document_path: str, data: dict[str, Any]) -> write_types.Write:
+    """The Write that creates `document_path` with `data` only if it does not exist yet."""
+    raw = _document_write(document_path, data, exists=False)
+    if raw is None:
         (client_write,) = _helpers.pbs_for_create(document_path, data)
         return client_write
     return write_types.Write.wrap(raw)
@@ -90,16 +99,9 @@ _SIMPLE_FIELD = re.compile(r"[_a-zA-Z][_a-zA-Z0-9]*")
 def update_write(document_path: str, fields: dict[str, Any]) -> write_types.Write:
     """The Write of `DocumentReference.update(fields)`: sets exactly these top-level fields (a dict
     value replaces the whole map) of a document that must exist."""
-    if not fields or not all(type(key) is str and _SIMPLE_FIELD.fullmatch(key) for key in fields):
-        return _client_update(document_path, fields)
-    raw = write_types.Write.pb()()
-    raw.current_document.exists = True
-    raw.update.name = document_path
-    values = raw.update.fields
-    try:
-        for key, value in fields.items():
-            _fill(values[key], value)
-    except _NotPlain:
+    simple = fields and all(type(key) is str and _SIMPLE_FIELD.fullmatch(key) for key in fields)
+    raw = _document_write(document_path, fields, exists=True) if simple else None
+    if raw is None:
         return _client_update(document_path, fields)
     raw.update_mask.field_paths.extend(sorted(fields))  # the client sends the mask sorted
     return write_types.Write.wrap(raw)
