@@ -236,15 +236,22 @@ class FirestoreStore(Store):
         return int(result[0][0].value) if result and result[0] else 0
 
     def count_items_by_status(self, job_id: str) -> dict[str, int]:
-        """One `count()` aggregation per status: an index scan each, no documents read."""
+        """One `count()` aggregation per status: an index scan each, no documents read. The counts run
+        side by side: a progress check waits for the slowest one instead of their sum (on the
+        emulator, whose count scans every stored item, the sum was seconds under load)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from google.cloud.firestore_v1.base_query import FieldFilter
 
         items = self._job_ref(job_id).collection(ITEMS)
-        counts: dict[str, int] = {}
-        for status in ItemStatus:
+
+        def count(status: ItemStatus) -> int:
             result = items.where(filter=FieldFilter("status", "==", status.value)).count(alias="n").get()
-            counts[status.value] = int(result[0][0].value) if result and result[0] else 0
-        return counts
+            return int(result[0][0].value) if result and result[0] else 0
+
+        statuses = list(ItemStatus)
+        with ThreadPoolExecutor(len(statuses), thread_name_prefix="count") as pool:
+            return {status.value: n for status, n in zip(statuses, pool.map(count, statuses))}
 
     def page_items(self, job_id: str, *, limit: int, status: str | None = None, round_: int | None = None,
                    after_gtin: str | None = None) -> list[Item]:
