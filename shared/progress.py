@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import time
@@ -11,7 +10,7 @@ from typing import Any
 from shared.events import Event
 from shared.job_state import CANCELLABLE, COMPLETABLE, Completion
 from shared.log import log_event
-from shared.config import PROGRESS_DISPATCH_DEADLINE_S, SMALL_LANE
+from shared.config import PROGRESS_DISPATCH_DEADLINE_S
 from shared.model import (PROGRESS_CHECK_MISSED_AT, PROGRESS_CHECK_MISSED_ERROR, PROGRESS_CHECK_UNTIL,
                           TERMINAL_ITEM_STATUSES, ItemStatus, Job)
 from shared.retry import is_contention
@@ -141,20 +140,13 @@ def check_job_progress(job_id: str, now: float | dt.datetime | None = None, *,
         # A small job's check goes first in this process, as its items do; a bulk job's check (a count
         # of every item of a large job) waits for small jobs' deliveries like a bulk item does
         # (shared/worker/lanes.py). Held meanwhile, it is the only check of its job.
-        with _in_lane(job):
+        with LANE_PRIORITY.turn(job.item_lane):
             result = _check_held_job(store, job_id, job, at)
         return result
     finally:
         # A completion clears the lease in its own transaction; a finished job was not held.
         if job.status in CANCELLABLE and not result.get("completed"):
             _end_progress_check(store, job_id)
-
-
-def _in_lane(job: Job) -> contextlib.AbstractContextManager:
-    if job.item_lane == SMALL_LANE:
-        return LANE_PRIORITY.small_delivery()
-    LANE_PRIORITY.yield_to_small()
-    return contextlib.nullcontext()
 
 
 def _end_progress_check(store: Store, job_id: str) -> None:

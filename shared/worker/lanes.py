@@ -18,6 +18,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from shared.config import SMALL_LANE
+
 # The longest a bulk delivery waits for small-job deliveries (counted in the item's worst case,
 # shared/deadlines.py). Long enough to let a burst of small-job items through, short against the
 # item's 180 s dispatch deadline.
@@ -43,6 +45,16 @@ class LanePriority:
                 self._small_in_flight -= 1
                 if self._small_in_flight == 0:
                     self._changed.notify_all()
+
+    @contextmanager
+    def turn(self, lane: str) -> Iterator[float]:
+        """One delivery of a job in `lane`: a small job's is counted in flight while it runs; any other
+        first waits for the small ones (`yield_to_small`). Gives the seconds it waited."""
+        if lane == SMALL_LANE:
+            with self.small_delivery():
+                yield 0.0
+        else:
+            yield self.yield_to_small()
 
     def yield_to_small(self) -> float:
         """Wait while small-job deliveries are in flight, at most `max_wait_s`; the seconds waited."""

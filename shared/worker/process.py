@@ -11,7 +11,7 @@ from google.api_core import exceptions as gexc
 from pydantic import ValidationError
 
 from shared import breaker
-from shared.config import SMALL_LANE, settings
+from shared.config import settings
 from shared.exceptions import BadRequestError, ItemError, LeaseLostError, PermanentItemError, RetryableItemError
 from shared.handlers import ItemContext, ItemHandler, handler_for
 from shared.handlers.base import HANDLER_BUDGET_S
@@ -102,10 +102,8 @@ def _deliver(run: _Run, handler: ItemHandler | None) -> WorkerOutcome:
         return answers.paused(run.task)
     # Small jobs' deliveries go first in this process; a bulk one waits for them before its claim
     # (shared/worker/lanes.py).
-    if job.item_lane == SMALL_LANE:
-        with LANE_PRIORITY.small_delivery():
-            return _claim_and_run(run, job, handler, yielded_s=0.0)
-    return _claim_and_run(run, job, handler, yielded_s=LANE_PRIORITY.yield_to_small())
+    with LANE_PRIORITY.turn(job.item_lane) as yielded_s:
+        return _claim_and_run(run, job, handler, yielded_s=yielded_s)
 
 
 def _claim_and_run(run: _Run, job: Job, handler: ItemHandler | None, *, yielded_s: float) -> WorkerOutcome:
