@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from shared.config import Settings
+from shared.model import as_utc  # noqa: F401 - the rules take it from here with the other helpers
 
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
@@ -43,12 +44,6 @@ class Finding:
 
     def __post_init__(self) -> None:
         self.severity = Severity(self.severity)  # a rule may give the plain string
-
-
-def as_utc(value: Any) -> dt.datetime | None:
-    if not isinstance(value, dt.datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def severity_for(stalled_for: dt.timedelta, cfg: Settings) -> Severity:
